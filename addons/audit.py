@@ -1,0 +1,146 @@
+"""Audit addon: turns Outcomes and lifecycle events into audit records, and fails closed.
+
+Records go to `auditlog.AuditWriter` (hash chain, queue, rotation). `AuditGate` sits early
+in the addon chain and refuses new connections and requests with 503 `audit_unavailable`
+while the log cannot be written, unless `settings.audit.on_failure: continue`: mitmproxy's
+own save addon likewise prefers to crash visibly rather than let traffic through unrecorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from mitmproxy import ctx, http
+
+from . import audit_fields as F
+from .auditlog import AuditWriter, utc_now
+from .engine.decision import Reason, deny
+from .failsafe import fail_closed, refusal_response
+from .flowstate import record_of
+from .outcome import Outcome
+from .rulestore import ReloadEvent, RuleStore
+
+logger = logging.getLogger("warden")
+
+
+def outcome_record(o: Outcome) -> dict[str, Any]:
+    d = o.decision
+    record: dict[str, Any] = {
+        F.TIME: o.time,
+        F.EVENT: o.event,
+        F.REQUEST_ID: o.request_id,
+        F.AGENT: o.agent,
+        F.IDENTITY: o.identity,
+        F.CLIENT_IP: o.client_ip,
+        F.CLIENT_PORT: o.client_port,
+        F.METHOD: o.method,
+        F.SCHEME: o.scheme,
+        F.HOST: o.host,
+        F.PORT: o.port,
+        F.PATH: o.path,
+        F.DECISION: d.verdict.value if d else None,
+        F.REASON: d.reason.value if d else None,
+        F.RULE_ID: d.rule_id if d else None,
+        F.MESSAGE: d.message if d else None,
+        F.POLICY_VERSION: d.policy_version if d else None,
+        F.INTERCEPTION: o.interception.value if o.interception else None,
+        F.STATUS: o.status,
+        F.BYTES_UP: o.bytes_up,
+        F.BYTES_DOWN: o.bytes_down,
+        F.DURATION_MS: round(o.duration_seconds * 1000, 3),
+        F.UPSTREAM_IP: o.upstream_address,
+        F.CREDENTIAL_IDS: list(o.credentials),
+    }
+    if o.agent_claimed:
+        record[F.AGENT_CLAIMED] = o.agent_claimed
+    if o.error:
+        record[F.ERROR] = o.error
+    if o.events:
+        record[F.EVENTS] = list(o.events)
+    for key, value in o.extra.items():
+        record.setdefault(key, value)
+    return record
+
+
+class Audit:
+    def __init__(self, store: RuleStore) -> None:
+        self.store = store
+        self.writer: AuditWriter | None = None
+        store.add_listener(self.on_reload)
+
+    def load(self, loader) -> None:  # noqa: ANN001
+        loader.add_option("warden_audit_log", str, "audit.jsonl",
+                          "Audit log path (JSON Lines, hash-chained); '-' writes to stdout.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "warden_audit_log" in updated and self.writer is None:
+            rules = self.store.current
+            audit = rules.settings.audit if rules else None
+            self.writer = AuditWriter(
+                ctx.options.warden_audit_log,
+                max_file_bytes=audit.max_file_bytes if audit else 100 * 1024 * 1024,
+                queue_size=audit.queue_size if audit else 65536,
+                also_stdout=audit.stdout if audit else False,
+            )
+            self.writer.start()
+
+    def running(self) -> None:
+        rules = self.store.current
+        self.emit({F.EVENT: "startup", "pid": os.getpid(), F.POLICY_VERSION: rules.version if rules else None,
+                   "rules_loaded": rules.rule_count if rules else 0})
+
+    def done(self) -> None:
+        if self.writer is not None:
+            self.emit({F.EVENT: "shutdown", "pid": os.getpid()})
+            self.writer.close()
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        record.setdefault(F.TIME, utc_now())
+        self.writer.submit(record)
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        self.emit(outcome_record(outcome))
+
+    def on_reload(self, event: ReloadEvent) -> None:
+        if event.initial:
+            return
+        self.emit({F.EVENT: "reload", "result": "success" if event.ok else "failure",
+                   F.POLICY_VERSION: event.version, "previous_version": event.previous_version,
+                   "rules_loaded": event.rule_count, F.DURATION_MS: round(event.duration_seconds * 1000, 3),
+                   F.ERROR: event.error})
+
+    @property
+    def healthy(self) -> bool:
+        return self.writer is None or self.writer.healthy
+
+
+class AuditGate:
+    """Refuses new work while the audit log cannot be written (fail closed by default)."""
+
+    def __init__(self, audit: Audit, store: RuleStore) -> None:
+        self.audit = audit
+        self.store = store
+
+    def _check(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or self.audit.healthy:
+            return
+        rules = self.store.current
+        if rules is not None and rules.settings.audit.on_failure == "continue":
+            return
+        record = record_of(flow)
+        record.decision = deny(Reason.AUDIT_UNAVAILABLE,
+                               "Warden cannot write its audit log, so it refuses new traffic until the log is "
+                               "writable again; retry later", rules.version if rules else "none")
+        flow.response = refusal_response(record.decision, record.agent)
+
+    @fail_closed
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._check(flow)
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._check(flow)

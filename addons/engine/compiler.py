@@ -1,0 +1,143 @@
+"""Validated `RuleModel` -> immutable, indexed `RuleSet`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import MappingProxyType
+
+from .errors import RuleError, RuleProblem, RuleSetError, SecretError
+from .hostsfile import parse_hosts_file
+from .index import CidrIndex, HostIndex
+from .model import ANONYMOUS_AGENT, AgentMode, Credential, McpServer, Policy, Rule, RuleModel, TargetKind
+from .paths import compile_glob
+from .ruleset import CompiledAgent, CompiledCredential, CompiledRule, PolicyIndex, RuleSet
+from .secrets import Secret, render
+from .validate import load_model
+
+
+class _Compiler:
+    def __init__(self, model: RuleModel) -> None:
+        self.model = model
+        self.globs: dict[str, re.Pattern[str]] = {}  # shared: many rules repeat the same glob
+        self.problems: list[RuleProblem] = []
+        self.secrets: list[Secret] = []
+
+    def rule(self, rule: Rule | Credential) -> CompiledRule:
+        patterns = None
+        if rule.paths is not None:
+            patterns = tuple(self.globs.setdefault(g, compile_glob(g)) for g in rule.paths)
+        return CompiledRule(rule.id, rule.policy, str(rule.target), rule.ports, rule.methods, patterns, rule.paths)
+
+    def credential(self, cred: Credential) -> CompiledCredential | None:
+        secrets_dir = self._secrets_dir()
+        try:
+            headers = tuple((name, *render(t, secrets_dir)) for name, t in cred.inject)
+            query = tuple((name, *render(t, secrets_dir)) for name, t in cred.inject_query)
+        except SecretError as e:
+            self.problems.append(RuleProblem(cred.origin.file, cred.origin.line, f"credential {cred.id!r}: {e}",
+                                             "export the variable or add the file to settings.secrets_dir"))
+            return None
+        used = tuple(s for _, _, secrets in headers + query for s in secrets)
+        self.secrets.extend(used)
+        return CompiledCredential(
+            id=cred.id,
+            policy=cred.policy,
+            rule=self.rule(cred),
+            headers=tuple((name, value) for name, value, _ in headers),
+            query=tuple((name, value) for name, value, _ in query),
+            strip=tuple(h.lower() for h in cred.strip),
+            placeholder=cred.placeholder,
+            redact_response=cred.redact_response,
+            secrets=used,
+        )
+
+    def _secrets_dir(self) -> str | None:
+        d = self.model.settings.secrets_dir
+        if d and not Path(d).is_absolute():
+            d = str(Path(self.model.rules_dir) / d)
+        return d
+
+    def policy(self, policy: Policy) -> PolicyIndex:
+        hosts: HostIndex[CompiledRule] = HostIndex()
+        cidrs: CidrIndex[CompiledRule] = CidrIndex()
+        for rule in policy.allow:
+            compiled = self.rule(rule)
+            if rule.target.kind is TargetKind.CIDR:
+                assert rule.target.network is not None
+                cidrs.add(rule.target.network, compiled)
+            else:
+                hosts.add(rule.target.kind, rule.target.value, compiled)
+        creds: HostIndex[CompiledCredential] = HostIndex()
+        for cred in policy.credentials:
+            compiled_cred = self.credential(cred)
+            if compiled_cred is not None:
+                creds.add(cred.target.kind, cred.target.value, compiled_cred)
+        return PolicyIndex(policy.name, hosts, cidrs, creds, tuple(h.lower() for h in policy.strip), policy.mcp)
+
+    def hosts_file(self) -> dict:
+        path = self.model.settings.hosts_file
+        if not path:
+            return {}
+        p = Path(path)
+        if not p.is_absolute():
+            p = Path(self.model.rules_dir) / p
+        try:
+            return parse_hosts_file(p)
+        except RuleError as e:
+            self.problems.append(e.problem)
+            return {}
+
+    def compile(self) -> RuleSet:
+        model = self.model
+        policies = {name: self.policy(p) for name, p in model.policies.items()}
+        agents = {}
+        source_agents: CidrIndex[CompiledAgent] = CidrIndex()
+        for a in model.agents:
+            indexes = tuple(policies[name] for name in a.policies)
+            compiled = CompiledAgent(a.id, a.token_sha256, a.sources, indexes, a.mode is AgentMode.REPORT,
+                                     any(p.cidrs for p in indexes))
+            agents[a.id] = compiled
+            if not a.token_sha256 and a.id != ANONYMOUS_AGENT:
+                for net in a.sources:
+                    source_agents.add(net, compiled)
+        deny_hosts: HostIndex[CompiledRule] = HostIndex()
+        deny_cidrs: CidrIndex[CompiledRule] = CidrIndex()
+        for rule in model.deny:
+            compiled_rule = self.rule(rule)
+            if rule.target.kind is TargetKind.CIDR:
+                assert rule.target.network is not None
+                deny_cidrs.add(rule.target.network, compiled_rule)
+            else:
+                deny_hosts.add(rule.target.kind, rule.target.value, compiled_rule)
+        servers: dict[tuple[str, int], list[McpServer]] = {}
+        for server in model.mcp_servers:
+            servers.setdefault((server.host, server.port), []).append(server)
+        hosts = self.hosts_file()
+        if self.problems:
+            raise RuleSetError(self.problems)
+        rule_count = sum(len(p.allow) for p in model.policies.values()) + len(model.deny)
+        return RuleSet(
+            version=model.version,
+            model=model,
+            settings=model.settings,
+            agents=MappingProxyType(agents),
+            source_agents=source_agents,
+            anonymous=agents.get(ANONYMOUS_AGENT),
+            deny_hosts=deny_hosts,
+            deny_cidrs=deny_cidrs,
+            hosts_file=MappingProxyType(hosts),
+            mcp_servers=MappingProxyType({k: tuple(v) for k, v in servers.items()}),
+            rule_count=rule_count,
+            secrets=tuple(self.secrets),
+        )
+
+
+def compile_model(model: RuleModel) -> RuleSet:
+    """Index a validated model. Raises RuleSetError (missing secrets, bad hosts file)."""
+    return _Compiler(model).compile()
+
+
+def load_ruleset(rules_dir: Path) -> RuleSet:
+    """Load, validate and compile a rules directory (or a single file)."""
+    return compile_model(load_model(Path(rules_dir)))

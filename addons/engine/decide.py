@@ -1,0 +1,168 @@
+"""`decide`: one function, one decision value.
+
+Precedence, first match wins (each step returns early; anything unexpected is a deny):
+
+ 1. Unknown agent                                   -> deny  auth_failed
+ 2. Host that is not a valid name or IP literal     -> deny  invalid_host
+ 3. Path that is ambiguous (dot segments, encoded /) -> deny  invalid_path
+ 4. Global deny rule matching host (or the IP literal via cidr) and port, and, for rules with
+    methods/paths, the request                     -> deny  deny_listed (never softened by report mode)
+ 5. The agent's allow rules for the host (IP literals: cidr rules only):
+      none matches the host   -> if the agent has cidr rules, allow pending the address check
+                                 (step 6), else deny no_matching_rule
+      none matches the port   -> deny port_not_allowed
+      CONNECT stage           -> allow; intercept if the host needs per-request decisions
+                                 (method/path rules, credentials, MCP server, L7 deny rules,
+                                 settings.tls_intercept: always)
+      request stage           -> allow on the first rule matching method and path, else deny
+                                 method_not_allowed / path_not_allowed
+ 6. `decide_addresses`, once the name is resolved: an address on the global deny list ->
+    deny deny_listed; an agent that needed a cidr rule and has none covering -> deny
+    no_matching_rule; a private address not covered by a cidr allow rule (and
+    settings.private_networks: deny) -> deny private_address (never softened).
+
+Report mode (agent.mode: report) turns the denials of steps 5-6 that come from the agent's
+own policy into verdict `report`: allowed, logged with the reason it would have been denied.
+Global deny rules, the SSRF guard, identity and fronting checks always enforce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .decision import Decision, Reason, Verdict, deny
+from .facts import RequestFacts
+from .hostnames import HostError, IPAddress, normalize_host, parse_ip
+from .netaddr import is_private_address
+from .paths import PathError, canonical_path
+from .ruleset import CompiledAgent, CompiledRule, RuleSet
+
+
+def _policy_denial(agent: CompiledAgent, reason: Reason, message: str, version: str,
+                   rule_id: str | None = None) -> Decision:
+    if agent.report_mode:
+        return Decision(Verdict.REPORT, reason, rule_id, f"report mode, would deny: {message}", version)
+    return deny(reason, message, version, rule_id)
+
+
+def _deny_rule_matches(rule: CompiledRule, port: int) -> bool:
+    # A deny rule without ports covers every port: deny beats allow, whatever the port.
+    return rule.ports is None or port in rule.ports
+
+
+def _describe(rules: Sequence[CompiledRule]) -> str:
+    parts = []
+    for r in rules[:5]:
+        methods = ",".join(sorted(r.methods)) if r.methods else "any method"
+        paths = " ".join(r.globs) if r.globs else "any path"
+        parts.append(f"{methods} on {paths} (rule {r.id})")
+    return "; ".join(parts)
+
+
+
+def decide(rules: RuleSet, facts: RequestFacts) -> Decision:
+    """Decide a CONNECT (facts.method is None) or an HTTP request. See the module docstring."""
+    version = rules.version
+    agent = rules.agents.get(facts.agent)
+    if agent is None:
+        return deny(Reason.AUTH_FAILED, f"unknown agent {facts.agent[:64]!r}", version)
+    try:
+        host = normalize_host(facts.host)
+    except HostError as e:
+        return deny(Reason.INVALID_HOST, f"host {facts.host[:80]!r} rejected: {e}", version)
+    path: str | None = None
+    if facts.path is not None:
+        try:
+            path = canonical_path(facts.path)
+        except PathError as e:
+            return deny(Reason.INVALID_PATH, f"path rejected: {e}", version)
+    method = facts.method.upper() if facts.method is not None else None
+    ip = parse_ip(host)
+    port = facts.port
+
+    l7_deny = False
+    for rule in rules.deny_cidrs.lookup(ip) if ip is not None else rules.deny_hosts.lookup(host):
+        if not _deny_rule_matches(rule, port):
+            continue
+        if not rule.has_l7:
+            return deny(Reason.DENY_LISTED, f"{host} is on the global deny list", version, rule.id)
+        if method is None or path is None:
+            l7_deny = True  # decided per request: the tunnel must be intercepted
+        elif rule.method_ok(method) and rule.path_ok(path):
+            return deny(Reason.DENY_LISTED, f"{method} {host}{path} is on the global deny list", version, rule.id)
+
+    if ip is not None:
+        candidates = [r for p in agent.policies if p.cidrs for r in p.cidrs.lookup(ip)]
+    else:
+        candidates = [r for p in agent.policies if p.hosts for r in p.hosts.lookup(host)]
+    if not candidates:
+        if ip is None and agent.has_cidr_rules:
+            # The name may still resolve into one of the agent's cidr rules: step 6 decides.
+            return Decision(Verdict.ALLOW, Reason.ALLOWED, None, "allowed if the resolved address is covered by a cidr rule",
+                            version, intercept=rules.settings.tls_intercept == "always" or l7_deny,
+                            address_rule_needed=True)
+        what = "IP address" if ip is not None else "host"
+        return _policy_denial(agent, Reason.NO_MATCHING_RULE,
+                              f"no rule allows agent '{agent.id}' to reach the {what} {host}", version)
+    usable = [r for r in candidates if r.port_ok(port, facts.scheme)]
+    if not usable:
+        ports = sorted({p for r in candidates for p in (r.ports or ())}) or ["443 (https) / 80 (http)"]
+        return _policy_denial(agent, Reason.PORT_NOT_ALLOWED,
+                              f"{host} is allowed, but not on port {port}; allowed ports: {ports}", version,
+                              candidates[0].id)
+
+    if method is None or path is None:
+        unconstrained = next((r for r in usable if not r.has_l7), None)
+        rule = unconstrained or usable[0]
+        intercept = (
+            unconstrained is None
+            or l7_deny
+            or rules.settings.tls_intercept == "always"
+            or bool(rules.credentials_for(agent, host))
+            or bool(rules.mcp_servers_at(host, port))
+        )
+        return Decision(Verdict.ALLOW, Reason.ALLOWED, rule.id, f"{host}:{port} allowed", version, intercept=intercept)
+
+    for rule in usable:
+        if rule.method_ok(method) and rule.path_ok(path):
+            return Decision(Verdict.ALLOW, Reason.ALLOWED, rule.id, f"{method} {host}{path} allowed", version)
+    path_matches = [r for r in usable if r.path_ok(path)]
+    if path_matches:
+        return _policy_denial(agent, Reason.METHOD_NOT_ALLOWED,
+                              f"{method} is not allowed on {host}{path}; allowed here: {_describe(path_matches)}",
+                              version, path_matches[0].id)
+    return _policy_denial(agent, Reason.PATH_NOT_ALLOWED,
+                          f"path {path} is not allowed on {host}; allowed: {_describe(usable)}", version, usable[0].id)
+
+
+def decide_addresses(rules: RuleSet, facts: RequestFacts, addresses: Sequence[IPAddress], prior: Decision) -> Decision:
+    """Step 6: check the addresses a name resolved to (all of them) against deny cidrs,
+    the agent's cidr rules and the SSRF guard. `prior` is the name-stage decision."""
+    version = rules.version
+    agent = rules.agents.get(facts.agent)
+    if agent is None:
+        return deny(Reason.AUTH_FAILED, f"unknown agent {facts.agent[:64]!r}", version)
+    if not addresses:
+        return deny(Reason.RESOLVE_FAILED, f"{facts.host} did not resolve to any address", version)
+    host = facts.host
+    port = facts.port
+    covering_id: str | None = None
+    for ip in addresses:
+        for rule in rules.deny_cidrs.lookup(ip):
+            if _deny_rule_matches(rule, port) and not rule.has_l7:
+                return deny(Reason.DENY_LISTED, f"{host} resolves to {ip}, which is on the global deny list",
+                            version, rule.id)
+        covering = [r for p in agent.policies if p.cidrs for r in p.cidrs.lookup(ip) if r.port_ok(port, facts.scheme)]
+        if prior.address_rule_needed and not covering:
+            return _policy_denial(agent, Reason.NO_MATCHING_RULE,
+                                  f"no rule allows agent '{agent.id}' to reach {host} ({ip}) on port {port}", version)
+        if not covering and rules.settings.private_networks == "deny" and is_private_address(ip):
+            return deny(Reason.PRIVATE_ADDRESS,
+                        f"{host} resolves to {ip}, a private or internal address; Warden refuses those unless a "
+                        f"cidr allow rule covers them", version)
+        if covering and covering_id is None:
+            covering_id = covering[0].id
+    if prior.address_rule_needed:
+        return Decision(prior.verdict, Reason.ALLOWED, covering_id, f"{host} ({addresses[0]}) allowed by cidr rule",
+                        version, intercept=prior.intercept)
+    return prior

@@ -1,0 +1,176 @@
+"""The validated rule model: what the rule files mean, before indexing.
+
+Every object remembers the file and line it came from (`Origin`), so that `warden check`,
+`warden explain` and reload failures can point at the rule.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+class TargetKind(StrEnum):
+    HOST = "host"  # exact host name
+    WILDCARD = "wildcard"  # "*.example.com": any subdomain, not the apex
+    DOMAIN = "domain"  # "example.com" and every subdomain
+    CIDR = "cidr"  # IP literals and resolved addresses
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    kind: TargetKind
+    value: str  # normalised host, wildcard base (without "*."), domain, or network text
+    network: IPNetwork | None = None
+
+    def __str__(self) -> str:
+        return f"*.{self.value}" if self.kind is TargetKind.WILDCARD else self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """An allow rule (inside a policy) or a global deny rule (policy None)."""
+
+    id: str
+    target: Target
+    ports: frozenset[int] | None
+    methods: frozenset[str] | None
+    paths: tuple[str, ...] | None
+    policy: str | None
+    origin: Origin
+
+    @property
+    def has_l7(self) -> bool:
+        return self.methods is not None or self.paths is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    id: str
+    target: Target
+    ports: frozenset[int] | None
+    methods: frozenset[str] | None
+    paths: tuple[str, ...] | None
+    inject: tuple[tuple[str, str], ...]  # (header, template)
+    inject_query: tuple[tuple[str, str], ...]
+    allow_secret_in_url: bool
+    strip: tuple[str, ...]
+    placeholder: str | None
+    redact_response: bool
+    policy: str
+    origin: Origin
+
+
+@dataclass(frozen=True, slots=True)
+class McpRule:
+    server: str
+    tools: frozenset[str]
+    deny_tools: frozenset[str]
+    arguments: tuple[tuple[str, Any], ...]  # (tool, JSON Schema)
+    resources: tuple[str, ...] | None
+    prompts: frozenset[str] | None
+    log_argument_values: frozenset[str]
+    policy: str
+    origin: Origin
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    allow: tuple[Rule, ...]
+    credentials: tuple[Credential, ...]
+    strip: tuple[str, ...]
+    mcp: tuple[McpRule, ...]
+    origin: Origin
+
+
+class AgentMode(StrEnum):
+    ENFORCE = "enforce"
+    REPORT = "report"
+
+
+ANONYMOUS_AGENT = "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    id: str
+    token_sha256: tuple[bytes, ...]
+    sources: tuple[IPNetwork, ...]
+    policies: tuple[str, ...]
+    mode: AgentMode
+    origin: Origin
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSink:
+    id: str
+    url: str
+    headers: tuple[tuple[str, str], ...]  # (name, template)
+    events: frozenset[str]
+    dedup_window_seconds: float
+    max_per_minute: int
+    timeout_seconds: float
+    max_retries: int
+    ca_file: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    on_failure: str = "fail_closed"
+    max_file_bytes: int = 100 * 1024 * 1024
+    queue_size: int = 65536
+    stdout: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    private_networks: str = "deny"
+    hosts_file: str | None = None
+    tls_intercept: str = "auto"
+    secrets_dir: str | None = None
+    resolve_timeout_seconds: float = 5.0
+    body_scan_max_buffered_bytes: int = 1024 * 1024
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    alerts: tuple[AlertSink, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class McpServer:
+    id: str
+    url: str
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str
+    credential: str | None
+    legacy_sse_messages_path: str | None
+    origin: Origin
+
+
+@dataclass(frozen=True, slots=True)
+class RuleModel:
+    """Everything the rule files say, validated and merged."""
+
+    agents: tuple[Agent, ...]
+    policies: dict[str, Policy]
+    deny: tuple[Rule, ...]
+    settings: Settings
+    mcp_servers: tuple[McpServer, ...]
+    mcp_pins: dict[str, dict[str, str]]
+    files: tuple[str, ...]
+    version: str
+    rules_dir: str

@@ -1,0 +1,117 @@
+"""The compiled, immutable rule set that every decision reads.
+
+A `RuleSet` is built once from a validated `RuleModel` (see `compiler.compile_model`) and
+never changed: reload builds a new one and swaps a single reference, so a decision always
+sees one consistent version of the rules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .hostnames import IPAddress
+from .index import CidrIndex, HostIndex
+from .model import IPNetwork, McpRule, McpServer, RuleModel, Settings
+from .secrets import Secret
+
+
+def default_port(scheme: str) -> int:
+    return 80 if scheme == "http" else 443
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    id: str
+    policy: str | None
+    target: str
+    ports: frozenset[int] | None
+    methods: frozenset[str] | None
+    patterns: tuple[re.Pattern[str], ...] | None
+    globs: tuple[str, ...] | None = None  # the path globs as written, for messages
+
+    @property
+    def has_l7(self) -> bool:
+        return self.methods is not None or self.patterns is not None
+
+    def port_ok(self, port: int, scheme: str) -> bool:
+        return port == default_port(scheme) if self.ports is None else port in self.ports
+
+    def method_ok(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
+
+    def path_ok(self, path: str) -> bool:
+        return self.patterns is None or any(p.fullmatch(path) for p in self.patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledCredential:
+    """A credential with its secrets resolved. Its repr never shows a secret value."""
+
+    id: str
+    policy: str
+    rule: CompiledRule  # where it applies (host/domain + ports/methods/paths)
+    headers: tuple[tuple[str, str], ...] = ()
+    query: tuple[tuple[str, str], ...] = ()
+    strip: tuple[str, ...] = ()
+    placeholder: str | None = None
+    redact_response: bool = True
+    secrets: tuple[Secret, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"CompiledCredential(id={self.id!r}, target={self.rule.target!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyIndex:
+    name: str
+    hosts: HostIndex[CompiledRule]
+    cidrs: CidrIndex[CompiledRule]
+    credentials: HostIndex[CompiledCredential]
+    strip: tuple[str, ...]
+    mcp: tuple[McpRule, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledAgent:
+    id: str
+    token_hashes: tuple[bytes, ...]
+    sources: tuple[IPNetwork, ...]
+    policies: tuple[PolicyIndex, ...]
+    report_mode: bool
+    has_cidr_rules: bool
+
+    def source_ok(self, ip: IPAddress | None) -> bool:
+        if not self.sources:
+            return True
+        return ip is not None and any(ip in net for net in self.sources if net.version == ip.version)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    version: str
+    model: RuleModel
+    settings: Settings
+    agents: Mapping[str, CompiledAgent]
+    source_agents: CidrIndex[CompiledAgent]
+    anonymous: CompiledAgent | None
+    deny_hosts: HostIndex[CompiledRule]
+    deny_cidrs: CidrIndex[CompiledRule]
+    hosts_file: Mapping[str, tuple[IPAddress, ...]]
+    mcp_servers: Mapping[tuple[str, int], tuple[McpServer, ...]]
+    rule_count: int
+    secrets: tuple[Secret, ...]
+
+    def agent(self, agent_id: str) -> CompiledAgent | None:
+        return self.agents.get(agent_id)
+
+    def credentials_for(self, agent: CompiledAgent, host: str) -> list[CompiledCredential]:
+        found: list[CompiledCredential] = []
+        for policy in agent.policies:
+            if policy.credentials:
+                found.extend(policy.credentials.lookup(host))
+        return found
+
+    def mcp_servers_at(self, host: str, port: int) -> tuple[McpServer, ...]:
+        return self.mcp_servers.get((host, port), ())

@@ -1,0 +1,99 @@
+"""Fail closed: an exception inside a Warden hook denies the flow instead of letting it pass.
+
+mitmproxy's `safecall` logs hook exceptions and lets the flow continue, which for a policy
+addon means "allow". Every Warden hook is wrapped with `fail_closed`: on an exception it
+answers the flow with a 500 (`internal_error`) or kills the connection, records the
+decision for audit/metrics, and logs the exception type (not its text, which could hold
+request data) with the traceback at debug level.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import http
+
+from .engine.decision import Decision, Reason, denial_text, deny
+from .flowstate import record_of
+
+logger = logging.getLogger("warden")
+
+HookErrorListener = Callable[[str], None]
+_listeners: list[HookErrorListener] = []
+
+
+def on_hook_error(listener: HookErrorListener) -> None:
+    """Register a callback (metrics) told the hook name of every swallowed exception."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def _deny_target(hook: str, target: Any) -> None:
+    decision = deny(Reason.INTERNAL_ERROR, f"Warden hit an internal error in {hook}; the request was refused",
+                    "unknown")
+    if isinstance(target, http.HTTPFlow):
+        record = record_of(target)
+        record.decision = _keep_version(record.decision, decision)
+        target.response = refusal_response(record.decision, record.agent)
+        return
+    # Connection-level hook data: kill what we can reach.
+    server = getattr(target, "server", None)
+    if server is not None:
+        server.error = "warden: internal error"
+    context = getattr(target, "context", None)
+    client = getattr(target, "client", None) or (context.client if context is not None else None)
+    if client is not None and hook != "server_connect":
+        client.error = "warden: internal error"
+
+
+def _keep_version(previous: Decision | None, decision: Decision) -> Decision:
+    if previous is None:
+        return decision
+    return Decision(decision.verdict, decision.reason, decision.rule_id, decision.message, previous.policy_version)
+
+
+def refusal_response(decision: Decision, agent: str | None) -> http.Response:
+    """The response Warden sends for a denial: status from the reason, readable body."""
+    headers = {"Content-Type": "text/plain; charset=utf-8", "X-Warden-Reason": decision.reason.value,
+               "Cache-Control": "no-store"}
+    if decision.reason in (Reason.AUTH_REQUIRED, Reason.AUTH_FAILED):
+        headers["Proxy-Authenticate"] = 'Basic realm="warden"'
+    if decision.rule_id:
+        headers["X-Warden-Rule"] = decision.rule_id
+    return http.Response.make(decision.reason.status, denial_text(decision, agent), headers)
+
+
+def fail_closed(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a hook (sync or async) so that an exception denies instead of allowing."""
+    name = hook.__name__
+
+    def handle(target: Any, exc: BaseException) -> None:
+        logger.error("warden: %s failed with %s; denying", name, exc.__class__.__name__)
+        logger.debug("warden: %s traceback", name, exc_info=exc)
+        for listener in _listeners:
+            try:
+                listener(name)
+            except Exception:  # a broken metrics listener must not hide the original failure
+                pass
+        _deny_target(name, target)
+
+    if inspect.iscoroutinefunction(hook):
+        @functools.wraps(hook)
+        async def async_wrapper(self: Any, target: Any, *args: Any) -> Any:
+            try:
+                return await hook(self, target, *args)
+            except Exception as exc:
+                handle(target, exc)
+        return async_wrapper
+
+    @functools.wraps(hook)
+    def wrapper(self: Any, target: Any, *args: Any) -> Any:
+        try:
+            return hook(self, target, *args)
+        except Exception as exc:
+            handle(target, exc)
+    return wrapper

@@ -1,0 +1,92 @@
+"""Identity addon: who is calling. Answers 407 with a Basic challenge when nobody is.
+
+Runs first in the chain. For a CONNECT it identifies the agent once and pins the identity
+to the client connection (every request inside the tunnel inherits it); a plain-HTTP
+request is identified on its own. `Proxy-Authorization` and `Proxy-Connection` are always
+removed before anything goes upstream, identified or not.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mitmproxy import http
+
+from .engine.decision import Reason, deny
+from .engine.identity import AuthFailure, Identity, identify, parse_basic
+from .failsafe import fail_closed, refusal_response
+from .flowstate import Connections, FlowRecord, record_of
+from .rulestore import RuleStore
+
+PROXY_HEADERS = ("Proxy-Authorization", "Proxy-Connection")
+_SAFE_ID = re.compile(r"[^a-z0-9_-]")
+
+_FAILURE_TEXT = {
+    AuthFailure.MISSING: "proxy credentials required: use HTTPS_PROXY=http://<agent-id>:<token>@<warden>",
+    AuthFailure.MALFORMED: "Proxy-Authorization must be Basic base64(<agent-id>:<token>)",
+    AuthFailure.UNKNOWN_AGENT: "unknown agent id or wrong token",
+    AuthFailure.BAD_TOKEN: "unknown agent id or wrong token",
+    AuthFailure.WRONG_SOURCE: "this agent may not connect from this network address",
+}
+
+
+def _claimed_agent(header: str | None) -> str | None:
+    """The agent id a failed login claimed, sanitised, for the audit log (never the token)."""
+    if not header:
+        return None
+    creds = parse_basic(header)
+    if creds is None:
+        return None
+    return _SAFE_ID.sub("", creds.agent)[:64] or None
+
+
+class Identity:
+    def __init__(self, store: RuleStore, connections: Connections) -> None:
+        self.store = store
+        self.connections = connections
+
+    def _identify(self, flow: http.HTTPFlow, record: FlowRecord) -> Identity | None:
+        state = self.connections.get(flow.client_conn)
+        rules = self.store.current
+        header = flow.request.headers.get("Proxy-Authorization")
+        for name in PROXY_HEADERS:
+            flow.request.headers.pop(name, None)
+        if rules is None:
+            record.decision = deny(Reason.RULES_UNAVAILABLE, "no rules are loaded", "none")
+            flow.response = refusal_response(record.decision, None)
+            return None
+        result = identify(rules, header, state.client_ip)
+        if isinstance(result, AuthFailure):
+            reason = {AuthFailure.MISSING: Reason.AUTH_REQUIRED,
+                      AuthFailure.WRONG_SOURCE: Reason.SOURCE_NOT_ALLOWED}.get(result, Reason.AUTH_FAILED)
+            record.agent_claimed = _claimed_agent(header)
+            record.extra["auth_failure"] = result.value
+            record.decision = deny(reason, _FAILURE_TEXT[result], rules.version)
+            flow.response = refusal_response(record.decision, None)
+            return None
+        record.agent = result.agent
+        record.identity_method = result.method.value
+        return result
+
+    @fail_closed
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        record = record_of(flow)
+        identity = self._identify(flow, record)
+        if identity is not None:
+            state = self.connections.get(flow.client_conn)
+            state.agent = identity.agent
+            state.identity_method = identity.method.value
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        record = record_of(flow)
+        state = self.connections.get(flow.client_conn)
+        if state.tunnel is not None:
+            # Inside a CONNECT tunnel: the identity was established by the CONNECT.
+            for name in PROXY_HEADERS:
+                flow.request.headers.pop(name, None)
+            record.agent = state.tunnel.agent
+            record.identity_method = state.identity_method
+            record.request_id = state.tunnel.request_id
+            return
+        self._identify(flow, record)

@@ -1,0 +1,261 @@
+"""Metrics addon: Prometheus metrics and /healthz on their own listener.
+
+Metric objects live in one process-wide registry created once (`registry()`): a mitmproxy
+script reload or a second addon instance reuses them instead of raising duplicate-timeseries
+errors. Labels are bounded: agent ids, rule ids, credential ids and reason codes come from
+the rule files and the code, never a raw host, path or client address. An unauthenticated
+client is counted as agent "-".
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from mitmproxy import ctx, exceptions
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import metrics_names as N
+from .audit import Audit
+from .engine.decision import Reason
+from .failsafe import on_hook_error
+from .interception import Interception
+from .outcome import Outcome
+from .rulestore import ReloadEvent, RuleStore
+
+NO_AGENT = "-"
+_LATENCY_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                    0.025, 0.05, 0.1)
+_UPSTREAM_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+@dataclass(frozen=True)
+class WardenMetrics:
+    registry: CollectorRegistry
+    requests: Counter
+    connects: Counter
+    bytes: Counter
+    decision_duration: Histogram
+    upstream_duration: Histogram
+    active_tunnels: Gauge
+    rules_loaded: Gauge
+    policy_info: Gauge
+    reloads: Counter
+    last_reload_success: Gauge
+    audit_queue_depth: Gauge
+    audit_write_failures: Counter
+    audit_records: Counter
+    audit_healthy: Gauge
+    alerts_sent: Counter
+    alerts_failed: Counter
+    alerts_suppressed: Counter
+    credentials_injected: Counter
+    secret_leaks: Counter
+    ssrf_refusals: Counter
+    auth_failures: Counter
+    mcp_calls: Counter
+    hook_errors: Counter
+
+
+@lru_cache(maxsize=1)
+def registry() -> WardenMetrics:
+    """The process-wide metric set, created on first use and never again."""
+    r = CollectorRegistry(auto_describe=True)
+    dl = ("agent", "decision", "reason")
+    return WardenMetrics(
+        registry=r,
+        requests=Counter(N.REQUESTS, "HTTP requests seen (intercepted or plain), by decision", dl, registry=r),
+        connects=Counter(N.CONNECTS, "CONNECT requests, by decision", dl, registry=r),
+        bytes=Counter(N.BYTES, "Body bytes relayed (tunnels: all bytes), by agent and direction",
+                      ("agent", "direction"), registry=r),
+        decision_duration=Histogram(N.DECISION_DURATION, "Policy engine time per decision", ("stage",),
+                                    buckets=_LATENCY_BUCKETS, registry=r),
+        upstream_duration=Histogram(N.UPSTREAM_DURATION, "Time from request to complete upstream response",
+                                    buckets=_UPSTREAM_BUCKETS, registry=r),
+        active_tunnels=Gauge(N.ACTIVE_TUNNELS, "Passthrough tunnels currently open", registry=r),
+        rules_loaded=Gauge(N.RULES_LOADED, "Allow and deny rules in the rule set in force", registry=r),
+        policy_info=Gauge(N.POLICY_INFO, "The policy version in force (value is always 1)", ("version",), registry=r),
+        reloads=Counter(N.RELOADS, "Rule reload attempts by result", ("result",), registry=r),
+        last_reload_success=Gauge(N.LAST_RELOAD_SUCCESS, "Unix time of the last successful rule load", registry=r),
+        audit_queue_depth=Gauge(N.AUDIT_QUEUE_DEPTH, "Audit records waiting to be written", registry=r),
+        audit_write_failures=Counter(N.AUDIT_WRITE_FAILURES, "Failed audit writes (each retried)", registry=r),
+        audit_records=Counter(N.AUDIT_RECORDS, "Audit records written", registry=r),
+        audit_healthy=Gauge(N.AUDIT_HEALTHY, "1 if the audit log is writable, else 0", registry=r),
+        alerts_sent=Counter(N.ALERTS_SENT, "Alerts delivered, by sink", ("sink",), registry=r),
+        alerts_failed=Counter(N.ALERTS_FAILED, "Alerts given up after retries, by sink", ("sink",), registry=r),
+        alerts_suppressed=Counter(N.ALERTS_SUPPRESSED, "Alerts not sent, by cause", ("cause",), registry=r),
+        credentials_injected=Counter(N.CREDENTIALS_INJECTED, "Credential injections, by credential id",
+                                     ("credential",), registry=r),
+        secret_leaks=Counter(N.SECRET_LEAKS, "Requests denied for carrying a secret elsewhere", ("agent",), registry=r),
+        ssrf_refusals=Counter(N.SSRF_REFUSALS, "Connections refused by the SSRF guard", ("agent",), registry=r),
+        auth_failures=Counter(N.AUTH_FAILURES, "Failed proxy authentications, by reason", ("reason",), registry=r),
+        mcp_calls=Counter(N.MCP_CALLS, "MCP messages decided", ("agent", "server", "decision", "reason"), registry=r),
+        hook_errors=Counter(N.HOOK_ERRORS, "Exceptions in Warden hooks (each denied its flow)", ("hook",), registry=r),
+    )
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _MetricsServer
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self.server.refresh()
+            body = generate_latest(self.server.metrics.registry)
+            self._send(200, body, CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            status, report = self.server.health()
+            self._send(status, json.dumps(report).encode(), "application/json")
+        else:
+            self._send(404, b"not found: try /metrics or /healthz\n", "text/plain")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: scrapes are not news
+        pass
+
+
+class _MetricsServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], owner: Metrics) -> None:
+        super().__init__(address, _Handler)
+        self.owner = owner
+        self.metrics = owner.metrics
+
+    def refresh(self) -> None:
+        self.owner.refresh()
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        return self.owner.health()
+
+
+def _split_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Metrics:
+    def __init__(self, store: RuleStore, audit: Audit, interception: Interception) -> None:
+        self.store = store
+        self.audit = audit
+        self.interception = interception
+        self.metrics = registry()
+        self.server: _MetricsServer | None = None
+        store.add_listener(self.on_reload)
+        on_hook_error(self._hook_error)
+
+    def _hook_error(self, hook: str) -> None:
+        self.metrics.hook_errors.labels(hook=hook).inc()
+
+    def load(self, loader) -> None:  # noqa: ANN001
+        loader.add_option("warden_metrics_listen", str, "127.0.0.1:9464",
+                          "HOST:PORT for /metrics and /healthz; empty disables the listener.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "warden_metrics_listen" in updated:
+            self._stop()
+            listen = ctx.options.warden_metrics_listen
+            if listen:
+                try:
+                    self.server = _MetricsServer(_split_listen(listen), self)
+                except (OSError, ValueError) as e:
+                    raise exceptions.OptionsError(f"warden: cannot listen for metrics on {listen}: {e}") from None
+                threading.Thread(target=self.server.serve_forever, name="warden-metrics", daemon=True).start()
+        if self.store.current is not None:
+            self._set_rules_gauges(self.store.current.version, self.store.current.rule_count)
+
+    def done(self) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    @property
+    def port(self) -> int | None:
+        return self.server.server_address[1] if self.server else None
+
+    def refresh(self) -> None:
+        """Gauges sampled at scrape time."""
+        m = self.metrics
+        writer = self.audit.writer
+        m.active_tunnels.set(self.interception.active_tunnels)
+        if writer is not None:
+            m.audit_queue_depth.set(writer.depth)
+            m.audit_healthy.set(1 if writer.healthy else 0)
+            # counters mirror the writer's own totals (it runs in another thread)
+            self._sync_counter(m.audit_records, writer.stats.written)
+            self._sync_counter(m.audit_write_failures, writer.stats.write_failures)
+
+    @staticmethod
+    def _sync_counter(counter: Counter, total: int) -> None:
+        current = counter._value.get()  # noqa: SLF001 - prometheus_client has no public getter
+        if total > current:
+            counter.inc(total - current)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        rules = self.store.current
+        audit_ok = self.audit.healthy
+        report = {
+            "status": "ok" if rules is not None and audit_ok else "unhealthy",
+            "rules_loaded": rules.rule_count if rules else 0,
+            "policy_version": rules.version if rules else None,
+            "audit_writable": audit_ok,
+        }
+        return (200 if report["status"] == "ok" else 503), report
+
+    def _set_rules_gauges(self, version: str, count: int) -> None:
+        m = self.metrics
+        m.rules_loaded.set(count)
+        m.policy_info.clear()
+        m.policy_info.labels(version=version).set(1)
+        m.last_reload_success.set(time.time())
+
+    def on_reload(self, event: ReloadEvent) -> None:
+        if event.initial and self.store.current is None:
+            return
+        self.metrics.reloads.labels(result="success" if event.ok else "failure").inc()
+        if event.ok and event.version:
+            self._set_rules_gauges(event.version, event.rule_count)
+
+    def on_outcome(self, o: Outcome) -> None:
+        m = self.metrics
+        agent = o.agent or NO_AGENT
+        d = o.decision
+        decision = d.verdict.value if d else "none"
+        reason = d.reason.value if d else "none"
+        if o.event == "connect":
+            m.connects.labels(agent, decision, reason).inc()
+            m.decision_duration.labels("connect").observe(o.engine_seconds)
+        elif o.event == "request":
+            m.requests.labels(agent, decision, reason).inc()
+            m.decision_duration.labels("request").observe(o.engine_seconds)
+            if o.upstream_seconds is not None:
+                m.upstream_duration.observe(o.upstream_seconds)
+        if o.bytes_up:
+            m.bytes.labels(agent, "up").inc(o.bytes_up)
+        if o.bytes_down:
+            m.bytes.labels(agent, "down").inc(o.bytes_down)
+        if d is not None:
+            if d.reason is Reason.PRIVATE_ADDRESS:
+                m.ssrf_refusals.labels(agent).inc()
+            elif d.reason in (Reason.AUTH_REQUIRED, Reason.AUTH_FAILED, Reason.SOURCE_NOT_ALLOWED):
+                m.auth_failures.labels(o.extra.get("auth_failure", d.reason.value)).inc()
+            elif d.reason is Reason.SECRET_LEAK:
+                m.secret_leaks.labels(agent).inc()
+        for credential in o.credentials:
+            m.credentials_injected.labels(credential).inc()

@@ -1,0 +1,35 @@
+"""Every metric Warden exports, by name: dashboards, alert rules and tests import these."""
+
+REQUESTS = "warden_requests"  # counter -> warden_requests_total{agent,decision,reason}
+CONNECTS = "warden_connects"  # counter -> warden_connects_total{agent,decision,reason}
+BYTES = "warden_bytes"  # counter -> warden_bytes_total{agent,direction}
+DECISION_DURATION = "warden_decision_duration_seconds"  # histogram{stage}
+UPSTREAM_DURATION = "warden_upstream_duration_seconds"  # histogram
+ACTIVE_TUNNELS = "warden_active_tunnels"  # gauge
+RULES_LOADED = "warden_rules_loaded"  # gauge
+POLICY_INFO = "warden_policy_info"  # gauge{version} = 1
+RELOADS = "warden_reloads"  # counter{result}
+LAST_RELOAD_SUCCESS = "warden_last_reload_success_timestamp_seconds"  # gauge
+AUDIT_QUEUE_DEPTH = "warden_audit_queue_depth"  # gauge
+AUDIT_WRITE_FAILURES = "warden_audit_write_failures"  # counter
+AUDIT_RECORDS = "warden_audit_records"  # counter
+AUDIT_HEALTHY = "warden_audit_healthy"  # gauge 1/0
+ALERTS_SENT = "warden_alerts_sent"  # counter{sink}
+ALERTS_FAILED = "warden_alerts_failed"  # counter{sink}
+ALERTS_SUPPRESSED = "warden_alerts_suppressed"  # counter{cause}
+CREDENTIALS_INJECTED = "warden_credentials_injected"  # counter{credential}
+SECRET_LEAKS = "warden_secret_leaks"  # counter{agent}
+SSRF_REFUSALS = "warden_ssrf_refusals"  # counter{agent}
+AUTH_FAILURES = "warden_auth_failures"  # counter{reason}
+MCP_CALLS = "warden_mcp_calls"  # counter{agent,server,decision,reason}
+HOOK_ERRORS = "warden_hook_errors"  # counter{hook}
+
+# Names as they appear on the /metrics page (counters gain _total).
+EXPORTED = frozenset({
+    f"{REQUESTS}_total", f"{CONNECTS}_total", f"{BYTES}_total", DECISION_DURATION, UPSTREAM_DURATION,
+    ACTIVE_TUNNELS, RULES_LOADED, POLICY_INFO, f"{RELOADS}_total", LAST_RELOAD_SUCCESS, AUDIT_QUEUE_DEPTH,
+    f"{AUDIT_WRITE_FAILURES}_total", f"{AUDIT_RECORDS}_total", AUDIT_HEALTHY, f"{ALERTS_SENT}_total",
+    f"{ALERTS_FAILED}_total", f"{ALERTS_SUPPRESSED}_total", f"{CREDENTIALS_INJECTED}_total",
+    f"{SECRET_LEAKS}_total", f"{SSRF_REFUSALS}_total", f"{AUTH_FAILURES}_total", f"{MCP_CALLS}_total",
+    f"{HOOK_ERRORS}_total",
+})

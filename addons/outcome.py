@@ -1,0 +1,150 @@
+"""Outcome addon: the one place where a finished CONNECT, request or tunnel becomes an `Outcome`.
+
+Audit, metrics and alerts do not hook mitmproxy themselves for flow results: they receive
+the same frozen `Outcome`, built once from the flow's `FlowRecord`, so the audit log, the
+counters and the alerts can never disagree about what happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from mitmproxy import http
+
+from .auditlog import utc_now
+from .engine.decision import Decision, Interception
+from .flowstate import Connections, FlowRecord, Tunnel, record_of
+from .interception import Interception as InterceptionAddon
+
+REDACTED = "REDACTED"
+
+
+def redact_query(path: str | None) -> str | None:
+    """Keep parameter names, drop their values: queries carry tokens and personal data."""
+    if path is None or "?" not in path:
+        return path
+    base, _, query = path.partition("?")
+    query = query.split("#", 1)[0]
+    names = [name for name, _ in parse_qsl(query, keep_blank_values=True)]
+    return base + "?" + "&".join(f"{name}={REDACTED}" for name in names) if names else base + "?" + REDACTED
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    event: str  # connect | request | tunnel_close | mcp
+    time: str
+    request_id: str
+    decision: Decision | None
+    agent: str | None = None
+    agent_claimed: str | None = None
+    identity: str | None = None
+    client_ip: str | None = None
+    client_port: int | None = None
+    method: str | None = None
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    interception: Interception | None = None
+    status: int | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    duration_seconds: float = 0.0
+    engine_seconds: float = 0.0
+    upstream_seconds: float | None = None
+    upstream_address: str | None = None
+    credentials: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+OutcomeSink = Callable[[Outcome], None]
+
+
+class Outcomes:
+    """Builds Outcomes from finished flows and hands them to every sink, in order."""
+
+    def __init__(self, connections: Connections, interception: InterceptionAddon) -> None:
+        self.connections = connections
+        self.sinks: list[OutcomeSink] = []
+        interception.tunnel_listeners.append(self._tunnel_closed)
+
+    def add_sink(self, sink: OutcomeSink) -> None:
+        self.sinks.append(sink)
+
+    def emit(self, outcome: Outcome) -> None:
+        for sink in self.sinks:
+            sink(outcome)
+
+    def _from_flow(self, flow: http.HTTPFlow, record: FlowRecord, event: str) -> Outcome:
+        state = self.connections.peek(flow.client_conn)
+        peer = flow.client_conn.peername or ("", 0)
+        response = flow.response
+        upstream = None
+        if response is not None and flow.request.timestamp_start and response.timestamp_end and flow.server_conn.connected:
+            upstream = max(0.0, response.timestamp_end - flow.request.timestamp_start)
+        return Outcome(
+            event=event,
+            time=utc_now(),
+            request_id=record.request_id,
+            decision=record.decision,
+            agent=record.agent,
+            agent_claimed=record.agent_claimed,
+            identity=record.identity_method,
+            client_ip=state.client_ip if state else str(peer[0]),
+            client_port=state.client_port if state else None,
+            method=flow.request.method if event == "connect" else record.method,
+            scheme=record.scheme,
+            host=record.host or flow.request.host,
+            port=record.port or flow.request.port,
+            path=redact_query(record.path),
+            interception=record.interception,
+            status=response.status_code if response is not None else None,
+            bytes_up=len(flow.request.raw_content or b""),
+            bytes_down=len(response.raw_content or b"") if response is not None else 0,
+            duration_seconds=time.monotonic() - record.started,
+            engine_seconds=record.engine_seconds,
+            upstream_seconds=upstream,
+            upstream_address=record.upstream_address,
+            credentials=tuple(record.credentials),
+            events=tuple(record.events),
+            error=flow.error.msg if flow.error else None,
+            extra=dict(record.extra),
+        )
+
+    def _finish(self, flow: http.HTTPFlow, event: str) -> None:
+        record = record_of(flow)
+        if record.audited:
+            return
+        record.audited = True
+        self.emit(self._from_flow(flow, record, event))
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, "connect")
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, "connect")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, "request")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.request.method == "CONNECT":
+            self._finish(flow, "connect")
+        else:
+            self._finish(flow, "request")
+
+    def _tunnel_closed(self, tunnel: Tunnel, client_ip: str, client_port: int) -> None:
+        self.emit(Outcome(
+            event="tunnel_close", time=utc_now(), request_id=tunnel.request_id, decision=tunnel.decision,
+            agent=tunnel.agent, client_ip=client_ip, client_port=client_port, method="CONNECT", scheme="https",
+            host=tunnel.host, port=tunnel.port, interception=Interception.PASSTHROUGH,
+            bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
+            duration_seconds=time.monotonic() - tunnel.started,
+            upstream_address=str(tunnel.address) if tunnel.address else None,
+        ))

@@ -1,0 +1,192 @@
+"""RuleStore addon: loads the rules directory, watches it, swaps the compiled RuleSet atomically.
+
+How reload works: a background task fingerprints the rule files (plus the hosts file and
+the secrets directory) every `POLL_SECONDS`. On a change, the new rule set is loaded and
+compiled in a worker thread, off the event loop, then published by assigning one
+attribute: a decision in flight keeps the RuleSet it started with, the next one sees the
+new one. A change that fails validation keeps the last good rules, logs every problem with
+file and line, and tells listeners (audit, metrics, alerts). A rule set that is invalid at
+start-up stops Warden from starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions
+
+from .engine.errors import WardenError
+from .engine.loader import load_ruleset, rule_files
+from .engine.ruleset import RuleSet
+
+logger = logging.getLogger("warden")
+
+POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadEvent:
+    ok: bool
+    version: str | None  # the version now in force
+    previous_version: str | None
+    rule_count: int
+    duration_seconds: float
+    error: str | None = None  # file:line problems; never secret values
+    initial: bool = False
+
+
+ReloadListener = Callable[[ReloadEvent], None]
+
+
+class RuleStore:
+    """Owns the current RuleSet. `current` is None only before the first successful load."""
+
+    def __init__(self) -> None:
+        self.current: RuleSet | None = None
+        self.listeners: list[ReloadListener] = []
+        self._fingerprint: tuple = ()
+        self._task: asyncio.Task | None = None
+        self._rules_dir: Path | None = None
+        self._reload_requested = False
+
+    def load(self, loader) -> None:  # noqa: ANN001 - mitmproxy's Loader
+        loader.add_option("warden_rules", str, "rules", "Directory (or file) of Warden YAML rule files.")
+        loader.add_option("warden_watch", bool, True, "Reload the rule files when they change.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "warden_rules" in updated:
+            rules_dir = Path(ctx.options.warden_rules)
+            try:
+                self.replace(self._load(rules_dir), initial=True)
+            except WardenError as e:
+                raise exceptions.OptionsError(f"warden: refusing to start: {e}") from None
+            self._rules_dir = rules_dir
+
+    def running(self) -> None:
+        if self._task is None and ctx.options.warden_watch:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._request_reload)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def _request_reload(self) -> None:
+        self._reload_requested = True
+
+    def add_listener(self, listener: ReloadListener) -> None:
+        if listener not in self.listeners:
+            self.listeners.append(listener)
+
+    def _load(self, rules_dir: Path) -> RuleSet:
+        self._fingerprint = self._fingerprint_of(rules_dir)
+        return load_ruleset(rules_dir)
+
+    def replace(self, rules: RuleSet, initial: bool = False, duration: float = 0.0) -> None:
+        previous = self.current
+        self.current = rules  # the atomic swap: one reference assignment
+        if not initial:
+            logger.info("warden: rules reloaded: version %s (%d rules)", rules.version, rules.rule_count)
+        self._notify(ReloadEvent(True, rules.version, previous.version if previous else None, rules.rule_count,
+                                 duration, initial=initial))
+
+    def _notify(self, event: ReloadEvent) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception as e:  # one broken listener must not stop the others
+                logger.error("warden: reload listener failed: %s", e.__class__.__name__)
+
+    @staticmethod
+    def _fingerprint_of(rules_dir: Path) -> tuple:
+        paths = list(rule_files(rules_dir)) if rules_dir.exists() else []
+        items = []
+        for p in paths:
+            try:
+                st = p.stat()
+                items.append((str(p), st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                items.append((str(p), None))
+        return tuple(items)
+
+    def _extra_fingerprint(self) -> tuple:
+        """The hosts file and the secrets are part of the rule set: watch them too."""
+        rules = self.current
+        if rules is None:
+            return ()
+        items = []
+        for path in self._watched_extra(rules):
+            try:
+                if path.is_dir():
+                    for child in sorted(path.iterdir()):
+                        st = child.stat()
+                        items.append((str(child), st.st_mtime_ns, st.st_size))
+                else:
+                    st = path.stat()
+                    items.append((str(path), st.st_mtime_ns, st.st_size))
+            except OSError:
+                items.append((str(path), None))
+        return tuple(items)
+
+    @staticmethod
+    def _watched_extra(rules: RuleSet) -> list[Path]:
+        base = Path(rules.model.rules_dir)
+        out = []
+        for value in (rules.settings.hosts_file, rules.settings.secrets_dir):
+            if value:
+                p = Path(value)
+                out.append(p if p.is_absolute() else base / p)
+        return out
+
+    async def _watch(self) -> None:
+        extra = self._extra_fingerprint()
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            if self._rules_dir is None:
+                continue
+            try:
+                fingerprint = await asyncio.to_thread(self._fingerprint_of, self._rules_dir)
+                new_extra = self._extra_fingerprint()
+                if fingerprint == self._fingerprint and new_extra == extra and not self._reload_requested:
+                    continue
+                self._reload_requested = False
+                extra = new_extra
+                await self.reload()
+                extra = self._extra_fingerprint()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the watcher must survive anything; the last good rules stay
+                logger.error("warden: rule watcher error: %s", e.__class__.__name__)
+
+    async def reload(self) -> ReloadEvent | None:
+        """Load and compile off the event loop, then swap. Keeps the old rules on failure."""
+        assert self._rules_dir is not None
+        started = time.perf_counter()
+        previous = self.current
+        try:
+            rules = await asyncio.to_thread(self._load, self._rules_dir)
+        except WardenError as e:
+            duration = time.perf_counter() - started
+            logger.error("warden: rule reload failed; keeping version %s:\n%s",
+                         previous.version if previous else None, e)
+            event = ReloadEvent(False, previous.version if previous else None,
+                                previous.version if previous else None,
+                                previous.rule_count if previous else 0, duration, error=str(e))
+            self._notify(event)
+            return event
+        if previous is not None and rules.version == previous.version and rules.secrets == previous.secrets:
+            # touched but unchanged (editors do this): nothing to announce
+            self.current = rules
+            return None
+        self.replace(rules, duration=time.perf_counter() - started)
+        return None
