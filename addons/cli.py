@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         ca = None  # type: ignore[assignment]
     if ca is not None and hasattr(ca, "add_cli"):
         ca.add_cli(sub)
+    from . import mcp_cli
+    mcp_cli.add_cli(sub)
     return parser
 
 

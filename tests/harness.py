@@ -217,8 +217,8 @@ def start_warden(workdir: Path, rules: dict[str, Any] | list[tuple[str, dict[str
     full_env = {**os.environ, **(env or {})}
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
         full_env.pop(var, None)
-    proc = subprocess.Popen(args, stdout=stdout_path.open("wb"), stderr=stderr_path.open("wb"), env=full_env,
-                            cwd=workdir, start_new_session=True)
+    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, env=full_env, cwd=workdir, start_new_session=True)
     warden = Warden(proc, port, metrics_port, workdir, rules_dir, audit_path, confdir / "mitmproxy-ca-cert.pem",
                     stdout_path, stderr_path, dict(agents or {}))
     if expect_start:

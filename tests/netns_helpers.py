@@ -131,8 +131,10 @@ class Topology:
             sh(["ip", "-n", ns, "link", "set", "lo", "up"])
         # Explicit, although new namespaces usually start with forwarding off:
         # the whole point is that the warden ns is not a router.
-        sh(["ip", "netns", "exec", self.warden_ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0"])
-        sh(["ip", "netns", "exec", self.warden_ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=0"])
+        # Written through /proc (per-namespace view under `ip netns exec`) rather than
+        # sysctl(8), so procps is not a test dependency.
+        for knob in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
+            sh(["ip", "netns", "exec", self.warden_ns, "sh", "-c", f"echo 0 > /proc/sys/{knob}"])
         # Agent: hermetic resolver config. `ip netns exec` bind-mounts
         # /etc/netns/<ns>/* over /etc/*. The nameserver is the internet ns
         # address, i.e. a resolver the agent *would* use if packets could get

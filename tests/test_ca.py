@@ -7,6 +7,7 @@ that trusts only our bundle accepts it — including across a rotation.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import json
@@ -211,7 +212,7 @@ class _Hello(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def tls_origin(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+def localhost_origin(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """HTTPS origin on 127.0.0.1 with a trustme cert; yields (port, trustme CA file)."""
     origin_ca = trustme.CA()
     leaf = origin_ca.issue_cert("localhost", "127.0.0.1")
@@ -241,7 +242,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mitmdump exited {proc.returncode}: {log.read_text(errors='replace')}")
+            raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}: {log.read_text(errors='replace')}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -302,13 +303,20 @@ def mitmdumps(tmp_path: Path) -> Iterator[list[Mitmdump]]:
             m.stop()
 
 
-def fetch_via_proxy(proxy_port: int, origin_port: int, cafile: Path) -> tuple[bytes, x509.Certificate]:
+def fetch_via_proxy(
+    proxy_port: int, origin_port: int, cafile: Path, proxy_auth: str | None = None
+) -> tuple[bytes, x509.Certificate]:
     """CONNECT through the proxy, verify TLS against cafile only, GET /. Returns (body, served leaf)."""
     ctx = ssl.create_default_context(cafile=str(cafile))  # only this bundle: no system store
     sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=IO_TIMEOUT_S)
     try:
+        auth = (
+            f"Proxy-Authorization: Basic {base64.b64encode(proxy_auth.encode()).decode()}\r\n"
+            if proxy_auth
+            else ""
+        )
         sock.sendall(
-            f"CONNECT localhost:{origin_port} HTTP/1.1\r\nHost: localhost:{origin_port}\r\n\r\n".encode()
+            f"CONNECT localhost:{origin_port} HTTP/1.1\r\nHost: localhost:{origin_port}\r\n{auth}\r\n".encode()
         )
         head = b""
         while b"\r\n\r\n" not in head and len(head) < 65536:
@@ -334,9 +342,9 @@ def fetch_via_proxy(proxy_port: int, origin_port: int, cafile: Path) -> tuple[by
 
 @pytest.mark.e2e
 def test_mitmdump_signs_with_our_ca(
-    tmp_path: Path, tls_origin: tuple[int, Path], mitmdumps: list[Mitmdump]
+    tmp_path: Path, localhost_origin: tuple[int, Path], mitmdumps: list[Mitmdump]
 ) -> None:
-    origin_port, origin_ca_file = tls_origin
+    origin_port, origin_ca_file = localhost_origin
     confdir = tmp_path / "certs"
     assert ca.main(["ca", "init", "--confdir", str(confdir)]) == 0
     bundle = tmp_path / "bundle.pem"
@@ -360,10 +368,10 @@ def test_mitmdump_signs_with_our_ca(
 
 @pytest.mark.e2e
 def test_rotation_without_downtime(
-    tmp_path: Path, tls_origin: tuple[int, Path], mitmdumps: list[Mitmdump]
+    tmp_path: Path, localhost_origin: tuple[int, Path], mitmdumps: list[Mitmdump]
 ) -> None:
     """The documented procedure: rotate -> ship overlap bundle -> restart proxy."""
-    origin_port, _ = tls_origin
+    origin_port, _ = localhost_origin
     confdir = tmp_path / "certs"
     assert ca.main(["ca", "init", "--confdir", str(confdir)]) == 0
     stale_bundle = tmp_path / "stale.pem"
@@ -393,3 +401,79 @@ def test_rotation_without_downtime(
     with pytest.raises(ssl.SSLCertVerificationError):
         fetch_via_proxy(restarted.port, origin_port, stale_bundle)
     assert os.path.exists(confdir / ca.ROTATION_FILE)
+
+
+def _warden_usable() -> str | None:
+    warden = VENV_BIN / "warden"
+    if not warden.exists():
+        return f"{warden} not installed"
+    r = subprocess.run([str(warden), "run", "--help"], capture_output=True, text=True, timeout=60)
+    return None if r.returncode == 0 else f"`warden run --help` fails: {r.stderr.strip()[-200:]}"
+
+
+@pytest.mark.e2e
+def test_warden_cli_ca_and_warden_run_intercept_with_it(
+    tmp_path: Path, localhost_origin: tuple[int, Path], mitmdumps: list[Mitmdump]
+) -> None:
+    """Same proof through the product: `warden ca init/bundle`, then `warden run --confdir`."""
+    reason = _warden_usable()
+    if reason:
+        pytest.skip(reason)
+    warden = str(VENV_BIN / "warden")
+    origin_port, origin_ca_file = localhost_origin
+    confdir, bundle = tmp_path / "certs", tmp_path / "bundle.pem"
+    for argv in (
+        ["ca", "init", "--confdir", str(confdir)],
+        ["ca", "bundle", "--confdir", str(confdir), "--out", str(bundle)],
+    ):
+        r = subprocess.run([warden, *argv], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    our_ca = ca.load_cert(ca.ca_cert_path(confdir))
+
+    token = "ca-test-token-" + os.urandom(8).hex()
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    rules_doc = {
+        "agents": [
+            {"id": "ca-test", "token_sha256": [hashlib.sha256(token.encode()).hexdigest()], "policies": ["p"]}
+        ],
+        "policies": {
+            "p": {
+                "allow": [
+                    # methods => Warden must intercept TLS for this host (what we want to see)
+                    {"host": "localhost", "ports": [origin_port], "methods": ["GET"]},
+                    # localhost resolves to a private address: the SSRF guard needs a cidr allow
+                    {"cidr": "127.0.0.0/8", "ports": [origin_port]},
+                ]
+            }
+        },
+    }
+    (rules / "ca.yaml").write_text(json.dumps(rules_doc))
+    port, metrics_port = _free_port(), _free_port()
+    log = tmp_path / "warden.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [
+                warden, "run", "--rules", str(rules), "--listen", f"127.0.0.1:{port}",
+                "--metrics-listen", f"127.0.0.1:{metrics_port}", "--audit-log", str(tmp_path / "audit.jsonl"),
+                "--confdir", str(confdir),
+                # Upstream is the trustme origin: trust exactly its CA (no ssl_insecure needed).
+                "--set", f"ssl_verify_upstream_trusted_ca={origin_ca_file}",
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_port(port, proc, log)
+        body, leaf = fetch_via_proxy(port, origin_port, bundle, proxy_auth=f"ca-test:{token}")
+        assert b"hello from origin" in body, log.read_text(errors="replace")[-2000:]
+        assert leaf.issuer == our_ca.subject
+        leaf.verify_directly_issued_by(our_ca)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)

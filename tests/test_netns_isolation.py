@@ -60,7 +60,13 @@ def _warden_unusable_reason() -> str | None:
     return None
 
 
-WARDEN_UNUSABLE = _warden_unusable_reason()
+# WARDEN_NETNS_FORCE_STANDIN=1 runs the plumbing against the stand-in even when Warden works
+# (tells a namespace problem from a Warden problem when something here fails).
+WARDEN_UNUSABLE = (
+    "forced by WARDEN_NETNS_FORCE_STANDIN=1"
+    if os.environ.get("WARDEN_NETNS_FORCE_STANDIN") == "1"
+    else _warden_unusable_reason()
+)
 requires_warden = pytest.mark.skipif(
     WARDEN_UNUSABLE is not None, reason=f"{WARDEN_UNUSABLE}; stand-in mitmdump covers the namespace plumbing"
 )
@@ -350,8 +356,9 @@ def test_agent_has_only_a_route_to_warden(topo: Topology) -> None:
 
 
 def test_warden_namespace_does_not_forward(topo: Topology) -> None:
-    r = topo.run(topo.warden_ns, ["sysctl", "-n", "net.ipv4.ip_forward"], timeout=10)
-    assert r.stdout.strip() == "0"
+    for knob in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
+        r = topo.run(topo.warden_ns, ["cat", f"/proc/sys/{knob}"], timeout=10)
+        assert r.stdout.strip() == "0", knob
 
 
 # ---------------------------------------------------------------- through the proxy

@@ -22,6 +22,7 @@ class _Compiler:
         self.globs: dict[str, re.Pattern[str]] = {}  # shared: many rules repeat the same glob
         self.problems: list[RuleProblem] = []
         self.secrets: list[Secret] = []
+        self.credentials: dict[str, CompiledCredential] = {}
 
     def rule(self, rule: Rule | Credential) -> CompiledRule:
         patterns = None
@@ -50,6 +51,7 @@ class _Compiler:
             placeholder=cred.placeholder,
             redact_response=cred.redact_response,
             secrets=used,
+            allow_secret_in_url=cred.allow_secret_in_url,
         )
 
     def _secrets_dir(self) -> str | None:
@@ -73,6 +75,7 @@ class _Compiler:
             compiled_cred = self.credential(cred)
             if compiled_cred is not None:
                 creds.add(cred.target.kind, cred.target.value, compiled_cred)
+                self.credentials.setdefault(compiled_cred.id, compiled_cred)
         return PolicyIndex(policy.name, hosts, cidrs, creds, tuple(h.lower() for h in policy.strip), policy.mcp)
 
     def hosts_file(self) -> dict:
@@ -130,6 +133,7 @@ class _Compiler:
             mcp_servers=MappingProxyType({k: tuple(v) for k, v in servers.items()}),
             rule_count=rule_count,
             secrets=tuple(self.secrets),
+            credentials_by_id=MappingProxyType(dict(self.credentials)),
         )
 
 

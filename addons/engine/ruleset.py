@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from .hostnames import IPAddress
 from .index import CidrIndex, HostIndex
@@ -58,6 +59,7 @@ class CompiledCredential:
     placeholder: str | None = None
     redact_response: bool = True
     secrets: tuple[Secret, ...] = ()
+    allow_secret_in_url: bool = False
 
     def __repr__(self) -> str:
         return f"CompiledCredential(id={self.id!r}, target={self.rule.target!r})"
@@ -102,6 +104,7 @@ class RuleSet:
     mcp_servers: Mapping[tuple[str, int], tuple[McpServer, ...]]
     rule_count: int
     secrets: tuple[Secret, ...]
+    credentials_by_id: Mapping[str, CompiledCredential] = MappingProxyType({})
 
     def agent(self, agent_id: str) -> CompiledAgent | None:
         return self.agents.get(agent_id)

@@ -19,6 +19,7 @@ import yaml
 from .errors import RuleError
 
 MAX_NODES = 2_000_000  # bounds alias expansion ("billion laughs")
+MAX_DEPTH = 64  # rule files are shallow; deeper means a recursive alias or garbage
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 PathKey = tuple[str | int, ...]
@@ -55,6 +56,9 @@ class _Composer:
         if self.count > MAX_NODES:
             raise self.lines.error(path, f"document expands to more than {MAX_NODES} values (alias bomb?)")
         self.lines.lines.setdefault(path, node.start_mark.line + 1)
+        if len(path) > MAX_DEPTH:
+            raise RuleError(self.lines.file, node.start_mark.line + 1,
+                            f"nesting deeper than {MAX_DEPTH} levels (recursive alias?)")
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:

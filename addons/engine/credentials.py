@@ -1,0 +1,345 @@
+"""Credential binding, injection planning, leak scanning and response redaction (pure).
+
+No mitmproxy imports: the addon (`addons/credentials.py`) adapts flows to these functions,
+the benchmark and unit tests call them directly.
+
+Binding: a credential applies to a request only when one of the agent's policies holds it,
+the request is intercepted TLS (never plain HTTP: a secret would cross the network in clear
+text), and its host/domain, port, method and canonical path all match.
+
+Leak scanning: every resolved secret of the rule set (raw, base64 std/urlsafe at each of the
+three byte alignments so it is found inside a longer base64 text such as Basic auth,
+percent-encoded with upper/lower hex, `+` for space, JSON-escaped) and every credential's
+placeholder are compiled into ONE Aho-Corasick automaton per RuleSet, so a request is scanned
+in a single pass whatever the number of secrets. A hit is a leak unless the secret or
+placeholder belongs to a credential bound to this very request.
+
+Nothing here ever puts a secret value into an exception, a message or a repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import quote, quote_plus
+
+import ahocorasick  # type: ignore[import-not-found]
+
+from .paths import PathError, canonical_path
+from .ruleset import CompiledAgent, CompiledCredential, RuleSet
+
+REDACTED = b"[REDACTED by warden]"
+MIN_ENCODED_LENGTH = 8  # shorter encoded fragments would match random text
+
+
+@dataclass(frozen=True, slots=True)
+class _Pattern:
+    kind: str  # "secret" | "placeholder"
+    encoding: str  # raw | base64 | base64url | urlencoded | json
+    owners: frozenset[str]  # credential ids this value belongs to
+    redact: bool  # secret of a credential with redact_response
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Leak:
+    """A secret or placeholder seen where it does not belong. Holds no secret value."""
+
+    kind: str
+    encoding: str
+    credentials: tuple[str, ...]
+    where: str
+
+    def message(self) -> str:
+        what = "a credential placeholder" if self.kind == "placeholder" else "a secret Warden holds"
+        enc = "" if self.encoding == "raw" else f" ({self.encoding}-encoded)"
+        creds = ", ".join(self.credentials)
+        return (f"the request {self.where} carries {what}{enc} of credential {creds}, which may only be sent "
+                f"to that credential's destination; do not copy credentials between hosts")
+
+
+def _b64_cores(value: bytes) -> Iterable[tuple[str, bytes]]:
+    """Base64 fragments of `value` that appear whatever bytes surround it, at each alignment."""
+    n = len(value)
+    for k in range(3):
+        enc = base64.b64encode(b"\x00" * k + value)
+        start = -(-8 * k // 6)
+        end = (8 * (k + n)) // 6
+        core = enc[start:end]
+        yield "base64", core
+        yield "base64url", core.replace(b"+", b"-").replace(b"/", b"_")
+
+
+def encodings(value: str) -> dict[bytes, str]:
+    """Every byte form of `value` the scanner looks for -> its encoding name."""
+    raw = value.encode("utf-8")
+    forms: dict[bytes, str] = {raw: "raw"}
+    for name, core in _b64_cores(raw):
+        if len(core) >= MIN_ENCODED_LENGTH:
+            forms.setdefault(core, name)
+    for enc in (quote(value, safe=""), quote_plus(value, safe="")):
+        b = enc.encode("ascii")
+        forms.setdefault(b, "urlencoded")
+        forms.setdefault(_lower_hex(b), "urlencoded")
+    j = json.dumps(value)[1:-1].encode("ascii")
+    forms.setdefault(j, "json")
+    forms.setdefault(j.replace(b"/", b"\\/"), "json")
+    return forms
+
+
+def _lower_hex(b: bytes) -> bytes:
+    out = bytearray(b)
+    i = 0
+    while i < len(out):
+        if out[i] == 0x25 and i + 2 < len(out):  # '%'
+            out[i + 1 : i + 3] = bytes(out[i + 1 : i + 3]).lower()
+            i += 3
+        else:
+            i += 1
+    return bytes(out)
+
+
+class Scanner:
+    """One automaton over every secret and placeholder of a RuleSet."""
+
+    def __init__(self, credentials: Iterable[CompiledCredential]) -> None:
+        table: dict[bytes, tuple[str, str, set[str], bool]] = {}
+        for cred in credentials:
+            for secret in cred.secrets:
+                for form, enc in encodings(secret.value).items():
+                    kind, e, owners, redact = table.get(form, ("secret", enc, set(), False))
+                    owners.add(cred.id)
+                    table[form] = ("secret", e, owners, redact or cred.redact_response)
+            if cred.placeholder:
+                form = cred.placeholder.encode("utf-8")
+                if form not in table:  # a placeholder equal to a secret stays a secret
+                    table[form] = ("placeholder", "raw", set(), False)
+                table[form][2].add(cred.id)
+        self.automaton: ahocorasick.Automaton | None = None
+        self.max_len = 0
+        self.redact_max_len = 0
+        if not table:
+            return
+        automaton = ahocorasick.Automaton()
+        for form, (kind, enc, owners, redact) in table.items():
+            key = form.decode("latin-1")  # bytes <-> str 1:1, the automaton is str-keyed
+            automaton.add_word(key, _Pattern(kind, enc, frozenset(owners), redact, len(key)))
+            self.max_len = max(self.max_len, len(key))
+        automaton.make_automaton()
+        self.automaton = automaton
+
+    # -- leaks ----------------------------------------------------------------------------
+    def find_leak(self, data: bytes | str, bound: frozenset[str], where: str) -> Leak | None:
+        """The first secret/placeholder in `data` that belongs to no credential in `bound`."""
+        found = self.first_leak(data, bound, where)
+        return found[0] if found is not None else None
+
+    def first_leak(self, data: bytes | str, bound: frozenset[str], where: str) -> tuple[Leak, int] | None:
+        """(leak, index where the leaked value starts) of the first unbound hit, or None."""
+        if self.automaton is None or not data:
+            return None
+        text = data.decode("latin-1") if isinstance(data, bytes) else data
+        for end, pattern in self.automaton.iter(text):
+            if bound and not pattern.owners.isdisjoint(bound):
+                continue
+            leak = Leak(pattern.kind, pattern.encoding, tuple(sorted(pattern.owners)), where)
+            return leak, end - pattern.length + 1
+        return None
+
+    def hold_from(self, text: str) -> int:
+        """Index from which `text`'s tail could be the start of a pattern continued later."""
+        n = len(text)
+        assert self.automaton is not None
+        for p in range(max(0, n - self.max_len + 1), n):
+            if self.automaton.match(text[p:]):
+                return p
+        return n
+
+    # -- redaction ------------------------------------------------------------------------
+    def _spans(self, text: str, only: frozenset[str] | None, force: bool = False) -> list[tuple[int, int]]:
+        spans: list[tuple[int, int]] = []
+        assert self.automaton is not None
+        for end, pattern in self.automaton.iter(text):
+            if pattern.kind != "secret" or not (pattern.redact or force):
+                continue
+            if only is not None and pattern.owners.isdisjoint(only):
+                continue
+            spans.append((end - pattern.length + 1, end + 1))
+        if not spans:
+            return spans
+        spans.sort()
+        merged = [spans[0]]
+        for s, e in spans[1:]:
+            if s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        return merged
+
+    def redact(self, data: bytes, only: frozenset[str] | None = None, force: bool = False) -> tuple[bytes, int]:
+        """`data` with every secret (any encoding) replaced; and how many were replaced.
+
+        Only secrets of credentials with redact_response (and in `only`, if given), unless
+        `force` (used for Warden's own records, which must never hold a secret)."""
+        if self.automaton is None or not data:
+            return data, 0
+        text = data.decode("latin-1")
+        spans = self._spans(text, only, force)
+        if not spans:
+            return data, 0
+        out, last = [], 0
+        for s, e in spans:
+            out.append(data[last:s])
+            out.append(REDACTED)
+            last = e
+        out.append(data[last:])
+        return b"".join(out), len(spans)
+
+    def redact_str(self, value: str, only: frozenset[str] | None = None, force: bool = False) -> tuple[str, int]:
+        data, n = self.redact(value.encode("utf-8", "surrogateescape"), only, force)
+        return (data.decode("utf-8", "surrogateescape") if n else value), n
+
+
+_cache_lock = threading.Lock()
+_cache: dict[int, tuple[RuleSet, Scanner]] = {}  # id(ruleset) -> (ruleset kept alive, scanner)
+_CACHE_SIZE = 4  # the current rule set plus a few that in-flight requests may still hold
+
+
+def scanner_for(rules: RuleSet) -> Scanner:
+    """The scanner of a RuleSet, built once on first use (per rule-set version)."""
+    entry = _cache.get(id(rules))
+    if entry is not None and entry[0] is rules:
+        return entry[1]
+    with _cache_lock:
+        entry = _cache.get(id(rules))
+        if entry is not None and entry[0] is rules:
+            return entry[1]
+        scanner = Scanner(rules.credentials_by_id.values())
+        while len(_cache) >= _CACHE_SIZE:
+            _cache.pop(next(iter(_cache)))
+        _cache[id(rules)] = (rules, scanner)
+        return scanner
+
+
+# -- binding and injection ----------------------------------------------------------------
+def bound_credentials(rules: RuleSet, agent: CompiledAgent, host: str, port: int, scheme: str, method: str,
+                      path: str, intercepted: bool) -> list[CompiledCredential]:
+    """The agent's credentials that apply to this request (empty unless intercepted TLS)."""
+    if not intercepted or scheme != "https":
+        return []
+    creds = rules.credentials_for(agent, host)
+    if not creds:
+        return []
+    try:
+        canonical = canonical_path(path)
+    except PathError:
+        return []
+    method = method.upper()
+    return [c for c in creds if c.rule.port_ok(port, scheme) and c.rule.method_ok(method) and c.rule.path_ok(canonical)]
+
+
+def strip_names(agent: CompiledAgent, bound: Sequence[CompiledCredential]) -> frozenset[str]:
+    """Lowercased header names to remove: every policy-level strip plus the bound credentials'."""
+    names: set[str] = set()
+    for policy in agent.policies:
+        names.update(policy.strip)
+    for cred in bound:
+        names.update(cred.strip)
+    return frozenset(names)
+
+
+def headers_text(host: str, path: str, headers: Iterable[tuple[str, str]]) -> str:
+    """The text scanned for a request's headers and URL (one string: one automaton pass)."""
+    parts = [host, path]
+    parts.extend(f"{k}: {v}" for k, v in headers)
+    return "\n".join(parts)
+
+
+def replace_placeholders(value: str, bound: Sequence[CompiledCredential]) -> str:
+    for cred in bound:
+        if cred.placeholder and cred.secrets and cred.placeholder in value:
+            value = value.replace(cred.placeholder, cred.secrets[0].value)
+    return value
+
+
+def injections(bound: Sequence[CompiledCredential]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(headers, query parameters) to set; later credentials do not override earlier ones."""
+    headers: dict[str, tuple[str, str]] = {}
+    query: dict[str, tuple[str, str]] = {}
+    for cred in bound:
+        for name, value in cred.headers:
+            headers.setdefault(name.lower(), (name, value))
+        if cred.allow_secret_in_url:
+            for name, value in cred.query:
+                query.setdefault(name, (name, value))
+    return list(headers.values()), list(query.values())
+
+
+# -- streaming ------------------------------------------------------------------------------
+FILLER = b"*"
+
+
+class StreamScanner:
+    """Scans a streamed request body chunk by chunk; holds back any tail that could start a pattern.
+
+    `feed(chunk)` returns the bytes safe to forward; `feed(b"")` ends the body. mitmproxy
+    cannot kill a flow from inside a stream callable (raising there crashes the connection
+    handler and leaves both sides hanging), so on a leak the secret and everything after it
+    is replaced by filler of the same length (framing and Content-Length stay valid, no byte
+    of the secret leaves), `leak` is set, and the addon replaces the upstream's answer with
+    the refusal.
+    """
+
+    def __init__(self, scanner: Scanner, bound: frozenset[str]) -> None:
+        self.scanner = scanner
+        self.bound = bound
+        self.pending = ""
+        self.leak: Leak | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.leak is not None:
+            return FILLER * len(chunk)
+        if self.scanner.automaton is None:
+            return chunk
+        text = self.pending + chunk.decode("latin-1")
+        found = self.scanner.first_leak(text, self.bound, "body")
+        if found is not None:
+            self.leak, start = found
+            self.pending = ""
+            return text[:start].encode("latin-1") + FILLER * (len(text) - start)
+        cut = len(text) if not chunk else self.scanner.hold_from(text)
+        self.pending = text[cut:]
+        return text[:cut].encode("latin-1")
+
+
+class StreamRedactor:
+    """Redacts secrets in a response body chunk by chunk (a secret split across chunks too)."""
+
+    def __init__(self, scanner: Scanner, only: frozenset[str] | None = None) -> None:
+        self.scanner = scanner
+        self.only = only
+        self.pending = ""
+        self.count = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.scanner.automaton is None:
+            return chunk
+        text = self.pending + chunk.decode("latin-1")
+        if not chunk:
+            self.pending = ""
+            out, n = self.scanner.redact(text.encode("latin-1"), self.only)
+            self.count += n
+            return out
+        spans = self.scanner._spans(text, self.only)
+        cut = self.scanner.hold_from(text)
+        for s, e in spans:  # a complete match across the cut: emit it redacted now
+            if s < cut < e:
+                cut = e
+        self.pending = text[cut:]
+        head = text[:cut].encode("latin-1")
+        out, n = self.scanner.redact(head, self.only)
+        self.count += n
+        return out

@@ -1,0 +1,378 @@
+"""MCP addon: per-agent tool catalogs with constrained arguments, enforced on the wire.
+
+Acts only on requests whose host/port (as decided by Policy) and path name a declared MCP
+server (`mcp_servers:`), and only when the body is JSON-RPC 2.0; anything else there is left
+to the ordinary allow rules. Policy lives in `engine/mcp.py`; this addon moves bytes:
+
+    requestheaders   Accept-Encoding: identity (so SSE events can be parsed)
+    Runs after Credentials in the chain so that its SSE filter wraps the credentials response
+    redactor (a later addon assigning `flow.response.stream` would otherwise silently drop the
+    filter and leak unfiltered tools/list events).
+
+    request          decide every message (each batch element on its own); answer denials
+                     itself (HTTP 200, same JSON-RPC id) without contacting the server;
+                     forward only the allowed elements of a mixed batch
+    responseheaders  SSE responses: stream event by event through a filter
+    response         JSON responses: filter tools/prompts/resources lists, merge Warden's
+                     answers for denied batch elements; emit one `mcp` Outcome per message
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import http
+
+from .auditlog import utc_now
+from .engine import mcp as E
+from .engine.decision import Decision, Reason, Verdict, deny
+from .engine.model import McpServer
+from .engine.ruleset import RuleSet
+from .failsafe import fail_closed
+from .flowstate import record_of
+from .metrics import registry
+from .outcome import Outcome, Outcomes, redact_query
+from .rulestore import RuleStore
+
+logger = logging.getLogger("warden")
+
+STATE_KEY = "warden_mcp"
+MAX_SSE_EVENT = 16 * 1024 * 1024  # an event larger than this is refused, not passed unfiltered
+
+
+@dataclass(slots=True)
+class CallAudit:
+    md: E.MessageDecision
+    jsonrpc_id: Any = None
+    is_error: bool | None = None
+    batch: bool = False
+    protocol_version: str | None = None
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class McpFlow:
+    server: McpServer
+    policies: E.McpPolicies
+    agent: str
+    started: float = field(default_factory=time.monotonic)
+    calls: list[CallAudit] = field(default_factory=list)
+    by_id: dict[str, CallAudit] = field(default_factory=dict)
+    answers: list[dict[str, Any]] = field(default_factory=list)  # Warden's answers to merge
+    batch: bool = False
+    answered: bool = False  # Warden answered the whole request itself
+    modern: bool = False
+    report: E.FilterReport = field(default_factory=E.FilterReport)
+
+
+def _id_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class SseFilter:
+    """`flow.response.stream` callable: passes SSE events through one by one, rewriting the
+    JSON-RPC results that list tools/prompts/resources. Buffers only up to the next blank line."""
+
+    def __init__(self, addon: Mcp, flow: http.HTTPFlow, state: McpFlow, inner: Any = None) -> None:
+        self.addon = addon
+        self.inner = inner if callable(inner) else None  # e.g. the credentials redactor, run first
+        self.flow = flow
+        self.state = state
+        self.buf = b""
+
+    def __call__(self, data: bytes) -> bytes:
+        try:
+            if self.inner is None:
+                return self._feed(data)
+            out = self._feed(self.inner(data)) if data else self._feed(self.inner(b"")) + self._feed(b"")
+            return out
+        except Exception as exc:  # fail closed: never pass an event we could not check
+            logger.error("warden: mcp SSE filter failed with %s; ending stream", exc.__class__.__name__)
+            self.flow.kill() if self.flow.killable else None
+            return b""
+
+    def _feed(self, data: bytes) -> bytes:
+        out = []
+        self.buf += data
+        while True:
+            idx, sep = self._boundary()
+            if idx < 0:
+                break
+            event = self.buf[:idx]
+            self.buf = self.buf[idx + sep:]
+            out.append(self._event(event) + b"\n\n")
+        if len(self.buf) > MAX_SSE_EVENT:
+            raise ValueError("SSE event too large")
+        if data == b"":  # end of stream
+            if self.buf.strip():
+                out.append(self._event(self.buf) + b"\n\n")
+            self.buf = b""
+            for answer in self.state.answers:
+                out.append(b"event: message\ndata: " + _dumps(answer) + b"\n\n")
+            self.state.answers = []
+        return b"".join(out)
+
+    def _boundary(self) -> tuple[int, int]:
+        best, size = -1, 0
+        for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+            i = self.buf.find(sep)
+            if i >= 0 and (best < 0 or i < best):
+                best, size = i, len(sep)
+        return best, size
+
+    def _event(self, raw: bytes) -> bytes:
+        lines = raw.replace(b"\r\n", b"\n").split(b"\n")
+        data_lines = [ln[5:].removeprefix(b" ") for ln in lines if ln.startswith(b"data:")]
+        if not data_lines:
+            return raw
+        try:
+            msg = json.loads(b"\n".join(data_lines))
+        except ValueError:
+            return raw
+        new, modified = self.addon.filter_server_message(self.flow, self.state, msg)
+        if not modified:
+            return raw
+        others = [ln for ln in lines if not ln.startswith(b"data:")]
+        return b"\n".join([*others, b"data: " + _dumps(new)])
+
+
+class Mcp:
+    def __init__(self, store: RuleStore, outcomes: Outcomes) -> None:
+        self.store = store
+        self.outcomes = outcomes
+        self.pins = E.PinStore()
+        self._compiled: tuple[RuleSet, E.McpPolicies] | None = None
+
+    def policies(self, rules: RuleSet) -> E.McpPolicies:
+        compiled = self._compiled
+        if compiled is None or compiled[0] is not rules:
+            compiled = (rules, E.McpPolicies(rules))
+            self.pins.set_rule_pins(rules.model.mcp_pins)
+            self._compiled = compiled
+        return compiled[1]
+
+    # -- request side ------------------------------------------------------------------------
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        record = record_of(flow)
+        rules = self.store.current
+        if rules is None or record.agent is None or record.host is None or record.port is None:
+            return
+        if not rules.mcp_servers:
+            return
+        policies = self.policies(rules)
+        server = policies.server_for(record.host, record.port, flow.request.path)
+        if server is None:
+            return
+        flow.request.headers["Accept-Encoding"] = "identity"
+        flow.metadata[STATE_KEY] = McpFlow(server, policies, record.agent)
+        record.extra["mcp_server"] = server.id
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        state: McpFlow | None = flow.metadata.get(STATE_KEY)
+        if state is None or flow.response is not None:
+            return
+        record = record_of(flow)
+        parsed = E.parse_messages(flow.request.get_content(strict=False) or b"")
+        if parsed is None:
+            return  # not JSON-RPC: the ordinary allow rules already decided it
+        messages, batch = parsed
+        state.batch = batch
+        started = time.perf_counter()
+        header_version = flow.request.headers.get("MCP-Protocol-Version")
+        mcp_method = flow.request.headers.get("Mcp-Method")
+        mcp_name = flow.request.headers.get("Mcp-Name")
+        report_mode = state.policies.report_mode(state.agent)
+        forward: list[dict[str, Any]] = []
+        answers: list[dict[str, Any]] = []
+        first_denial: Decision | None = None
+        for msg in messages:
+            version = E.protocol_version(msg, header_version)
+            modern = E.is_modern(version)
+            state.modern = state.modern or modern
+            problem = None
+            if (mcp_method is not None or mcp_name is not None) and "method" in msg:
+                problem = ("Mcp-Method/Mcp-Name headers cannot describe a batch" if batch
+                           else E.check_headers(msg, mcp_method, mcp_name))
+            if problem is not None:
+                md = E.MessageDecision(deny(Reason.MCP_HEADER_MISMATCH, problem, state.policies.version),
+                                       E._short(msg.get("method"), 80), text=f"Warden refused this request: {problem}.",
+                                       error_code=E.JSONRPC_HEADER_MISMATCH, event="mcp_deny")
+            else:
+                md = E.decide_message(state.policies, self.pins, state.agent, state.server, msg)
+            if not md.allowed and report_mode and md.decision.reason is not Reason.MCP_HEADER_MISMATCH:
+                md.decision = md.decision.with_verdict(Verdict.REPORT)
+            audit = CallAudit(md, msg.get("id"), batch=batch, protocol_version=version)
+            if md.event and md.decision.verdict is not Verdict.ALLOW:
+                audit.events.append(md.event)
+                if md.event not in record.events:
+                    record.events.append(md.event)
+            if md.method is not None and ("id" in msg or not md.allowed):
+                state.calls.append(audit)
+            if md.allowed:
+                forward.append(msg)
+                if "id" in msg and "method" in msg:
+                    state.by_id[_id_key(msg["id"])] = audit
+            else:
+                first_denial = first_denial or md.decision
+                answer = E.denial_answer(msg, md, modern)
+                if answer is not None:
+                    answers.append(answer)
+        record.engine_seconds += time.perf_counter() - started
+        if first_denial is None:
+            return
+        if not forward:
+            state.answered = True
+            record.decision = first_denial
+            if not answers:
+                flow.response = http.Response.make(202, b"", {"Cache-Control": "no-store"})
+            else:
+                body = _dumps(answers if batch else answers[0])
+                flow.response = http.Response.make(200, body, {"Content-Type": "application/json",
+                                                               "Cache-Control": "no-store",
+                                                               "X-Warden-Reason": first_denial.reason.value})
+            return
+        # Mixed batch: forward only the allowed elements, merge Warden's answers into the response.
+        state.answers = answers
+        flow.request.content = _dumps(forward if batch else forward[0])
+
+    # -- response side -----------------------------------------------------------------------
+    def filter_server_message(self, flow: http.HTTPFlow, state: McpFlow, msg: Any) -> tuple[Any, bool]:
+        """Filter one server->client message; note tool errors. Returns (message, modified)."""
+        before_hidden, before_changed = len(state.report.hidden), len(state.report.changed)
+        items = msg if isinstance(msg, list) else [msg]
+        modified = False
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            audit = state.by_id.get(_id_key(item.get("id"))) if "id" in item else None
+            if audit is not None:
+                result = item.get("result")
+                audit.is_error = bool("error" in item or (isinstance(result, dict) and result.get("isError")))
+            result = item.get("result")
+            if isinstance(result, dict) and any(k in result for k in ("tools", "prompts", "resources")):
+                E.filter_result(state.policies, self.pins, state.agent, state.server.id, result, state.report)
+                modified = True
+        record = record_of(flow)
+        if len(state.report.changed) > before_changed and "tool_changed" not in record.events:
+            record.events.append("tool_changed")
+        if state.report.collisions and "tool_collision" not in record.events:
+            record.events.append("tool_collision")
+        del before_hidden
+        return msg, modified
+
+    @fail_closed
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state: McpFlow | None = flow.metadata.get(STATE_KEY)
+        if state is None or state.answered or flow.response is None:
+            return
+        ctype = flow.response.headers.get("Content-Type", "")
+        if ctype.split(";")[0].strip().lower() == "text/event-stream":
+            if flow.response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+                # We asked for identity; a server that compresses anyway cannot be filtered.
+                flow.response = http.Response.make(502, b"Warden: MCP server sent a compressed event stream\n",
+                                                   {"Content-Type": "text/plain"})
+                return
+            # Compose with a stream an earlier addon set (credentials' redactor), never replace it.
+            flow.response.stream = SseFilter(self, flow, state, flow.response.stream)
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        state: McpFlow | None = flow.metadata.get(STATE_KEY)
+        if state is None or flow.response is None:
+            return
+        resp = flow.response
+        if not state.answered and not resp.stream:
+            ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if ctype == "application/json" and resp.raw_content:
+                try:
+                    msg = json.loads(resp.get_content(strict=False) or b"")
+                except ValueError:
+                    msg = None
+                if msg is not None:
+                    msg, modified = self.filter_server_message(flow, state, msg)
+                    if state.answers:
+                        msg = (msg if isinstance(msg, list) else [msg]) + state.answers
+                        state.answers = []
+                        modified = True
+                    if modified:
+                        resp.content = _dumps(msg)
+            elif state.answers and resp.status_code in (200, 202) and not resp.raw_content:
+                resp.status_code = 200
+                resp.headers["Content-Type"] = "application/json"
+                resp.content = _dumps(state.answers if state.batch else state.answers[0])
+                state.answers = []
+        self._emit(flow, state)
+
+    @fail_closed
+    def error(self, flow: http.HTTPFlow) -> None:
+        state: McpFlow | None = flow.metadata.get(STATE_KEY)
+        if state is not None:
+            self._emit(flow, state)
+
+    # -- audit ---------------------------------------------------------------------------------
+    def _emit(self, flow: http.HTTPFlow, state: McpFlow) -> None:
+        record = record_of(flow)
+        if record.extra.get("mcp_audited"):
+            return
+        record.extra["mcp_audited"] = True
+        metrics = registry()
+        duration = time.monotonic() - state.started
+        peer = flow.client_conn.peername or ("", 0)
+        report = state.report
+        calls = list(state.calls)
+        if not calls and (report.changed or report.hidden or report.collisions):
+            # e.g. a server stream (GET) that carried a list: audit what was filtered
+            calls.append(CallAudit(E.MessageDecision(Decision(Verdict.ALLOW, Reason.ALLOWED, None, "server stream",
+                                                              state.policies.version), "stream")))
+        list_call = next((c for c in calls if c.md.method in ("tools/list", "stream")), None)
+        for call in calls:
+            md = call.md
+            extra: dict[str, Any] = {"mcp_server": state.server.id, "mcp_method": md.method}
+            if md.tool is not None:
+                extra["mcp_tool"] = md.tool
+            if md.resource is not None:
+                extra["mcp_resource"] = md.resource
+            if md.prompt is not None:
+                extra["mcp_prompt"] = md.prompt
+            if md.argument_keys is not None:
+                extra["mcp_argument_keys"] = list(md.argument_keys)
+            if md.argument_values is not None:
+                extra["mcp_argument_values"] = md.argument_values
+            if call.is_error is not None:
+                extra["mcp_is_error"] = call.is_error
+            if call.protocol_version:
+                extra["mcp_protocol_version"] = E._short(call.protocol_version, 32)
+            if call.batch:
+                extra["mcp_batch"] = True
+            events = list(call.events)
+            if call is list_call or (list_call is None and md.method is not None and md.method.endswith("/list")):
+                if report.hidden:
+                    extra["mcp_hidden"] = sorted(set(report.hidden))[:100]
+                if report.changed:
+                    extra["mcp_changed_tools"] = sorted(set(report.changed))[:100]
+                    events.append("tool_changed")
+                if report.collisions:
+                    extra["mcp_tool_collisions"] = sorted(set(report.collisions))[:100]
+                    events.append("tool_collision")
+            d = md.decision
+            self.outcomes.emit(Outcome(
+                event="mcp", time=utc_now(), request_id=record.request_id, decision=d, agent=state.agent,
+                identity=record.identity_method, client_ip=str(peer[0]), method=flow.request.method,
+                scheme=record.scheme, host=record.host, port=record.port, path=redact_query(record.path),
+                interception=record.interception, status=flow.response.status_code if flow.response else None,
+                duration_seconds=duration, engine_seconds=record.engine_seconds, events=tuple(events),
+                error=flow.error.msg if flow.error else None, extra=extra,
+            ))
+            metrics.mcp_calls.labels(state.agent, state.server.id, d.verdict.value, d.reason.value).inc()

@@ -1,0 +1,1 @@
+"""Shared pieces of the Warden benchmark harness (bench/run.py and friends)."""

@@ -1,0 +1,179 @@
+"""Unit tests of the pure credential engine: binding, leak scanning (all encodings), redaction,
+streaming with secrets split across chunks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import yaml
+
+from addons.engine.credentials import (
+    FILLER,
+    REDACTED,
+    Scanner,
+    StreamRedactor,
+    StreamScanner,
+    bound_credentials,
+    encodings,
+    headers_text,
+    injections,
+    replace_placeholders,
+    scanner_for,
+    strip_names,
+)
+from addons.engine.errors import RuleSetError
+from addons.engine.loader import load_ruleset
+
+from .harness import sha256_hex
+
+SECRET = "ghp_TestSecretValue0123456789abcdefXYZ/+="
+OTHER = "sk-other-secret-abcdefghijklmnop"
+PLACEHOLDER = "WARDEN_PLACEHOLDER_GH"
+
+
+def _rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cred_extra: dict | None = None):
+    monkeypatch.setenv("GH_TOKEN", SECRET)
+    monkeypatch.setenv("OTHER_TOKEN", OTHER)
+    cred = {"id": "github", "host": "api.github.com", "methods": ["GET", "POST"], "paths": ["/repos/**"],
+            "inject": {"Authorization": "Bearer ${secret:GH_TOKEN}"}, "strip": ["Authorization"],
+            "placeholder": PLACEHOLDER}
+    cred.update(cred_extra or {})
+    doc = {
+        "agents": [{"id": "coder", "token_sha256": [sha256_hex("t")], "policies": ["p"]},
+                   {"id": "other", "token_sha256": [sha256_hex("u")], "policies": ["q"]}],
+        "policies": {
+            "p": {"allow": [{"host": "api.github.com"}, {"host": "evil.test"}],
+                  "credentials": [cred], "strip": ["Cookie"]},
+            "q": {"allow": [{"host": "api.other.test"}],
+                  "credentials": [{"id": "other", "host": "api.other.test",
+                                   "inject": {"X-Api-Key": "${secret:OTHER_TOKEN}"}, "redact_response": False}]},
+        },
+    }
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(doc))
+    return load_ruleset(tmp_path)
+
+
+def test_binding_requires_interception_host_port_method_path(tmp_path, monkeypatch):
+    rules = _rules(tmp_path, monkeypatch)
+    coder, other = rules.agent("coder"), rules.agent("other")
+    ok = bound_credentials(rules, coder, "api.github.com", 443, "https", "GET", "/repos/a/b", True)
+    assert [c.id for c in ok] == ["github"]
+    assert bound_credentials(rules, coder, "api.github.com", 443, "https", "GET", "/repos/a/b", False) == []
+    assert bound_credentials(rules, coder, "api.github.com", 80, "http", "GET", "/repos/a/b", True) == []
+    assert bound_credentials(rules, coder, "api.github.com", 8443, "https", "GET", "/repos/a/b", True) == []
+    assert bound_credentials(rules, coder, "api.github.com", 443, "https", "DELETE", "/repos/a", True) == []
+    assert bound_credentials(rules, coder, "api.github.com", 443, "https", "GET", "/user", True) == []
+    assert bound_credentials(rules, coder, "api.github.com", 443, "https", "GET", "/repos/../user", True) == []
+    assert bound_credentials(rules, coder, "evil.test", 443, "https", "GET", "/repos/a", True) == []
+    assert bound_credentials(rules, other, "api.github.com", 443, "https", "GET", "/repos/a", True) == []
+    assert strip_names(coder, ok) == {"authorization", "cookie"}
+    assert strip_names(coder, []) == {"cookie"}
+    headers, query = injections(ok)
+    assert headers == [("Authorization", f"Bearer {SECRET}")] and query == []
+
+
+def test_query_injection_needs_allow_secret_in_url(tmp_path, monkeypatch):
+    rules = _rules(tmp_path, monkeypatch, {"inject_query": {"token": "${secret:GH_TOKEN}"},
+                                           "allow_secret_in_url": True})
+    bound = bound_credentials(rules, rules.agent("coder"), "api.github.com", 443, "https", "GET", "/repos/x", True)
+    assert injections(bound)[1] == [("token", SECRET)]
+
+
+def test_missing_secret_names_the_credential(tmp_path, monkeypatch):
+    monkeypatch.delenv("GH_TOKEN", raising=False)
+    doc = {"agents": [{"id": "coder", "token_sha256": [sha256_hex("t")], "policies": ["p"]}],
+           "policies": {"p": {"allow": [{"host": "a.test"}],
+                              "credentials": [{"id": "gh-cred", "host": "a.test",
+                                               "inject": {"Authorization": "Bearer ${secret:GH_TOKEN_MISSING}"}}]}}}
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(RuleSetError) as e:
+        load_ruleset(tmp_path)
+    assert "gh-cred" in str(e.value)
+
+
+@pytest.mark.parametrize("form", [
+    SECRET,
+    base64.b64encode(SECRET.encode()).decode(),
+    base64.b64encode(SECRET.encode()).decode().rstrip("="),
+    base64.urlsafe_b64encode(SECRET.encode()).decode(),
+    base64.urlsafe_b64encode(SECRET.encode()).decode().rstrip("="),
+    base64.b64encode(b"user:" + SECRET.encode()).decode(),  # Basic auth: secret at another alignment
+    base64.b64encode(b"x" + SECRET.encode() + b"y").decode(),
+    quote(SECRET, safe=""),
+    re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(SECRET, safe="")),
+    json.dumps({"token": SECRET}),
+])
+def test_leak_found_in_every_encoding(tmp_path, monkeypatch, form):
+    rules = _rules(tmp_path, monkeypatch)
+    scanner = scanner_for(rules)
+    data = f"prefix {form} suffix".encode()
+    leak = scanner.find_leak(data, frozenset(), "body")
+    assert leak is not None and leak.kind == "secret" and leak.credentials == ("github",)
+    assert SECRET not in leak.message() and form not in leak.message()
+    assert scanner.find_leak(data, frozenset({"github"}), "body") is None  # bound: not a leak
+
+
+def test_placeholder_and_other_agents_secret(tmp_path, monkeypatch):
+    rules = _rules(tmp_path, monkeypatch)
+    scanner = scanner_for(rules)
+    assert scanner is scanner_for(rules)  # built once per RuleSet
+    leak = scanner.find_leak(headers_text("evil.test", "/x", [("X-T", PLACEHOLDER)]), frozenset(), "headers")
+    assert leak is not None and leak.kind == "placeholder"
+    assert scanner.find_leak(f"k={OTHER}".encode(), frozenset({"github"}), "body").credentials == ("other",)
+    assert scanner.find_leak(b"nothing to see here", frozenset(), "body") is None
+    bound = bound_credentials(rules, rules.agent("coder"), "api.github.com", 443, "https", "GET", "/repos/x", True)
+    assert replace_placeholders(f"token {PLACEHOLDER}", bound) == f"token {SECRET}"
+
+
+def test_redaction_all_encodings_and_redact_response_false(tmp_path, monkeypatch):
+    rules = _rules(tmp_path, monkeypatch)
+    scanner = scanner_for(rules)
+    b64 = base64.b64encode(SECRET.encode())
+    out, n = scanner.redact(b'{"a":"' + SECRET.encode() + b'","b":"' + b64 + b'"}')
+    assert n == 2 and SECRET.encode() not in out and b64 not in out and out.count(REDACTED) == 2
+    out, n = scanner.redact(OTHER.encode())  # redact_response: false
+    assert n == 0 and out == OTHER.encode()
+
+
+def test_stream_scanner_split_secret_never_forwarded(tmp_path, monkeypatch):
+    rules = _rules(tmp_path, monkeypatch)
+    scanner = scanner_for(rules)
+    body = b"a" * 5000 + SECRET.encode() + b"b" * 100
+    for split in (5001, 5010, 5000 + len(SECRET) - 1):
+        s = StreamScanner(scanner, frozenset())
+        sent = s.feed(body[:split])
+        assert b"ghp_" not in sent and s.leak is None  # not even a prefix of the secret left
+        sent += s.feed(body[split:])
+        sent += s.feed(b"more after the leak") + s.feed(b"")
+        assert s.leak is not None and SECRET not in repr(s.leak)
+        assert len(sent) == len(body) + len(b"more after the leak")  # framing preserved
+        assert sent == b"a" * 5000 + FILLER * (len(sent) - 5000)
+    clean = b"x" * 70000
+    s = StreamScanner(scanner, frozenset())
+    assert s.feed(clean[:30000]) + s.feed(clean[30000:]) + s.feed(b"") == clean
+    s = StreamScanner(scanner, frozenset({"github"}))  # bound: the secret passes
+    assert s.feed(body[:5010]) + s.feed(body[5010:]) + s.feed(b"") == body
+
+
+def test_stream_redactor_split_secret(tmp_path, monkeypatch):
+    rules = _rules(tmp_path, monkeypatch)
+    scanner = scanner_for(rules)
+    body = b"x" * 3000 + SECRET.encode() + b"y" * 3000 + SECRET.encode()
+    for split in (3001, 3020, 6020):
+        r = StreamRedactor(scanner)
+        out = r.feed(body[:split]) + r.feed(body[split:]) + r.feed(b"")
+        assert SECRET.encode() not in out and out.count(REDACTED) == 2 and r.count == 2
+        assert out == b"x" * 3000 + REDACTED + b"y" * 3000 + REDACTED
+
+
+def test_scanner_without_credentials_is_inert():
+    s = Scanner([])
+    assert s.find_leak(b"anything", frozenset(), "body") is None
+    assert s.redact(b"anything") == (b"anything", 0)
+    assert StreamScanner(s, frozenset()).feed(b"abc") == b"abc"
+    assert len(encodings("abcdefghij")) > 3

@@ -1,0 +1,230 @@
+"""Table-driven tests of the pure engine: decide(), decide_addresses(), identity, paths, addresses."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from addons.engine.decide import decide, decide_addresses
+from addons.engine.decision import Reason, Verdict
+from addons.engine.facts import RequestFacts
+from addons.engine.identity import AuthFailure, Identity, identify, parse_basic
+from addons.engine.loader import load_ruleset
+from addons.engine.netaddr import is_private_address
+from addons.engine.paths import PathError, canonical_path, compile_glob
+from addons.engine.ruleset import RuleSet
+
+from .harness import sha256_hex
+
+RULES = {
+    "agents": [
+        {"id": "coder", "token_sha256": [sha256_hex("coder-token"), sha256_hex("second:token")],
+         "policies": ["github", "pkgs"]},
+        {"id": "dba", "token_sha256": [sha256_hex("dba-token")], "policies": ["db", "github"]},
+        {"id": "claw", "token_sha256": [sha256_hex("claw-token")], "policies": ["github"], "mode": "report"},
+        {"id": "ci", "sources": ["10.20.0.0/24"], "policies": ["pkgs"]},
+        {"id": "bound", "token_sha256": [sha256_hex("bound-token")], "sources": ["10.30.0.0/24"], "policies": ["pkgs"]},
+    ],
+    "policies": {
+        "github": {"allow": [
+            {"id": "gh", "host": "github.com"},
+            {"id": "gh-content", "host": "*.githubusercontent.com"},
+            {"id": "gh-api", "host": "api.github.com", "methods": ["GET", "HEAD"], "paths": ["/repos/acme/**", "/user"]},
+        ]},
+        "pkgs": {"allow": [{"id": "pyhosted", "domain": "pythonhosted.org"},
+                           {"id": "pypi-alt", "host": "pypi.org", "ports": [443, 8443]}]},
+        "db": {"allow": [{"id": "db-net", "cidr": "10.40.0.0/16", "ports": [5432]}]},
+    },
+    "deny": [{"id": "no-paste", "domain": "pastebin.com"},
+             {"id": "no-metadata", "cidr": "169.254.169.254/32"},
+             {"id": "no-gh-delete", "host": "github.com", "methods": ["DELETE"], "paths": ["/**"]}],
+}
+
+
+@pytest.fixture(scope="module")
+def rules(tmp_path_factory: pytest.TempPathFactory) -> RuleSet:
+    d = tmp_path_factory.mktemp("rules")
+    (d / "rules.yaml").write_text(yaml.safe_dump(RULES))
+    return load_ruleset(d)
+
+
+@dataclass(frozen=True)
+class Case:
+    facts: RequestFacts
+    verdict: Verdict
+    reason: Reason
+    rule: str | None = None
+    intercept: bool | None = None
+
+
+def C(agent: str, host: str, port: int = 443, method: str | None = None, path: str | None = None,
+      scheme: str = "https") -> RequestFacts:
+    return RequestFacts(agent, host, port, scheme, method, path)
+
+
+DECIDE_CASES = [
+    pytest.param(Case(C("coder", "github.com"), Verdict.ALLOW, Reason.ALLOWED, "gh", True), id="exact host; L7 deny rule forces interception"),
+    pytest.param(Case(C("coder", "GitHub.COM."), Verdict.ALLOW, Reason.ALLOWED, "gh"), id="case and trailing dot normalised"),
+    pytest.param(Case(C("coder", "raw.githubusercontent.com"), Verdict.ALLOW, Reason.ALLOWED, "gh-content", False), id="wildcard matches subdomain, passthrough"),
+    pytest.param(Case(C("coder", "a.b.githubusercontent.com"), Verdict.ALLOW, Reason.ALLOWED, "gh-content"), id="wildcard matches any depth"),
+    pytest.param(Case(C("coder", "githubusercontent.com"), Verdict.DENY, Reason.NO_MATCHING_RULE), id="wildcard does not match apex"),
+    pytest.param(Case(C("coder", "evilgithubusercontent.com"), Verdict.DENY, Reason.NO_MATCHING_RULE), id="wildcard is label-aligned"),
+    pytest.param(Case(C("coder", "pythonhosted.org"), Verdict.ALLOW, Reason.ALLOWED, "pyhosted"), id="domain matches apex"),
+    pytest.param(Case(C("coder", "files.pythonhosted.org"), Verdict.ALLOW, Reason.ALLOWED, "pyhosted"), id="domain matches subdomain"),
+    pytest.param(Case(C("coder", "api.github.com"), Verdict.ALLOW, Reason.ALLOWED, "gh-api", True), id="method/path rule forces interception"),
+    pytest.param(Case(C("coder", "api.github.com", method="GET", path="/repos/acme/x/pulls?state=open"), Verdict.ALLOW, Reason.ALLOWED, "gh-api"), id="path glob ** any depth, query ignored"),
+    pytest.param(Case(C("coder", "api.github.com", method="GET", path="/repos/acme"), Verdict.ALLOW, Reason.ALLOWED, "gh-api"), id="** matches zero segments"),
+    pytest.param(Case(C("coder", "api.github.com", method="POST", path="/repos/acme/x"), Verdict.DENY, Reason.METHOD_NOT_ALLOWED, "gh-api"), id="method not allowed"),
+    pytest.param(Case(C("coder", "api.github.com", method="GET", path="/repos/other/x"), Verdict.DENY, Reason.PATH_NOT_ALLOWED, "gh-api"), id="path not allowed"),
+    pytest.param(Case(C("coder", "api.github.com", method="GET", path="/repos/%61cme/x"), Verdict.ALLOW, Reason.ALLOWED), id="percent-encoding decoded before matching"),
+    pytest.param(Case(C("coder", "api.github.com", method="GET", path="/repos/acme/../../orgs"), Verdict.DENY, Reason.INVALID_PATH), id="dot segments refused"),
+    pytest.param(Case(C("coder", "api.github.com", method="GET", path="/repos/acme%2f..%2fother"), Verdict.DENY, Reason.INVALID_PATH), id="encoded slash refused"),
+    pytest.param(Case(C("coder", "api.github.com", method="GET", path="/user/"), Verdict.DENY, Reason.PATH_NOT_ALLOWED), id="exact path glob is exact"),
+    pytest.param(Case(C("coder", "github.com", method="DELETE", path="/acme/repo"), Verdict.DENY, Reason.DENY_LISTED, "no-gh-delete"), id="L7 deny rule beats allow"),
+    pytest.param(Case(C("coder", "github.com", method="GET", path="/acme/repo"), Verdict.ALLOW, Reason.ALLOWED, "gh"), id="L7 deny rule only for its methods"),
+    pytest.param(Case(C("coder", "pastebin.com"), Verdict.DENY, Reason.DENY_LISTED, "no-paste"), id="global deny"),
+    pytest.param(Case(C("claw", "pastebin.com"), Verdict.DENY, Reason.DENY_LISTED, "no-paste"), id="global deny ignores report mode"),
+    pytest.param(Case(C("coder", "x.pastebin.com", 8443), Verdict.DENY, Reason.DENY_LISTED), id="deny without ports covers every port"),
+    pytest.param(Case(C("coder", "github.com", 22), Verdict.DENY, Reason.PORT_NOT_ALLOWED, "gh"), id="default port only 443"),
+    pytest.param(Case(C("coder", "github.com", 80, "GET", "/", "http"), Verdict.ALLOW, Reason.ALLOWED), id="default port 80 for plain http"),
+    pytest.param(Case(C("coder", "pypi.org", 8443), Verdict.ALLOW, Reason.ALLOWED, "pypi-alt"), id="explicit ports"),
+    pytest.param(Case(C("coder", "example.com"), Verdict.DENY, Reason.NO_MATCHING_RULE), id="default deny"),
+    pytest.param(Case(C("claw", "example.com"), Verdict.REPORT, Reason.NO_MATCHING_RULE), id="report mode lets through, logs reason"),
+    pytest.param(Case(C("nobody", "github.com"), Verdict.DENY, Reason.AUTH_FAILED), id="unknown agent"),
+    pytest.param(Case(C("coder", "169.254.169.254", 80, "GET", "/", "http"), Verdict.DENY, Reason.DENY_LISTED, "no-metadata"), id="metadata IP literal denied"),
+    pytest.param(Case(C("dba", "10.40.1.2", 5432), Verdict.ALLOW, Reason.ALLOWED, "db-net", False), id="IP literal matched by cidr rule"),
+    pytest.param(Case(C("dba", "10.40.1.2", 443), Verdict.DENY, Reason.PORT_NOT_ALLOWED), id="cidr rule port"),
+    pytest.param(Case(C("ci", "140.82.112.3"), Verdict.DENY, Reason.NO_MATCHING_RULE), id="IP literal matches only cidr rules"),
+    pytest.param(Case(C("coder", "0x7f.1"), Verdict.DENY, Reason.INVALID_HOST), id="hex IP notation refused"),
+    pytest.param(Case(C("coder", "2130706433"), Verdict.DENY, Reason.INVALID_HOST), id="decimal IP notation refused"),
+    pytest.param(Case(C("coder", "a..b"), Verdict.DENY, Reason.INVALID_HOST), id="empty label refused"),
+    pytest.param(Case(C("coder", "a" * 300 + ".com"), Verdict.DENY, Reason.INVALID_HOST), id="absurdly long host refused"),
+    pytest.param(Case(C("coder", "exa mple.com"), Verdict.DENY, Reason.INVALID_HOST), id="space in host refused"),
+]
+
+
+@pytest.mark.parametrize("case", DECIDE_CASES)
+def test_decide(rules: RuleSet, case: Case) -> None:
+    d = decide(rules, case.facts)
+    assert (d.verdict, d.reason) == (case.verdict, case.reason), d.message
+    if case.rule is not None:
+        assert d.rule_id == case.rule
+    if case.intercept is not None:
+        assert d.intercept is case.intercept
+    assert d.policy_version == rules.version
+
+
+def test_name_with_cidr_rule_pending_address_check(rules: RuleSet) -> None:
+    facts = C("dba", "db.internal", 5432)
+    d = decide(rules, facts)
+    assert d.allowed and d.address_rule_needed
+    inside = decide_addresses(rules, facts, [ipaddress.ip_address("10.40.0.9")], d)
+    assert inside.verdict is Verdict.ALLOW and inside.rule_id == "db-net"
+    outside = decide_addresses(rules, facts, [ipaddress.ip_address("10.41.0.9")], d)
+    assert outside.reason is Reason.NO_MATCHING_RULE
+
+
+@pytest.mark.parametrize("address,reason", [
+    ("127.0.0.1", Reason.PRIVATE_ADDRESS), ("10.0.0.1", Reason.PRIVATE_ADDRESS), ("192.168.1.1", Reason.PRIVATE_ADDRESS),
+    ("100.64.0.1", Reason.PRIVATE_ADDRESS), ("169.254.169.254", Reason.DENY_LISTED), ("::1", Reason.PRIVATE_ADDRESS),
+    ("fd00::1", Reason.PRIVATE_ADDRESS), ("::ffff:10.0.0.1", Reason.PRIVATE_ADDRESS),
+    ("64:ff9b::a00:1", Reason.PRIVATE_ADDRESS), ("140.82.112.3", Reason.ALLOWED),
+])
+def test_ssrf_guard(rules: RuleSet, address: str, reason: Reason) -> None:
+    facts = C("coder", "github.com")
+    prior = decide(rules, facts)
+    d = decide_addresses(rules, facts, [ipaddress.ip_address(address)], prior)
+    assert d.reason is reason
+
+
+def test_any_private_address_in_answer_refuses(rules: RuleSet) -> None:
+    facts = C("coder", "github.com")
+    prior = decide(rules, facts)
+    addrs = [ipaddress.ip_address("140.82.112.3"), ipaddress.ip_address("127.0.0.1")]
+    assert decide_addresses(rules, facts, addrs, prior).reason is Reason.PRIVATE_ADDRESS
+
+
+def test_ssrf_not_softened_by_report_mode(rules: RuleSet) -> None:
+    facts = C("claw", "github.com")
+    d = decide_addresses(rules, facts, [ipaddress.ip_address("10.1.1.1")], decide(rules, facts))
+    assert d.verdict is Verdict.DENY and d.reason is Reason.PRIVATE_ADDRESS
+
+
+def _basic(value: str) -> str:
+    return "Basic " + base64.b64encode(value.encode()).decode()
+
+
+@pytest.mark.parametrize("header,client,expected", [
+    (_basic("coder:coder-token"), "127.0.0.1", Identity("coder", "token")),  # type: ignore[arg-type]
+    (_basic("coder:second:token"), "127.0.0.1", Identity("coder", "token")),  # type: ignore[arg-type]
+    (_basic("coder:wrong"), "127.0.0.1", AuthFailure.BAD_TOKEN),
+    (_basic("ghost:coder-token"), "127.0.0.1", AuthFailure.UNKNOWN_AGENT),
+    (_basic("ci:anything"), "10.20.0.5", AuthFailure.UNKNOWN_AGENT),
+    (_basic("bound:bound-token"), "10.30.0.7", Identity("bound", "token")),  # type: ignore[arg-type]
+    (_basic("bound:bound-token"), "10.31.0.7", AuthFailure.WRONG_SOURCE),
+    (None, "10.20.0.5", Identity("ci", "source")),  # type: ignore[arg-type]
+    (None, "127.0.0.1", AuthFailure.MISSING),
+    ("Basic !!!notbase64", "127.0.0.1", AuthFailure.MALFORMED),
+    ("Bearer abc", "127.0.0.1", AuthFailure.MALFORMED),
+    (_basic("no-colon"), "127.0.0.1", AuthFailure.MALFORMED),
+    (_basic("UPPER:x"), "127.0.0.1", AuthFailure.MALFORMED),
+    ("Basic " + "A" * 5000, "127.0.0.1", AuthFailure.MALFORMED),
+    ("Basic " + base64.b64encode(b"coder:\xff\xfe").decode(), "127.0.0.1", AuthFailure.MALFORMED),
+])
+def test_identify(rules: RuleSet, header: str | None, client: str, expected: object) -> None:
+    result = identify(rules, header, client)
+    if isinstance(expected, Identity):
+        assert isinstance(result, Identity) and result.agent == expected.agent and result.method == expected.method
+    else:
+        assert result == expected
+
+
+def test_credentials_repr_hides_token() -> None:
+    creds = parse_basic(_basic("coder:s3cr3t-value"))
+    assert creds is not None and "s3cr3t" not in repr(creds)
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("/a/b", "/a/b"), ("/a/b/", "/a/b/"), ("/a%20b", "/a b"), ("", "/"), ("*", "/"), ("/a?x=1#f", "/a"),
+])
+def test_canonical_path(raw: str, expected: str) -> None:
+    assert canonical_path(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["/a/../b", "/a/./b", "/a//b", "/a%2Fb", "/a%5cb", "/a\\b", "a/b", "/a%00b", "/%ff"])
+def test_canonical_path_refuses(raw: str) -> None:
+    with pytest.raises(PathError):
+        canonical_path(raw)
+
+
+@pytest.mark.parametrize("glob,path,matches", [
+    ("/repos/*", "/repos/x", True), ("/repos/*", "/repos/x/y", False), ("/repos/**", "/repos", True),
+    ("/repos/**", "/repos/x/y/z", True), ("/a/**/z", "/a/z", True), ("/a/**/z", "/a/b/c/z", True),
+    ("/a/*.git", "/a/x.git", True), ("/a/*.git", "/a/xgit", False), ("/v1.0/*", "/v1x0/a", False),
+])
+def test_globs(glob: str, path: str, matches: bool) -> None:
+    assert bool(compile_glob(glob).fullmatch(path)) is matches
+
+
+def test_private_address_forms() -> None:
+    assert is_private_address(ipaddress.ip_address("2002:a00:1::1"))  # 6to4 of 10.0.0.1
+    assert not is_private_address(ipaddress.ip_address("2606:4700::1111"))
+
+
+def test_lookup_cost_independent_of_rule_count(tmp_path: Path) -> None:
+    """Structural check (not timing): a lookup probes one dict per host label, whatever the rule count."""
+    from addons.engine.index import HostIndex
+    from addons.engine.model import TargetKind
+
+    index: HostIndex[int] = HostIndex()
+    for i in range(20000):
+        index.add(TargetKind.HOST, f"h{i}.example.com", i)
+        index.add(TargetKind.WILDCARD, f"w{i}.example.org", i)
+    assert index.lookup("h123.example.com") == [123]
+    assert index.lookup("a.w5.example.org") == [5]
+    assert index.lookup("w5.example.org") == []

@@ -1,0 +1,107 @@
+"""Rule files: every kind of bad input is an error with file and line, and nothing loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from addons.engine.errors import RuleSetError
+from addons.engine.loader import load_ruleset
+
+from .harness import REPO, WARDEN
+
+AGENT = "agents:\n  - id: a\n    token_sha256: ['" + "0" * 64 + "']\n    policies: [p]\n"
+
+
+def _load(tmp_path: Path, text: str, name: str = "r.yaml") -> RuleSetError:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(RuleSetError) as info:
+        load_ruleset(tmp_path)
+    return info.value
+
+
+BAD = [
+    pytest.param("agents: [\n", 2, "invalid YAML", id="malformed yaml"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: a.com\n        method: [GET]\n", 9, "unknown key 'method'", id="unknown key"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.com'\n", 8, "public suffix", id="wildcard public suffix"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.co.uk'\n", 8, "public suffix", id="wildcard multi-label public suffix"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - domain: co.uk\n", 8, "public suffix", id="domain public suffix"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: 'a.*.com'\n", 8, "leftmost", id="wildcard in the middle"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*'\n", 8, "leftmost", id="bare star"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - cidr: 0.0.0.0/0\n", 8, "every address", id="cidr everything"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - cidr: 10.0.0.1/8\n", 8, "host bits", id="cidr host bits"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: 10.0.0.1\n", 8, "use cidr", id="IP in host"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: a.com\n        domain: b.com\n", 8, "exactly one", id="two targets"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: a.com\n        paths: ['/a/**b']\n", 9, "whole path segment", id="bad glob"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: a.com\n        ports: [70000]\n", 9, "maximum", id="port out of range"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - id: x\n        host: a.com\n      - id: x\n        host: b.com\n", 10, "duplicate rule id", id="duplicate rule id"),
+    pytest.param(AGENT + AGENT.replace("agents:\n", "") + "policies:\n  p: {}\n", 5, "duplicate agent id", id="duplicate agent"),
+    pytest.param("agents:\n  - id: a\n    token_sha256: ['" + "0" * 64 + "']\n    policies: [nope]\n", 2, "unknown policy", id="unknown policy"),
+    pytest.param("agents:\n  - id: a\n    token_sha256: [abc]\n    policies: []\n", 3, "does not match", id="bad token hash"),
+    pytest.param("agents:\n  - id: A_B\n    token_sha256: ['" + "0" * 64 + "']\n    policies: []\n", 2, "does not match", id="bad agent id"),
+    pytest.param("agents:\n  - id: a\n    policies: []\n", 2, "neither token_sha256 nor sources", id="agent nobody can be"),
+    pytest.param("policies:\n  p: {}\n  p: {}\n", 3, "duplicate key", id="duplicate yaml key"),
+    pytest.param("settings:\n  private_networks: maybe\n", 2, "not one of", id="bad enum"),
+    pytest.param("a: &a [*a]\n", 0, "", id="recursive alias"),
+]
+
+
+@pytest.mark.parametrize("text,line,fragment", BAD)
+def test_bad_rule_files(tmp_path: Path, text: str, line: int, fragment: str) -> None:
+    err = _load(tmp_path, text)
+    problem = err.problems[0]
+    assert problem.file.endswith("r.yaml")
+    if line:
+        assert problem.line == line, str(err)
+    assert fragment in str(err)
+
+
+def test_duplicate_policy_across_files(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("policies:\n  p: {}\n")
+    err = _load(tmp_path, "policies:\n  p: {}\n", "b.yaml")
+    assert "duplicate policy 'p'" in str(err) and "b.yaml:2" in str(err)
+
+
+def test_all_problems_reported_at_once(tmp_path: Path) -> None:
+    err = _load(tmp_path, AGENT + "policies:\n  p:\n    allow:\n      - host: '*.com'\n      - cidr: 0.0.0.0/0\n")
+    assert len(err.problems) == 2
+
+
+def test_example_rules_load_and_match_schema() -> None:
+    rules = load_ruleset(REPO / "rules")
+    assert rules.rule_count > 0
+    shipped = json.loads((REPO / "rules" / "schema.json").read_text())
+    packaged = json.loads((REPO / "addons" / "engine" / "rules.schema.json").read_text())
+    assert shipped == packaged, "rules/schema.json must be a copy of addons/engine/rules.schema.json"
+    jsonschema.Draft202012Validator.check_schema(shipped)
+
+
+def test_warden_check_cli(tmp_path: Path) -> None:
+    ok = subprocess.run([WARDEN, "check", str(REPO / "rules")], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "ok:" in ok.stdout
+    (tmp_path / "bad.yaml").write_text(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.com'\n")
+    bad = subprocess.run([WARDEN, "check", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert f"{tmp_path / 'bad.yaml'}:8" in bad.stderr and "public suffix" in bad.stderr
+
+
+def test_warden_explain_cli() -> None:
+    out = subprocess.run([WARDEN, "explain", "--rules", str(REPO / "rules"), "--agent", "coder", "--method", "POST",
+                          "https://api.github.com/repos/acme/x"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "method_not_allowed" in out.stdout and "github-api-read" in out.stdout and "policies.yaml" in out.stdout
+    allowed = subprocess.run([WARDEN, "explain", "--rules", str(REPO / "rules"), "--agent", "coder",
+                              "https://github.com/acme/repo"], capture_output=True, text=True, timeout=60)
+    assert allowed.returncode == 0 and "passed through" in allowed.stdout
+
+
+def test_warden_token_cli() -> None:
+    import hashlib
+    out = subprocess.run([WARDEN, "token", "coder"], capture_output=True, text=True, timeout=60)
+    lines = out.stdout.splitlines()
+    token = lines[1].strip()
+    assert f'token_sha256: ["{hashlib.sha256(token.encode()).hexdigest()}"]' in out.stdout
