@@ -21,6 +21,7 @@ full audit `record`. Every alert raised is also written to the audit log as an `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import ssl
@@ -114,10 +115,8 @@ class _SinkWorker:
         return None
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(queue.Full):
             self.queue.put_nowait(None)
-        except queue.Full:
-            pass
 
     def _run(self) -> None:
         metrics = registry()

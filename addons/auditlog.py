@@ -16,6 +16,7 @@ the failure is counted and printed on stderr. Files rotate by size and are never
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -120,10 +121,8 @@ class AuditWriter:
         self._thread.join(timeout)
         self._thread = None
         if self._file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._file.close()
-            except OSError:
-                pass
             self._file = None
 
     # -- producer side ---------------------------------------------------------------------
@@ -145,12 +144,11 @@ class AuditWriter:
     # -- writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            if self._pending:
-                if not self._flush_pending():
-                    if self._stopping.is_set():
-                        return
-                    time.sleep(RETRY_SECONDS)
-                    continue
+            if self._pending and not self._flush_pending():
+                if self._stopping.is_set():
+                    return
+                time.sleep(RETRY_SECONDS)
+                continue
             try:
                 item = self.queue.get(timeout=RETRY_SECONDS)
             except queue.Empty:
@@ -239,10 +237,8 @@ class AuditWriter:
         # After a failed write the buffered tail of the file is unknown: reopen on retry and
         # start a new chain segment that names the last hash we know was written.
         if self._file is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._file.close()
-            except (OSError, ValueError):
-                pass
         self._file = None
         if self.path is not None:
             last = _last_line(self.path) if self.path.exists() else None
@@ -254,10 +250,8 @@ class AuditWriter:
         self.healthy = False
         self.last_error = message
         for listener in self.failure_listeners:
-            try:
+            with contextlib.suppress(Exception):
                 listener(message)
-            except Exception:
-                pass
 
 
 @dataclass(frozen=True, slots=True)

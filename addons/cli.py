@@ -40,11 +40,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if _load_or_report(args.rules) is None:
         print("warden: refusing to start with invalid rules", file=sys.stderr)
         return 2
-    if args.workers > 1:
+    if args.workers > 1 and args.worker_index is None:
         from .workers import run_workers
 
         return run_workers(args)
     return run_proxy(args)
+
+
+def _format_listen(value: tuple[str, int] | None) -> str:
+    if value is None:
+        return ""
+    host, port = value
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def mitmproxy_arguments(args: argparse.Namespace) -> list[str]:
@@ -54,7 +61,7 @@ def mitmproxy_arguments(args: argparse.Namespace) -> list[str]:
         "--set", f"confdir={args.confdir}",
         "--set", f"warden_rules={args.rules}",
         "--set", f"warden_audit_log={args.audit_log}",
-        "--set", f"warden_metrics_listen={'' if args.metrics_listen is None else '%s:%d' % args.metrics_listen}",
+        "--set", f"warden_metrics_listen={_format_listen(args.metrics_listen)}",
         "--set", "termlog_verbosity=warn" if not args.verbose else "termlog_verbosity=info",
     ]
     for item in args.set or []:
@@ -66,6 +73,11 @@ def run_proxy(args: argparse.Namespace) -> int:
     from mitmproxy.tools import cmdline, main
 
     from .master import WardenMaster
+
+    if args.worker_index is not None:
+        from .workers import enable_reuse_port
+
+        enable_reuse_port()
 
     Path(args.confdir).mkdir(parents=True, exist_ok=True)
     main.run(WardenMaster, cmdline.mitmdump, mitmproxy_arguments(args))
@@ -187,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--confdir", default="certs", metavar="DIR",
                      help="mitmproxy confdir holding the interception CA (default: certs)")
     run.add_argument("--workers", type=int, default=1, metavar="N",
-                     help="run N proxy processes on one port with SO_REUSEPORT (default: 1)")
+                     help="run N proxy processes on one port (SO_REUSEPORT); metrics merged, one audit chain "
+                          "per worker in <audit>.w<i>.jsonl (default: 1)")
+    run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a mitmproxy option (repeatable)")
     run.add_argument("-v", "--verbose", action="store_true", help="log mitmproxy's info messages too")
     run.set_defaults(func=cmd_run)

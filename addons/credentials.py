@@ -190,7 +190,9 @@ class Credentials:
             return
         length = flow.request.headers.get("content-length")
         chunked = "chunked" in flow.request.headers.get("transfer-encoding", "").lower()
-        big = chunked or (length is not None and length.strip().isdigit() and int(length) > _max_buffered(rules))
+        # Unknown length (HTTP/1 chunked, HTTP/2 without content-length) or over the limit: stream.
+        unknown = length is None and (chunked or flow.request.http_version.startswith("HTTP/2"))
+        big = unknown or (length is not None and length.strip().isdigit() and int(length) > _max_buffered(rules))
         if big and flow.request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
             self._deny_leak_unscannable(flow, record, rules)
             return

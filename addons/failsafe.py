@@ -9,6 +9,7 @@ request data) with the traceback at debug level.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -75,10 +76,9 @@ def fail_closed(hook: Callable[..., Any]) -> Callable[..., Any]:
         logger.error("warden: %s failed with %s; denying", name, exc.__class__.__name__)
         logger.debug("warden: %s traceback", name, exc_info=exc)
         for listener in _listeners:
-            try:
+            # a broken metrics listener must not hide the original failure
+            with contextlib.suppress(Exception):
                 listener(name)
-            except Exception:  # a broken metrics listener must not hide the original failure
-                pass
         _deny_target(name, target)
 
     if inspect.iscoroutinefunction(hook):

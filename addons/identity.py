@@ -13,7 +13,7 @@ import re
 from mitmproxy import http
 
 from .engine.decision import Reason, deny
-from .engine.identity import AuthFailure, Identity, identify, parse_basic
+from .engine.identity import AgentIdentity, AuthFailure, identify, parse_basic
 from .failsafe import fail_closed, refusal_response
 from .flowstate import Connections, FlowRecord, record_of
 from .rulestore import RuleStore
@@ -45,7 +45,7 @@ class Identity:
         self.store = store
         self.connections = connections
 
-    def _identify(self, flow: http.HTTPFlow, record: FlowRecord) -> Identity | None:
+    def _identify(self, flow: http.HTTPFlow, record: FlowRecord) -> AgentIdentity | None:
         state = self.connections.get(flow.client_conn)
         rules = self.store.current
         header = flow.request.headers.get("Proxy-Authorization")

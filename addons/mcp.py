@@ -24,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from mitmproxy import http
 
@@ -32,7 +33,7 @@ from .engine import mcp as E
 from .engine.decision import Decision, Reason, Verdict, deny
 from .engine.model import McpServer
 from .engine.ruleset import RuleSet
-from .failsafe import fail_closed
+from .failsafe import fail_closed, refusal_response
 from .flowstate import record_of
 from .metrics import registry
 from .outcome import Outcome, Outcomes, redact_query
@@ -67,6 +68,9 @@ class McpFlow:
     answered: bool = False  # Warden answered the whole request itself
     modern: bool = False
     report: E.FilterReport = field(default_factory=E.FilterReport)
+    legacy_session: str | None = None  # HTTP+SSE POST: the session_id it names
+    legacy_key: tuple[str, str] | None = None  # HTTP+SSE GET stream: (server, session) it announced
+    legacy_answers: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> Warden's answer
 
 
 def _id_key(value: Any) -> str:
@@ -84,19 +88,22 @@ class SseFilter:
     def __init__(self, addon: Mcp, flow: http.HTTPFlow, state: McpFlow, inner: Any = None) -> None:
         self.addon = addon
         self.inner = inner if callable(inner) else None  # e.g. the credentials redactor, run first
+        self.dead = False
         self.flow = flow
         self.state = state
         self.buf = b""
 
     def __call__(self, data: bytes) -> bytes:
+        if self.dead:
+            return b""
         try:
             if self.inner is None:
                 return self._feed(data)
             out = self._feed(self.inner(data)) if data else self._feed(self.inner(b"")) + self._feed(b"")
             return out
         except Exception as exc:  # fail closed: never pass an event we could not check
-            logger.error("warden: mcp SSE filter failed with %s; ending stream", exc.__class__.__name__)
-            self.flow.kill() if self.flow.killable else None
+            logger.error("warden: mcp SSE filter failed with %s; truncating stream", exc.__class__.__name__)
+            self.dead = True
             return b""
 
     def _feed(self, data: bytes) -> bytes:
@@ -133,6 +140,9 @@ class SseFilter:
         data_lines = [ln[5:].removeprefix(b" ") for ln in lines if ln.startswith(b"data:")]
         if not data_lines:
             return raw
+        if any(ln.replace(b" ", b"") == b"event:endpoint" for ln in lines):
+            self.addon.register_legacy_stream(self.state, b"\n".join(data_lines).decode("utf-8", "replace"))
+            return raw
         try:
             msg = json.loads(b"\n".join(data_lines))
         except ValueError:
@@ -144,12 +154,48 @@ class SseFilter:
         return b"\n".join([*others, b"data: " + _dumps(new)])
 
 
+class JsonBufferFilter:
+    """`flow.response.stream` callable for non-SSE bodies another addon streams: collects the
+    body (through `inner` first), filters it as JSON at the end. Bounded by MAX_SSE_EVENT."""
+
+    def __init__(self, addon: Mcp, flow: http.HTTPFlow, state: McpFlow, inner: Any) -> None:
+        self.addon, self.flow, self.state = addon, flow, state
+        self.inner = inner if callable(inner) else None
+        self.buf = b""
+        self.dead = False
+
+    def __call__(self, data: bytes) -> bytes:
+        if self.dead:
+            return b""
+        try:
+            self.buf += self.inner(data) if self.inner else data  # inner(b"") flushes its tail
+            if len(self.buf) > MAX_SSE_EVENT:
+                raise ValueError("MCP response too large to filter")
+            if data != b"":
+                return b""
+            body, self.buf = self.buf, b""
+            new = self.addon.filter_json_body(self.flow, self.state, body)
+            return new if new is not None else body
+        except Exception as exc:  # fail closed: send nothing we could not check
+            logger.error("warden: mcp JSON filter failed with %s; dropping body", exc.__class__.__name__)
+            self.dead = True
+            return b""
+
+
 class Mcp:
     def __init__(self, store: RuleStore, outcomes: Outcomes) -> None:
         self.store = store
         self.outcomes = outcomes
         self.pins = E.PinStore()
         self._compiled: tuple[RuleSet, E.McpPolicies] | None = None
+        # HTTP+SSE (2024-11-05): (server id, session id) -> the GET stream's state
+        self.legacy_streams: dict[tuple[str, str], McpFlow] = {}
+
+    def register_legacy_stream(self, state: McpFlow, endpoint: str) -> None:
+        session = parse_qs(urlsplit(endpoint.strip()).query).get("session_id")
+        if session:
+            state.legacy_key = (state.server.id, session[0])
+            self.legacy_streams[state.legacy_key] = state
 
     def policies(self, rules: RuleSet) -> E.McpPolicies:
         compiled = self._compiled
@@ -175,7 +221,12 @@ class Mcp:
         if server is None:
             return
         flow.request.headers["Accept-Encoding"] = "identity"
-        flow.metadata[STATE_KEY] = McpFlow(server, policies, record.agent)
+        state = McpFlow(server, policies, record.agent)
+        legacy = server.legacy_sse_messages_path
+        if legacy and flow.request.method == "POST" and flow.request.path.startswith(legacy):
+            session = parse_qs(urlsplit(flow.request.path).query).get("session_id")
+            state.legacy_session = session[0] if session else None
+        flow.metadata[STATE_KEY] = state
         record.extra["mcp_server"] = server.id
 
     @fail_closed
@@ -184,6 +235,14 @@ class Mcp:
         if state is None or flow.response is not None:
             return
         record = record_of(flow)
+        owner = self.legacy_streams.get((state.server.id, state.legacy_session or ""))
+        if owner is not None and owner.agent != state.agent:
+            record.decision = deny(Reason.MCP_NO_POLICY, "HTTP+SSE session belongs to another agent",
+                                   state.policies.version)
+            if "mcp_deny" not in record.events:
+                record.events.append("mcp_deny")
+            flow.response = refusal_response(record.decision, record.agent)
+            return
         parsed = E.parse_messages(flow.request.get_content(strict=False) or b"")
         if parsed is None:
             return  # not JSON-RPC: the ordinary allow rules already decided it
@@ -232,6 +291,16 @@ class Mcp:
         record.engine_seconds += time.perf_counter() - started
         if first_denial is None:
             return
+        stream = self.legacy_streams.get((state.server.id, state.legacy_session or ""))
+        if stream is not None and stream.agent != state.agent:
+            stream = None  # another agent's session: never route answers into its stream
+        if stream is not None and not batch and "id" in messages[0] and answers:
+            # HTTP+SSE: the answer must arrive on the session's GET stream, so the server is sent
+            # a harmless ping with the same id and the stream filter swaps its result for ours.
+            stream.legacy_answers[_id_key(messages[0]["id"])] = answers[0]
+            flow.request.content = _dumps({"jsonrpc": "2.0", "id": messages[0]["id"], "method": "ping"})
+            record.extra["mcp_substituted"] = "ping"
+            return
         if not forward:
             state.answered = True
             record.decision = first_denial
@@ -250,9 +319,13 @@ class Mcp:
     # -- response side -----------------------------------------------------------------------
     def filter_server_message(self, flow: http.HTTPFlow, state: McpFlow, msg: Any) -> tuple[Any, bool]:
         """Filter one server->client message; note tool errors. Returns (message, modified)."""
-        before_hidden, before_changed = len(state.report.hidden), len(state.report.changed)
+        before_changed = len(state.report.changed)
         items = msg if isinstance(msg, list) else [msg]
         modified = False
+        if isinstance(msg, dict) and state.legacy_answers and "id" in msg and ("result" in msg or "error" in msg):
+            answer = state.legacy_answers.pop(_id_key(msg["id"]), None)
+            if answer is not None:
+                return answer, True
         for item in items:
             if not isinstance(item, dict):
                 continue
@@ -269,7 +342,6 @@ class Mcp:
             record.events.append("tool_changed")
         if state.report.collisions and "tool_collision" not in record.events:
             record.events.append("tool_collision")
-        del before_hidden
         return msg, modified
 
     @fail_closed
@@ -286,6 +358,32 @@ class Mcp:
                 return
             # Compose with a stream an earlier addon set (credentials' redactor), never replace it.
             flow.response.stream = SseFilter(self, flow, state, flow.response.stream)
+        elif flow.response.stream:
+            if state.answers and flow.response.status_code == 202:
+                flow.response.status_code = 200
+                flow.response.headers["Content-Type"] = "application/json"
+                flow.response.headers.pop("Content-Length", None)
+            # Another addon (credentials' redactor) streams this body: a JSON answer would pass
+            # unfiltered, so buffer it whole (bounded) and filter it at the end of the stream.
+            flow.response.stream = JsonBufferFilter(self, flow, state, flow.response.stream)
+
+    def filter_json_body(self, flow: http.HTTPFlow, state: McpFlow, body: bytes) -> bytes | None:
+        """Filter a whole JSON response body; merge pending answers. None when unchanged."""
+        if not body.strip() and state.answers:
+            answers, state.answers = state.answers, []
+            return _dumps(answers if state.batch else answers[0])
+        try:
+            msg = json.loads(body) if body.strip() else None
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(msg, (dict, list)):
+            return None
+        msg, modified = self.filter_server_message(flow, state, msg)
+        if state.answers:
+            msg = (msg if isinstance(msg, list) else [msg]) + state.answers
+            state.answers = []
+            modified = True
+        return _dumps(msg) if modified else None
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
@@ -294,20 +392,9 @@ class Mcp:
             return
         resp = flow.response
         if not state.answered and not resp.stream:
-            ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if ctype == "application/json" and resp.raw_content:
-                try:
-                    msg = json.loads(resp.get_content(strict=False) or b"")
-                except ValueError:
-                    msg = None
-                if msg is not None:
-                    msg, modified = self.filter_server_message(flow, state, msg)
-                    if state.answers:
-                        msg = (msg if isinstance(msg, list) else [msg]) + state.answers
-                        state.answers = []
-                        modified = True
-                    if modified:
-                        resp.content = _dumps(msg)
+            new = self.filter_json_body(flow, state, resp.get_content(strict=False) or b"") if resp.raw_content else None
+            if new is not None:
+                resp.content = new
             elif state.answers and resp.status_code in (200, 202) and not resp.raw_content:
                 resp.status_code = 200
                 resp.headers["Content-Type"] = "application/json"
@@ -322,7 +409,20 @@ class Mcp:
             self._emit(flow, state)
 
     # -- audit ---------------------------------------------------------------------------------
+    @staticmethod
+    def _safe_values(rules: RuleSet, values: Any) -> Any:
+        """Argument values for the audit log, unless they hold a credential secret (the credentials
+        addon substitutes placeholders before MCP sees the body)."""
+        text = json.dumps(values, ensure_ascii=False, default=str)
+        try:
+            from .engine.credentials import scanner_for
+            found = scanner_for(rules).redact_str(text, force=True)[1] > 0
+        except Exception:  # no scanner: fall back to the plain secret values
+            found = any(secret.value in text for secret in rules.secrets)
+        return "REDACTED: contains a credential" if found else values
     def _emit(self, flow: http.HTTPFlow, state: McpFlow) -> None:
+        if state.legacy_key is not None:
+            self.legacy_streams.pop(state.legacy_key, None)
         record = record_of(flow)
         if record.extra.get("mcp_audited"):
             return
@@ -349,7 +449,7 @@ class Mcp:
             if md.argument_keys is not None:
                 extra["mcp_argument_keys"] = list(md.argument_keys)
             if md.argument_values is not None:
-                extra["mcp_argument_values"] = md.argument_values
+                extra["mcp_argument_values"] = self._safe_values(state.policies.rules, md.argument_values)
             if call.is_error is not None:
                 extra["mcp_is_error"] = call.is_error
             if call.protocol_version:

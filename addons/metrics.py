@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -78,15 +79,21 @@ def registry() -> WardenMetrics:
                                     buckets=_LATENCY_BUCKETS, registry=r),
         upstream_duration=Histogram(N.UPSTREAM_DURATION, "Time from request to complete upstream response",
                                     buckets=_UPSTREAM_BUCKETS, registry=r),
-        active_tunnels=Gauge(N.ACTIVE_TUNNELS, "Passthrough tunnels currently open", registry=r),
-        rules_loaded=Gauge(N.RULES_LOADED, "Allow and deny rules in the rule set in force", registry=r),
-        policy_info=Gauge(N.POLICY_INFO, "The policy version in force (value is always 1)", ("version",), registry=r),
+        active_tunnels=Gauge(N.ACTIVE_TUNNELS, "Passthrough tunnels currently open", registry=r,
+                             multiprocess_mode="livesum"),
+        rules_loaded=Gauge(N.RULES_LOADED, "Allow and deny rules in the rule set in force", registry=r,
+                           multiprocess_mode="livemax"),
+        policy_info=Gauge(N.POLICY_INFO, "The policy version in force (1; 0 for versions replaced)", ("version",),
+                          registry=r, multiprocess_mode="livemax"),
         reloads=Counter(N.RELOADS, "Rule reload attempts by result", ("result",), registry=r),
-        last_reload_success=Gauge(N.LAST_RELOAD_SUCCESS, "Unix time of the last successful rule load", registry=r),
-        audit_queue_depth=Gauge(N.AUDIT_QUEUE_DEPTH, "Audit records waiting to be written", registry=r),
+        last_reload_success=Gauge(N.LAST_RELOAD_SUCCESS, "Unix time of the last successful rule load", registry=r,
+                                  multiprocess_mode="livemax"),
+        audit_queue_depth=Gauge(N.AUDIT_QUEUE_DEPTH, "Audit records waiting to be written", registry=r,
+                                multiprocess_mode="livesum"),
         audit_write_failures=Counter(N.AUDIT_WRITE_FAILURES, "Failed audit writes (each retried)", registry=r),
         audit_records=Counter(N.AUDIT_RECORDS, "Audit records written", registry=r),
-        audit_healthy=Gauge(N.AUDIT_HEALTHY, "1 if the audit log is writable, else 0", registry=r),
+        audit_healthy=Gauge(N.AUDIT_HEALTHY, "1 if the audit log is writable, else 0", registry=r,
+                            multiprocess_mode="livemin"),
         alerts_sent=Counter(N.ALERTS_SENT, "Alerts delivered, by sink", ("sink",), registry=r),
         alerts_failed=Counter(N.ALERTS_FAILED, "Alerts given up after retries, by sink", ("sink",), registry=r),
         alerts_suppressed=Counter(N.ALERTS_SUPPRESSED, "Alerts not sent, by cause", ("cause",), registry=r),
@@ -153,6 +160,7 @@ class Metrics:
         self.interception = interception
         self.metrics = registry()
         self.server: _MetricsServer | None = None
+        self._shown_version: str | None = None
         store.add_listener(self.on_reload)
         on_hook_error(self._hook_error)
 
@@ -162,6 +170,8 @@ class Metrics:
     def load(self, loader) -> None:  # noqa: ANN001
         loader.add_option("warden_metrics_listen", str, "127.0.0.1:9464",
                           "HOST:PORT for /metrics and /healthz; empty disables the listener.")
+        loader.add_option("warden_metrics_port_file", str, "",
+                          "Write the metrics listener's port to this file once bound (for port 0).")
 
     def configure(self, updated: set[str]) -> None:
         if "warden_metrics_listen" in updated:
@@ -173,6 +183,8 @@ class Metrics:
                 except (OSError, ValueError) as e:
                     raise exceptions.OptionsError(f"warden: cannot listen for metrics on {listen}: {e}") from None
                 threading.Thread(target=self.server.serve_forever, name="warden-metrics", daemon=True).start()
+                if ctx.options.warden_metrics_port_file:
+                    Path(ctx.options.warden_metrics_port_file).write_text(str(self.server.server_address[1]))
         if self.store.current is not None:
             self._set_rules_gauges(self.store.current.version, self.store.current.rule_count)
 
@@ -221,8 +233,12 @@ class Metrics:
     def _set_rules_gauges(self, version: str, count: int) -> None:
         m = self.metrics
         m.rules_loaded.set(count)
-        m.policy_info.clear()
+        # Set the replaced version to 0 rather than clear(): in multiprocess mode (--workers)
+        # values live in per-process files that clear() does not reach.
+        if self._shown_version is not None and self._shown_version != version:
+            m.policy_info.labels(version=self._shown_version).set(0)
         m.policy_info.labels(version=version).set(1)
+        self._shown_version = version
         m.last_reload_success.set(time.time())
 
     def on_reload(self, event: ReloadEvent) -> None:

@@ -13,6 +13,7 @@ host (no domain fronting); a plain-HTTP request's Host header must match its URL
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from mitmproxy import http
@@ -23,7 +24,7 @@ from .engine.facts import RequestFacts
 from .engine.hostnames import HostError, normalize_host, parse_ip
 from .engine.ruleset import RuleSet
 from .failsafe import fail_closed, refusal_response
-from .flowstate import ConnState, Connections, FlowRecord, Tunnel, record_of
+from .flowstate import Connections, ConnState, FlowRecord, Tunnel, record_of
 from .resolver import ResolveError, resolve
 from .rulestore import RuleStore
 
@@ -158,10 +159,8 @@ class Policy:
         started = time.perf_counter()
         decision = decide(rules, facts)
         record.engine_seconds += time.perf_counter() - started
-        try:
+        with contextlib.suppress(HostError):
             record.host = normalize_host(record.host or "")
-        except HostError:
-            pass
         if decision.allowed and tunnel is None:
             decision = await self._check_addresses(rules, facts, decision, state, record)
             pinned = state.pinned.get((record.host or "", flow.request.port))

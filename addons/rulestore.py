@@ -12,6 +12,7 @@ start-up stops Warden from starting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -71,10 +72,8 @@ class RuleStore:
     def running(self) -> None:
         if self._task is None and ctx.options.warden_watch:
             self._task = asyncio.get_running_loop().create_task(self._watch())
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._request_reload)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
 
     def done(self) -> None:
         if self._task is not None:

@@ -95,13 +95,14 @@ class McpOrigin:
 
 
 @contextlib.contextmanager
-def run_mcp_server(ca: trustme.CA, tmp: Any, *, json_response: bool = False) -> Iterator[McpOrigin]:
+def run_mcp_server(ca: trustme.CA, tmp: Any, *, json_response: bool = False, sse: bool = False) -> Iterator[McpOrigin]:
+    """sse=True serves the 2024-11-05 HTTP+SSE transport (GET /sse, POST /messages/?session_id=)."""
     srv = build_server()
-    app = srv.streamable_http_app(
-        json_response=json_response,
-        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
+    security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    app = (srv.sse_app(transport_security=security) if sse
+           else srv.streamable_http_app(json_response=json_response, transport_security=security))
     cert = ca.issue_cert(*ORIGIN_NAMES, "127.0.0.1")
-    cert_file, key_file = tmp / "mcp-cert.pem", tmp / "mcp-key.pem"
+    cert_file, key_file = tmp / f"mcp-cert-{sse}-{json_response}.pem", tmp / f"mcp-key-{sse}-{json_response}.pem"
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     for extra in cert.cert_chain_pems[1:]:
         with open(cert_file, "ab") as f:

@@ -182,6 +182,15 @@ def test_missing_secret_fails_check_with_credential_id(tmp_path):
     assert "github-missing" in r.stdout + r.stderr
 
 
+def test_http2_inject_and_leak(env):
+    w, o = env["warden"], env["origin"]
+    status, _, body = _get(w, "coder", f"https://cred.test:{o.port}/hello", "--http2")
+    assert status == 200 and "bound host" in body
+    status, headers, _ = _get(w, "coder", f"https://leak.test:{o.port}/leak-h2", "--http2",
+                              "--json", json.dumps({"t": SECRET}))
+    assert status == 403 and headers["x-warden-reason"] == "secret_leak"
+
+
 def test_zz_secret_never_in_audit_metrics_or_output(env):
     w = env["warden"]
     time.sleep(0.3)

@@ -107,7 +107,8 @@ def test_missing_secret_names_the_credential(tmp_path, monkeypatch):
     quote(SECRET, safe=""),
     re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(SECRET, safe="")),
     json.dumps({"token": SECRET}),
-])
+], ids=["raw", "b64", "b64-nopad", "b64url", "b64url-nopad", "basic", "b64-shifted", "urlenc", "urlenc-lower",
+        "json"])
 def test_leak_found_in_every_encoding(tmp_path, monkeypatch, form):
     rules = _rules(tmp_path, monkeypatch)
     scanner = scanner_for(rules)

@@ -13,7 +13,7 @@ import yaml
 from addons.engine.decide import decide, decide_addresses
 from addons.engine.decision import Reason, Verdict
 from addons.engine.facts import RequestFacts
-from addons.engine.identity import AuthFailure, Identity, identify, parse_basic
+from addons.engine.identity import AgentIdentity, AuthFailure, identify, parse_basic
 from addons.engine.loader import load_ruleset
 from addons.engine.netaddr import is_private_address
 from addons.engine.paths import PathError, canonical_path, compile_glob
@@ -160,14 +160,14 @@ def _basic(value: str) -> str:
 
 
 @pytest.mark.parametrize("header,client,expected", [
-    (_basic("coder:coder-token"), "127.0.0.1", Identity("coder", "token")),  # type: ignore[arg-type]
-    (_basic("coder:second:token"), "127.0.0.1", Identity("coder", "token")),  # type: ignore[arg-type]
+    (_basic("coder:coder-token"), "127.0.0.1", AgentIdentity("coder", "token")),  # type: ignore[arg-type]
+    (_basic("coder:second:token"), "127.0.0.1", AgentIdentity("coder", "token")),  # type: ignore[arg-type]
     (_basic("coder:wrong"), "127.0.0.1", AuthFailure.BAD_TOKEN),
     (_basic("ghost:coder-token"), "127.0.0.1", AuthFailure.UNKNOWN_AGENT),
     (_basic("ci:anything"), "10.20.0.5", AuthFailure.UNKNOWN_AGENT),
-    (_basic("bound:bound-token"), "10.30.0.7", Identity("bound", "token")),  # type: ignore[arg-type]
+    (_basic("bound:bound-token"), "10.30.0.7", AgentIdentity("bound", "token")),  # type: ignore[arg-type]
     (_basic("bound:bound-token"), "10.31.0.7", AuthFailure.WRONG_SOURCE),
-    (None, "10.20.0.5", Identity("ci", "source")),  # type: ignore[arg-type]
+    (None, "10.20.0.5", AgentIdentity("ci", "source")),  # type: ignore[arg-type]
     (None, "127.0.0.1", AuthFailure.MISSING),
     ("Basic !!!notbase64", "127.0.0.1", AuthFailure.MALFORMED),
     ("Bearer abc", "127.0.0.1", AuthFailure.MALFORMED),
@@ -178,8 +178,8 @@ def _basic(value: str) -> str:
 ])
 def test_identify(rules: RuleSet, header: str | None, client: str, expected: object) -> None:
     result = identify(rules, header, client)
-    if isinstance(expected, Identity):
-        assert isinstance(result, Identity) and result.agent == expected.agent and result.method == expected.method
+    if isinstance(expected, AgentIdentity):
+        assert isinstance(result, AgentIdentity) and result.agent == expected.agent and result.method == expected.method
     else:
         assert result == expected
 

@@ -35,15 +35,16 @@ WEATHER_SCHEMA = {
 def env(origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp("mcp-e2e")
-    with run_mcp_server(origin_ca, work) as srv, run_origin(batch_handler, ca=origin_ca) as batch:
-        ports = [srv.port, batch.port]
+    with run_mcp_server(origin_ca, work) as srv, run_origin(batch_handler, ca=origin_ca) as batch, \
+            run_mcp_server(origin_ca, work, sse=True) as old, run_mcp_server(origin_ca, work, json_response=True) as js:
+        ports = [srv.port, batch.port, old.port, js.port]
         allow = [{"host": "mcp.test", "ports": ports}, {"cidr": "127.0.0.1/32", "ports": ports}]
         rules = {
             "agents": [{"id": "coder", "token_sha256": [sha256_hex("tok")], "policies": ["p"]},
                        {"id": "nomcp", "token_sha256": [sha256_hex("tok2")], "policies": ["q"]}],
             "policies": {
                 "p": {"allow": allow,
-                      "credentials": [{"id": "mcp-fixture", "host": "mcp.test", "ports": [srv.port],
+                      "credentials": [{"id": "mcp-fixture", "host": "mcp.test", "ports": [srv.port, js.port],
                                        "inject": {"Authorization": "Bearer ${secret:MCP_TOKEN}"},
                                        "strip": ["Authorization"]}],
                       "mcp": [
@@ -51,23 +52,31 @@ def env(origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path,
                      "deny_tools": ["delete_all"], "arguments": {"get_weather": WEATHER_SCHEMA},
                      "resources": ["docs://public/**"], "prompts": ["code_review"],
                      "log_argument_values": ["add"]},
-                    {"server": "batchsrv", "tools": ["get_weather"]}]},
+                    {"server": "batchsrv", "tools": ["get_weather"]},
+                    {"server": "oldsse", "tools": ["get_weather", "add"]},
+                    {"server": "jsonsrv", "tools": ["get_weather"]}]},
                 "q": {"allow": allow},
             },
             "mcp_servers": [{"id": "fixture", "url": f"https://mcp.test:{srv.port}/mcp", "credential": "mcp-fixture"},
-                            {"id": "batchsrv", "url": f"https://mcp.test:{batch.port}/rpc"}],
-            "settings": {"hosts_file": str(hosts_file(work / "hosts"))},
+                            {"id": "batchsrv", "url": f"https://mcp.test:{batch.port}/rpc"},
+                            {"id": "oldsse", "url": f"https://mcp.test:{old.port}/sse",
+                             "legacy_sse_messages_path": "/messages"},
+                            {"id": "jsonsrv", "url": f"https://mcp.test:{js.port}/mcp", "credential": "mcp-fixture"}],
+            # small scan buffer: the credentials addon streams (redacts) the JSON answers of jsonsrv,
+            # which MCP must still filter
+            "settings": {"hosts_file": str(hosts_file(work / "hosts")), "body_scan": {"max_buffered_bytes": 1024}},
         }
         warden = start_warden(work, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
                               agents={"coder": "tok", "nomcp": "tok2"}, env={"MCP_TOKEN": MCP_TOKEN})
         try:
             yield {"warden": warden, "srv": srv, "batch": batch, "url": f"https://mcp.test:{srv.port}/mcp",
-                   "batch_url": f"https://mcp.test:{batch.port}/rpc"}
+                   "batch_url": f"https://mcp.test:{batch.port}/rpc", "sse_url": f"https://mcp.test:{old.port}/sse",
+                   "json_url": f"https://mcp.test:{js.port}/mcp"}
         finally:
             warden.stop()
 
 
-def run_client(env: dict[str, Any], mode: str, body: Any, agent: str = "coder") -> Any:
+def run_client(env: dict[str, Any], mode: str, body: Any, agent: str = "coder", url: str | None = None) -> Any:
     """Run `body(client)` with the SDK client going through Warden (HTTPS_PROXY + Warden's CA)."""
     warden: Warden = env["warden"]
     saved = {k: os.environ.get(k) for k in ("HTTPS_PROXY", "SSL_CERT_FILE", "NO_PROXY", "no_proxy")}
@@ -77,7 +86,7 @@ def run_client(env: dict[str, Any], mode: str, body: Any, agent: str = "coder") 
     os.environ.pop("no_proxy", None)
 
     async def main() -> Any:
-        async with Client(env["url"], mode=mode) as client:
+        async with Client(url or env["url"], mode=mode) as client:
             return await body(client)
 
     try:
@@ -147,10 +156,32 @@ def test_denied_calls_are_is_error_results(env: dict[str, Any], mode: str) -> No
     assert 'reason="mcp_tool_denied"' in warden.metrics_text()
 
 
+def test_logged_argument_values_never_hold_a_credential(env: dict[str, Any]) -> None:
+    run_client(env, "legacy", lambda c: c.call_tool("add", {"a": f"x {MCP_TOKEN} y", "b": 1}))
+    warden: Warden = env["warden"]
+    recs = mcp_records(warden, lambda r: r.get("mcp_tool") == "add" and isinstance(r.get("mcp_argument_values"), str))
+    assert recs and recs[-1]["mcp_argument_values"].startswith("REDACTED")
+    assert all(MCP_TOKEN not in json.dumps(r) for r in warden.audit_records())
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_tools_list_shows_only_catalog(env: dict[str, Any], mode: str) -> None:
     result = run_client(env, mode, lambda c: c.list_tools(cache_mode="bypass"))
     assert {t.name for t in result.tools} == {"get_weather", "add", "rugpull", "slow", "auth_echo"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_json_responses_filtered_even_when_streamed_by_credentials(env: dict[str, Any], mode: str) -> None:
+    async def body(c: Client) -> tuple[Any, Any, Any]:
+        return (await c.list_tools(cache_mode="bypass"), await c.call_tool("get_weather", {"location": "Rome"}),
+                await c.call_tool("add", {"a": 1, "b": 1}))
+
+    listed, ok, denied = run_client(env, mode, body, url=env["json_url"])
+    assert [t.name for t in listed.tools] == ["get_weather"]
+    assert not ok.is_error and "sunny in Rome" in text_of(ok)
+    assert denied.is_error
+    recs = mcp_records(env["warden"], lambda r: r.get("mcp_server") == "jsonsrv" and r.get("mcp_tool") == "get_weather")
+    assert recs[-1]["mcp_is_error"] is False
 
 
 def test_resources_and_prompts(env: dict[str, Any]) -> None:
@@ -184,6 +215,38 @@ def test_sse_progress_streams_through(env: dict[str, Any]) -> None:
     result = run_client(env, "legacy", lambda c: c.call_tool("slow", {"steps": 3}, progress_callback=progress))
     assert not result.is_error and "done 3" in text_of(result)
     assert seen == [1, 2, 3]
+
+
+def test_legacy_http_sse_transport(env: dict[str, Any]) -> None:
+    """2024-11-05 HTTP+SSE: answers travel on the GET stream; denials are swapped in there."""
+    from mcp.client.session import ClientSession
+    from mcp.client.sse import sse_client
+
+    warden: Warden = env["warden"]
+    saved = {k: os.environ.get(k) for k in ("HTTPS_PROXY", "SSL_CERT_FILE")}
+    os.environ["HTTPS_PROXY"] = warden.proxy_url("coder")
+    os.environ["SSL_CERT_FILE"] = str(warden.ca_cert)
+
+    async def main() -> tuple[Any, Any, Any]:
+        async with sse_client(env["sse_url"]) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            listed = await session.list_tools()
+            ok = await session.call_tool("get_weather", {"location": "Oslo"})
+            denied = await session.call_tool("delete_all", {})
+            return listed, ok, denied
+
+    try:
+        listed, ok, denied = asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert {t.name for t in listed.tools} == {"get_weather", "add"}
+    assert not ok.is_error and "sunny in Oslo" in text_of(ok)
+    assert denied.is_error and "not in this agent's tool catalog" in text_of(denied)
+    assert mcp_records(warden, lambda r: r.get("mcp_server") == "oldsse" and r["reason"] == "mcp_tool_not_allowed")
 
 
 def test_batch_decided_per_element(env: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import requests
 
 from addons.auditlog import verify_chain
 
-from .harness import Origin, Warden, hosts_file, run_origin, sha256_hex, start_warden
+from .harness import Origin, Warden, hosts_file, sha256_hex, start_warden
 
 pytestmark = pytest.mark.e2e
 TOKEN = "obs-token-0123456789"

@@ -40,7 +40,7 @@ class IdentityMethod(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Identity:
+class AgentIdentity:
     agent: str
     method: IdentityMethod
 
@@ -82,7 +82,7 @@ def _token_ok(agent: CompiledAgent | None, token: str) -> bool:
     return ok
 
 
-def identify(rules: RuleSet, proxy_authorization: str | None, client_ip: str | None) -> Identity | AuthFailure:
+def identify(rules: RuleSet, proxy_authorization: str | None, client_ip: str | None) -> AgentIdentity | AuthFailure:
     """Identify the caller. Returns an Identity or the reason none could be established."""
     ip: IPAddress | None = parse_ip(client_ip) if client_ip else None
     if proxy_authorization:
@@ -97,11 +97,11 @@ def identify(rules: RuleSet, proxy_authorization: str | None, client_ip: str | N
         assert agent is not None
         if not agent.source_ok(ip):
             return AuthFailure.WRONG_SOURCE
-        return Identity(agent.id, IdentityMethod.TOKEN)
+        return AgentIdentity(agent.id, IdentityMethod.TOKEN)
     if ip is not None and rules.source_agents:
         matches = rules.source_agents.lookup(ip)
         if len(matches) == 1:
-            return Identity(matches[0].id, IdentityMethod.SOURCE)
+            return AgentIdentity(matches[0].id, IdentityMethod.SOURCE)
     if rules.anonymous is not None and rules.anonymous.source_ok(ip):
-        return Identity(rules.anonymous.id, IdentityMethod.ANONYMOUS)
+        return AgentIdentity(rules.anonymous.id, IdentityMethod.ANONYMOUS)
     return AuthFailure.MISSING

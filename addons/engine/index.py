@@ -12,7 +12,7 @@ most 33 for IPv4, 129 for IPv6): cost independent of the number of networks.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from .hostnames import IPAddress, suffixes
 from .model import IPNetwork, TargetKind
@@ -20,7 +20,7 @@ from .model import IPNetwork, TargetKind
 T = TypeVar("T")
 
 
-class HostIndex(Generic[T]):
+class HostIndex[T]:
     """Maps host patterns (exact, wildcard, domain) to entries. Built once, then read-only."""
 
     __slots__ = ("_exact", "_suffix", "size")
@@ -55,7 +55,7 @@ class HostIndex(Generic[T]):
         return self.size > 0
 
 
-class CidrIndex(Generic[T]):
+class CidrIndex[T]:
     """Maps IP networks to entries; `lookup(ip)` returns the entries of every covering network."""
 
     __slots__ = ("_by_version", "size")
