@@ -28,9 +28,10 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -94,6 +95,9 @@ class Query:
     expect_hit: bool
 
 
+QUERIES = 20000
+
+
 def rule_lines(n: int, rng: random.Random) -> tuple[list[str], list[Query]]:
     """n allow rules mixing the rule kinds, plus hit and miss queries for them.
 
@@ -103,7 +107,9 @@ def rule_lines(n: int, rng: random.Random) -> tuple[list[str], list[Query]]:
     lines: list[str] = []
     hits: list[Query] = []
     for i in range(n):
-        kind = i % 20
+        # Every rule kind at every size (n=10 takes every other kind), so that all sizes run
+        # the same query mix and the comparison measures the rule count, not the mix.
+        kind = i % 20 if n >= 20 else (i * 20 // n) % 20
         if kind < 8:
             host = f"h{i}.svc{i % 97}.example"
             lines.append(f"      - host: {host}")
@@ -123,8 +129,13 @@ def rule_lines(n: int, rng: random.Random) -> tuple[list[str], list[Query]]:
             lines.append(f'      - host: {host}\n        paths: ["/api/{i}/**", "/static/*.js"]\n'
                          f"        methods: [GET, POST]")
             hits.append(Query(host, 443, "GET", f"/api/{i}/items/{rng.randrange(1000)}", True))
+    # The same number of distinct queries at every size (10,000 hits, 10,000 misses, hits
+    # repeated when there are fewer rules): otherwise the 10-rule run re-asks ~20 questions
+    # from a hot CPU cache and the comparison measures the cache, not the rule count.
+    hits = [hits[k % len(hits)] for k in range(max(len(hits), QUERIES // 2))]
     misses = [Query(f"nope{j}.unknown{j % 13}.org", 443, None, None, False) for j in range(len(hits))]
-    misses += [Query(f"p{i}.example", 443, "DELETE", f"/other/{i}", False) for i in range(18, n, 20)]
+    path_rules = list(range(18, n, 20)) or [i for i in range(n) if (i * 20 // n) % 20 >= 18]
+    misses[: len(path_rules)] = [Query(f"p{i}.example", 443, "DELETE", f"/other/{i}", False) for i in path_rules]
     return lines, hits + misses
 
 

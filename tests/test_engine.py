@@ -228,3 +228,13 @@ def test_lookup_cost_independent_of_rule_count(tmp_path: Path) -> None:
     assert index.lookup("h123.example.com") == [123]
     assert index.lookup("a.w5.example.org") == [5]
     assert index.lookup("w5.example.org") == []
+
+
+@pytest.mark.parametrize("name", ["com", "co.uk", "uk", "example.com", "githubusercontent.com", "github.io",
+                                  "x.ck", "www.ck", "city.kawasaki.jp", "kawasaki.jp", "a.b.kawasaki.jp",
+                                  "xn--fiqs8s", "xn--55qx5d.cn", "pythonhosted.org", "s3.amazonaws.com"])
+def test_public_suffix_set_agrees_with_tldextract(name: str) -> None:
+    from addons.engine.hostnames import _extractor, is_public_suffix
+
+    ext = _extractor()(name)
+    assert is_public_suffix(name) == (not ext.domain and ext.suffix == name)

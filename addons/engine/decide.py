@@ -45,6 +45,16 @@ def _policy_denial(agent: CompiledAgent, reason: Reason, message: str, version: 
     return deny(reason, message, version, rule_id)
 
 
+def _allowed(rules: RuleSet, rule_id: str, intercept: bool) -> Decision:
+    key = (rule_id, intercept)
+    decision = rules.allow_memo.get(key)
+    if decision is None:
+        decision = Decision(Verdict.ALLOW, Reason.ALLOWED, rule_id, f"allowed by rule {rule_id}", rules.version,
+                            intercept=intercept)
+        rules.allow_memo[key] = decision
+    return decision
+
+
 def _deny_rule_matches(rule: CompiledRule, port: int) -> bool:
     # A deny rule without ports covers every port: deny beats allow, whatever the port.
     return rule.ports is None or port in rule.ports
@@ -81,7 +91,8 @@ def decide(rules: RuleSet, facts: RequestFacts) -> Decision:
     port = facts.port
 
     l7_deny = False
-    for rule in rules.deny_cidrs.lookup(ip) if ip is not None else rules.deny_hosts.lookup(host):
+    deny_index = rules.deny_cidrs if ip is not None else rules.deny_hosts
+    for rule in deny_index.lookup(ip if ip is not None else host) if deny_index else ():  # type: ignore[arg-type]
         if not _deny_rule_matches(rule, port):
             continue
         if not rule.has_l7:
@@ -121,11 +132,11 @@ def decide(rules: RuleSet, facts: RequestFacts) -> Decision:
             or bool(rules.credentials_for(agent, host))
             or bool(rules.mcp_servers_at(host, port))
         )
-        return Decision(Verdict.ALLOW, Reason.ALLOWED, rule.id, f"{host}:{port} allowed", version, intercept=intercept)
+        return _allowed(rules, rule.id, intercept)
 
     for rule in usable:
         if rule.method_ok(method) and rule.path_ok(path):
-            return Decision(Verdict.ALLOW, Reason.ALLOWED, rule.id, f"{method} {host}{path} allowed", version)
+            return _allowed(rules, rule.id, False)
     path_matches = [r for r in usable if r.path_ok(path)]
     if path_matches:
         return _policy_denial(agent, Reason.METHOD_NOT_ALLOWED,

@@ -14,6 +14,11 @@ import tldextract
 
 MAX_HOST_LENGTH = 253
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+# Already canonical: lowercase ASCII labels, no trailing dot, last label not numeric-like.
+# One regex match, so the cost of a lookup does not depend on hitting the cache below.
+_CANONICAL = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*(?!0x[0-9a-f]*$|[0-9]+$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+)
 _NUMERIC_LIKE = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -23,7 +28,6 @@ class HostError(ValueError):
     """A host name that cannot be a real DNS name or IP literal."""
 
 
-@lru_cache(maxsize=16384)
 def normalize_host(raw: str) -> str:
     """Return the canonical form of a host: lowercase ASCII (IDNA), no trailing dot.
 
@@ -32,6 +36,13 @@ def normalize_host(raw: str) -> str:
     including numeric forms such as "2130706433" or "0x7f.1" that resolvers would
     silently turn into loopback addresses.
     """
+    if len(raw) <= MAX_HOST_LENGTH and _CANONICAL.fullmatch(raw):
+        return raw
+    return _normalize_slow(raw)
+
+
+@lru_cache(maxsize=16384)
+def _normalize_slow(raw: str) -> str:
     host = raw.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -77,23 +88,44 @@ def _extractor() -> tldextract.TLDExtract:
     return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None, include_psl_private_domains=False)
 
 
+def _ascii(name: str) -> str:
+    try:
+        return name.encode("idna").decode("ascii") if not name.isascii() else name
+    except UnicodeError:
+        return name
+
+
+@lru_cache(maxsize=1)
+def _icann_rules() -> tuple[frozenset[str], frozenset[str], frozenset[str]] | None:
+    """(exact suffixes, wildcard parents, exceptions) from tldextract's bundled snapshot, so
+    that checking 100,000 rule hosts is three set lookups each instead of an extract() call.
+    None if this tldextract does not expose its list (then extract() is used)."""
+    try:
+        tlds = _extractor()._get_tld_extractor().tlds_excl_private
+    except AttributeError:
+        return None
+    exact = frozenset(_ascii(t) for t in tlds if not t.startswith(("*.", "!")))
+    wild = frozenset(_ascii(t[2:]) for t in tlds if t.startswith("*."))
+    exceptions = frozenset(_ascii(t[1:]) for t in tlds if t.startswith("!"))
+    return exact, wild, exceptions
+
+
 def is_public_suffix(name: str) -> bool:
-    """True for a name that is itself an ICANN public suffix: "com", "co.uk"."""
-    ext = _extractor()(name)
-    return not ext.domain and ext.suffix == name
+    """True for a name that is itself an ICANN public suffix: "com", "co.uk", "x.ck"."""
+    rules = _icann_rules()
+    if rules is None:
+        ext = _extractor()(name)
+        return not ext.domain and ext.suffix == name
+    exact, wild, exceptions = rules
+    if name in exceptions:
+        return False
+    if name in exact:
+        return True
+    parent = name.partition(".")[2]
+    return bool(parent) and parent in wild
 
 
 def registrable_domain(name: str) -> str:
     """The registrable domain ("example.co.uk" for "a.b.example.co.uk"), or "" if none."""
     ext = _extractor()(name)
     return f"{ext.domain}.{ext.suffix}" if ext.domain and ext.suffix else ""
-
-
-def suffixes(host: str) -> list[str]:
-    """"a.b.c" -> ["a.b.c", "b.c", "c"]: the keys the suffix index is probed with."""
-    out = [host]
-    start = host.find(".")
-    while start != -1:
-        out.append(host[start + 1 :])
-        start = host.find(".", start + 1)
-    return out

@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TypeVar
 
-from .hostnames import IPAddress, suffixes
+from .hostnames import IPAddress
 from .model import IPNetwork, TargetKind
 
 T = TypeVar("T")
+_EMPTY: list = []  # shared empty result; never mutated
 
 
 class HostIndex[T]:
@@ -41,14 +42,24 @@ class HostIndex[T]:
             raise ValueError(f"HostIndex does not hold {kind} targets")
 
     def lookup(self, host: str) -> list[T]:
-        """Every entry whose pattern matches `host` (a normalised name), exact ones first."""
-        found = list(self._exact.get(host, ()))
-        if self._suffix:
-            for i, candidate in enumerate(suffixes(host)):
-                entries = self._suffix.get(candidate)
-                if entries:
-                    apex = i == 0
-                    found.extend(entry for matches_apex, entry in entries if matches_apex or not apex)
+        """Every entry whose pattern matches `host` (a normalised name), exact ones first.
+
+        The returned list may be the index's own: callers read it, never change it.
+        """
+        exact = self._exact.get(host)
+        suffix = self._suffix
+        if not suffix:
+            return exact or _EMPTY  # type: ignore[return-value]
+        found: list[T] = list(exact) if exact else []
+        entries = suffix.get(host)
+        if entries:
+            found.extend(entry for matches_apex, entry in entries if matches_apex)
+        dot = host.find(".")
+        while dot != -1:  # parent suffixes, without building a list of them
+            entries = suffix.get(host[dot + 1 :])
+            if entries:
+                found.extend(entry for _apex, entry in entries)
+            dot = host.find(".", dot + 1)
         return found
 
     def __bool__(self) -> bool:

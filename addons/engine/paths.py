@@ -13,9 +13,12 @@ segments (including none). "/repos/acme/**" matches "/repos/acme" and "/repos/ac
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from urllib.parse import unquote_to_bytes
 
 MAX_PATH_LENGTH = 8192
+# Paths with nothing to decode or refuse: no '%', '\\', control characters, empty or dot segments.
+_PLAIN = re.compile(r"(?:/(?!\.\.?(?:/|$))[^/%\\\x00-\x20\x7f]+)*/?")
 
 
 class PathError(ValueError):
@@ -25,6 +28,8 @@ class PathError(ValueError):
 def canonical_path(raw: str) -> str:
     """Decoded path without query or fragment; raises PathError for ambiguous paths."""
     path = raw.split("#", 1)[0].split("?", 1)[0]
+    if path and _PLAIN.fullmatch(path):
+        return path  # nothing to decode or refuse: the common case, one regex match
     if path == "*" or path == "":
         return "/"
     if len(path) > MAX_PATH_LENGTH:
@@ -58,20 +63,28 @@ class GlobError(ValueError):
     """A path glob in a rule file that is not well formed."""
 
 
-def compile_glob(pattern: str) -> re.Pattern[str]:
-    """Compile a path glob to an anchored regular expression."""
+def check_glob(pattern: str) -> None:
+    """Raise GlobError unless `pattern` is a well-formed path glob (no regex is built)."""
     if not pattern.startswith("/"):
         raise GlobError("path globs start with '/'")
+    for segment in pattern.split("/")[1:]:
+        if segment != "**" and "**" in segment:
+            raise GlobError("'**' must be a whole path segment, as in '/repos/**'")
+        if segment in (".", ".."):
+            raise GlobError("path globs cannot contain '.' or '..' segments")
+
+
+@lru_cache(maxsize=262144)
+def compile_glob(pattern: str) -> re.Pattern[str]:
+    """Compile a path glob to an anchored regular expression (cached: rules compile lazily,
+    on first use, so loading 100,000 rules does not compile 100,000 regular expressions)."""
+    check_glob(pattern)
     parts: list[str] = []
     segments = pattern.split("/")[1:]
     for i, segment in enumerate(segments):
         if segment == "**":
             # "/a/**" must match "/a" too: the separator before ** is optional.
             parts.append("(?:/.*)?" if i == len(segments) - 1 else "(?:/[^/]*)*")
-            continue
-        if "**" in segment:
-            raise GlobError("'**' must be a whole path segment, as in '/repos/**'")
-        if segment in (".", ".."):
-            raise GlobError("path globs cannot contain '.' or '..' segments")
-        parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
+        else:
+            parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
     return re.compile("".join(parts) or "/")

@@ -11,7 +11,7 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import jsonschema
 
 from .errors import RuleError, RuleProblem, RuleSetError
+from .fastschema import compile_schema
 from .hostnames import HostError, is_public_suffix, normalize_host, parse_ip
 from .model import (
     ANONYMOUS_AGENT,
@@ -39,7 +40,7 @@ from .model import (
     Target,
     TargetKind,
 )
-from .paths import GlobError, compile_glob
+from .paths import GlobError, check_glob
 from .yamlsource import LineMap, load_yaml
 
 RULE_FILE_SUFFIXES = (".yaml", ".yml")
@@ -51,6 +52,11 @@ _ANY_REF = re.compile(r"\$\{")
 def rule_schema() -> dict[str, Any]:
     text = resources.files("addons.engine").joinpath("rules.schema.json").read_text("utf-8")
     return json.loads(text)
+
+
+@lru_cache(maxsize=1)
+def _fast_check() -> Callable[[Any], bool]:
+    return compile_schema(rule_schema())
 
 
 @lru_cache(maxsize=1)
@@ -78,6 +84,8 @@ class _Collector:
 
 
 def _schema_problems(doc: Any, lines: LineMap) -> list[RuleProblem]:
+    if _fast_check()(doc):
+        return []  # the common case; jsonschema below only runs to explain a failure
     problems = []
     for err in sorted(_schema_validator().iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
         path = list(err.absolute_path)
@@ -157,7 +165,7 @@ def _check_paths(paths: list[str] | None, path: tuple[str | int, ...], lines: Li
         return None
     for i, glob in enumerate(paths):
         try:
-            compile_glob(glob)
+            check_glob(glob)
         except GlobError as e:
             raise lines.error((*path, "paths", i), f"path glob {glob!r}: {e}") from None
     return tuple(paths)
