@@ -105,3 +105,58 @@ def test_warden_token_cli() -> None:
     lines = out.stdout.splitlines()
     token = lines[1].strip()
     assert f'token_sha256: ["{hashlib.sha256(token.encode()).hexdigest()}"]' in out.stdout
+
+
+def _mutations(doc: object) -> list[object]:
+    """Single-point mutations of a valid document: wrong types, unknown keys, bad values."""
+    import copy
+
+    out: list[object] = []
+    bad_values = [None, 1, -1, 1.5, True, "x", "", [], {}, ["x"], [1, 1], {"zz": 1}, "A" * 300]
+
+    def walk(node: object, setter) -> None:  # noqa: ANN001
+        for bad in bad_values:
+            setter(bad)
+            out.append(copy.deepcopy(root))
+        setter(node)
+        if isinstance(node, dict):
+            for key in list(node):
+                value = node[key]
+                walk(value, lambda v, k=key: node.__setitem__(k, v))
+            node["unknown_key"] = 1
+            out.append(copy.deepcopy(root))
+            del node["unknown_key"]
+        elif isinstance(node, list):
+            for i, value in enumerate(list(node)):
+                walk(value, lambda v, i=i: node.__setitem__(i, v))
+
+    root = copy.deepcopy(doc)
+    for key in list(root):  # type: ignore[union-attr]
+        walk(root[key], lambda v, k=key: root.__setitem__(k, v))  # type: ignore[index]
+    return out
+
+
+def test_fast_schema_check_agrees_with_jsonschema() -> None:
+    """The fast validator may only say "valid" where jsonschema does (it skips the messages)."""
+    import yaml
+
+    from addons.engine.validate import _fast_check, _schema_validator
+
+    docs = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "rules").glob("*.yaml"))]
+    docs.append({"agents": [{"id": "a", "token_sha256": ["0" * 64], "policies": ["p"], "sources": ["10.0.0.0/8"]}],
+                 "policies": {"p": {"allow": [{"id": "r", "host": "a.com", "ports": [443], "methods": ["GET"],
+                                               "paths": ["/x/**"]}],
+                                    "credentials": [{"id": "c", "host": "a.com", "inject": {"A": "${secret:X}"},
+                                                     "strip": ["Cookie"], "placeholder": "placeholder-1"}],
+                                    "mcp": [{"server": "s", "tools": ["t"], "arguments": {"t": {"type": "object"}}}]}},
+                 "mcp_servers": [{"id": "s", "url": "https://m.example/mcp"}],
+                 "settings": {"private_networks": "deny", "audit": {"on_failure": "continue", "max_file_bytes": 5000},
+                              "alerts": [{"url": "https://h.example/x", "events": ["deny"], "max_per_minute": 5}]}})
+    checked = 0
+    for doc in docs:
+        for candidate in [doc, *_mutations(doc)]:
+            fast = _fast_check()(candidate)
+            slow = _schema_validator().is_valid(candidate)
+            assert fast == slow, candidate
+            checked += 1
+    assert checked > 1000
