@@ -238,3 +238,12 @@ def test_public_suffix_set_agrees_with_tldextract(name: str) -> None:
 
     ext = _extractor()(name)
     assert is_public_suffix(name) == (not ext.domain and ext.suffix == name)
+
+
+def test_public_suffix_list_is_the_bundled_snapshot_only() -> None:
+    """tldextract must never download the list: no URLs, no cache directory."""
+    from addons.engine.hostnames import _extractor
+
+    extractor = _extractor()
+    assert tuple(extractor.suffix_list_urls) == ()
+    assert extractor.include_psl_private_domains is False

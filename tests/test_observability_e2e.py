@@ -215,9 +215,12 @@ def test_rotation_loses_no_record_under_10000_requests(tmp_path: Path, plain_ori
 def test_metrics_registered_once_across_addon_instances() -> None:
     """A second chain in the same process (mitmproxy script reload) must not raise duplicate timeseries."""
     from addons.chain import build_chain
+    from addons.metrics import Metrics
 
-    first, second = build_chain(), build_chain()
-    assert first is not second
+    first, second = build_chain(), build_chain()  # would raise "Duplicated timeseries" if re-registered
+    m1 = next(a for a in first if isinstance(a, Metrics))
+    m2 = next(a for a in second if isinstance(a, Metrics))
+    assert m1 is not m2 and m1.metrics is m2.metrics
 
 
 def test_healthz_reports_rules_and_audit(tmp_path: Path, plain_origin: Origin) -> None:
