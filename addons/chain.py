@@ -13,11 +13,27 @@
     Alerts           webhook alerts, off the traffic path
 
 Later stages read what earlier ones wrote into the flow's FlowRecord; none writes back.
+
+mitmproxy sees the chain as ONE addon (`WardenAddon`). mitmproxy dispatches every event to
+every addon in its list (a safecall context, a traverse and a getattr per addon, and a
+second pass for the `update` event after each flow event), whether or not the addon has a
+handler. With the concerns registered one by one that cost ~0.35 ms of CPU per proxied
+request, most of Warden's overhead over bare mitmproxy; one addon that calls only the
+handlers that exist costs one dispatch per event.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
+
+# Hook classes register their names in hooks.all_hooks when their modules are imported.
+import mitmproxy.addonmanager  # noqa: F401 - load
+import mitmproxy.log  # noqa: F401 - add_log
+import mitmproxy.proxy.layers  # noqa: F401 - http, tls, tcp, udp, websocket, dns hooks
+import mitmproxy.proxy.server_hooks  # noqa: F401 - connection hooks
+from mitmproxy import hooks
 
 from .alerts import Alerts
 from .audit import Audit, AuditGate
@@ -58,3 +74,43 @@ def build_chain() -> list[Any]:
         metrics,
         alerts,
     ]
+
+
+def _dispatcher(name: str, handlers: list[Callable[..., Any]]) -> Callable[..., Any]:
+    if any(inspect.iscoroutinefunction(h) for h in handlers):
+        async def dispatch_async(*args: Any) -> None:
+            for handler in handlers:
+                result = handler(*args)
+                if inspect.isawaitable(result):
+                    await result
+        dispatch_async.__name__ = name
+        return dispatch_async
+
+    def dispatch(*args: Any) -> None:
+        for handler in handlers:
+            handler(*args)
+    dispatch.__name__ = name
+    return dispatch
+
+
+class WardenAddon:
+    """The Warden chain as a single mitmproxy addon: each hook calls the parts' handlers in
+    chain order. Flow hooks of the parts are `fail_closed`, so one part's exception denies
+    the flow and does not reach mitmproxy; a lifecycle error (e.g. invalid rules at start)
+    propagates to mitmproxy as before."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.hooks: dict[str, list[Callable[..., Any]]] = {}
+        for name in sorted(hooks.all_hooks):
+            handlers = [getattr(part, name) for part in parts if callable(getattr(part, name, None))]
+            if handlers:
+                self.hooks[name] = handlers
+                setattr(self, name, _dispatcher(name, handlers))
+
+    def part(self, cls: type) -> Any:
+        return next(p for p in self.parts if isinstance(p, cls))
+
+
+def build_addon() -> WardenAddon:
+    return WardenAddon(build_chain())

@@ -1,22 +1,78 @@
-"""WardenMaster: mitmdump's master with the Warden chain placed where `-s` scripts would run.
+"""WardenMaster: a lean mitmdump master with the Warden chain where `-s` scripts would run.
 
-Unlike `-s`, the addons are not loaded through the script loader, so nothing is ever
-hot-reloaded from code (a failed script reload would remove the policy and let traffic
-pass). The flow dumper is left out: the audit log is the record.
+Unlike `-s`, the chain is not loaded through the script loader, so nothing is ever
+hot-reloaded from code (a failed script reload removes the addon and lets traffic pass).
+
+Only the mitmproxy addons Warden needs are loaded (`NEEDED`). mitmproxy dispatches every
+event to every addon in its list, so each unused addon costs CPU on every request, and
+several would undermine a governance proxy: `save`/`savehar` write whole flows (with
+injected credentials) to disk, `map_remote`/`map_local`/`modify_*` rewrite requests after
+the policy decided, `server_replay`/`client_replay` replay traffic, and `onboarding` serves
+its own web app from inside the proxy. Their options stay registered (mitmproxy's
+command-line parser refers to them), but setting one is refused with a clear error rather
+than silently ignored.
 """
 
 from __future__ import annotations
 
-from mitmproxy import addons, master, options
-from mitmproxy.addons import errorcheck, script
+from typing import Any
 
-from .chain import build_chain
+from mitmproxy import addons, ctx, exceptions, master, options
+from mitmproxy.addons import (
+    block,
+    core,
+    disable_h2c,
+    errorcheck,
+    next_layer,
+    proxyserver,
+    script,
+    tlsconfig,
+    upstream_auth,
+)
+
+from .chain import build_addon
+
+NEEDED: tuple[type, ...] = (
+    core.Core,
+    block.Block,  # refuses clients from public addresses unless block_global is off
+    disable_h2c.DisableH2C,  # h2c upgrades would bypass per-request decisions
+    proxyserver.Proxyserver,
+    script.ScriptLoader,  # kept for its options; warden run loads no scripts itself
+    next_layer.NextLayer,
+    tlsconfig.TlsConfig,
+    upstream_auth.UpstreamAuth,  # for --mode upstream: behind a corporate proxy
+)
+
+
+class RefusedOptions:
+    """Registers the options of the mitmproxy addons Warden does not load and refuses them."""
+
+    def __init__(self, dropped: list[Any]) -> None:
+        self.dropped = dropped
+        self.names: set[str] = set()
+
+    def load(self, loader: Any) -> None:
+        before = set(loader.master.options.keys())
+        for addon in self.dropped:
+            if hasattr(addon, "load"):
+                addon.load(loader)
+        self.names = set(loader.master.options.keys()) - before
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        for name in sorted(updated & self.names):
+            if getattr(opts, name) != opts.default(name):
+                raise exceptions.OptionsError(
+                    f"warden run does not support the mitmproxy option {name!r}: the addon that implements it "
+                    f"is not loaded, because it would record or rewrite traffic behind the policy's back")
 
 
 class WardenMaster(master.Master):
     def __init__(self, opts: options.Options, loop=None) -> None:  # noqa: ANN001
         super().__init__(opts, event_loop=loop, with_termlog=True)
         defaults = addons.default_addons()
-        at = next(i for i, a in enumerate(defaults) if isinstance(a, script.ScriptLoader)) + 1
-        self.addons.add(*defaults[:at], *build_chain(), *defaults[at:])
+        kept = [a for a in defaults if isinstance(a, NEEDED)]
+        refused = RefusedOptions([a for a in defaults if not isinstance(a, NEEDED)])
+        at = next(i for i, a in enumerate(kept) if isinstance(a, script.ScriptLoader)) + 1
+        self.addons.add(*kept[:at], build_addon(), *kept[at:], refused)
         self.addons.add(errorcheck.ErrorCheck())

@@ -42,6 +42,15 @@ def _split_authority(value: str, default_port: int) -> tuple[str, int]:
     return value, default_port
 
 
+def _canonical_or_raw(host: str) -> str:
+    """The canonical host for records; an invalid one is kept as sent (truncated) so the
+    audit shows what the agent tried."""
+    try:
+        return normalize_host(host)
+    except HostError:
+        return host[:256]
+
+
 class Policy:
     def __init__(self, store: RuleStore, connections: Connections) -> None:
         self.store = store
@@ -76,19 +85,17 @@ class Policy:
         rules = self.store.current
         assert rules is not None and record.agent is not None
         facts = RequestFacts(record.agent, flow.request.host, flow.request.port, "https")
-        record.host, record.port, record.scheme = flow.request.host, flow.request.port, "https"
+        record.host, record.port, record.scheme = _canonical_or_raw(flow.request.host), flow.request.port, "https"
         started = time.perf_counter()
         decision = decide(rules, facts)
         record.engine_seconds += time.perf_counter() - started
         if decision.allowed:
             decision = await self._check_addresses(rules, facts, decision, state, record)
         record.decision = decision
-        if decision.reason is not Reason.INVALID_HOST:
-            record.host = normalize_host(flow.request.host)
         if not decision.allowed:
             self._refuse(flow, record, decision)
             return
-        host = normalize_host(flow.request.host)
+        host = record.host  # allowed, so the host was valid and is canonical here
         state.tunnel = Tunnel(
             agent=record.agent,
             host=host,

@@ -1,8 +1,8 @@
 """RuleStore addon: loads the rules directory, watches it, swaps the compiled RuleSet atomically.
 
 How reload works: a background task fingerprints the rule files (plus the hosts file and
-the secrets directory) every `POLL_SECONDS`. On a change, the new rule set is loaded and
-compiled in a worker thread, off the event loop, then published by assigning one
+the secrets directory) every `POLL_SECONDS`. Once a change has settled (see `_watch`), the
+new rule set is loaded and compiled in a worker thread, off the event loop, then published by assigning one
 attribute: a decision in flight keeps the RuleSet it started with, the next one sees the
 new one. A change that fails validation keeps the last good rules, logs every problem with
 file and line, and tells listeners (audit, metrics, alerts). A rule set that is invalid at
@@ -25,10 +25,12 @@ from mitmproxy import ctx, exceptions
 from .engine.errors import WardenError
 from .engine.loader import load_ruleset, rule_files
 from .engine.ruleset import RuleSet
+from .engine.validate import content_version
 
 logger = logging.getLogger("warden")
 
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.4  # a change is loaded after two equal polls: within ~1.2 s, under the 2 s promise
+CONTENT_CHECK_POLLS = 25  # every ~10 s, compare content hashes as well as file stats
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,25 +149,51 @@ class RuleStore:
                 out.append(p if p.is_absolute() else base / p)
         return out
 
+    def _snapshot(self) -> tuple:
+        assert self._rules_dir is not None
+        return self._fingerprint_of(self._rules_dir), self._extra_fingerprint()
+
     async def _watch(self) -> None:
-        extra = self._extra_fingerprint()
+        """Poll for changes; reload once the files have stopped changing.
+
+        A change is acted on only when two polls POLL_SECONDS apart see the same files, so a
+        file caught half-written by an editor or a config tool is not loaded. Every
+        CONTENT_CHECK_POLLS polls the content hash is compared too, so a rewrite that left
+        size and (coarse) mtime unchanged is still picked up.
+        """
+        assert self._rules_dir is not None
+        seen = await asyncio.to_thread(self._snapshot)
+        polls = 0
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            if self._rules_dir is None:
-                continue
+            polls += 1
             try:
-                fingerprint = await asyncio.to_thread(self._fingerprint_of, self._rules_dir)
-                new_extra = self._extra_fingerprint()
-                if fingerprint == self._fingerprint and new_extra == extra and not self._reload_requested:
-                    continue
-                self._reload_requested = False
-                extra = new_extra
-                await self.reload()
-                extra = self._extra_fingerprint()
+                now = await asyncio.to_thread(self._snapshot)
+                changed = now != seen
+                seen = now
+                if changed:
+                    continue  # still changing, or just changed: look again next poll
+                stale = now[0] != self._fingerprint or self._reload_requested
+                if not stale and polls % CONTENT_CHECK_POLLS == 0:
+                    stale = await asyncio.to_thread(self._content_changed)
+                if stale:
+                    self._reload_requested = False
+                    await self.reload()
+                    seen = await asyncio.to_thread(self._snapshot)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the watcher must survive anything; the last good rules stay
                 logger.error("warden: rule watcher error: %s", e.__class__.__name__)
+
+    def _content_changed(self) -> bool:
+        rules = self.current
+        if rules is None or self._rules_dir is None:
+            return True
+        paths = rule_files(self._rules_dir) if self._rules_dir.exists() else []
+        try:
+            return content_version(paths, self._rules_dir) != rules.version
+        except OSError:
+            return True
 
     async def reload(self) -> ReloadEvent | None:
         """Load and compile off the event loop, then swap. Keeps the old rules on failure."""

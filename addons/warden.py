@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 try:
-    from addons.chain import build_chain
+    from addons.chain import build_addon
 except ImportError:  # run from a checkout without `pip install`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from addons.chain import build_chain
+    from addons.chain import build_addon
 
-addons = build_chain()
+addons = [build_addon()]

@@ -319,3 +319,16 @@ def test_reload_good_and_broken_under_traffic(tmp_path: Path, origin_ca: trustme
             assert "warden_reloads_total{result=\"failure\"} 1.0" in w.metrics_text()
         finally:
             w.stop()
+
+
+def test_flow_recording_options_are_refused(tmp_path: Path) -> None:
+    """warden run does not load mitmproxy's save/map/modify addons: setting their options is an error."""
+    rules = {"agents": [{"id": "a", "token_sha256": ["0" * 64], "policies": []}], "policies": {}}
+    w = start_warden(tmp_path, rules, extra_args=["--set", f"save_stream_file={tmp_path / 'flows'}"],
+                     expect_start=False)
+    try:
+        code = w.proc.wait(30)
+    finally:
+        w.stop()
+    assert code != 0 and "save_stream_file" in w.output()
+    assert not (tmp_path / "flows").exists()
