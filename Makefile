@@ -8,7 +8,7 @@ LISTEN ?= 127.0.0.1:8080
 METRICS_LISTEN ?= 127.0.0.1:9464
 PYTEST_ARGS ?=
 
-.PHONY: run test lint check bench bench-quick clean system-deps
+.PHONY: run test lint check bench bench-quick bench-engine clean system-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { py=$$(.ci/find-python) && echo "using $$py" && "$$py" -m venv $(VENV); }
@@ -43,11 +43,16 @@ lint: $(STAMP)
 check: $(STAMP)
 	$(BIN)/warden check rules
 
+# Benchmarks (by hand, never in CI): proxy comparison (~7 min), then bench/README.md for
+# engine_bench.py, reload_bench.py, soak.py, bench_credentials.py and bench_mcp.py.
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	bench/run.sh
 
 bench-quick: $(STAMP)
-	$(BIN)/python bench/run.py --quick
+	bench/run.sh --quick
+
+bench-engine: $(STAMP)
+	$(BIN)/python bench/engine_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

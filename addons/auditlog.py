@@ -32,6 +32,7 @@ from typing import Any, TextIO
 
 GENESIS = "0" * 64
 RETRY_SECONDS = 0.5
+BATCH_SECONDS = 0.005  # records reach the file at most this much later
 
 
 def utc_now() -> str:
@@ -153,6 +154,9 @@ class AuditWriter:
                 item = self.queue.get(timeout=RETRY_SECONDS)
             except queue.Empty:
                 continue
+            # Let a batch gather: one wake-up, write and flush per BATCH_SECONDS instead of per
+            # record (a wake-up per record cost ~14% of Warden's CPU on new-connection load).
+            time.sleep(BATCH_SECONDS)
             batch = [item]
             while len(batch) < 4096:
                 try:

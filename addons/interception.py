@@ -41,12 +41,14 @@ class CountingTCPLayer(tcp.TCPLayer):
         self.tunnel = tunnel
 
     def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # A plain function returning mitmproxy's generator, not a generator itself: one
+        # generator frame per relayed chunk instead of two (measurable at 20k requests/s).
         if isinstance(event, events.DataReceived):
             if event.connection is self.context.client:
                 self.tunnel.bytes_up += len(event.data)
             else:
                 self.tunnel.bytes_down += len(event.data)
-        yield from super().relay_messages(event)
+        return super().relay_messages(event)
 
 
 class Interception:

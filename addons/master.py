@@ -15,6 +15,7 @@ than silently ignored.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from mitmproxy import addons, ctx, exceptions, master, options
@@ -67,6 +68,19 @@ class RefusedOptions:
                     f"is not loaded, because it would record or rewrite traffic behind the policy's back")
 
 
+class LogLevel:
+    """Keep the root logger at the level the terminal shows.
+
+    mitmproxy's main() sets the root logger to DEBUG and filters in its terminal log, so
+    every connection builds debug records nobody sees (~3% of CPU on new-connection load).
+    """
+
+    def configure(self, updated: set[str]) -> None:
+        if "termlog_verbosity" in updated:
+            level = logging.getLevelName(ctx.options.termlog_verbosity.upper())
+            logging.getLogger().setLevel(level if isinstance(level, int) else logging.DEBUG)
+
+
 class WardenMaster(master.Master):
     def __init__(self, opts: options.Options, loop=None) -> None:  # noqa: ANN001
         super().__init__(opts, event_loop=loop, with_termlog=True)
@@ -74,5 +88,5 @@ class WardenMaster(master.Master):
         kept = [a for a in defaults if isinstance(a, NEEDED)]
         refused = RefusedOptions([a for a in defaults if not isinstance(a, NEEDED)])
         at = next(i for i, a in enumerate(kept) if isinstance(a, script.ScriptLoader)) + 1
-        self.addons.add(*kept[:at], build_addon(), *kept[at:], refused)
+        self.addons.add(LogLevel(), *kept[:at], build_addon(), *kept[at:], refused)
         self.addons.add(errorcheck.ErrorCheck())

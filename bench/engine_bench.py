@@ -288,6 +288,10 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=1.0, help="throughput window per size")
     args = p.parse_args()
     LOAD_RULESET, DECIDE, REQUEST_FACTS = import_engine()
+    def too_slow(_signum: int, _frame: object) -> None:
+        raise SystemExit(f"engine_bench: gave up after {HARD_LIMIT_S} s")
+
+    signal.signal(signal.SIGALRM, too_slow)  # SystemExit, so the temp dir is still removed
     signal.alarm(HARD_LIMIT_S)  # bounded, even with a pathological engine
     tmp = Path(tempfile.mkdtemp(prefix="warden-engine-bench-"))
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import socket
@@ -42,7 +43,7 @@ from benchlib.proxies import (  # noqa: E402
     warden_binary,
     warden_status,
 )
-from benchlib.report import Report, RunRecord, f, med, ok, summarize, table  # noqa: E402
+from benchlib.report import Report, RunRecord, Summary, f, med, ok, summarize, table  # noqa: E402
 from benchlib.scenarios import FULL_MATRIX, QUICK_MATRIX, Scenario  # noqa: E402
 from benchlib.session import Session, bench_session  # noqa: E402
 
@@ -107,8 +108,6 @@ def direct_ceilings(lg: Path, env: BenchEnv, scenarios: list[Scenario],
 def through_tunnel(port: int, host: str, tls_port: int, path: str | None = None) -> tuple[str, bytes]:
     """CONNECT host through the proxy, TLS in the tunnel; (sha256 of the leaf
     certificate the client sees, body of GET path or b"")."""
-    import hashlib
-
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         raw.sendall(f"CONNECT {host}:{tls_port} HTTP/1.1\r\nHost: {host}:{tls_port}\r\n"
                     f"{PROXY_AUTH_HEADER}\r\n\r\n".encode())
@@ -180,12 +179,8 @@ def audit_interceptions(rp: RunningProxy) -> str:
 
 # ---------------------------------------------------------------- report
 
-def render(report: Report, records: list[RunRecord], ceilings: dict[str, LgResult],
-           scenarios: list[Scenario], a: str, b: str, checks: dict[str, Checks],
-           startups: dict[str, list[float]]) -> None:
-    summ = summarize(records)
-    proxies = [a, b, "squid"]
-
+def proxied_section(summ: dict[tuple[str, str], Summary], scenarios: list[Scenario],
+                    proxies: list[str]) -> str:
     rows = []
     for sc in scenarios:
         for px in proxies:
@@ -196,53 +191,90 @@ def render(report: Report, records: list[RunRecord], ceilings: dict[str, LgResul
                 continue
             rows.append([sc.name, px, f(sm.rps), f(sm.p50_ms, 2), f(sm.p99_ms, 2),
                          f(sm.cpu_s_per_1k, 3), f(sm.peak_rss_mib), str(sm.errors), str(sm.runs)])
-    report.sections.append("## Proxied scenarios (medians over rounds)\n")
-    report.sections.append(table(["scenario", "proxy", "req/s", "p50 ms", "p99 ms", "proxy CPU s/1k req",
-                                  "peak RSS MiB", "errors", "runs"], rows))
+    return "## Proxied scenarios (medians over rounds)\n\n" + table(
+        ["scenario", "proxy", "req/s", "p50 ms", "p99 ms", "proxy CPU s/1k req", "peak RSS MiB", "errors",
+         "runs"], rows)
 
-    rows = []
+
+def paired_ratios(records: list[RunRecord], scenario: str, a: str, b: str) -> list[float]:
+    """req/s A/B of each round (A and B ran back to back): shows how noisy the figure is."""
+    by_round = {(r.proxy, r.round): r.result.rps for r in records if r.scenario.name == scenario}
+    rounds = sorted({rnd for (_, rnd) in by_round})
+    return [by_round[(a, r)] / by_round[(b, r)] for r in rounds if (a, r) in by_round and (b, r) in by_round]
+
+
+def targets_section(summ: dict[tuple[str, str], Summary], records: list[RunRecord], scenarios: list[Scenario],
+                    a: str, b: str) -> tuple[str, int, int, int]:
+    """(markdown, scenarios compared, throughput targets met, p99 targets met)."""
+    rows, n, rps_met, p99_met = [], 0, 0, 0
     for sc in scenarios:
         sa, sb = summ.get((sc.name, a)), summ.get((sc.name, b))
         if not sa or not sb:
             continue
         rr, pr = sa.rps / sb.rps, sa.p99_ms / sb.p99_ms
+        n, rps_met, p99_met = n + 1, rps_met + (rr >= TARGET_RPS_RATIO), p99_met + (pr <= TARGET_P99_RATIO)
+        per_round = paired_ratios(records, sc.name, a, b)
+        spread = f"{min(per_round):.2f}-{max(per_round):.2f}" if per_round else "n/a"
         sq = summ.get((sc.name, "squid"))
-        rows.append([sc.name, f(rr, 3), ok(rr >= TARGET_RPS_RATIO), f(pr, 3), ok(pr <= TARGET_P99_RATIO),
-                     f(sq.rps) if sq else "n/a"])
-    report.sections.append(f"## Targets per scenario ({a} / {b})\n")
-    report.sections.append(table(["scenario", f"req/s ratio (>= {TARGET_RPS_RATIO})", "met",
-                                  f"p99 ratio (<= {TARGET_P99_RATIO})", "met", "squid req/s"], rows))
+        rows.append([sc.name, f(rr, 3), ok(rr >= TARGET_RPS_RATIO), spread, f(pr, 3),
+                     ok(pr <= TARGET_P99_RATIO), f(sq.rps) if sq else "n/a"])
+    text = f"## Targets per scenario ({a} / {b})\n\n" + table(
+        ["scenario", f"req/s ratio (>= {TARGET_RPS_RATIO})", "met", "per-round req/s ratios",
+         f"p99 ratio (<= {TARGET_P99_RATIO})", "met", "squid req/s"], rows)
+    return text, n, rps_met, p99_met
 
+
+def checks_section(checks: dict[str, Checks]) -> str:
     rows = [[px, ok(c.passthrough_origin_cert), "yes" if c.intercept_proxy_cert else "no",
              "yes" if c.injected else "no", c.audit] for px, c in checks.items()]
-    report.sections.append("## Behaviour checks (what the client and the origin see, independent of Warden)\n")
-    report.sections.append(table(["proxy", "passthrough.test shows the origin's cert (never intercepted)",
-                                  "intercept.test shows a proxy-issued cert (the check can fail)",
-                                  "cred.test: origin got the injected Authorization",
-                                  "audit log: event host=interception: count"], rows))
+    return "## Behaviour checks (what the client and the origin see, independent of Warden)\n\n" + table(
+        ["proxy", "passthrough.test shows the origin's cert (never intercepted)",
+         "intercept.test shows a proxy-issued cert (the check can fail)",
+         "cred.test: origin got the injected Authorization", "audit log: event host=interception: count"], rows)
 
-    ma, mb = med(startups.get(a, [])), med(startups.get(b, []))
+
+def startup_section(startups: dict[str, list[float]], a: str, b: str) -> tuple[str, float]:
+    ratio = med(startups.get(a, [])) / med(startups.get(b, []))
     rows = [[px, f(med(v) * 1000, 0), f(min(v) * 1000, 0), f(max(v) * 1000, 0), str(len(v))]
             for px, v in startups.items() if v]
-    report.sections.append("## Start-up: spawn to first proxied request answered 200\n")
-    report.sections.append(table(["proxy", "median ms", "min ms", "max ms", "samples"], rows))
-    report.sections.append(f"Start-up ratio {a}/{b}: {f(ma / mb, 2)} (target <= {TARGET_STARTUP_RATIO}): "
-                           f"{ok(ma / mb <= TARGET_STARTUP_RATIO)}\n")
+    return ("## Start-up: spawn to first proxied request answered 200\n\n"
+            + table(["proxy", "median ms", "min ms", "max ms", "samples"], rows)
+            + f"\nStart-up ratio {a}/{b}: {f(ratio, 2)} (target <= {TARGET_STARTUP_RATIO}): "
+            f"{ok(ratio <= TARGET_STARTUP_RATIO)}\n"), ratio
 
+
+def ceiling_section(summ: dict[tuple[str, str], Summary], ceilings: dict[str, LgResult],
+                    scenarios: list[Scenario], a: str, b: str) -> str:
     rows = []
     for sc in scenarios:
         c = ceilings.get(sc.name)
-        # Headroom against the proxies being compared (squid is only a reference).
-        best = max((s.rps for (n, px), s in summ.items() if n == sc.name and px in (a, b)),
-                   default=float("nan"))
         if c is None:
             rows.append([sc.name, "n/a", "n/a", "n/a", "n/a", "n/a"])
             continue
+        # Headroom against the proxies being compared (squid is only a reference).
+        best = max((s.rps for (n, px), s in summ.items() if n == sc.name and px in (a, b)),
+                   default=float("nan"))
         rows.append([sc.name, f(c.rps), f(c.p50_ms, 3), f(c.p99_ms, 3),
                      f(c.cpu_s / max(c.ok, 1) * 1000, 3), f(c.rps / best, 1) + "x"])
-    report.sections.append("## Load generator ceiling (lg direct to nginx, no proxy)\n")
-    report.sections.append(table(["scenario", "req/s", "p50 ms", "p99 ms", "lg CPU s/1k req",
-                                  f"headroom vs fastest of {a}/{b}"], rows))
+    return "## Load generator ceiling (lg direct to nginx, no proxy)\n\n" + table(
+        ["scenario", "req/s", "p50 ms", "p99 ms", "lg CPU s/1k req", f"headroom vs fastest of {a}/{b}"], rows)
+
+
+def render(report: Report, records: list[RunRecord], ceilings: dict[str, LgResult],
+           scenarios: list[Scenario], a: str, b: str, checks: dict[str, Checks],
+           startups: dict[str, list[float]]) -> None:
+    summ = summarize(records)
+    targets, n, rps_met, p99_met = targets_section(summ, records, scenarios, a, b)
+    startup, startup_ratio = startup_section(startups, a, b)
+    passthrough_ok = all(c.passthrough_origin_cert for c in checks.values())
+    report.sections.append("## Summary\n\n" + table(["target", "result"], [
+        [f"req/s {a}/{b} >= {TARGET_RPS_RATIO}", f"{rps_met}/{n} scenarios"],
+        [f"p99 {a}/{b} <= {TARGET_P99_RATIO}", f"{p99_met}/{n} scenarios"],
+        ["allowed hosts without L7 rules never intercepted", ok(passthrough_ok)],
+        [f"start-up {a}/{b} <= {TARGET_STARTUP_RATIO}", f"{f(startup_ratio, 2)}: {ok(startup_ratio <= 1.5)}"],
+    ]))
+    report.sections += [proxied_section(summ, scenarios, [a, b, "squid"]), targets, checks_section(checks),
+                        startup, ceiling_section(summ, ceilings, scenarios, a, b)]
 
 
 # ---------------------------------------------------------------- main
@@ -280,6 +312,8 @@ def main() -> int:
         print(f"bench: Warden not usable ({why_not}); A = bare mitmdump stand-in", flush=True)
     spec_b = BARE
     t_start = time.monotonic()
+    # Other work on the machine shows up as noise; say how busy it was.
+    load_at_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     report = Report(f"Warden proxy benchmark {dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}")
     with bench_session(args.keep_tmp) as sess:
         print(f"bench: direct-to-origin ceilings ({len(scenarios)} scenarios)", flush=True)
@@ -294,7 +328,8 @@ def main() -> int:
             "squid " + ("5 reference (no cache, CONNECT tunnelled, no ssl-bump)" if with_squid else "skipped"),
             f"load generator: bench/loadgen/lg.c (C, one blocking thread per connection); "
             f"{rounds} round(s) x {duration:g} s per scenario and proxy, {warmup:g} s warm-up, "
-            f"fresh proxy process per run", f"machine: {os.cpu_count()} CPUs; total wall time {elapsed:.0f} s",
+            f"fresh proxy process per run", f"machine: {os.cpu_count()} CPUs, load average at start {load_at_start}; "
+            f"total wall time {elapsed:.0f} s",
         ]
         render(report, records, ceilings, scenarios, spec_a.name, spec_b.name, checks, startups)
     write_results(report.render())

@@ -71,6 +71,13 @@ def audit_summary(rp: RunningProxy) -> str:
     return f"{size / 2**20:,.1f} MiB, {lines:,} records"
 
 
+def downsample(xs: list[float], n: int) -> list[float]:
+    """At most n evenly spaced points, always including the first and the last."""
+    if len(xs) <= n:
+        return xs
+    return [xs[round(i * (len(xs) - 1) / (n - 1))] for i in range(n)]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=200_000)
@@ -111,7 +118,7 @@ def main() -> int:
             ["requests (after warm-up)", f"{done:,} in {elapsed:.0f} s ({done / elapsed:,.0f} req/s)"],
             ["failed requests", str(errors)],
             ["RSS min / max during soak", f"{min(trace):.1f} / {max(trace):.1f} MiB"],
-            ["RSS trace (MiB, per chunk)", " ".join(f(x, 0) for x in trace)],
+            ["RSS trace (MiB, start to end)", " ".join(f(x, 1) for x in downsample(trace, 16))],
             ["metrics endpoint at end", metrics],
             ["audit log at end", audit],
             ["traffic mix (rotating chunks)", ", ".join(sc.name for sc in MIX)],

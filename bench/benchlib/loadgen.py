@@ -23,7 +23,7 @@ class LgResult:
     errors_io: int = 0
 
     @classmethod
-    def from_json(cls, raw: str) -> "LgResult":
+    def from_json(cls, raw: str) -> LgResult:
         d = json.loads(raw)
         return cls(d["ok"], d["errors"], d["rps"], d["p50_ms"], d["p99_ms"], d["max_ms"], d["elapsed_s"], d["cpu_s"],
                    d["errors_connect"], d["errors_status"], d["errors_io"])

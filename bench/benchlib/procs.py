@@ -7,13 +7,14 @@ never kill by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -75,16 +76,14 @@ class Procs:
             except subprocess.TimeoutExpired:
                 continue
         # Leftover group members (e.g. helpers) after the leader exited.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def stop_all(self) -> None:
         for proc in reversed(list(self.running)):
             self.stop(proc, timeout=3.0)
 
-    def __enter__(self) -> "Procs":
+    def __enter__(self) -> Procs:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,9 +14,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .origin import CRED_SECRET, TEST_HOSTS, Origin
 from .procs import Proc, Procs, free_port
@@ -55,7 +55,7 @@ class RunningProxy:
 @dataclass(frozen=True)
 class ProxySpec:
     name: str                                           # column label
-    argv: Callable[[BenchEnv, int, "dict[str, object]"], list[str]]
+    argv: Callable[[BenchEnv, int, dict[str, object]], list[str]]
     supports_intercept: bool = True
     env: dict[str, str] = field(default_factory=dict)
 
@@ -131,7 +131,7 @@ deny:
 """
 
 
-def _warden_argv(env: BenchEnv, port: int, extra: "dict[str, object]") -> list[str]:
+def _warden_argv(env: BenchEnv, port: int, extra: dict[str, object]) -> list[str]:
     metrics_port = int(extra.setdefault("metrics_port", free_port()))  # type: ignore[call-overload]
     audit = Path(str(extra.setdefault("audit_log", env.tmp / f"audit-{port}.jsonl")))
     return [warden_binary(), "run", "--rules", str(env.rules_dir),
@@ -141,7 +141,7 @@ def _warden_argv(env: BenchEnv, port: int, extra: "dict[str, object]") -> list[s
             "--set", f"ssl_verify_upstream_trusted_ca={env.origin.ca_pem}"]
 
 
-def _bare_argv(env: BenchEnv, port: int, extra: "dict[str, object]") -> list[str]:
+def _bare_argv(env: BenchEnv, port: int, extra: dict[str, object]) -> list[str]:
     return [str(VENV_BIN / "mitmdump"), "--listen-host", "127.0.0.1", "-p", str(port),
             "--set", f"confdir={env.confdir}", "-q",
             "--set", f"ssl_verify_upstream_trusted_ca={env.origin.ca_pem}",
@@ -150,7 +150,7 @@ def _bare_argv(env: BenchEnv, port: int, extra: "dict[str, object]") -> list[str
             "-s", str(BARE_ADDON)]
 
 
-def _squid_argv(env: BenchEnv, port: int, extra: "dict[str, object]") -> list[str]:
+def _squid_argv(env: BenchEnv, port: int, extra: dict[str, object]) -> list[str]:
     run_dir = env.tmp / f"squid-{port}"
     run_dir.mkdir()
     conf = run_dir / "squid.conf"

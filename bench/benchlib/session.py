@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from . import setup
 from .origin import start_origin
@@ -24,8 +25,19 @@ class Session:
     tmp: Path
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM/SIGHUP (e.g. `timeout`, a closed terminal) become SystemExit, so the
+    `finally` blocks still stop every process we started, by PID."""
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
 @contextmanager
 def bench_session(keep_tmp: bool = False) -> Iterator[Session]:
+    _exit_on_sigterm()
     setup.ensure_debian_packages()
     lg = setup.build_loadgen()
     tmp = Path(tempfile.mkdtemp(prefix="warden-bench-"))
