@@ -152,6 +152,11 @@ def _bulk_allocation() -> Iterator[None]:
     try:
         yield
     finally:
+        # The new rule set lives until the next reload: move it (and everything else alive)
+        # out of the collector's generations. Otherwise the first full collection after
+        # re-enabling scans it all, on whatever thread allocates next, typically the event
+        # loop: measured as a 118 ms stall during a 100,000-rule reload.
+        gc.freeze()
         if enabled:
             gc.enable()
 
