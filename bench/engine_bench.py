@@ -39,8 +39,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from benchlib.procs import tree_rss_mib  # noqa: E402
 from benchlib.report import f, ok, table  # noqa: E402
+from benchlib.results import write_results  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
 TARGET_P50_US, TARGET_P99_US, TARGET_SCALE, TARGET_LOAD_S, TARGET_LOAD_MB = 5.0, 20.0, 1.3, 2.0, 150.0
 AGENT = "bench"
 HARD_LIMIT_S = 600  # the whole script, however slow the engine is
@@ -302,11 +302,7 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = render(results)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"engine-{stamp}.md").write_text(text)
-    (RESULTS / "engine-latest.md").write_text(text)
-    print(text)
+    write_results("engine", text)
     return 0
 
 

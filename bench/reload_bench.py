@@ -35,9 +35,9 @@ from benchlib.origin import Origin  # noqa: E402
 from benchlib.procs import Proc  # noqa: E402
 from benchlib.proxies import PROXY_AUTH_HEADER, WARDEN, connect_status, rules_yaml, start_proxy, warden_status  # noqa: E402
 from benchlib.report import f, ok, table  # noqa: E402
+from benchlib.results import write_results  # noqa: E402
 from benchlib.session import Session, bench_session  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
 TARGET_EFFECT_S = 2.0
 LOAD_HOSTS = ("plain.test", "intercept.test", "passthrough.test")
 
@@ -182,11 +182,7 @@ def main() -> int:
             sess.procs.stop(rp.proc)
         audit = audit_failures(rp.audit_log)
     text = render(rewrites, results, audit)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"reload-{stamp}.md").write_text(text)
-    (RESULTS / "reload-latest.md").write_text(text)
-    print(text)
+    write_results("reload", text)
     return 0
 
 

@@ -27,10 +27,10 @@ from benchlib.loadgen import run_lg  # noqa: E402
 from benchlib.procs import tree_rss_mib  # noqa: E402
 from benchlib.proxies import WARDEN, RunningProxy, start_proxy, warden_status  # noqa: E402
 from benchlib.report import f, ok, table  # noqa: E402
+from benchlib.results import write_results  # noqa: E402
 from benchlib.scenarios import Scenario  # noqa: E402
 from benchlib.session import Session, bench_session  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
 TARGET_GROWTH = 0.10
 MIX = [Scenario("http", True, 16, "128B"), Scenario("intercept", True, 16, "128B"),
        Scenario("cred", True, 16, "128B"), Scenario("passthrough", False, 16, "128B"),
@@ -124,11 +124,7 @@ def main() -> int:
             ["traffic mix (rotating chunks)", ", ".join(sc.name for sc in MIX)],
         ]),
     ])
-    RESULTS.mkdir(exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"soak-{stamp}.md").write_text(text)
-    (RESULTS / "soak-latest.md").write_text(text)
-    print(text)
+    write_results("soak", text)
     return 0
 
 

@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib.loadgen import run_lg  # noqa: E402
 from benchlib.proxies import WARDEN, ProxySpec, _warden_argv, start_proxy  # noqa: E402
+from benchlib.results import write_results  # noqa: E402
 from benchlib.scenarios import Scenario  # noqa: E402
 from benchlib.session import bench_session  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 1.7
 
 
@@ -59,11 +59,7 @@ def main() -> int:
              "| scenario | 1 worker req/s | 2 workers req/s | ratio | target >= 1.7 |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {one:,.1f} | {two:,.1f} | {ratio:.2f} | {'**met**' if ratio >= TARGET else '**NOT met**'} |"
               for name, one, two, ratio in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"workers-{time.strftime('%Y%m%d-%H%M%S')}.md").write_text(text)
-    (RESULTS / "workers-latest.md").write_text(text)
+    write_results("workers", "\n".join(lines) + "\n")
     return 0
 
 
