@@ -108,9 +108,6 @@ class WardenAddon:
                 self.hooks[name] = handlers
                 setattr(self, name, _dispatcher(name, handlers))
 
-    def part(self, cls: type) -> Any:
-        return next(p for p in self.parts if isinstance(p, cls))
-
 
 def build_addon() -> WardenAddon:
     return WardenAddon(build_chain())

@@ -197,10 +197,6 @@ class Metrics:
             self.server.server_close()
             self.server = None
 
-    @property
-    def port(self) -> int | None:
-        return self.server.server_address[1] if self.server else None
-
     def refresh(self) -> None:
         """Gauges sampled at scrape time."""
         m = self.metrics

@@ -42,6 +42,15 @@ def _split_authority(value: str, default_port: int) -> tuple[str, int]:
     return value, default_port
 
 
+def _names(header: str, host: str, port: int) -> bool:
+    """Does a Host header (or :authority) name `host` (canonical) and `port`? Unparsable: no."""
+    try:
+        name, header_port = _split_authority(header, port)
+        return normalize_host(name) == host and header_port == port
+    except (ValueError, HostError):
+        return False
+
+
 def _canonical_or_raw(host: str) -> str:
     """The canonical host for records; an invalid one is kept as sent (truncated) so the
     audit shows what the agent tried."""
@@ -114,14 +123,8 @@ class Policy:
                         f"TLS SNI {tunnel.sni_mismatch[:80]!r} differs from the CONNECT host {tunnel.host}; "
                         f"connect to the host you mean", rules.version)
         header = flow.request.host_header
-        if header is None:
-            return None  # HTTP/1.0 without Host: the tunnel host is the only destination
-        try:
-            host, port = _split_authority(header, tunnel.port)
-            if normalize_host(host) == tunnel.host and port == tunnel.port:
-                return None
-        except (ValueError, HostError):
-            pass
+        if header is None or _names(header, tunnel.host, tunnel.port):
+            return None  # (HTTP/1.0 without Host: the tunnel host is the only destination)
         return deny(Reason.HOST_MISMATCH,
                     f"Host header {header[:80]!r} differs from the CONNECT host {tunnel.host}:{tunnel.port}; "
                     f"open a tunnel to the host you mean", rules.version)
@@ -150,17 +153,11 @@ class Policy:
             record.host, record.port, record.scheme = flow.request.host, flow.request.port, flow.request.scheme
             record.interception = Interception.PLAIN
             header = flow.request.host_header
-            if header is not None:
-                try:
-                    h, p = _split_authority(header, flow.request.port)
-                    same = normalize_host(h) == normalize_host(flow.request.host) and p == flow.request.port
-                except (ValueError, HostError):
-                    same = False
-                if not same:
-                    self._refuse(flow, record, deny(
-                        Reason.HOST_MISMATCH, f"Host header {header[:80]!r} differs from the request URL host "
-                        f"{flow.request.host[:80]!r}", rules.version))
-                    return
+            if header is not None and not _names(header, _canonical_or_raw(flow.request.host), flow.request.port):
+                self._refuse(flow, record, deny(
+                    Reason.HOST_MISMATCH, f"Host header {header[:80]!r} differs from the request URL host "
+                    f"{flow.request.host[:80]!r}", rules.version))
+                return
             facts = RequestFacts(record.agent, flow.request.host, flow.request.port, flow.request.scheme,
                                  flow.request.method, flow.request.path)
         started = time.perf_counter()

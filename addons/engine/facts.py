@@ -20,7 +20,3 @@ class RequestFacts:
     scheme: str = "https"
     method: str | None = None
     path: str | None = None
-
-    @property
-    def is_connect_stage(self) -> bool:
-        return self.method is None

@@ -123,9 +123,3 @@ def is_public_suffix(name: str) -> bool:
         return True
     parent = name.partition(".")[2]
     return bool(parent) and parent in wild
-
-
-def registrable_domain(name: str) -> str:
-    """The registrable domain ("example.co.uk" for "a.b.example.co.uk"), or "" if none."""
-    ext = _extractor()(name)
-    return f"{ext.domain}.{ext.suffix}" if ext.domain and ext.suffix else ""
