@@ -47,6 +47,15 @@ class ReloadEvent:
 ReloadListener = Callable[[ReloadEvent], None]
 
 
+def _stat(path: Path) -> tuple:
+    """What identifies a file's version cheaply: a change to any of these means "look again"."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), None)
+    return (str(path), st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 class RuleStore:
     """Owns the current RuleSet. `current` is None only before the first successful load."""
 
@@ -111,14 +120,7 @@ class RuleStore:
     @staticmethod
     def _fingerprint_of(rules_dir: Path) -> tuple:
         paths = list(rule_files(rules_dir)) if rules_dir.exists() else []
-        items = []
-        for p in paths:
-            try:
-                st = p.stat()
-                items.append((str(p), st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                items.append((str(p), None))
-        return tuple(items)
+        return tuple(_stat(p) for p in paths)
 
     def _extra_fingerprint(self) -> tuple:
         """The hosts file and the secrets are part of the rule set: watch them too."""
@@ -128,15 +130,10 @@ class RuleStore:
         items = []
         for path in self._watched_extra(rules):
             try:
-                if path.is_dir():
-                    for child in sorted(path.iterdir()):
-                        st = child.stat()
-                        items.append((str(child), st.st_mtime_ns, st.st_size))
-                else:
-                    st = path.stat()
-                    items.append((str(path), st.st_mtime_ns, st.st_size))
+                children = sorted(path.iterdir()) if path.is_dir() else [path]
             except OSError:
-                items.append((str(path), None))
+                children = [path]
+            items.extend(_stat(child) for child in children)
         return tuple(items)
 
     @staticmethod
