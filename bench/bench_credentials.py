@@ -8,16 +8,12 @@ Targets: < 20 us per request without a body, < 250 us with a 64 KiB body.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from addons.engine.credentials import (  # noqa: E402
+from egresswarden.core.credentials import (
     bound_credentials,
     headers_text,
     injections,
@@ -25,7 +21,7 @@ from addons.engine.credentials import (  # noqa: E402
     scanner_for,
     strip_names,
 )
-from addons.engine.loader import load_ruleset  # noqa: E402
+from egresswarden.core.loader import load_ruleset
 
 N_CREDS = 50
 

@@ -15,17 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from addons.engine import mcp as E  # noqa: E402
-from addons.engine.loader import load_ruleset  # noqa: E402
+from egresswarden.core import mcp as E
+from egresswarden.core.loader import load_ruleset
 
 N_TOOLS = 100
 

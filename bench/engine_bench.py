@@ -33,13 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from benchlib.procs import tree_rss_mib
+from benchlib.report import f, ok, table
+from benchlib.results import write_results
 
-from benchlib.procs import tree_rss_mib  # noqa: E402
-from benchlib.report import f, ok, table  # noqa: E402
-from benchlib.results import write_results  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TARGET_P50_US, TARGET_P99_US, TARGET_SCALE, TARGET_LOAD_S, TARGET_LOAD_MB = 5.0, 20.0, 1.3, 2.0, 150.0
 AGENT = "bench"
@@ -49,9 +47,9 @@ HARD_LIMIT_S = 600  # the whole script, however slow the engine is
 def import_engine() -> tuple[Callable[[Path], Any], Callable[..., Any], type]:
     """(load_ruleset, decide, RequestFacts), or exit with a clear message."""
     try:
-        from addons.engine.decide import decide
-        from addons.engine.facts import RequestFacts
-        from addons.engine.loader import load_ruleset
+        from egresswarden.core.decide import decide
+        from egresswarden.core.facts import RequestFacts
+        from egresswarden.core.loader import load_ruleset
     except ImportError as e:
         sys.exit(f"engine_bench: the policy engine is not importable yet ({e}).\n"
                  "It needs addons.engine.loader.load_ruleset, addons.engine.decide.decide and "

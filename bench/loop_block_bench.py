@@ -14,12 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import engine_bench as eb  # noqa: E402
-
-from addons.engine.loader import load_ruleset  # noqa: E402
+import engine_bench as eb
+from egresswarden.core.loader import load_ruleset
 
 TARGET_MS = 50.0
 

@@ -27,16 +27,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+from benchlib.loadgen import LgResult
+from benchlib.origin import Origin
+from benchlib.procs import Proc
+from benchlib.proxies import PROXY_AUTH_HEADER, WARDEN, connect_status, rules_yaml, start_proxy, warden_status
+from benchlib.report import f, ok, table
+from benchlib.results import write_results
+from benchlib.session import Session, bench_session
 
-from benchlib.loadgen import LgResult  # noqa: E402
-from benchlib.origin import Origin  # noqa: E402
-from benchlib.procs import Proc  # noqa: E402
-from benchlib.proxies import PROXY_AUTH_HEADER, WARDEN, connect_status, rules_yaml, start_proxy, warden_status  # noqa: E402
-from benchlib.report import f, ok, table  # noqa: E402
-from benchlib.results import write_results  # noqa: E402
-from benchlib.session import Session, bench_session  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TARGET_EFFECT_S = 2.0
 LOAD_HOSTS = ("plain.test", "intercept.test", "passthrough.test")

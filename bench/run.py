@@ -26,11 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchlib.loadgen import LgResult, run_lg  # noqa: E402
-from benchlib.procs import Procs, tree_cpu_seconds, tree_peak_rss_mib  # noqa: E402
-from benchlib.proxies import (  # noqa: E402
+from benchlib.loadgen import LgResult, run_lg
+from benchlib.procs import Procs, tree_cpu_seconds, tree_peak_rss_mib
+from benchlib.proxies import (
     BARE,
     BARE_AS_A,
     PROXY_AUTH_HEADER,
@@ -43,9 +41,9 @@ from benchlib.proxies import (  # noqa: E402
     warden_binary,
     warden_status,
 )
-from benchlib.report import Report, RunRecord, Summary, f, med, ok, summarize, table  # noqa: E402
-from benchlib.scenarios import FULL_MATRIX, QUICK_MATRIX, Scenario  # noqa: E402
-from benchlib.session import Session, bench_session  # noqa: E402
+from benchlib.report import Report, RunRecord, Summary, f, med, ok, summarize, table
+from benchlib.scenarios import FULL_MATRIX, QUICK_MATRIX, Scenario
+from benchlib.session import Session, bench_session
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"

@@ -20,16 +20,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+from benchlib.loadgen import run_lg
+from benchlib.procs import tree_rss_mib
+from benchlib.proxies import WARDEN, RunningProxy, start_proxy, warden_status
+from benchlib.report import f, ok, table
+from benchlib.results import write_results
+from benchlib.scenarios import Scenario
+from benchlib.session import Session, bench_session
 
-from benchlib.loadgen import run_lg  # noqa: E402
-from benchlib.procs import tree_rss_mib  # noqa: E402
-from benchlib.proxies import WARDEN, RunningProxy, start_proxy, warden_status  # noqa: E402
-from benchlib.report import f, ok, table  # noqa: E402
-from benchlib.results import write_results  # noqa: E402
-from benchlib.scenarios import Scenario  # noqa: E402
-from benchlib.session import Session, bench_session  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TARGET_GROWTH = 0.10
 MIX = [Scenario("http", True, 16, "128B"), Scenario("intercept", True, 16, "128B"),

@@ -11,15 +11,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchlib.loadgen import run_lg  # noqa: E402
-from benchlib.proxies import WARDEN, ProxySpec, _warden_argv, start_proxy  # noqa: E402
-from benchlib.results import write_results  # noqa: E402
-from benchlib.scenarios import Scenario  # noqa: E402
-from benchlib.session import bench_session  # noqa: E402
+from benchlib.loadgen import run_lg
+from benchlib.proxies import WARDEN, ProxySpec, _warden_argv, start_proxy
+from benchlib.results import write_results
+from benchlib.scenarios import Scenario
+from benchlib.session import bench_session
 
 TARGET = 1.7
 

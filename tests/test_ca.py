@@ -28,12 +28,9 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from egresswarden.cli import ca
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `pytest` without `python -m` does not put the repo root on sys.path
-    sys.path.insert(0, str(REPO))
-
-from addons import ca  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 MITMDUMP = VENV_BIN / "mitmdump"
@@ -44,7 +41,7 @@ IO_TIMEOUT_S = 10.0
 def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a separate process: exercises argparse wiring and exit codes for real."""
     return subprocess.run(
-        [sys.executable, "-m", "addons.ca", *argv],
+        [sys.executable, "-m", "egresswarden.cli.ca", *argv],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+from egresswarden.runtime.chain import WardenAddon, build_addon
 from mitmproxy import hooks
-
-from addons.chain import WardenAddon, build_addon
 
 
 def test_every_part_hook_is_dispatched_in_chain_order() -> None:

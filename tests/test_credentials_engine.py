@@ -11,8 +11,7 @@ from urllib.parse import quote
 
 import pytest
 import yaml
-
-from addons.engine.credentials import (
+from egresswarden.core.credentials import (
     FILLER,
     REDACTED,
     Scanner,
@@ -26,8 +25,8 @@ from addons.engine.credentials import (
     scanner_for,
     strip_names,
 )
-from addons.engine.errors import RuleSetError
-from addons.engine.loader import load_ruleset
+from egresswarden.core.errors import RuleSetError
+from egresswarden.core.loader import load_ruleset
 
 from .harness import sha256_hex
 

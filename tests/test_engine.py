@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from addons.engine.decide import decide, decide_addresses
-from addons.engine.decision import Reason, Verdict
-from addons.engine.facts import RequestFacts
-from addons.engine.identity import AgentIdentity, AuthFailure, identify, parse_basic
-from addons.engine.loader import load_ruleset
-from addons.engine.netaddr import is_private_address
-from addons.engine.paths import PathError, canonical_path, compile_glob
-from addons.engine.ruleset import RuleSet
+from egresswarden.core.decide import decide, decide_addresses
+from egresswarden.core.decision import Reason, Verdict
+from egresswarden.core.facts import RequestFacts
+from egresswarden.core.identity import AgentIdentity, AuthFailure, identify, parse_basic
+from egresswarden.core.loader import load_ruleset
+from egresswarden.core.netaddr import is_private_address
+from egresswarden.core.paths import PathError, canonical_path, compile_glob
+from egresswarden.core.ruleset import RuleSet
 
 from .harness import sha256_hex
 
@@ -218,8 +217,8 @@ def test_private_address_forms() -> None:
 
 def test_lookup_cost_independent_of_rule_count(tmp_path: Path) -> None:
     """Structural check (not timing): a lookup probes one dict per host label, whatever the rule count."""
-    from addons.engine.index import HostIndex
-    from addons.engine.model import TargetKind
+    from egresswarden.core.index import HostIndex
+    from egresswarden.core.model import TargetKind
 
     index: HostIndex[int] = HostIndex()
     for i in range(20000):
@@ -234,7 +233,7 @@ def test_lookup_cost_independent_of_rule_count(tmp_path: Path) -> None:
                                   "x.ck", "www.ck", "city.kawasaki.jp", "kawasaki.jp", "a.b.kawasaki.jp",
                                   "xn--fiqs8s", "xn--55qx5d.cn", "pythonhosted.org", "s3.amazonaws.com"])
 def test_public_suffix_set_agrees_with_tldextract(name: str) -> None:
-    from addons.engine.hostnames import _extractor, is_public_suffix
+    from egresswarden.core.hostnames import _extractor, is_public_suffix
 
     ext = _extractor()(name)
     assert is_public_suffix(name) == (not ext.domain and ext.suffix == name)
@@ -242,7 +241,7 @@ def test_public_suffix_set_agrees_with_tldextract(name: str) -> None:
 
 def test_public_suffix_list_is_the_bundled_snapshot_only() -> None:
     """tldextract must never download the list: no URLs, no cache directory."""
-    from addons.engine.hostnames import _extractor
+    from egresswarden.core.hostnames import _extractor
 
     extractor = _extractor()
     assert tuple(extractor.suffix_list_urls) == ()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from egresswarden.runtime.context import record_of
+from egresswarden.runtime.failsafe import fail_closed, on_hook_error
 from mitmproxy.test import taddons, tflow
-
-from addons.failsafe import fail_closed, on_hook_error
-from addons.flowstate import record_of
 
 
 class Exploding:

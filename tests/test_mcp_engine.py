@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from addons.engine import mcp as E
-from addons.engine.decision import Reason
-from addons.engine.loader import load_ruleset
-from addons.engine.ruleset import RuleSet
-from addons.mcp_cli import _tools_from_json, write_pins
+from egresswarden.cli.mcp_pin import _tools_from_json, write_pins
+from egresswarden.core import mcp as E
+from egresswarden.core.decision import Reason
+from egresswarden.core.loader import load_ruleset
+from egresswarden.core.ruleset import RuleSet
 
 H = "0" * 64
 RULES = {

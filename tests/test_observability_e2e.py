@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 import requests
-
-from addons.auditlog import verify_chain
+from egresswarden.record.journal import verify_chain
 
 from .harness import Origin, Warden, hosts_file, sha256_hex, start_warden
 
@@ -214,8 +213,8 @@ def test_rotation_loses_no_record_under_10000_requests(tmp_path: Path, plain_ori
 
 def test_metrics_registered_once_across_addon_instances() -> None:
     """A second chain in the same process (mitmproxy script reload) must not raise duplicate timeseries."""
-    from addons.chain import build_chain
-    from addons.metrics import Metrics
+    from egresswarden.record.metrics import Metrics
+    from egresswarden.runtime.chain import build_chain
 
     first, second = build_chain(), build_chain()  # would raise "Duplicated timeseries" if re-registered
     m1 = next(a for a in first if isinstance(a, Metrics))

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 import trustme
-
-from addons.auditlog import verify_chain
+from egresswarden.record.journal import verify_chain
 
 from .harness import WARDEN, Origin, Warden, curl, hosts_file, run_origin, sha256_hex, start_warden
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from egresswarden.record.journal import verify_chain
 from prometheus_client.parser import text_string_to_metric_families
-
-from addons.auditlog import verify_chain
 
 from .harness import Origin, Warden, hosts_file, sha256_hex, start_warden
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 
-from .engine.credentials import (
+from egresswarden.core.credentials import (
     Leak,
     Scanner,
     StreamRedactor,
@@ -38,13 +38,13 @@ from .engine.credentials import (
     scanner_for,
     strip_names,
 )
-from .engine.decision import Interception, Reason, deny
-from .engine.hostnames import HostError, normalize_host, parse_ip
-from .engine.ruleset import CompiledCredential, RuleSet
-from .failsafe import fail_closed, refusal_response
-from .flowstate import Connections, FlowRecord, record_of
-from .policy import _split_authority
-from .rulestore import RuleStore
+from egresswarden.core.decision import Interception, Reason, deny
+from egresswarden.core.hostnames import HostError, normalize_host, parse_ip
+from egresswarden.core.ruleset import CompiledCredential, RuleSet
+from egresswarden.runtime.context import Connections, FlowRecord, record_of
+from egresswarden.runtime.failsafe import fail_closed, refusal_response
+from egresswarden.runtime.rulestore import RuleStore
+from egresswarden.stages.policy import _split_authority
 
 logger = logging.getLogger("warden")
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from mitmproxy import connection, http
 
-from .engine.decision import Decision, Interception
-from .engine.hostnames import IPAddress
+from egresswarden.core.decision import Decision, Interception
+from egresswarden.core.hostnames import IPAddress
 
 METADATA_KEY = "warden"
 

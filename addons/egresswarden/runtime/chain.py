@@ -35,18 +35,18 @@ import mitmproxy.proxy.layers  # noqa: F401 - http, tls, tcp, udp, websocket, dn
 import mitmproxy.proxy.server_hooks  # noqa: F401 - connection hooks
 from mitmproxy import hooks
 
-from .alerts import Alerts
-from .audit import Audit, AuditGate
-from .credentials import Credentials
-from .flowstate import Connections
-from .identity import Identity
-from .interception import Interception
-from .mcp import Mcp
-from .metrics import Metrics
-from .outcome import Outcomes
-from .policy import Policy
-from .rulestore import RuleStore
-from .upstream import UpstreamGuard
+from egresswarden.record.alerts import Alerts
+from egresswarden.record.audit import Audit, AuditGate
+from egresswarden.record.metrics import Metrics
+from egresswarden.record.outcome import Outcomes
+from egresswarden.runtime.context import Connections
+from egresswarden.runtime.rulestore import RuleStore
+from egresswarden.stages.credentials import Credentials
+from egresswarden.stages.identity import Identity
+from egresswarden.stages.interception import Interception
+from egresswarden.stages.mcp import Mcp
+from egresswarden.stages.policy import Policy
+from egresswarden.stages.upstream import UpstreamGuard
 
 
 def build_chain() -> list[Any]:
@@ -67,7 +67,7 @@ def build_chain() -> list[Any]:
         AuditGate(audit, store),
         Policy(store, connections),
         Credentials(store, connections),
-        Mcp(store, outcomes),  # after Credentials: wraps its response redactor stream (see addons/mcp.py)
+        Mcp(store, outcomes),  # after Credentials: wraps its response redactor stream (see stages/mcp.py)
         interception,
         UpstreamGuard(connections),
         outcomes,

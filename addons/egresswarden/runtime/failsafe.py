@@ -18,8 +18,8 @@ from typing import Any
 
 from mitmproxy import http
 
-from .engine.decision import Decision, Reason, denial_text, deny
-from .flowstate import record_of
+from egresswarden.core.decision import Decision, Reason, denial_text, deny
+from egresswarden.runtime.context import record_of
 
 logger = logging.getLogger("warden")
 

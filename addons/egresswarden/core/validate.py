@@ -50,7 +50,7 @@ _ANY_REF = re.compile(r"\$\{")
 
 @lru_cache(maxsize=1)
 def rule_schema() -> dict[str, Any]:
-    text = resources.files("addons.engine").joinpath("rules.schema.json").read_text("utf-8")
+    text = resources.files("egresswarden.core").joinpath("rules.schema.json").read_text("utf-8")
     return json.loads(text)
 
 

@@ -18,15 +18,15 @@ import time
 
 from mitmproxy import http
 
-from .engine.decide import decide, decide_addresses
-from .engine.decision import Decision, Interception, Reason, deny
-from .engine.facts import RequestFacts
-from .engine.hostnames import HostError, normalize_host, parse_ip
-from .engine.ruleset import RuleSet
-from .failsafe import fail_closed, refusal_response
-from .flowstate import Connections, ConnState, FlowRecord, Tunnel, record_of
-from .resolver import ResolveError, resolve
-from .rulestore import RuleStore
+from egresswarden.core.decide import decide, decide_addresses
+from egresswarden.core.decision import Decision, Interception, Reason, deny
+from egresswarden.core.facts import RequestFacts
+from egresswarden.core.hostnames import HostError, normalize_host, parse_ip
+from egresswarden.core.ruleset import RuleSet
+from egresswarden.runtime.context import Connections, ConnState, FlowRecord, Tunnel, record_of
+from egresswarden.runtime.failsafe import fail_closed, refusal_response
+from egresswarden.runtime.resolver import ResolveError, resolve
+from egresswarden.runtime.rulestore import RuleStore
 
 
 def _split_authority(value: str, default_port: int) -> tuple[str, int]:

@@ -87,7 +87,7 @@ class _Supervisor:
 
     def _worker_argv(self, index: int) -> list[str]:
         a = self.args
-        argv = [sys.executable, "-m", "addons", "run", "--rules", a.rules,
+        argv = [sys.executable, "-m", "egresswarden", "run", "--rules", a.rules,
                 "--listen", f"{a.listen[0]}:{a.listen[1]}", "--metrics-listen", "127.0.0.1:0",
                 "--audit-log", worker_audit_path(a.audit_log, index), "--confdir", a.confdir,
                 "--worker-index", str(index),

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from .engine.hostnames import IPAddress, parse_ip
-from .engine.ruleset import RuleSet
+from egresswarden.core.hostnames import IPAddress, parse_ip
+from egresswarden.core.ruleset import RuleSet
 
 
 class ResolveError(Exception):

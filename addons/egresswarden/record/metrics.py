@@ -22,13 +22,13 @@ from mitmproxy import ctx, exceptions
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import metrics_names as N
-from .audit import Audit
-from .engine.decision import Reason
-from .failsafe import on_hook_error
-from .interception import Interception
-from .outcome import Outcome
-from .rulestore import ReloadEvent, RuleStore
+from egresswarden.core.decision import Reason
+from egresswarden.record import metric_names as N
+from egresswarden.record.audit import Audit
+from egresswarden.record.outcome import Outcome
+from egresswarden.runtime.failsafe import on_hook_error
+from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
+from egresswarden.stages.interception import Interception
 
 NO_AGENT = "-"
 _LATENCY_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,

@@ -15,10 +15,10 @@ from urllib.parse import parse_qsl
 
 from mitmproxy import http
 
-from .auditlog import utc_now
-from .engine.decision import Decision, Interception
-from .flowstate import Connections, FlowRecord, Tunnel, record_of
-from .interception import Interception as InterceptionAddon
+from egresswarden.core.decision import Decision, Interception
+from egresswarden.record.journal import utc_now
+from egresswarden.runtime.context import Connections, FlowRecord, Tunnel, record_of
+from egresswarden.stages.interception import Interception as InterceptionAddon
 
 REDACTED = "REDACTED"
 

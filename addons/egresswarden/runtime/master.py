@@ -31,7 +31,7 @@ from mitmproxy.addons import (
     upstream_auth,
 )
 
-from .chain import build_addon
+from egresswarden.runtime.chain import build_addon
 
 NEEDED: tuple[type, ...] = (
     core.Core,

@@ -28,16 +28,16 @@ from urllib.parse import parse_qs, urlsplit
 
 from mitmproxy import http
 
-from .auditlog import utc_now
-from .engine import mcp as E
-from .engine.decision import Decision, Reason, Verdict, deny
-from .engine.model import McpServer
-from .engine.ruleset import RuleSet
-from .failsafe import fail_closed, refusal_response
-from .flowstate import record_of
-from .metrics import registry
-from .outcome import Outcome, Outcomes, redact_query
-from .rulestore import RuleStore
+from egresswarden.core import mcp as E
+from egresswarden.core.decision import Decision, Reason, Verdict, deny
+from egresswarden.core.model import McpServer
+from egresswarden.core.ruleset import RuleSet
+from egresswarden.record.journal import utc_now
+from egresswarden.record.metrics import registry
+from egresswarden.record.outcome import Outcome, Outcomes, redact_query
+from egresswarden.runtime.context import record_of
+from egresswarden.runtime.failsafe import fail_closed, refusal_response
+from egresswarden.runtime.rulestore import RuleStore
 
 logger = logging.getLogger("warden")
 
@@ -415,7 +415,7 @@ class Mcp:
         addon substitutes placeholders before MCP sees the body)."""
         text = json.dumps(values, ensure_ascii=False, default=str)
         try:
-            from .engine.credentials import scanner_for
+            from egresswarden.core.credentials import scanner_for
             found = scanner_for(rules).redact_str(text, force=True)[1] > 0
         except Exception:  # no scanner: fall back to the plain secret values
             found = any(secret.value in text for secret in rules.secrets)

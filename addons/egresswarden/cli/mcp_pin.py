@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .engine.mcp import tool_hash
+from egresswarden.core.mcp import tool_hash
 
 PINS_FILE = "mcp-pins.yaml"
 

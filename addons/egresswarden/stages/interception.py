@@ -26,9 +26,9 @@ from mitmproxy.proxy import events, layer
 from mitmproxy.proxy.layers import tcp
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from .engine.hostnames import HostError, normalize_host
-from .failsafe import fail_closed
-from .flowstate import Connections, Tunnel
+from egresswarden.core.hostnames import HostError, normalize_host
+from egresswarden.runtime.context import Connections, Tunnel
+from egresswarden.runtime.failsafe import fail_closed
 
 TunnelListener = Callable[[Tunnel, str, int], None]  # (tunnel, client ip, client port)
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions
 
-from .engine.errors import WardenError
-from .engine.loader import load_ruleset, rule_files
-from .engine.ruleset import RuleSet
-from .engine.validate import content_version
+from egresswarden.core.errors import WardenError
+from egresswarden.core.loader import load_ruleset, rule_files
+from egresswarden.core.ruleset import RuleSet
+from egresswarden.core.validate import content_version
 
 logger = logging.getLogger("warden")
 

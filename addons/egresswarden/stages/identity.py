@@ -12,11 +12,11 @@ import re
 
 from mitmproxy import http
 
-from .engine.decision import Reason, deny
-from .engine.identity import AgentIdentity, AuthFailure, identify, parse_basic
-from .failsafe import fail_closed, refusal_response
-from .flowstate import Connections, FlowRecord, record_of
-from .rulestore import RuleStore
+from egresswarden.core.decision import Reason, deny
+from egresswarden.core.identity import AgentIdentity, AuthFailure, identify, parse_basic
+from egresswarden.runtime.context import Connections, FlowRecord, record_of
+from egresswarden.runtime.failsafe import fail_closed, refusal_response
+from egresswarden.runtime.rulestore import RuleStore
 
 PROXY_HEADERS = ("Proxy-Authorization", "Proxy-Connection")
 _SAFE_ID = re.compile(r"[^a-z0-9_-]")

@@ -14,13 +14,13 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from . import audit_fields as F
-from .auditlog import AuditWriter, utc_now
-from .engine.decision import Reason, deny
-from .failsafe import fail_closed, refusal_response
-from .flowstate import record_of
-from .outcome import Outcome
-from .rulestore import ReloadEvent, RuleStore
+from egresswarden.core.decision import Reason, deny
+from egresswarden.record import fields as F
+from egresswarden.record.journal import AuditWriter, utc_now
+from egresswarden.record.outcome import Outcome
+from egresswarden.runtime.context import record_of
+from egresswarden.runtime.failsafe import fail_closed, refusal_response
+from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 
 logger = logging.getLogger("warden")
 

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .engine.decide import decide, decide_addresses
-from .engine.errors import WardenError
-from .engine.facts import RequestFacts
-from .engine.hostnames import HostError, normalize_host, parse_ip
-from .engine.loader import load_ruleset
-from .engine.model import AgentMode
+from egresswarden.core.decide import decide, decide_addresses
+from egresswarden.core.errors import WardenError
+from egresswarden.core.facts import RequestFacts
+from egresswarden.core.hostnames import HostError, normalize_host, parse_ip
+from egresswarden.core.loader import load_ruleset
+from egresswarden.core.model import AgentMode
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("warden: refusing to start with invalid rules", file=sys.stderr)
         return 2
     if args.workers > 1 and args.worker_index is None:
-        from .workers import run_workers
+        from egresswarden.runtime.workers import run_workers
 
         return run_workers(args)
     return run_proxy(args)
@@ -72,10 +72,10 @@ def mitmproxy_arguments(args: argparse.Namespace) -> list[str]:
 def run_proxy(args: argparse.Namespace) -> int:
     from mitmproxy.tools import cmdline, main
 
-    from .master import WardenMaster
+    from egresswarden.runtime.master import WardenMaster
 
     if args.worker_index is not None:
-        from .workers import enable_reuse_port
+        from egresswarden.runtime.workers import enable_reuse_port
 
         enable_reuse_port()
 
@@ -174,7 +174,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 # -- audit ---------------------------------------------------------------------------------
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .auditlog import verify_chain
+    from egresswarden.record.journal import verify_chain
 
     result = verify_chain(args.files)
     if result.ok:
@@ -228,12 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_audit_verify)
 
     try:
-        from . import ca
+        from egresswarden.cli import ca
     except ImportError:
         ca = None  # type: ignore[assignment]
     if ca is not None and hasattr(ca, "add_cli"):
         ca.add_cli(sub)
-    from . import mcp_cli
+    from egresswarden.cli import mcp_pin as mcp_cli
     mcp_cli.add_cli(sub)
     return parser
 

@@ -33,14 +33,14 @@ import urllib.request
 from collections import deque
 from typing import Any
 
-from .audit import Audit, outcome_record
-from .engine.decision import Reason, Verdict
-from .engine.errors import SecretError
-from .engine.model import AlertSink
-from .engine.secrets import render
-from .metrics import registry
-from .outcome import Outcome
-from .rulestore import ReloadEvent, RuleStore
+from egresswarden.core.decision import Reason, Verdict
+from egresswarden.core.errors import SecretError
+from egresswarden.core.model import AlertSink
+from egresswarden.core.secrets import render
+from egresswarden.record.audit import Audit, outcome_record
+from egresswarden.record.metrics import registry
+from egresswarden.record.outcome import Outcome
+from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 
 QUEUE_SIZE = 1000
 _AUTH = {Reason.AUTH_REQUIRED, Reason.AUTH_FAILED, Reason.SOURCE_NOT_ALLOWED}

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from mitmproxy.proxy import server_hooks
 
-from .engine.hostnames import HostError, normalize_host, parse_ip
-from .failsafe import fail_closed
-from .flowstate import Connections
+from egresswarden.core.hostnames import HostError, normalize_host, parse_ip
+from egresswarden.runtime.context import Connections
+from egresswarden.runtime.failsafe import fail_closed
 
 
 class UpstreamGuard:

@@ -1,0 +1,5 @@
+import sys
+
+from egresswarden.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""mitmproxy hook adapters, one concern each; ordered in `runtime.chain`."""
