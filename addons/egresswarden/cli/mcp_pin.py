@@ -146,9 +146,8 @@ def cmd_pin(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(subparsers: Any) -> None:
-    mcp = subparsers.add_parser("mcp", help="MCP governance helpers")
-    sub = mcp.add_subparsers(dest="mcp_command", required=True)
+def add_cli(sub: Any) -> None:
+    """Register `pin` in the `warden mcp` group."""
     pin = sub.add_parser("pin", help="pin MCP tool definitions (writes <rules>/mcp-pins.yaml)")
     pin.add_argument("--rules", required=True, help="rules directory")
     pin.add_argument("--server", required=True, help="MCP server id (as in mcp_servers:)")
