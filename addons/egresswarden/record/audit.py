@@ -18,6 +18,7 @@ from egresswarden.core.decision import Reason, deny
 from egresswarden.record import fields as F
 from egresswarden.record.journal import AuditWriter, utc_now
 from egresswarden.record.outcome import McpFields, Outcome
+from egresswarden.record.redaction import RedactingFilter, scrub_record
 from egresswarden.runtime.context import record_of
 from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
@@ -89,6 +90,9 @@ class Audit:
         self.store = store
         self.writer: AuditWriter | None = None
         store.add_listener(self.on_reload)
+        # Log lines too: every `warden` log record is scrubbed before any handler formats it.
+        self._log_filter = RedactingFilter(lambda: self.store.current)
+        logging.getLogger("warden").addFilter(self._log_filter)
 
     def load(self, loader) -> None:  # noqa: ANN001
         loader.add_option("warden_audit_log", str, "audit.jsonl",
@@ -120,7 +124,7 @@ class Audit:
         if self.writer is None:
             return
         record.setdefault(F.TIME, utc_now())
-        self.writer.submit(record)
+        self.writer.submit(scrub_record(self.store.current, record))  # the one place every record passes
 
     def on_outcome(self, outcome: Outcome) -> None:
         self.emit(outcome_record(outcome))
