@@ -277,3 +277,24 @@ def test_public_suffix_list_is_the_bundled_snapshot_only() -> None:
     extractor = _extractor()
     assert tuple(extractor.suffix_list_urls) == ()
     assert extractor.include_psl_private_domains is False
+
+
+def test_check_warns_on_rule_sets_that_relied_on_cidr_names(tmp_path: Path) -> None:
+    """`warden check` names the rule sets the 0.2 cidr change breaks (a hosts-file name reached
+    only through a cidr rule), with the rule's file:line and what to write instead."""
+    import subprocess
+    import sys
+
+    (tmp_path / "hosts").write_text("10.40.0.9 db.internal\n10.40.0.10 named.internal\n")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        "agents": [{"id": "dba", "token_sha256": [sha256_hex("t")], "policies": ["db"]}],
+        "policies": {"db": {"allow": [{"id": "db-net", "cidr": "10.40.0.0/16", "ports": [5432]},
+                                      {"id": "named", "host": "named.internal", "ports": [5432]}]}},
+        "settings": {"hosts_file": "hosts"}}))
+    warden = Path(sys.executable).parent / "warden"
+    out = subprocess.run([str(warden), "check", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, out.stdout
+    assert "db.internal" in warnings[0] and "db-net" in warnings[0] and "r.yaml:" in warnings[0]
+    assert "add a host rule" in warnings[0]
