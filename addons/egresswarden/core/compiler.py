@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .errors import RuleError, RuleProblem, RuleSetError, SecretError
+from .hostnames import IPAddress
 from .hostsfile import parse_hosts_file
 from .index import CidrIndex, HostIndex
 from .model import ANONYMOUS_AGENT, AgentMode, Credential, McpServer, Policy, Rule, RuleModel, TargetKind
@@ -75,7 +76,7 @@ class _Compiler:
                 self.credentials.setdefault(compiled_cred.id, compiled_cred)
         return PolicyIndex(policy.name, hosts, cidrs, creds, tuple(h.lower() for h in policy.strip), policy.mcp)
 
-    def hosts_file(self) -> dict:
+    def hosts_file(self) -> dict[str, tuple[IPAddress, ...]]:
         path = self.model.settings.hosts_file
         if not path:
             return {}

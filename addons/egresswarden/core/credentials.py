@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, quote_plus
 
-import ahocorasick  # type: ignore[import-not-found]
+import ahocorasick
 
 from .paths import PathError, canonical_path
 from .ruleset import CompiledAgent, CompiledCredential, RuleSet

@@ -39,11 +39,11 @@ def read_secret(name: str, secrets_dir: str | None) -> Secret:
             if not value:
                 raise SecretError(f"secret {name!r}: file {path} is empty")
             return Secret(name, value)
-    value = os.environ.get(name)
-    if not value:
+    from_env = os.environ.get(name)
+    if not from_env:
         where = f"file {secrets_dir}/{name} or " if secrets_dir else ""
         raise SecretError(f"secret {name!r} is not set (looked for {where}environment variable {name})")
-    return Secret(name, value)
+    return Secret(name, from_env)
 
 
 def render(template: str, secrets_dir: str | None) -> tuple[str, tuple[Secret, ...]]:
