@@ -127,7 +127,7 @@ def _read_rotation(confdir: Path) -> dict[str, Any]:
     path = confdir / ROTATION_FILE
     if not path.exists():
         return {"previous": []}
-    data = json.loads(path.read_text())
+    data: dict[str, Any] = json.loads(path.read_text())
     data.setdefault("previous", [])
     return data
 
