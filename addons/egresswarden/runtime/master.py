@@ -15,6 +15,7 @@ than silently ignored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -82,7 +83,7 @@ class LogLevel:
 
 
 class WardenMaster(master.Master):
-    def __init__(self, opts: options.Options, loop=None) -> None:  # noqa: ANN001
+    def __init__(self, opts: options.Options, loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(opts, event_loop=loop, with_termlog=True)
         defaults = addons.default_addons()
         kept = [a for a in defaults if isinstance(a, NEEDED)]
