@@ -120,7 +120,6 @@ class Scanner:
                 table[form][2].add(cred.id)
         self.automaton: ahocorasick.Automaton | None = None
         self.max_len = 0
-        self.redact_max_len = 0
         if not table:
             return
         automaton = ahocorasick.Automaton()
