@@ -99,8 +99,12 @@ def decide(rules: RuleSet, facts: RequestFacts) -> Decision:
     port = facts.port
 
     l7_deny = False
-    deny_index = rules.deny_cidrs if ip is not None else rules.deny_hosts
-    for rule in deny_index.lookup(ip if ip is not None else host) if deny_index else ():  # type: ignore[arg-type]
+    deny_rules: Sequence[CompiledRule]
+    if ip is not None:
+        deny_rules = rules.deny_cidrs.lookup(ip) if rules.deny_cidrs else ()
+    else:
+        deny_rules = rules.deny_hosts.lookup(host) if rules.deny_hosts else ()
+    for rule in deny_rules:
         if not _deny_rule_matches(rule, port):
             continue
         if not rule.has_l7:

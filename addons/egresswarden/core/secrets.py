@@ -10,6 +10,7 @@ never show the value, so an accidental log line or exception text cannot leak th
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,8 @@ def render(template: str, secrets_dir: str | None) -> tuple[str, tuple[Secret, .
     """Replace every ${secret:NAME} in `template`; return the text and the secrets used."""
     used: list[Secret] = []
 
-    def substitute(match: object) -> str:
-        secret = read_secret(match.group(1), secrets_dir)  # type: ignore[attr-defined]
+    def substitute(match: re.Match[str]) -> str:
+        secret = read_secret(match.group(1), secrets_dir)
         used.append(secret)
         return secret.value
 

@@ -27,6 +27,8 @@ PathKey = tuple[str | int, ...]
 _STR_TAG = "tag:yaml.org,2002:str"
 
 
+# getattr: PyYAML built without libyaml has no CSafeLoader; mypy cannot type a base chosen at
+# run time, hence the ignore (the class body is still checked).
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """libyaml's parser (~10x faster than PyYAML's pure-Python one, same nodes and line
     marks) with a shortcut in implicit tag resolution: a plain scalar whose first character
