@@ -10,7 +10,6 @@ never show the value, so an accidental log line or exception text cannot leak th
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,19 +39,19 @@ def read_secret(name: str, secrets_dir: str | None) -> Secret:
             if not value:
                 raise SecretError(f"secret {name!r}: file {path} is empty")
             return Secret(name, value)
-    from_env = os.environ.get(name)
-    if not from_env:
+    value = os.environ.get(name)
+    if not value:
         where = f"file {secrets_dir}/{name} or " if secrets_dir else ""
         raise SecretError(f"secret {name!r} is not set (looked for {where}environment variable {name})")
-    return Secret(name, from_env)
+    return Secret(name, value)
 
 
 def render(template: str, secrets_dir: str | None) -> tuple[str, tuple[Secret, ...]]:
     """Replace every ${secret:NAME} in `template`; return the text and the secrets used."""
     used: list[Secret] = []
 
-    def substitute(match: re.Match[str]) -> str:
-        secret = read_secret(match.group(1), secrets_dir)
+    def substitute(match: object) -> str:
+        secret = read_secret(match.group(1), secrets_dir)  # type: ignore[attr-defined]
         used.append(secret)
         return secret.value
 

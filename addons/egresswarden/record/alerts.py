@@ -86,7 +86,7 @@ class _SinkWorker:
         self.headers = {"Content-Type": "application/json", "User-Agent": "warden-alerts", **headers}
         self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=QUEUE_SIZE)
         self.sent_times: deque[float] = deque()
-        self.last_sent: dict[tuple[Any, ...], float] = {}
+        self.last_sent: dict[tuple, float] = {}
         context = ssl.create_default_context(cafile=sink.ca_file) if sink.ca_file else ssl.create_default_context()
         # ProxyHandler({}): never route alerts through HTTP(S)_PROXY, i.e. never through Warden.
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
@@ -94,7 +94,7 @@ class _SinkWorker:
         self.thread = threading.Thread(target=self._run, name=f"warden-alerts-{sink.id}", daemon=True)
         self.thread.start()
 
-    def offer(self, kind: str, key: tuple[Any, ...], payload: dict[str, Any]) -> str | None:
+    def offer(self, kind: str, key: tuple, payload: dict[str, Any]) -> str | None:
         """Queue an alert unless suppressed; returns the suppression cause, if any."""
         if kind not in self.sink.events:
             return "not_subscribed"
@@ -148,7 +148,7 @@ class Alerts:
         self.store = store
         self.audit = audit
         self.workers: dict[str, _SinkWorker] = {}
-        self._config: tuple[AlertSink, ...] = ()
+        self._config: tuple = ()
         store.add_listener(self.on_reload)
 
     def running(self) -> None:

@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Any
 
-from mitmproxy import addonmanager, ctx, http
+from mitmproxy import ctx, http
 
 from egresswarden.core.decision import Reason, deny
 from egresswarden.record import fields as F
@@ -70,7 +70,7 @@ class Audit:
         self.writer: AuditWriter | None = None
         store.add_listener(self.on_reload)
 
-    def load(self, loader: addonmanager.Loader) -> None:
+    def load(self, loader) -> None:  # noqa: ANN001
         loader.add_option("warden_audit_log", str, "audit.jsonl",
                           "Audit log path (JSON Lines, hash-chained); '-' writes to stdout.")
 

@@ -30,8 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from egresswarden.record import fields as F
-
 GENESIS = "0" * 64
 RETRY_SECONDS = 0.5
 BATCH_SECONDS = 0.005  # records reach the file at most this much later
@@ -73,6 +71,7 @@ FailureListener = Callable[[str], None]
 class WriterStats:
     written: int = 0
     write_failures: int = 0
+    dropped: int = 0
 
 
 class AuditWriter:
@@ -135,6 +134,7 @@ class AuditWriter:
             self.queue.put_nowait(record)
             return True
         except queue.Full:
+            self.stats.dropped += 1
             self._fail("audit queue full: the writer cannot keep up")
             return False
 
@@ -186,8 +186,8 @@ class AuditWriter:
 
     def _write_line(self, record: dict[str, Any]) -> None:
         self._seq += 1
-        record[F.SEQ] = self._seq
-        record[F.PREV_HASH] = self._last_hash
+        record["seq"] = self._seq
+        record["prev_hash"] = self._last_hash
         line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
         if self._file is not None:
             self._file.write(line + b"\n")
@@ -284,7 +284,7 @@ def verify_chain(paths: Iterable[str | Path]) -> VerifyResult:
                     return VerifyResult(False, count, "empty line", str(path), lineno)
                 try:
                     record = json.loads(line)
-                    claimed = record[F.PREV_HASH]
+                    claimed = record["prev_hash"]
                 except (ValueError, KeyError, TypeError):
                     return VerifyResult(False, count, "not a Warden audit record", str(path), lineno)
                 if previous is not None and claimed != previous:

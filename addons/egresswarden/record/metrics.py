@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import addonmanager, ctx, exceptions
+from mitmproxy import ctx, exceptions
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -167,7 +167,7 @@ class Metrics:
     def _hook_error(self, hook: str) -> None:
         self.metrics.hook_errors.labels(hook=hook).inc()
 
-    def load(self, loader: addonmanager.Loader) -> None:
+    def load(self, loader) -> None:  # noqa: ANN001
         loader.add_option("warden_metrics_listen", str, "127.0.0.1:9464",
                           "HOST:PORT for /metrics and /healthz; empty disables the listener.")
         loader.add_option("warden_metrics_port_file", str, "",

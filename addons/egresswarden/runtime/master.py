@@ -15,7 +15,6 @@ than silently ignored.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -83,7 +82,7 @@ class LogLevel:
 
 
 class WardenMaster(master.Master):
-    def __init__(self, opts: options.Options, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, opts: options.Options, loop=None) -> None:  # noqa: ANN001
         super().__init__(opts, event_loop=loop, with_termlog=True)
         defaults = addons.default_addons()
         kept = [a for a in defaults if isinstance(a, NEEDED)]

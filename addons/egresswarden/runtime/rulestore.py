@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mitmproxy import addonmanager, ctx, exceptions
+from mitmproxy import ctx, exceptions
 
 from egresswarden.core.errors import WardenError
 from egresswarden.core.loader import load_ruleset, rule_files
@@ -45,11 +45,9 @@ class ReloadEvent:
 
 
 ReloadListener = Callable[[ReloadEvent], None]
-FileStamp = tuple[str | int | None, ...]  # (path, mtime_ns, size, inode), or (path, None) if missing
-Fingerprint = tuple[FileStamp, ...]
 
 
-def _stat(path: Path) -> FileStamp:
+def _stat(path: Path) -> tuple:
     """What identifies a file's version cheaply: a change to any of these means "look again"."""
     try:
         st = path.stat()
@@ -64,12 +62,12 @@ class RuleStore:
     def __init__(self) -> None:
         self.current: RuleSet | None = None
         self.listeners: list[ReloadListener] = []
-        self._fingerprint: Fingerprint = ()
-        self._task: asyncio.Task[None] | None = None
+        self._fingerprint: tuple = ()
+        self._task: asyncio.Task | None = None
         self._rules_dir: Path | None = None
         self._reload_requested = False
 
-    def load(self, loader: addonmanager.Loader) -> None:
+    def load(self, loader) -> None:  # noqa: ANN001 - mitmproxy's Loader
         loader.add_option("warden_rules", str, "rules", "Directory (or file) of Warden YAML rule files.")
         loader.add_option("warden_watch", bool, True, "Reload the rule files when they change.")
 
@@ -120,16 +118,16 @@ class RuleStore:
                 logger.error("warden: reload listener failed: %s", e.__class__.__name__)
 
     @staticmethod
-    def _fingerprint_of(rules_dir: Path) -> Fingerprint:
+    def _fingerprint_of(rules_dir: Path) -> tuple:
         paths = list(rule_files(rules_dir)) if rules_dir.exists() else []
         return tuple(_stat(p) for p in paths)
 
-    def _extra_fingerprint(self) -> Fingerprint:
+    def _extra_fingerprint(self) -> tuple:
         """The hosts file and the secrets are part of the rule set: watch them too."""
         rules = self.current
         if rules is None:
             return ()
-        items: list[FileStamp] = []
+        items = []
         for path in self._watched_extra(rules):
             try:
                 children = sorted(path.iterdir()) if path.is_dir() else [path]
@@ -148,7 +146,7 @@ class RuleStore:
                 out.append(p if p.is_absolute() else base / p)
         return out
 
-    def _snapshot(self) -> tuple[Fingerprint, Fingerprint]:
+    def _snapshot(self) -> tuple:
         assert self._rules_dir is not None
         return self._fingerprint_of(self._rules_dir), self._extra_fingerprint()
 
