@@ -74,10 +74,7 @@ def fetch_tools(url: str, headers: dict[str, str], ca_file: str | None, timeout:
                     session = r.headers.get("mcp-session-id")
                     if session:
                         extra["Mcp-Session-Id"] = session
-                    result = m.get("result")
-                    if not isinstance(result, dict):
-                        raise RuntimeError(f"{msg['method']} returned no result object")
-                    return result
+                    return m["result"]
             return None
 
         extra: dict[str, str] = {}
@@ -90,7 +87,7 @@ def fetch_tools(url: str, headers: dict[str, str], ca_file: str | None, timeout:
         tools: list[dict[str, Any]] = []
         cursor = None
         for page in range(1, 1000):
-            params: dict[str, Any] = {"cursor": cursor} if cursor else {}
+            params = {"cursor": cursor} if cursor else {}
             result = call({"jsonrpc": "2.0", "id": 1 + page, "method": "tools/list", "params": params}, extra)
             if result is None:
                 raise RuntimeError("tools/list returned no result")
