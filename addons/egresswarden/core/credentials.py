@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, quote_plus
 
 import ahocorasick
 
+from .derived import derived
 from .paths import PathError, canonical_path
 from .ruleset import CompiledAgent, CompiledCredential, RuleSet
 
@@ -202,25 +202,10 @@ class Scanner:
         return (data.decode("utf-8", "surrogateescape") if n else value), n
 
 
-_cache_lock = threading.Lock()
-_cache: dict[int, tuple[RuleSet, Scanner]] = {}  # id(ruleset) -> (ruleset kept alive, scanner)
-_CACHE_SIZE = 4  # the current rule set plus a few that in-flight requests may still hold
-
-
+@derived
 def scanner_for(rules: RuleSet) -> Scanner:
-    """The scanner of a RuleSet, built once on first use (per rule-set version)."""
-    entry = _cache.get(id(rules))
-    if entry is not None and entry[0] is rules:
-        return entry[1]
-    with _cache_lock:
-        entry = _cache.get(id(rules))
-        if entry is not None and entry[0] is rules:
-            return entry[1]
-        scanner = Scanner(rules.credentials_by_id.values())
-        while len(_cache) >= _CACHE_SIZE:
-            _cache.pop(next(iter(_cache)))
-        _cache[id(rules)] = (rules, scanner)
-        return scanner
+    """The scanner of a RuleSet (built with it; see core.derived)."""
+    return Scanner(rules.credentials_by_id.values())
 
 
 # -- binding and injection ----------------------------------------------------------------
