@@ -19,8 +19,8 @@ class Exploding:
 
 def test_sync_hook_exception_denies_with_500_and_no_exception_text() -> None:
     seen: list[str] = []
-    on_hook_error(seen.append)
     addon = Exploding()
+    on_hook_error(seen.append, addon)
     with taddons.context(addon):
         flow = tflow.tflow()
         addon.requestheaders(flow)
@@ -28,7 +28,11 @@ def test_sync_hook_exception_denies_with_500_and_no_exception_text() -> None:
         body = flow.response.get_text()
         assert "internal_error" in body and "secret-looking" not in body
         assert record_of(flow).decision is not None and record_of(flow).decision.reason.value == "internal_error"
-    assert "requestheaders" in seen
+        assert seen == ["requestheaders"]  # once, to the listener registered for this part
+        other: list[str] = []
+        on_hook_error(other.append, Exploding())
+        addon.requestheaders(tflow.tflow())
+        assert seen == ["requestheaders"] * 2 and other == []
 
 
 def test_async_hook_exception_denies() -> None:

@@ -44,9 +44,9 @@ def run_proxy(args: argparse.Namespace) -> int:
     from egresswarden.runtime.master import WardenMaster
 
     if args.worker_index is not None:
-        from egresswarden.runtime.workers import enable_reuse_port
+        from egresswarden.runtime.workers import prepare_worker
 
-        enable_reuse_port()
+        prepare_worker()
 
     Path(args.confdir).mkdir(parents=True, exist_ok=True)
     main.run(WardenMaster, cmdline.mitmdump, mitmproxy_arguments(args))

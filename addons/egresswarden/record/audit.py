@@ -108,7 +108,8 @@ class Audit:
     def on_reload(self, event: ReloadEvent) -> None:
         if event.initial:
             return
-        self.emit({F.EVENT: "reload", "result": "success" if event.ok else "failure",
+        result = ("success" if event.changed else "unchanged") if event.ok else "failure"
+        self.emit({F.EVENT: "reload", "result": result, "trigger": event.trigger,
                    F.POLICY_VERSION: event.version, "previous_version": event.previous_version,
                    "rules_loaded": event.rule_count, F.DURATION_MS: round(event.duration_seconds * 1000, 3),
                    F.ERROR: event.error})

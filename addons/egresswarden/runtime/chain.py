@@ -40,6 +40,7 @@ from egresswarden.record.audit import Audit, AuditGate
 from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
 from egresswarden.runtime.context import Connections
+from egresswarden.runtime.failsafe import on_hook_error
 from egresswarden.runtime.rulestore import RuleStore
 from egresswarden.stages.credentials import Credentials
 from egresswarden.stages.identity import Identity
@@ -60,7 +61,7 @@ def build_chain() -> list[Any]:
     outcomes.add_sink(audit.on_outcome)
     outcomes.add_sink(metrics.on_outcome)
     outcomes.add_sink(alerts.on_outcome)
-    return [
+    parts = [
         store,
         audit,
         Identity(store, connections),
@@ -74,6 +75,8 @@ def build_chain() -> list[Any]:
         metrics,
         alerts,
     ]
+    on_hook_error(metrics.hook_error, *parts)  # per chain: each error counted once, old chains not kept alive
+    return parts
 
 
 def _dispatcher(name: str, handlers: list[Callable[..., Any]]) -> Callable[..., Any]:

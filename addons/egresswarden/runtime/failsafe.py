@@ -5,6 +5,10 @@ addon means "allow". Every Warden hook is wrapped with `fail_closed`: on an exce
 answers the flow with a 500 (`internal_error`) or kills the connection, records the
 decision for audit/metrics, and logs the exception type (not its text, which could hold
 request data) with the traceback at debug level.
+
+Who hears of a swallowed exception is registered per hook owner (`on_hook_error(listener,
+*parts)`, done once per chain by `chain.build_chain`), in a WeakKeyDictionary: each error is
+reported once, to the chain it happened in, and a chain that is gone is not kept alive.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -24,13 +29,13 @@ from egresswarden.runtime.context import record_of
 logger = logging.getLogger("warden")
 
 HookErrorListener = Callable[[str], None]
-_listeners: list[HookErrorListener] = []
+_listeners: weakref.WeakKeyDictionary[Any, HookErrorListener] = weakref.WeakKeyDictionary()
 
 
-def on_hook_error(listener: HookErrorListener) -> None:
-    """Register a callback (metrics) told the hook name of every swallowed exception."""
-    if listener not in _listeners:
-        _listeners.append(listener)
+def on_hook_error(listener: HookErrorListener, *parts: Any) -> None:
+    """Tell `listener` (metrics) the hook name of every exception swallowed in one of `parts`."""
+    for part in parts:
+        _listeners[part] = listener
 
 
 def _deny_target(hook: str, target: Any) -> None:
@@ -72,10 +77,11 @@ def fail_closed(hook: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a hook (sync or async) so that an exception denies instead of allowing."""
     name = hook.__name__
 
-    def handle(target: Any, exc: BaseException) -> None:
+    def handle(owner: Any, target: Any, exc: BaseException) -> None:
         logger.error("warden: %s failed with %s; denying", name, exc.__class__.__name__)
         logger.debug("warden: %s traceback", name, exc_info=exc)
-        for listener in _listeners:
+        listener = _listeners.get(owner)
+        if listener is not None:
             # a broken metrics listener must not hide the original failure
             with contextlib.suppress(Exception):
                 listener(name)
@@ -87,7 +93,7 @@ def fail_closed(hook: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 return await hook(self, target, *args)
             except Exception as exc:
-                handle(target, exc)
+                handle(self, target, exc)
         return async_wrapper
 
     @functools.wraps(hook)
@@ -95,5 +101,5 @@ def fail_closed(hook: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return hook(self, target, *args)
         except Exception as exc:
-            handle(target, exc)
+            handle(self, target, exc)
     return wrapper
