@@ -250,7 +250,7 @@ def test_audit_chain_verifies_and_detects_tampering(env, tmp_path: Path) -> None
         edited[3] = edited[3].replace(b'"event":"', b'"event":"x', 1)
     copy.write_bytes(b"".join(edited))
     result = subprocess.run([WARDEN, "audit", "verify", str(copy)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and f"{copy}:5" in result.stdout
+    assert result.returncode == 1 and f"{copy}:4" in result.stdout  # the edited line itself
     deleted = lines[:2] + lines[3:]
     copy.write_bytes(b"".join(deleted))
     result = subprocess.run([WARDEN, "audit", "verify", str(copy)], capture_output=True, text=True, timeout=60)

@@ -19,7 +19,17 @@ from .errors import RuleError, RuleProblem, RuleSetError, SecretError
 from .hostnames import IPAddress
 from .hostsfile import parse_hosts_file
 from .index import CidrIndex, HostIndex
-from .model import ANONYMOUS_AGENT, AgentMode, Credential, McpServer, Policy, Rule, RuleModel, TargetKind
+from .model import (
+    ANONYMOUS_AGENT,
+    AgentMode,
+    Credential,
+    McpServer,
+    Policy,
+    Rule,
+    RuleModel,
+    Settings,
+    TargetKind,
+)
 from .ruleset import CompiledAgent, CompiledCredential, CompiledRule, PolicyIndex, RuleSet
 from .secrets import Secret, read_secret, render, secrets_digest
 from .validate import SECRET_REF, load_model
@@ -146,15 +156,22 @@ class _Compiler:
 
 
     def alert_secrets(self) -> list[Secret]:
-        """Secrets in alert-sink headers: not injected anywhere, but rotating one is a change."""
+        """Secrets in alert-sink headers and the audit signing key: not injected anywhere, but
+        rotating one is a change."""
         out: list[Secret] = []
-        for sink in self.model.settings.alerts:
-            for _, template in sink.headers:
-                try:
-                    out.extend(render(template, self._secrets_dir())[1])
-                except SecretError:
-                    continue  # the alerts addon disables that sink and says why
+        for template in _other_secret_templates(self.model.settings):
+            try:
+                out.extend(render(template, self._secrets_dir())[1])
+            except SecretError:
+                continue  # the addon that uses it reports it (alerts disable the sink)
         return out
+
+
+def _other_secret_templates(settings: Settings) -> list[str]:
+    templates = [template for sink in settings.alerts for _, template in sink.headers]
+    if settings.audit.signing_key:
+        templates.append(settings.audit.signing_key)
+    return templates
 
 
 def policy_version(rules_version: str, hosts_digest: bytes | None, secrets: list[Secret]) -> str:
@@ -184,13 +201,12 @@ def current_version(rules: RuleSet, rules_version: str) -> str:
     if secrets_dir and not Path(secrets_dir).is_absolute():
         secrets_dir = str(base / secrets_dir)
     secrets = [read_secret(s.name, secrets_dir) for s in rules.secrets]
-    for sink in settings.alerts:
-        for _, template in sink.headers:
-            for match in SECRET_REF.finditer(template):
-                try:
-                    secrets.append(read_secret(match.group(1), secrets_dir))
-                except SecretError:
-                    continue  # skipped at load too (see _Compiler.alert_secrets)
+    for template in _other_secret_templates(settings):
+        for match in SECRET_REF.finditer(template):
+            try:
+                secrets.append(read_secret(match.group(1), secrets_dir))
+            except SecretError:
+                continue  # skipped at load too (see _Compiler.alert_secrets)
     return policy_version(rules_version, hosts_digest, secrets)
 
 

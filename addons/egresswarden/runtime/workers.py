@@ -122,7 +122,7 @@ class _Supervisor:
         argv = [sys.executable, "-m", "egresswarden", "run", "--rules", a.rules,
                 "--listen", f"{a.listen[0]}:{a.listen[1]}", "--metrics-listen", "127.0.0.1:0",
                 "--audit-log", worker_audit_path(a.audit_log, index), "--confdir", a.confdir,
-                "--worker-index", str(index),
+                "--worker-index", str(index), "--log-format", getattr(a, "log_format", "text"),
                 "--set", f"warden_metrics_port_file={self.state_dir / f'worker{index}.port'}"]
         for item in a.set or []:
             argv += ["--set", item]
