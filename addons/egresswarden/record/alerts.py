@@ -68,6 +68,12 @@ def alert_kinds(o: Outcome) -> list[str]:
     """The alert kind an outcome raises: none or exactly one, the most specific."""
     kinds = {e for e in o.events if e in ("secret_leak", "mcp_deny", "tool_changed")}
     d = o.decision
+    if o.event == "request" and o.extra.get("mcp_audited"):
+        # the HTTP request that carried MCP messages: each message has its own `mcp` outcome,
+        # with server and tool, which raises the alert; this one would be a second copy
+        kinds -= {"mcp_deny", "tool_changed"}
+        if d is not None and d.reason.value.startswith("mcp_"):
+            d = None
     if d is not None and d.verdict is Verdict.DENY:
         if d.reason is Reason.SECRET_LEAK:
             kinds.add("secret_leak")

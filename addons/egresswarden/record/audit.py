@@ -200,6 +200,14 @@ class AuditGate:
         if rules is not None and rules.settings.audit.on_failure == "continue":
             return
         record = record_of(flow)
+        # refused before the policy stage saw it: say what was refused
+        request = flow.request
+        record.method = record.method or request.method
+        record.host = record.host or request.host[:256]
+        record.port = record.port or request.port
+        if request.method != "CONNECT":
+            record.scheme = record.scheme or request.scheme
+            record.path = record.path or request.path[:2048]
         record.decision = deny(Reason.AUDIT_UNAVAILABLE,
                                "Warden cannot write its audit log, so it refuses new traffic until the log is "
                                "writable again; retry later", rules.version if rules else "none")
