@@ -69,6 +69,8 @@ class WardenMetrics:
     auth_failures: Counter
     mcp_calls: Counter
     hook_errors: Counter
+    tunnels_revoked: Counter
+    probe_refused: Counter
 
 
 @lru_cache(maxsize=1)
@@ -111,6 +113,10 @@ def registry() -> WardenMetrics:
         auth_failures=Counter(N.AUTH_FAILURES, "Failed proxy authentications, by reason", ("reason",), registry=r),
         mcp_calls=Counter(N.MCP_CALLS, "MCP messages decided", ("agent", "server", "decision", "reason"), registry=r),
         hook_errors=Counter(N.HOOK_ERRORS, "Exceptions in Warden hooks (each denied its flow)", ("hook",), registry=r),
+        tunnels_revoked=Counter(N.TUNNELS_REVOKED, "Open tunnels closed because a reload no longer allows them",
+                                ("agent", "reason"), registry=r),
+        probe_refused=Counter(N.PROBE_REFUSED, "Metrics/health connections closed at once: too many open",
+                              registry=r),
     )
 
 
@@ -204,6 +210,8 @@ class Metrics:
             # counters mirror the writer's own totals (it runs in another thread)
             self._sync_counter(m.audit_records, writer.stats.written)
             self._sync_counter(m.audit_write_failures, writer.stats.write_failures)
+        if self.server is not None:
+            self._sync_counter(m.probe_refused, self.server.refused)
 
     @staticmethod
     def _sync_counter(counter: Counter, total: int) -> None:
@@ -257,6 +265,8 @@ class Metrics:
                 m.upstream_duration.observe(o.upstream_seconds)
         elif o.event == "mcp":
             m.decision_duration.labels("mcp").observe(o.engine_seconds)
+        elif o.event == "tunnel_revoked":
+            m.tunnels_revoked.labels(agent, o.extra.get("revocation") if reason == "allowed" else reason).inc()
         if o.bytes_up:
             m.bytes.labels(agent, "up").inc(o.bytes_up)
         if o.bytes_down:

@@ -11,6 +11,7 @@
     Outcomes         turns finished flows into Outcomes for audit, metrics (and alerts)
     Metrics          Prometheus + /healthz
     Alerts           webhook alerts, off the traffic path
+    Revocation       on reload, re-decides open passthrough tunnels and cuts the denied ones
 
 Later stages read what earlier ones wrote into the flow's FlowRecord; none writes back.
 
@@ -41,6 +42,7 @@ from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import on_hook_error
+from egresswarden.runtime.revocation import Revocation
 from egresswarden.runtime.rulestore import RuleStore
 from egresswarden.stages.credentials import Credentials
 from egresswarden.stages.identity import Identity
@@ -74,6 +76,7 @@ def build_chain() -> list[Any]:
         outcomes,
         metrics,
         alerts,
+        Revocation(store, connections, outcomes.emit),  # no hooks: a reload listener (after audit's)
     ]
     on_hook_error(metrics.hook_error, *parts)  # per chain: each error counted once, old chains not kept alive
     return parts

@@ -111,3 +111,8 @@ class Connections:
 
     def peek(self, client: connection.Client) -> ConnState | None:
         return self._states.get(client)
+
+    def open_tunnels(self) -> list[tuple[connection.Client, ConnState, Tunnel]]:
+        """Every allowed CONNECT tunnel whose client is still connected (a snapshot)."""
+        return [(client, state, state.tunnel) for client, state in list(self._states.items())
+                if state.tunnel is not None and not state.tunnel.closed]
