@@ -83,6 +83,15 @@ class _Collector:
         self.problems.append(err.problem)
 
 
+# Keys that are often written one level too high or too low, and where they belong.
+_NESTED_KEYS = {
+    "allow": "policies.<name>.allow", "credentials": "policies.<name>.credentials", "mcp": "policies.<name>.mcp",
+    "strip": "policies.<name>.strip", "token_sha256": "an agents: entry", "sources": "an agents: entry",
+    "private_networks": "settings", "hosts_file": "settings", "tls_intercept": "settings",
+    "secrets_dir": "settings", "audit": "settings", "alerts": "settings",
+}
+
+
 def _schema_problems(doc: Any, lines: LineMap) -> list[RuleProblem]:
     if _fast_check()(doc):
         return []  # the common case; jsonschema below only runs to explain a failure
@@ -92,7 +101,27 @@ def _schema_problems(doc: Any, lines: LineMap) -> list[RuleProblem]:
         where = ".".join(str(p) for p in path) or "top level"
         message = err.message
         hint = ""
-        if err.validator == "additionalProperties":
+        if "token_sha256" in path:
+            # Never echo a value: people paste the token itself here, and check output
+            # lands in CI logs.
+            message = (f"{where}: a digest is listed twice" if err.validator == "uniqueItems" else
+                       f"{where}: must be a list of sha256 hex digests" if err.validator == "type" and
+                       path[-1] == "token_sha256" else f"{where}: not a sha256 hex digest (64 characters 0-9a-f)")
+            hint = ("if you pasted the token itself, treat it as leaked: make a new one with `warden token ID` "
+                    "and paste only the token_sha256 line")
+        elif err.validator in ("type", "required") and err.instance is None and path:
+            # `section:` with nothing under it, usually because the lines meant to be
+            # inside it are not indented (jsonschema would say "None is not of type 'object'").
+            wanted = err.validator_value if err.validator == "type" else "object"
+            kind = {"object": "a mapping", "array": "a list"}.get(str(wanted), f"of type {wanted}")
+            message = f"{where} is empty, but it must be {kind}"
+            hint = (f"if the lines below '{path[-1]}:' belong to it, indent them further; "
+                    "otherwise remove the empty key")
+        elif (err.validator == "type" and len(path) == 2 and path[0] == "policies"
+              and str(path[1]) in _NESTED_KEYS):
+            message = f"'{path[1]}' is at the level of policy names, so it is read as a policy called '{path[1]}'"
+            hint = f"it belongs inside a policy: indent it under the policy name ({_NESTED_KEYS[str(path[1])]})"
+        elif err.validator == "additionalProperties":
             unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
             if unknown:
                 # Point at the unknown key itself, not the mapping that holds it.
@@ -100,6 +129,8 @@ def _schema_problems(doc: Any, lines: LineMap) -> list[RuleProblem]:
                 known = ", ".join(sorted(err.schema.get("properties", {})))
                 message = f"unknown key '{unknown[0]}' in {where}"
                 hint = f"allowed keys here: {known}"
+                if unknown[0] in _NESTED_KEYS:
+                    hint = f"'{unknown[0]}' belongs in {_NESTED_KEYS[unknown[0]]}: check its indentation; {hint}"
         elif err.validator == "enum":
             message = f"{where}: {err.instance!r} is not one of {err.validator_value}"
         elif err.validator in ("type", "pattern", "minimum", "maximum", "minItems", "uniqueItems", "required",
@@ -483,6 +514,8 @@ def load_model(rules_dir: Path) -> RuleModel:
         except RuleError as e:
             out.add(e)
             continue
+        for problem in lines.problems:  # duplicate keys: reported alongside everything else
+            out.add(problem)
         problems = _schema_problems(doc, lines)
         if problems:
             out.problems += problems
