@@ -36,7 +36,6 @@ Kubernetes env reads a Secret.
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -45,8 +44,8 @@ from urllib.parse import quote
 import yaml
 
 from egresswarden.cli.ca import BUNDLE_NAME, DEFAULT_CONFDIR
+from egresswarden.cli.token import agent_id_problem
 
-AGENT_ID = re.compile(r"[a-z0-9][a-z0-9_-]*")
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 NO_PROXY_VARS = ("NO_PROXY", "no_proxy")
 # (variable, which clients read it); all get the bundle path.
@@ -171,8 +170,9 @@ def read_token(args: argparse.Namespace) -> str | None:
 
 def cmd_agent_env(args: argparse.Namespace) -> int:
     try:
-        if not AGENT_ID.fullmatch(args.agent):
-            raise AgentEnvError(f"agent id {args.agent!r} is not valid: ids match [a-z0-9][a-z0-9_-]*")
+        problem = agent_id_problem(args.agent)
+        if problem:
+            raise AgentEnvError(problem)
         token = read_token(args)
     except AgentEnvError as e:
         print(f"warden agent-env: {e}", file=sys.stderr)

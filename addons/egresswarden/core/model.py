@@ -134,6 +134,7 @@ class AuditSettings:
     max_file_bytes: int = 100 * 1024 * 1024
     queue_size: int = 65536
     stdout: bool = False
+    keep_query_values: frozenset[str] = frozenset()  # query names whose values are not redacted
 
 
 @dataclass(frozen=True, slots=True)

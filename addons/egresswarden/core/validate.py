@@ -405,6 +405,7 @@ def _build_settings(raw: dict[str, Any], lines_of: dict[str, LineMap], out: _Col
             max_file_bytes=int(audit.get("max_file_bytes", 100 * 1024 * 1024)),
             queue_size=int(audit.get("queue_size", 65536)),
             stdout=bool(audit.get("stdout", False)),
+            keep_query_values=frozenset(audit.get("keep_query_values", ())),
         ),
         alerts=tuple(alerts),
     )
@@ -454,6 +455,20 @@ def _cross_checks(files: list[_FileContent], model_parts: dict[str, Any], out: _
         if server.credential and server.credential not in credential_ids:
             out.add(RuleError(server.origin.file, server.origin.line,
                               f"mcp server {server.id!r} names unknown credential {server.credential!r}"))
+
+
+def _check_kept_query_values(settings: Settings, parts: dict[str, Any], out: _Collector) -> None:
+    """A query value the audit keeps must never be one Warden injects: that is a secret."""
+    kept = settings.audit.keep_query_values
+    if not kept:
+        return
+    for policy in parts["policies"].values():
+        for cred in policy.credentials:
+            for name in sorted(kept & {n for n, _ in cred.inject_query}):
+                out.add(parts["settings_lines"]["audit"].error(
+                    ("settings", "audit", "keep_query_values"),
+                    f"keep_query_values lists {name!r}, which credential {cred.id!r} injects: its secret would be "
+                    "written to the audit", f"remove {name!r} from settings.audit.keep_query_values"))
 
 
 def _merge(files: list[_FileContent], out: _Collector) -> dict[str, Any]:
@@ -524,6 +539,7 @@ def load_model(rules_dir: Path) -> RuleModel:
     parts = _merge(files, out)
     _cross_checks(files, parts, out)
     settings = _build_settings(parts["settings"], {"alerts": LineMap("settings")} | parts["settings_lines"], out)
+    _check_kept_query_values(settings, parts, out)
     if out.problems:
         raise RuleSetError(out.problems)
     return RuleModel(

@@ -54,7 +54,7 @@ def build_chain() -> list[Any]:
     connections = Connections()
     audit = Audit(store)
     interception = Interception(connections)
-    outcomes = Outcomes(connections, interception)
+    outcomes = Outcomes(connections, interception, store)
     metrics = Metrics(store, audit, interception)
     alerts = Alerts(store, audit)
     outcomes.add_sink(audit.on_outcome)

@@ -31,6 +31,7 @@ from mitmproxy.addons import (
     upstream_auth,
 )
 
+from egresswarden.runtime.banner import StartupLine
 from egresswarden.runtime.chain import build_addon
 
 NEEDED: tuple[type, ...] = (
@@ -88,5 +89,7 @@ class WardenMaster(master.Master):
         kept = [a for a in defaults if isinstance(a, NEEDED)]
         refused = RefusedOptions([a for a in defaults if not isinstance(a, NEEDED)])
         at = next(i for i, a in enumerate(kept) if isinstance(a, script.ScriptLoader)) + 1
-        self.addons.add(LogLevel(), *kept[:at], build_addon(), *kept[at:], refused)
-        self.addons.add(errorcheck.ErrorCheck())
+        chain = build_addon()
+        self.addons.add(LogLevel(), *kept[:at], chain, *kept[at:], refused)
+        # StartupLine last: its running() comes after the port is bound and ErrorCheck passed.
+        self.addons.add(errorcheck.ErrorCheck(), StartupLine(chain))
