@@ -122,9 +122,13 @@ def render_dotenv(agent: str, token: str | None, proxy: str, no_proxy: str, bund
 def render_compose(agent: str, token: str | None, proxy: str, no_proxy: str, bundle: str) -> str:
     # Compose interpolates ${VAR} in the file: without a token every variable reads the
     # one WARDEN_AGENT_TOKEN from compose/.env; a given token has its '$' doubled.
-    ref = (quote(token, safe="").replace("$", "$$") if token is not None
-           else "${WARDEN_AGENT_TOKEN:?set WARDEN_AGENT_TOKEN in compose/.env}")
-    body = yaml.safe_dump({"environment": env_values(agent, ref, proxy, no_proxy, bundle)}, sort_keys=False,
+    # Without a token the agent id is read from compose/.env as well (default: --agent), so
+    # the one .env file decides who the agent is, for every variable at once.
+    if token is None:
+        ref, who = "${WARDEN_AGENT_TOKEN:?set WARDEN_AGENT_TOKEN in compose/.env}", f"${{WARDEN_AGENT_ID:-{agent}}}"
+    else:
+        ref, who = quote(token, safe="").replace("$", "$$"), agent
+    body = yaml.safe_dump({"environment": env_values(who, ref, proxy, no_proxy, bundle)}, sort_keys=False,
                           default_flow_style=False, width=1000)
     return (f"# Warden agent environment for agent {agent!r} via {proxy}: paste under services.<your agent>:\n"
             "# (from `warden agent-env --format compose`; mount the bundle's directory read-only)\n" + body)
