@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import zipfile
@@ -336,3 +337,22 @@ def test_dotenv_and_compose_values_match_the_shell(tmp_path: Path) -> None:
         assert compose[key] == value, key
     assert parsed["HTTPS_PROXY"] == "http://coder:tok@warden:8080" and parsed["SSL_CERT_DIR"] == str(tmp_path)
 
+
+
+def test_k8s_env_refers_only_to_earlier_entries() -> None:
+    """Kubernetes expands $(VAR) only from entries defined earlier in the same list (or service
+    variables): the token comes from a Secret, the URL is built once, every proxy variable uses it."""
+    out = subprocess.run([WARDEN, "agent-env", "--agent", "coder", "--format", "k8s"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    env = yaml.safe_load(out)["env"]
+    assert env[0] == {"name": "WARDEN_AGENT_TOKEN",
+                      "valueFrom": {"secretKeyRef": {"name": "warden-agent-coder", "key": "token"}}}
+    defined = {"WARDEN_SERVICE_HOST"}
+    for entry in env:
+        for ref in re.findall(r"\$\(([A-Z_]+)\)", entry.get("value", "")):
+            assert ref in defined, (entry["name"], ref)
+        defined.add(entry["name"])
+    values = {e["name"]: e.get("value") for e in env}
+    assert values["WARDEN_PROXY_URL"] == "http://coder:$(WARDEN_AGENT_TOKEN)@$(WARDEN_SERVICE_HOST):8080"
+    assert all(values[v] == "$(WARDEN_PROXY_URL)" for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"))
+    assert "token=" not in out.replace("--from-file=token=", "")  # no token value anywhere

@@ -53,7 +53,10 @@ class StartupLine:
                   else "no rules loaded")
         audit = opts.warden_audit_log
         audit_shown = "stdout" if audit == "-" else str(Path(audit).resolve())
-        metrics = f" (metrics {opts.warden_metrics_listen})" if opts.warden_metrics_listen else ""
+        # Workers (--workers N) listen for metrics on port 0 and the supervisor serves the merged
+        # endpoint: their own address would only mislead.
+        listen = opts.warden_metrics_listen
+        metrics = f" (metrics {listen})" if listen and not listen.endswith(":0") else ""
         print(f"warden {__version__} listening on {_address(opts.listen_host, opts.listen_port)}{metrics}; "
               f"rules {Path(opts.warden_rules).resolve()} ({loaded}); CA sha256 {ca_fingerprint(opts.confdir)}; "
               f"audit {audit_shown}", file=sys.stderr, flush=True)
