@@ -312,10 +312,19 @@ def test_agent_without_mcp_rule(env: dict[str, Any]) -> None:
     assert plain.status_code == 200
 
 
-def test_non_jsonrpc_left_to_ordinary_rules(env: dict[str, Any]) -> None:
+def test_non_jsonrpc_post_to_mcp_endpoint_is_refused(env: dict[str, Any]) -> None:
+    """Every POST to an MCP endpoint is JSON-RPC; one Warden cannot parse never reaches the server
+    (it might parse it differently and run what Warden did not decide). Changed in 0.2: 0.1
+    forwarded such bodies under the ordinary allow rules."""
+    origin = env["batch"]
+    before = len(origin.seen)
     with http(env) as client:
         r = client.post(env["batch_url"], content=b"not json", headers={"Content-Type": "text/plain"})
-    assert r.status_code == 202  # the batch server accepted it: Warden did not decide it
+        health = client.get(env["batch_url"].replace("/rpc", "/rpc/health"))  # GET: ordinary rules
+    assert r.status_code == 400 and r.headers["x-warden-reason"] == "mcp_invalid_message"
+    assert r.json()["error"]["code"] == -32700
+    assert health.status_code == 200
+    assert len(origin.seen) == before + 1  # only the GET reached the server
 
 
 def test_server_credential_injected_agent_token_stripped(env: dict[str, Any]) -> None:

@@ -113,7 +113,8 @@ def netns_rules(token: str, hosts_file: Path) -> dict[str, object]:
             }
         },
         "deny": [{"host": "denied.test"}],
-        "settings": {"hosts_file": str(hosts_file)},
+        # This agent trusts only the origins' CA (passthrough only), so refusals stay status-only.
+        "settings": {"hosts_file": str(hosts_file), "explain_denials": "status"},
     }
 
 

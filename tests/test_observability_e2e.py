@@ -51,7 +51,7 @@ def base_rules(plain: Origin, hosts: Path, **settings: Any) -> dict:
         "policies": {"p": {"allow": [{"id": "plain", "host": "allowed.test", "ports": [plain.port]},
                                      {"id": "lo", "cidr": "127.0.0.1/32", "ports": [plain.port]}]}},
         "deny": [{"id": "no-denied", "host": "denied.test"}],
-        "settings": {"hosts_file": str(hosts), **settings},
+        "settings": {"hosts_file": str(hosts), "explain_denials": "status", **settings},
     }
 
 
@@ -216,7 +216,7 @@ def test_metrics_registered_once_across_addon_instances() -> None:
     from egresswarden.record.metrics import Metrics
     from egresswarden.runtime.chain import build_chain
 
-    first, second = build_chain(), build_chain()  # would raise "Duplicated timeseries" if re-registered
+    (first, _), (second, _) = build_chain(), build_chain()  # would raise "Duplicated timeseries" if re-registered
     m1 = next(a for a in first if isinstance(a, Metrics))
     m2 = next(a for a in second if isinstance(a, Metrics))
     assert m1 is not m2 and m1.metrics is m2.metrics

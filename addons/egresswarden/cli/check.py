@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from egresswarden.core.errors import RuleProblem, WardenError
-from egresswarden.core.lint import lint
+from egresswarden.core.lint import cidr_name_warnings, cidr_notes, lint
 from egresswarden.core.loader import load_ruleset
 from egresswarden.core.model import AgentMode
 
@@ -34,8 +34,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     warnings += lint(rules)
     for warning in sorted(warnings, key=lambda p: (p.file, p.line)):
         print(warning)
-    if warnings and args.strict:
-        print(f"warden: {len(warnings)} warning(s) and --strict", file=sys.stderr)
+    cidr_warnings = cidr_name_warnings(rules)  # (0.2 cidr semantics; text already holds file:line)
+    for text in cidr_warnings:
+        print(f"warning: {text}")
+    for note in cidr_notes(rules):
+        print(f"note: {note}")
+    count = len(warnings) + len(cidr_warnings)
+    if count and args.strict:
+        print(f"warden: {count} warning(s) and --strict", file=sys.stderr)
         return 1
     return 0
 

@@ -12,8 +12,9 @@
   errors already; the PSL's private section lists names under which anyone can register a
   site, so such a rule allows (or sends the secret to) every stranger's site there.
 
-Agents with cidr allow rules are not warned about reachability: a cidr rule may admit the
-host once it resolves, which only the running proxy can know.
+Since 0.2 a cidr rule matches IP literals only, so reachability of a host name is decided
+by host/domain rules alone and can be checked here. `cidr_name_warnings`/`cidr_notes` flag
+rule sets written for the 0.1 meaning of cidr rules.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def lint(rules: RuleSet) -> list[RuleProblem]:
     warnings: list[RuleProblem] = []
     enforced = [(a, rules.agents[a.id]) for a in model.agents if a.mode is AgentMode.ENFORCE and a.id in rules.agents]
     for name, policy in model.policies.items():
-        users = [(a, c) for a, c in enforced if name in a.policies and not c.has_cidr_rules]
+        users = [(a, c) for a, c in enforced if name in a.policies]
         for rule in policy.allow:
             found = _suffix_warning("allow rule", rule.id, rule.target, rule.origin)
             if found:
@@ -119,3 +120,45 @@ def lint(rules: RuleSet) -> list[RuleProblem]:
                     f"add an allow rule, e.g. - host: {server.host}" + (f" with ports: [{server.port}]"
                                                                         if server.port != default else "")))
     return sorted(warnings, key=lambda p: (p.file, p.line))
+
+
+def cidr_name_warnings(rules: RuleSet) -> list[str]:
+    """Rule sets that relied on the 0.1 meaning of `cidr` rules.
+
+    Until 0.1 a cidr allow rule also allowed any host name that resolved into it, so Warden
+    resolved every name an agent asked for (a DNS exfiltration channel). Since 0.2 a cidr
+    rule matches IP literals only; a name needs a host/domain rule (with `addresses:` when it
+    lives at a private address)."""
+    out: list[str] = []
+    model = rules.model
+    for agent in model.agents:
+        cidr_rules = [r for name in agent.policies for r in model.policies[name].allow
+                      if r.target.kind is TargetKind.CIDR]
+        if not cidr_rules:
+            continue
+        compiled = rules.agents[agent.id]
+        for name, addresses in rules.hosts_file.items():
+            if any(p.hosts and p.hosts.lookup(name) for p in compiled.policies):
+                continue
+            for rule in cidr_rules:
+                net = rule.target.network
+                if net is not None and any(ip.version == net.version and ip in net for ip in addresses):
+                    out.append(
+                        f"{rule.origin}: agent {agent.id!r} reaches {name} (hosts file: {addresses[0]}) only "
+                        f"through cidr rule {rule.id!r}; since 0.2 a cidr rule matches IP literals only, so "
+                        f"{name} is now refused: add a host rule for it (with addresses: [{net}] if private)")
+                    break
+    return out
+
+
+def cidr_notes(rules: RuleSet) -> list[str]:
+    """One note per agent with cidr rules (names resolved by DNS cannot be checked offline)."""
+    model = rules.model
+    out = []
+    for agent in model.agents:
+        first = next((r for name in agent.policies for r in model.policies[name].allow
+                      if r.target.kind is TargetKind.CIDR), None)
+        if first is not None:
+            out.append(f"{first.origin}: agent {agent.id!r} has cidr rules; since 0.2 they match IP literals only, "
+                       f"never host names (a name needs a host/domain rule)")
+    return out
