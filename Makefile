@@ -18,7 +18,7 @@ UPSTREAM_CA ?=
 # Any further `warden run` flags, passed through unchanged.
 WARDEN_ARGS ?=
 START_TIMEOUT ?= 60
-BUNDLE = $(CONFDIR)/warden-ca-bundle.pem
+BUNDLE = $(CONFDIR)/agent/warden-ca-bundle.pem
 # Where agents on this host reach Warden (a wildcard listen address is not one to connect to).
 AGENT_PROXY = $(subst 0.0.0.0:,127.0.0.1:,$(LISTEN))
 PYTEST_ARGS ?=

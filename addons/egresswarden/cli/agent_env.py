@@ -20,7 +20,8 @@ the trust bundle. Why each one is there (each was seen failing without it):
   ``SSL_CERT_FILE``), ``NODE_EXTRA_CA_CERTS`` (added to Node's built-in roots).
 * ``SSL_CERT_DIR``: many images and distributions export it (``/etc/ssl/certs``); curl
   then ignores ``SSL_CERT_FILE``, and httpx or other OpenSSL users may look there first.
-  It is set to the bundle's own directory, which replaces whatever the shell had with a
+  It is set to the bundle's own directory (keep the bundle alone there, never next to the
+  CA key: `make run` uses certs/agent/), which replaces whatever the shell had with a
   directory that holds nothing but the bundle (no hashed entries: lookups there find
   nothing and fall back to the bundle file every client above is given explicitly).
 * ``NODE_USE_ENV_PROXY=1``: Node 24 (and 22.21+) then honour ``HTTPS_PROXY`` in ``fetch``
@@ -61,6 +62,9 @@ CA_VARS = (
 DEFAULT_NO_PROXY = "localhost,127.0.0.1,::1"
 DEFAULT_PROXY = "127.0.0.1:8080"
 TOKEN_PLACEHOLDER = "REPLACE-WITH-AGENT-TOKEN"
+# Where `make run` writes the bundle: a directory of its own (SSL_CERT_DIR points at the
+# bundle's directory, which should never be the one holding the CA private key).
+AGENT_BUNDLE_DIR = "agent"
 K8S_SECRET_KEY = "token"
 
 
@@ -181,7 +185,7 @@ def cmd_agent_env(args: argparse.Namespace) -> int:
     except AgentEnvError as e:
         print(f"warden agent-env: {e}", file=sys.stderr)
         return 2
-    default_bundle = Path(DEFAULT_CONFDIR) / BUNDLE_NAME
+    default_bundle = Path(DEFAULT_CONFDIR) / AGENT_BUNDLE_DIR / BUNDLE_NAME
     bundle = Path(args.ca_bundle) if args.ca_bundle else default_bundle
     if args.format in ("shell", "dotenv"):
         # A relative path would change meaning with the agent's working directory.
@@ -189,6 +193,9 @@ def cmd_agent_env(args: argparse.Namespace) -> int:
         if not bundle.is_file():
             print(f"warden agent-env: note: {bundle} does not exist yet; create it with "
                   f"`warden ca bundle --out {bundle}`", file=sys.stderr)
+        if (bundle.parent / "mitmproxy-ca.pem").exists():
+            print(f"warden agent-env: warning: {bundle.parent} holds the CA private key and SSL_CERT_DIR points "
+                  "there; write the bundle into a directory of its own (e.g. certs/agent/)", file=sys.stderr)
     elif not args.ca_bundle:
         bundle = Path("/etc/warden-ca/ca-bundle.pem")  # where compose and Kubernetes mount it
     proxy = args.proxy or ({"compose": "warden:8080", "k8s": "$(WARDEN_SERVICE_HOST):8080"}
@@ -207,7 +214,8 @@ def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "k8s: $(WARDEN_SERVICE_HOST):8080)")
     p.add_argument("--format", choices=tuple(RENDERERS), default="shell", help="output format (default: shell)")
     p.add_argument("--ca-bundle", metavar="PATH",
-                   help=f"trust bundle from `warden ca bundle` (default: {DEFAULT_CONFDIR}/{BUNDLE_NAME}; "
+                   help=f"trust bundle from `warden ca bundle`, alone in its directory (default: "
+                        f"{DEFAULT_CONFDIR}/{AGENT_BUNDLE_DIR}/{BUNDLE_NAME}; "
                         "compose/k8s: /etc/warden-ca/ca-bundle.pem)")
     p.add_argument("--no-proxy", default=DEFAULT_NO_PROXY, metavar="LIST",
                    help=f"NO_PROXY value (default: {DEFAULT_NO_PROXY})")
