@@ -346,7 +346,7 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``ca init|bundle|rotate`` on the owner's top-level subparsers."""
     ca = subparsers.add_parser("ca", help="manage the interception CA and the client trust bundle")
     sub = ca.add_subparsers(dest="ca_command", metavar="{init,bundle,rotate}")

@@ -12,6 +12,7 @@ from . import credentials as _credentials  # noqa: F401 - registers its derived 
 from . import mcp as _mcp  # noqa: F401 - registers its derived state
 from .derived import build_all
 from .errors import RuleError, RuleProblem, RuleSetError, SecretError
+from .hostnames import IPAddress
 from .hostsfile import parse_hosts_file
 from .index import CidrIndex, HostIndex
 from .model import ANONYMOUS_AGENT, AgentMode, Credential, McpServer, Policy, Rule, RuleModel, TargetKind
@@ -95,7 +96,7 @@ class _Compiler:
                 self.credentials.setdefault(compiled_cred.id, compiled_cred)
         return PolicyIndex(policy.name, hosts, cidrs, creds, tuple(h.lower() for h in policy.strip), policy.mcp)
 
-    def hosts_file(self) -> dict:
+    def hosts_file(self) -> dict[str, tuple[IPAddress, ...]]:
         path = self.model.settings.hosts_file
         if not path:
             return {}

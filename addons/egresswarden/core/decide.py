@@ -48,6 +48,14 @@ def _policy_denial(agent: CompiledAgent, reason: Reason, message: str, version: 
     return deny(reason, message, version, rule_id)
 
 
+def _port_list(rules: Sequence[CompiledRule]) -> str:
+    """The ports `rules` allow, as text for the agent: "443 (https) / 80 (http), 8443"."""
+    listed = [str(p) for p in sorted({p for r in rules for p in (r.ports or ())})]
+    if any(r.ports is None for r in rules):
+        listed.insert(0, "443 (https) / 80 (http)")
+    return ", ".join(listed)
+
+
 def _allowed(rules: RuleSet, rule_id: str, intercept: bool) -> Decision:
     key = (rule_id, intercept)
     decision = rules.allow_memo.get(key)
@@ -94,8 +102,12 @@ def decide(rules: RuleSet, facts: RequestFacts) -> Decision:
     port = facts.port
 
     l7_deny = False
-    deny_index = rules.deny_cidrs if ip is not None else rules.deny_hosts
-    for rule in deny_index.lookup(ip if ip is not None else host) if deny_index else ():  # type: ignore[arg-type]
+    deny_rules: Sequence[CompiledRule]
+    if ip is not None:
+        deny_rules = rules.deny_cidrs.lookup(ip) if rules.deny_cidrs else ()
+    else:
+        deny_rules = rules.deny_hosts.lookup(host) if rules.deny_hosts else ()
+    for rule in deny_rules:
         if not _deny_rule_matches(rule, port):
             continue
         if not rule.has_l7:
@@ -115,10 +127,9 @@ def decide(rules: RuleSet, facts: RequestFacts) -> Decision:
                               f"no rule allows agent '{agent.id}' to reach the {what} {host}", version)
     usable = [r for r in candidates if r.port_ok(port, facts.scheme)]
     if not usable:
-        ports = sorted({p for r in candidates for p in (r.ports or ())}) or ["443 (https) / 80 (http)"]
         return _policy_denial(agent, Reason.PORT_NOT_ALLOWED,
-                              f"{host} is allowed, but not on port {port}; allowed ports: {ports}", version,
-                              candidates[0].id)
+                              f"{host} is allowed, but not on port {port}; allowed ports: {_port_list(candidates)}",
+                              version, candidates[0].id)
 
     if method is None or path is None:
         unconstrained = next((r for r in usable if not r.has_l7), None)

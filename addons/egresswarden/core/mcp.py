@@ -40,14 +40,10 @@ PLAIN_METHODS = frozenset({
     "tools/list", "resources/list", "resources/templates/list", "prompts/list", "logging/setLevel",
     "subscriptions/listen", "tasks/get", "tasks/result", "tasks/list", "tasks/cancel",
 })
-DECIDED_METHODS = frozenset({"tools/call", "resources/read", "resources/subscribe", "resources/unsubscribe",
-                             "prompts/get", "completion/complete"})
 
 JSONRPC_METHOD_NOT_FOUND = -32601
 JSONRPC_INVALID_PARAMS = -32602
 JSONRPC_HEADER_MISMATCH = -32020
-
-MAX_TEXT = 300
 
 
 def short(value: Any, limit: int = 120) -> str:
@@ -119,8 +115,6 @@ class McpPolicies:
         self.rules = rules
         self.version = rules.version
         self.agents: dict[str, AgentMcp] = {}
-        # server id -> tool names some rule names (bounded metric label values)
-        self.catalog: dict[str, set[str]] = {}
         validator_cache: dict[str, Any] = {}
         for agent in rules.agents.values():
             servers: dict[str, ServerPolicy] = {}
@@ -144,8 +138,6 @@ class McpPolicies:
                         sp.resource_globs.append(glob)
                     sp.prompts |= set(rule.prompts or ())
                     sp.log_values |= set(rule.log_argument_values)
-                    cat = self.catalog.setdefault(rule.server, set())
-                    cat |= sp.tools | sp.deny_tools | {t for t, _ in rule.arguments}
             self.agents[agent.id] = AgentMcp(agent.id, agent.report_mode, servers)
 
     def server_for(self, host: str, port: int, canonical_path: str) -> McpServer | None:
@@ -174,10 +166,6 @@ class McpPolicies:
     def agent_servers(self, agent: str) -> list[str]:
         a = self.agents.get(agent)
         return sorted(a.servers) if a else []
-
-    def label_tool(self, server: str, tool: str | None) -> str:
-        """A metric-safe tool label: only names the rules mention."""
-        return tool if tool and tool in self.catalog.get(server, ()) else "-"
 
 
 # -- pins ---------------------------------------------------------------------------------------
@@ -255,10 +243,6 @@ def parse_messages(body: bytes) -> tuple[list[dict[str, Any]], bool] | None:
         elif "result" not in m and "error" not in m:
             return None
     return items, batch
-
-
-def is_request(msg: dict[str, Any]) -> bool:
-    return "method" in msg and "id" in msg
 
 
 def protocol_version(msg: dict[str, Any], header: str | None) -> str | None:

@@ -11,7 +11,7 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -52,7 +52,8 @@ _ANY_REF = re.compile(r"\$\{")
 @lru_cache(maxsize=1)
 def rule_schema() -> dict[str, Any]:
     text = resources.files("egresswarden.core").joinpath("rules.schema.json").read_text("utf-8")
-    return json.loads(text)
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
 @lru_cache(maxsize=1)
@@ -123,11 +124,13 @@ def _schema_problems(doc: Any, lines: LineMap) -> list[RuleProblem]:
             message = f"'{path[1]}' is at the level of policy names, so it is read as a policy called '{path[1]}'"
             hint = f"it belongs inside a policy: indent it under the policy name ({_NESTED_KEYS[str(path[1])]})"
         elif err.validator == "additionalProperties":
-            unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            properties = err.schema.get("properties", {}) if isinstance(err.schema, Mapping) else {}
+            present = err.instance if isinstance(err.instance, Mapping) else {}
+            unknown = sorted(set(present) - set(properties))
             if unknown:
                 # Point at the unknown key itself, not the mapping that holds it.
                 path.append(unknown[0])
-                known = ", ".join(sorted(err.schema.get("properties", {})))
+                known = ", ".join(sorted(properties))
                 message = f"unknown key '{unknown[0]}' in {where}"
                 hint = f"allowed keys here: {known}"
                 if unknown[0] in _NESTED_KEYS:
