@@ -140,6 +140,7 @@ class AuditSettings:
     signing_key: str | None = None  # template, e.g. "${secret:AUDIT_SIGNING_KEY}"; rendered by the Audit addon
     checkpoint_records: int = 1000
     checkpoint_seconds: float = 5.0
+    keep_query_values: frozenset[str] = frozenset()  # query names whose values are not redacted
 
 
 @dataclass(frozen=True, slots=True)
