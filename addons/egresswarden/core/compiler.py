@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .errors import RuleError, RuleProblem, RuleSetError, SecretError
+from .hostnames import IPAddress
 from .hostsfile import parse_hosts_file
 from .index import CidrIndex, HostIndex
 from .model import ANONYMOUS_AGENT, AgentMode, Credential, McpServer, Policy, Rule, RuleModel, TargetKind
@@ -18,8 +19,9 @@ from .validate import load_model
 
 
 class _Compiler:
-    def __init__(self, model: RuleModel) -> None:
+    def __init__(self, model: RuleModel, secrets: bool = True) -> None:
         self.model = model
+        self.resolve_secrets = secrets
         self.problems: list[RuleProblem] = []
         self.secrets: list[Secret] = []
         self.credentials: dict[str, CompiledCredential] = {}
@@ -28,6 +30,14 @@ class _Compiler:
         return CompiledRule(rule.id, rule.policy, str(rule.target), rule.ports, rule.methods, rule.paths)
 
     def credential(self, cred: Credential) -> CompiledCredential | None:
+        if not self.resolve_secrets:
+            # Offline: where a credential applies is all that is compiled. Its headers keep
+            # their ${secret:NAME} templates and no secret is read, so nothing can be injected
+            # or scanned for; only tools that never send traffic load rules this way.
+            return CompiledCredential(id=cred.id, policy=cred.policy, rule=self.rule(cred), headers=cred.inject,
+                                      query=cred.inject_query, strip=tuple(h.lower() for h in cred.strip),
+                                      placeholder=cred.placeholder, redact_response=cred.redact_response,
+                                      allow_secret_in_url=cred.allow_secret_in_url)
         secrets_dir = self._secrets_dir()
         try:
             headers = tuple((name, *render(t, secrets_dir)) for name, t in cred.inject)
@@ -75,7 +85,7 @@ class _Compiler:
                 self.credentials.setdefault(compiled_cred.id, compiled_cred)
         return PolicyIndex(policy.name, hosts, cidrs, creds, tuple(h.lower() for h in policy.strip), policy.mcp)
 
-    def hosts_file(self) -> dict:
+    def hosts_file(self) -> dict[str, tuple[IPAddress, ...]]:
         path = self.model.settings.hosts_file
         if not path:
             return {}
@@ -134,9 +144,12 @@ class _Compiler:
         )
 
 
-def compile_model(model: RuleModel) -> RuleSet:
-    """Index a validated model. Raises RuleSetError (missing secrets, bad hosts file)."""
-    return _Compiler(model).compile()
+def compile_model(model: RuleModel, secrets: bool = True) -> RuleSet:
+    """Index a validated model. Raises RuleSetError (missing secrets, bad hosts file).
+
+    `secrets=False` (offline: `warden check --offline`, `explain`, `test`, `replay`) reads no
+    secret: credentials keep their templates, so the rule set decides but cannot inject."""
+    return _Compiler(model, secrets).compile()
 
 
 @contextmanager
@@ -161,7 +174,8 @@ def _bulk_allocation() -> Iterator[None]:
             gc.enable()
 
 
-def load_ruleset(rules_dir: Path) -> RuleSet:
-    """Load, validate and compile a rules directory (or a single file)."""
+def load_ruleset(rules_dir: Path, secrets: bool = True) -> RuleSet:
+    """Load, validate and compile a rules directory (or a single file). `secrets=False`: see
+    `compile_model`; every other check (schema, references, hosts file) still runs."""
     with _bulk_allocation():
-        return compile_model(load_model(Path(rules_dir)))
+        return compile_model(load_model(Path(rules_dir)), secrets)
