@@ -403,7 +403,7 @@ class Replay:
         self.apply(effect, file, number, str(record.get("time") or ""), record, raw)
 
     def _example(self, file: str, number: int, r: dict[str, Any]) -> dict[str, Any]:
-        ex = {"file": file, "line": number, "time": r.get("time"), "event": r.get("event"),
+        ex = {"file": file, "line": number, "time": r.get("time"), "event": r.get("event"), "agent": r.get("agent"),
               "request_id": r.get("request_id"), "method": r.get("method"), "scheme": r.get("scheme"),
               "host": r.get("host"), "port": r.get("port"), "path": r.get("path")}
         for k in ("mcp_server", "mcp_method", "mcp_tool", "mcp_resource", "mcp_prompt"):
