@@ -55,7 +55,7 @@ from egresswarden.core.ruleset import RuleSet
 
 REPLAYED_EVENTS = ("connect", "request", "mcp")
 KINDS = ("newly_denied", "newly_allowed", "report_changed", "interception_changed", "credentials_changed")
-MEMO_LIMIT = 100_000
+MEMO_LIMIT = 50_000  # per memo (decisions, and decision-relevant bytes): bounds memory, not records
 
 # Old reasons whose decision does not come from the rules: assumed the same under any rules.
 RULE_INDEPENDENT = frozenset({Reason.SNI_MISMATCH.value, Reason.HOST_MISMATCH.value,
@@ -388,7 +388,8 @@ class Replay:
         if fk is not None:
             effect = self.fast.get(fk)
             if effect is not None:
-                self.apply(effect, file, number, raw[9:raw.find(b'"', 9)].decode(), None, raw)
+                # the time is only needed by groups; most records only bump counters
+                self.apply(effect, file, number, raw[9:raw.find(b'"', 9)].decode() if effect[3] else "", None, raw)
                 return
         parsed = parse_line(raw)
         if parsed is None:
