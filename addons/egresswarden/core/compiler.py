@@ -8,6 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
 
+from . import credentials as _credentials  # noqa: F401 - registers its derived state
+from . import mcp as _mcp  # noqa: F401 - registers its derived state
+from .derived import build_all
 from .errors import RuleError, RuleProblem, RuleSetError, SecretError
 from .hostnames import IPAddress
 from .hostsfile import parse_hosts_file
@@ -25,8 +28,12 @@ class _Compiler:
         self.problems: list[RuleProblem] = []
         self.secrets: list[Secret] = []
         self.credentials: dict[str, CompiledCredential] = {}
+        self.allow_rules: dict[str, CompiledRule] = {}
 
     def rule(self, rule: Rule | Credential) -> CompiledRule:
+        if isinstance(rule, Rule):
+            return CompiledRule(rule.id, rule.policy, str(rule.target), rule.ports, rule.methods, rule.paths,
+                                rule.addresses, rule.websocket)
         return CompiledRule(rule.id, rule.policy, str(rule.target), rule.ports, rule.methods, rule.paths)
 
     def credential(self, cred: Credential) -> CompiledCredential | None:
@@ -72,6 +79,7 @@ class _Compiler:
         cidrs: CidrIndex[CompiledRule] = CidrIndex()
         for rule in policy.allow:
             compiled = self.rule(rule)
+            self.allow_rules[compiled.id] = compiled
             if rule.target.kind is TargetKind.CIDR:
                 assert rule.target.network is not None
                 cidrs.add(rule.target.network, compiled)
@@ -105,8 +113,7 @@ class _Compiler:
         source_agents: CidrIndex[CompiledAgent] = CidrIndex()
         for a in model.agents:
             indexes = tuple(policies[name] for name in a.policies)
-            compiled = CompiledAgent(a.id, a.token_sha256, a.sources, indexes, a.mode is AgentMode.REPORT,
-                                     any(p.cidrs for p in indexes))
+            compiled = CompiledAgent(a.id, a.token_sha256, a.sources, indexes, a.mode is AgentMode.REPORT)
             agents[a.id] = compiled
             if not a.token_sha256 and a.id != ANONYMOUS_AGENT:
                 for net in a.sources:
@@ -141,6 +148,7 @@ class _Compiler:
             rule_count=rule_count,
             secrets=tuple(self.secrets),
             credentials_by_id=MappingProxyType(dict(self.credentials)),
+            allow_rules_by_id=MappingProxyType(self.allow_rules),
         )
 
 
@@ -178,4 +186,6 @@ def load_ruleset(rules_dir: Path, secrets: bool = True) -> RuleSet:
     """Load, validate and compile a rules directory (or a single file). `secrets=False`: see
     `compile_model`; every other check (schema, references, hosts file) still runs."""
     with _bulk_allocation():
-        return compile_model(load_model(Path(rules_dir)), secrets)
+        rules = compile_model(load_model(Path(rules_dir)), secrets)
+        build_all(rules)
+        return rules
