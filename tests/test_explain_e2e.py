@@ -22,6 +22,7 @@ from .harness import WARDEN, Origin, Warden, curl, free_port, hosts_file, run_or
 pytestmark = pytest.mark.e2e
 
 SECRET = "explain-e2e-secret-value-123456"
+PING = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"})
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ CASES = [
     ("coder", "GET", "https://denied.test:{T}/"),
     ("coder", "GET", "https://cred.test:{T}/repos/acme"),
     ("coder", "GET", "https://cred.test:{T}/elsewhere"),
-    ("coder", "GET", "https://mcp.test:{T}/mcp"),
+    ("coder", "POST", "https://mcp.test:{T}/mcp"),
     ("coder", "GET", "https://other.test:{T}/admin/x"),
     ("coder", "GET", "https://other.test:{T}/ok"),
     ("coder", "GET", "http://api.test:{P}/v9"),
@@ -94,9 +95,7 @@ CASES = [
     ("coder", "GET", "https://127.0.0.1:{T}/"),
     ("rep", "GET", "https://api.test:{T}/v2"),
     ("rep", "GET", "https://front.test:{T}/x"),
-    pytest.param("coder", "GET", "https://mcp.test:{T}/mc%70", marks=pytest.mark.xfail(
-        strict=True, reason="stages/mcp.py matches MCP endpoints on the raw path; plan.py on the canonical one "
-                            "(the decision's): /mc%70 is allowed as /mcp but not governed as MCP")),
+    ("coder", "POST", "https://mcp.test:{T}/mc%70"),  # governed on the canonical path
 ]
 
 
@@ -136,7 +135,10 @@ def test_explain_agrees_with_the_proxy(env: Env, agent: str, method: str, templa
     start = len(env.warden.audit_records())
     https = url.startswith("https")
     proxy = env.warden.proxy_url(agent)
-    curl(["-o", "/dev/null", "--cacert", str(env.bundle), "-X", method, "--path-as-is", url],
+    body = PING if "mcp.test" in url else None  # JSON-RPC, so the MCP stage records its server
+    extra = ["-H", "Content-Type: application/json", "-H", "Accept: application/json, text/event-stream",
+             "--data", body] if body else []
+    curl(["-o", "/dev/null", "--cacert", str(env.bundle), "-X", method, "--path-as-is", *extra, url],
          env={"HTTPS_PROXY": proxy, "http_proxy": proxy}, timeout=10)
     records = {r["event"]: r for r in _records_for(env, start, plan, https)}
     stages = {s["stage"]: s for s in plan["stages"]}
@@ -144,14 +146,22 @@ def test_explain_agrees_with_the_proxy(env: Env, agent: str, method: str, templa
         # The connect record carries the address-checked tunnel decision.
         tunnel = stages["addresses"] if stages.get("addresses", {}).get("evaluated") else stages["connect"]
         _same(tunnel, records["connect"])
-        expected_mode = plan["interception"]["mode"] if tunnel["decision"] != "deny" else None
-        assert records["connect"]["interception"] == expected_mode
+        assert records["connect"]["interception"] == plan["interception"]["mode"]
+    if plan["interception"]["mode"] == "explain":
+        # A refused tunnel accepted only to explain: its request carries the tunnel's refusal.
+        if "request" in records:
+            assert records["request"]["interception"] == "explain"
+            _same(tunnel, records["request"])
+        return
     if "request" in records:
         request = records["request"]
         _same(stages["request"], request)
         assert request["interception"] == ("intercept" if https else "plain")
         assert request["credential_ids"] == plan["credentials"]
-        assert request.get("mcp_server") == plan["mcp_server"]
+        if body is not None:  # the MCP server governing the path shows on the mcp record
+            mcp = env.warden.audit_records(wait_for=lambda rs: any(r.get("event") == "mcp" for r in rs[start:]))
+            served = [r for r in mcp[start:] if r.get("event") == "mcp"]
+            assert [r["mcp_server"] for r in served] == [plan["mcp_server"]], served
         if not https and stages.get("addresses", {}).get("evaluated"):
             _same(stages["addresses"], request)  # plain http: the record has the address-checked decision
     final = records.get("request") or records["connect"]
@@ -164,7 +174,7 @@ def test_explain_text_shows_every_stage(env: Env) -> None:
     out = subprocess.run([WARDEN, "explain", "--rules", str(env.warden.rules_dir), "--agent", "coder", url],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for needle in ("connect:", "addresses:", "checked 127.0.0.1 (from hosts file)", "TLS intercepted (credentials)",
+    for needle in ("connect:", "addresses:", "checked 127.0.0.1 (from hosts file)", "TLS intercepted (credentials",
                    "request:", "credentials: injected: gh [", "mcp server: none", "final: allow"):
         assert needle in out.stdout, out.stdout
     assert SECRET not in out.stdout  # offline: the secret is never even read

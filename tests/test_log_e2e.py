@@ -82,6 +82,8 @@ def test_follow_shows_new_denials_within_a_second_across_rotation(warden: Warden
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=warden.workdir)
     out = Collector(proc)
     try:
+        get(warden, "/warm-up")  # shown once `warden log` has started (imports take a while on a busy machine)
+        assert wait(lambda: out.arrived("/warm-up") is not None, 30), out.lines
         get(warden, "/first-denial")
         assert wait(lambda: in_audit(warden, "/first-denial"), 10)
         written = time.monotonic()

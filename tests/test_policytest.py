@@ -51,7 +51,8 @@ def test_cases_need_no_secrets_and_cover_mcp_credentials_and_addresses(tmp_path:
     (rules / "rules.yaml").write_text(yaml.safe_dump({
         "agents": [{"id": "claw", "token_sha256": [sha256_hex("t")], "policies": ["sales"]}],
         "policies": {"sales": {
-            "allow": [{"id": "crm", "host": "mcp.crm.test"}, {"id": "lan", "cidr": "10.9.0.0/16"}],
+            "allow": [{"id": "crm", "host": "mcp.crm.test"},
+                      {"id": "db", "host": "db.lan.test", "addresses": ["10.9.0.0/16"]}],
             "credentials": [{"id": "crm-token", "host": "mcp.crm.test",
                              "inject": {"Authorization": "Bearer ${secret:NEVER_SET_CRM_TOKEN}"}}],
             "mcp": [{"server": "crm", "tools": ["search", "send_email"], "deny_tools": ["delete"],
@@ -74,20 +75,22 @@ def test_cases_need_no_secrets_and_cover_mcp_credentials_and_addresses(tmp_path:
          "expect": "deny", "reason": "mcp_resource_not_allowed"},
         {"name": "the endpoint", "request": "POST https://mcp.crm.test/mcp", "expect": "allow",
          "interception": "intercept", "credentials": ["crm-token"], "mcp_server": "crm"},
-        {"name": "a lan name needs its address", "request": "https://db.lan.test/", "expect": "allow",
-         "addresses": ["10.9.1.1"]},
+        {"name": "the database at its private address", "request": "https://db.lan.test/", "expect": "allow",
+         "addresses": ["10.9.1.1"], "rule": "db"},
+        {"name": "the name resolving elsewhere inside", "request": "https://db.lan.test/", "expect": "deny",
+         "addresses": ["10.10.0.1"], "reason": "private_address"},
     ]}, sort_keys=False))
     out = _warden_test(str(rules), str(cases), "-v")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "6 passed, 0 failed" in out.stdout
+    assert "7 passed, 0 failed" in out.stdout
     # The same rules cannot start a proxy without the secret: only the offline tools load them.
     check = subprocess.run([WARDEN, "check", str(rules)], capture_output=True, text=True, timeout=60)
     assert check.returncode == 1 and "NEVER_SET_CRM_TOKEN" in check.stderr
-    # Without addresses the cidr-only name is undetermined: a failure, never a silent pass.
+    # Without addresses the address check is skipped, and the summary says so.
     (cases / "crm.yaml").write_text(yaml.safe_dump([{"agent": "claw", "request": "https://db.lan.test/",
                                                       "expect": "allow"}]))
-    undetermined = _warden_test(str(rules), str(cases))
-    assert undetermined.returncode == 1 and "undetermined" in undetermined.stdout
+    skipped = _warden_test(str(rules), str(cases))
+    assert skipped.returncode == 0 and "1 cases did not run the address check" in skipped.stdout
 
 
 def test_invalid_case_files_name_file_and_line(tmp_path: Path) -> None:

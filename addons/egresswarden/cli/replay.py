@@ -17,8 +17,9 @@ and `credentials_changed` (other credentials would be injected). Changes are gro
 kind, agent, host, old and new rule and reason, with counts, first/last time seen and a few
 example records (file:line).
 
-Sequencing follows the proxy: a request whose tunnel the new rules refuse never happens, so
-it is counted once, under `requests_in_refused_tunnels`, not as a second denial (the
+Sequencing follows the proxy: a request whose tunnel the new rules refuse is not decided on
+its own (never sent, or with `explain_denials: in_band` answered with the tunnel's refusal),
+so it is counted once, under `requests_in_refused_tunnels`, not as a second denial (the
 connect record is the denial); likewise MCP messages whose HTTP request is refused. An HTTP
 request that carried MCP messages is compared through its `mcp` records (the proxy records
 the first MCP denial on it when it answered every message itself).
@@ -50,7 +51,7 @@ from egresswarden.cli.common import load_or_report
 from egresswarden.core.decision import Decision, Reason, Verdict
 from egresswarden.core.hostnames import IPAddress, parse_ip
 from egresswarden.core.mcp import McpPolicies, PinStore
-from egresswarden.core.plan import Plan, StageName, decide_mcp, mcp_policies_for, plan, rule_origins
+from egresswarden.core.plan import Plan, StageName, decide_mcp, mcp_decider_for, plan, rule_origins
 from egresswarden.core.ruleset import RuleSet
 
 REPLAYED_EVENTS = ("connect", "request", "mcp")
@@ -83,8 +84,6 @@ WHY_TEXT = {
     "mcp_pins": "MCP tool-definition changes: pins depend on definitions seen at run time",
     "mcp_arguments": "tool calls whose arguments the new rules constrain: argument values were not logged "
                      "(add the tool to log_argument_values to replay them)",
-    "mcp_body": "requests the new rules route to an MCP server that did not govern them before: their JSON-RPC "
-                "bodies were not recorded",
     "mcp_completion": "MCP completion requests: the prompt/resource they refer to is not recorded",
     "address_unknown": "names the new rules allow but whose address was never checked (no upstream_ip recorded, "
                        "not in the new hosts file): the SSRF guard and cidr rules cannot be evaluated",
@@ -97,6 +96,8 @@ LIMITS = [
     "requests inside it that the new rules would intercept and decide are not known (see interception_changed).",
     "upstream_ip is the first address the proxy checked; other addresses of the same name are not recorded.",
     "The leak guard, fronting checks and identity are not simulated; they would still apply under the new rules.",
+    "HTTP requests to an MCP endpoint are compared through their mcp records; a request the new rules newly "
+    "route to an MCP server has no recorded JSON-RPC body, so its MCP decisions are not known.",
 ]
 
 
@@ -211,9 +212,10 @@ class Replay:
     def _http(self, r: dict[str, Any]) -> tuple[Plan | None, Redecision | None]:
         """The plan of the HTTP request a request/mcp record describes, or why there is none."""
         layer = r.get("interception")
-        if layer not in ("intercept", "plain"):
+        # "explain": a request inside a tunnel the old rules refused (answered with the refusal)
+        if layer not in ("intercept", "plain", "explain"):
             return None, Redecision(not_replayed="unknown_layer")
-        scheme = "https" if layer == "intercept" else str(r.get("scheme") or "http")
+        scheme = "https" if layer != "plain" else str(r.get("scheme") or "http")
         host, port = str(r.get("host")), int(r.get("port") or (443 if scheme == "https" else 80))
         p = plan(self.rules, r["agent"], scheme, host, port, str(r.get("method") or "GET"), str(r.get("path") or "/"),
                  self._addresses(host, r.get("upstream_ip")))
@@ -229,8 +231,8 @@ class Replay:
             assert early is not None
             return early
         if p.decision.allowed and p.mcp_server is not None:
-            if not r.get("mcp_server"):
-                return Redecision(not_replayed="mcp_body")  # newly governed: its messages were never recorded
+            # The proxy records the MCP verdict on the HTTP request when it answered every
+            # message itself; the mcp records (compared on their own) carry the decisions.
             return Redecision(p.decision, p.final.stage.value, mcp_carrier=True)
         return self._from_plan(p, credentials=p.credentials)
 
@@ -250,7 +252,7 @@ class Replay:
         if method == "completion/complete":
             return Redecision(not_replayed="mcp_completion")
         if self._mcp is None:
-            self._mcp = mcp_policies_for(self.rules)
+            self._mcp = mcp_decider_for(self.rules)
         policies, pins = self._mcp
         server = next(s for s in self.rules.model.mcp_servers if s.id == p.mcp_server)
         params: dict[str, Any] = {}
@@ -280,8 +282,6 @@ class Replay:
         bare = path.split("?", 1)[0] if isinstance(path, str) else path
         base = (event, r.get("agent"), r.get("interception"), r.get("scheme"), r.get("host"), r.get("port"),
                 r.get("method"), bare, r.get("upstream_ip"))
-        if event == "request":
-            return (*base, bool(r.get("mcp_server")))
         if event == "mcp":
             values = r.get("mcp_argument_values")
             return (*base, r.get("mcp_method"), r.get("mcp_tool"), r.get("mcp_resource"), r.get("mcp_prompt"),

@@ -9,15 +9,22 @@ The order, as the proxy runs it (stages/policy.py, interception.py, credentials.
 
 HTTPS (a CONNECT tunnel, then the requests inside it)
  1. connect     `decide` on agent + host + port (no method, no path). Denied: the end.
- 2. addresses   the name is resolved (hosts file, then DNS; an IP literal is its own address)
-                and `decide_addresses` checks every address against the deny cidrs, the
-                agent's cidr rules and the SSRF guard, with the CONNECT decision as `prior`.
-                Denied: the end. Here, without network, the addresses are the ones given, an
-                IP literal, or the rules' hosts file; otherwise the step is "not evaluated"
-                and the plan is marked incomplete (`complete` False).
+ 2. addresses   an allowed name is resolved (hosts file, then DNS; an IP literal is its own
+                address) and `decide_addresses` checks every address against the deny cidrs
+                and the private-address guard, with the CONNECT decision as `prior`. Here,
+                without network, the addresses are the ones given, an IP literal, or the
+                rules' hosts file; otherwise the step is "not evaluated" and an allow is
+                marked incomplete (`complete` False). A refused tunnel ends here; with
+                `settings.explain_denials: in_band` and a reason in EXPLAINABLE it is
+                accepted only to answer every request with the refusal (interception
+                `explain`).
+ 2b. governed   an address that belongs to a declared MCP server or an exact credential host
+                reached under another name or an IP literal (`governed_by_address`; offline
+                the destinations' addresses come from the hosts file): the tunnel is
+                intercepted and governed as that destination.
  3. interception  the tunnel is intercepted when the (address-checked) decision says so:
                 method/path rules, credentials for the host, an MCP server on host:port, an
-                L7 deny rule, or `settings.tls_intercept: always`; else passed through, and
+                L7 deny rule, `settings.tls_intercept: always`, a governed address; else passed through, and
                 the proxy never sees the requests inside (no request stage, no credentials,
                 no MCP). (A TLS SNI that differs from the CONNECT host also forces
                 interception and a `sni_mismatch` denial: a client's doing, not a rule's.)
@@ -26,12 +33,14 @@ HTTPS (a CONNECT tunnel, then the requests inside it)
  5. credentials the agent's credentials bound to this request (`bound_credentials`: only
                 intercepted TLS, matching host, port, method and canonical path) are injected.
  6. mcp         a declared MCP server whose endpoint path prefix (or legacy SSE POST path)
-                covers the request's canonical path governs its JSON-RPC body
+                covers the request's canonical path (by name, or the server a governed
+                address belongs to) governs its JSON-RPC body
                 (`decide_mcp`, each message on its own).
 
 Plain HTTP: 1. request (`decide` with method and path), 2. addresses (prior: the request
 decision), then no interception (`plain`), never credentials (a secret would cross the
 network in clear text), and an MCP server if one is declared on that http host:port.
+(HTTP Upgrade/WebSocket permission and the body plan depend on headers: not planned.)
 
 `final` is the decision of the last stage that ran; a denial ends the sequence. Leak
 scanning, body size limits and identity are not planned: their inputs (headers, bodies,
@@ -41,13 +50,12 @@ JSON (`Plan.to_json()`, used by `warden explain --json`; keys are stable, new on
 added): agent, method, scheme, host, port, path, policy_version, complete,
 stages: [{stage, evaluated, decision, reason, rule_id, rule_origin, message, note}],
 addresses, address_source (literal | given | hosts_file | unknown),
-interception: {mode (intercept | passthrough | plain | null), why: [...]},
+interception: {mode (intercept | passthrough | plain | explain | null), why: [...]},
 credentials: [id...], mcp_server, final: {decision, reason, rule_id, rule_origin, message, stage}.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -56,9 +64,10 @@ from urllib.parse import urlsplit
 
 from .decide import decide, decide_addresses
 from .decision import Decision, Interception, Reason, Verdict
+from .derived import derived
 from .facts import RequestFacts
 from .hostnames import HostError, IPAddress, normalize_host, parse_ip
-from .mcp import McpPolicies, MessageDecision, PinStore, decide_message
+from .mcp import McpPolicies, MessageDecision, PinStore, decide_message, mcp_policies_for
 from .model import McpServer
 from .paths import PathError, canonical_path
 from .ruleset import RuleSet, default_port
@@ -79,6 +88,13 @@ class InterceptWhy(StrEnum):
     MCP_SERVER = "mcp_server"  # an MCP server is declared on host:port
     L7_DENY_RULE = "l7_deny_rule"  # a global deny rule with methods/paths covers the host
     TLS_INTERCEPT_ALWAYS = "tls_intercept_always"  # settings.tls_intercept: always
+    GOVERNED_ADDRESS = "governed_address"  # an address of an MCP server or credential host, under another name
+
+
+# Refusals `settings.explain_denials: in_band` explains inside an accepted tunnel (the proxy's
+# stages/policy.py EXPLAINABLE): the agent is identified and the answer is policy.
+EXPLAINABLE = frozenset({Reason.NO_MATCHING_RULE, Reason.PORT_NOT_ALLOWED, Reason.DENY_LISTED,
+                         Reason.PRIVATE_ADDRESS, Reason.RESOLVE_FAILED})
 
 
 class AddressSource(StrEnum):
@@ -170,32 +186,22 @@ class RuleOrigins:
     credentials: Mapping[str, str]
 
 
-_origins_lock = threading.Lock()
-_origins: tuple[RuleSet, RuleOrigins] | None = None
-
-
+@derived
 def rule_origins(rules: RuleSet) -> RuleOrigins:
-    """Where each rule id and credential id is defined (cached for the last RuleSet)."""
-    global _origins
-    cached = _origins
-    if cached is not None and cached[0] is rules:
-        return cached[1]
-    with _origins_lock:
-        m = rules.model
-        by_rule: dict[str, str] = {}
-        creds: dict[str, str] = {}
-        for policy in m.policies.values():
-            for r in policy.allow:
-                by_rule.setdefault(r.id, str(r.origin))
-            for c in policy.credentials:
-                creds.setdefault(c.id, str(c.origin))
-            for mcp_rule in policy.mcp:
-                by_rule.setdefault(f"{policy.name}/mcp/{mcp_rule.server}", str(mcp_rule.origin))
-        for r in m.deny:
+    """Where each rule id and credential id is defined (built once per RuleSet)."""
+    m = rules.model
+    by_rule: dict[str, str] = {}
+    creds: dict[str, str] = {}
+    for policy in m.policies.values():
+        for r in policy.allow:
             by_rule.setdefault(r.id, str(r.origin))
-        origins = RuleOrigins(by_rule, creds)
-        _origins = (rules, origins)
-        return origins
+        for c in policy.credentials:
+            creds.setdefault(c.id, str(c.origin))
+        for mcp_rule in policy.mcp:
+            by_rule.setdefault(f"{policy.name}/mcp/{mcp_rule.server}", str(mcp_rule.origin))
+    for r in m.deny:
+        by_rule.setdefault(r.id, str(r.origin))
+    return RuleOrigins(by_rule, creds)
 
 
 def _result(rules: RuleSet, stage: StageName, decision: Decision) -> StageResult:
@@ -234,8 +240,8 @@ def check_addresses(rules: RuleSet, agent: str, scheme: str, host: str, port: in
     return decide_addresses(rules, RequestFacts(agent, host, port, scheme), addresses, prior)
 
 
-def interception_for(rules: RuleSet, agent: str, host: str, port: int,
-                     tunnel: Decision) -> tuple[Interception, tuple[InterceptWhy, ...]]:
+def interception_for(rules: RuleSet, agent: str, host: str, port: int, tunnel: Decision,
+                     governed: Governed | None = None) -> tuple[Interception, tuple[InterceptWhy, ...]]:
     """Stage 3: passthrough or intercept for an allowed tunnel, and why.
 
     The choice is the engine's (`tunnel.intercept`); the reasons restate the conditions
@@ -251,7 +257,7 @@ def interception_for(rules: RuleSet, agent: str, host: str, port: int,
     if rules.settings.tls_intercept == "always":
         why.append(InterceptWhy.TLS_INTERCEPT_ALWAYS)
     compiled = rules.agents.get(agent)
-    if compiled is not None and not tunnel.address_rule_needed and tunnel.verdict is Verdict.ALLOW:
+    if compiled is not None and tunnel.verdict is Verdict.ALLOW:
         if ip is not None:
             candidates = [r for p in compiled.policies if p.cidrs for r in p.cidrs.lookup(ip)]
         else:
@@ -263,7 +269,49 @@ def interception_for(rules: RuleSet, agent: str, host: str, port: int,
             why.append(InterceptWhy.CREDENTIALS)
         if rules.mcp_servers_at(host, port):
             why.append(InterceptWhy.MCP_SERVER)
+    if governed is not None:
+        why.append(InterceptWhy.GOVERNED_ADDRESS)
     return Interception.INTERCEPT, tuple(why)
+
+
+@dataclass(frozen=True, slots=True)
+class Governed:
+    """A destination governed beyond host rules (runtime.resolver.Governed, offline)."""
+
+    host: str
+    what: str
+    mcp_server: str | None = None
+
+
+def governed_destinations(rules: RuleSet) -> dict[tuple[str, int], Governed]:
+    """Declared MCP servers and exact-host credential destinations, by (host, port): the same
+    list runtime.resolver.GovernedAddresses resolves."""
+    out: dict[tuple[str, int], Governed] = {}
+    for (host, port), servers in rules.mcp_servers.items():
+        out[(host, port)] = Governed(host, f"MCP server {servers[0].id}", servers[0].id)
+    for cred in rules.credentials_by_id.values():
+        target = cred.rule.target
+        if target.startswith("*."):
+            continue
+        for port in cred.rule.ports or (443,):
+            out.setdefault((target, port), Governed(target, f"credential {cred.id}"))
+    return out
+
+
+def governed_by_address(rules: RuleSet, host: str, port: int, addresses: Sequence[IPAddress]) -> Governed | None:
+    """Stage 2b: the governed destination one of `addresses` belongs to, reached under another
+    name or an IP literal (then the tunnel is intercepted and governed as that destination).
+    Offline, a destination's own addresses are known only from the hosts file or an IP literal."""
+    if not addresses:
+        return None
+    for (dest, dest_port), governed in governed_destinations(rules).items():
+        if dest_port != port or dest == host:
+            continue
+        ip = parse_ip(dest)
+        owned = (ip,) if ip is not None else rules.hosts_file.get(dest, ())
+        if any(a in owned for a in addresses):
+            return governed
+    return None
 
 
 def credentials_for_request(rules: RuleSet, agent: str, host: str, port: int, scheme: str, method: str, path: str,
@@ -277,43 +325,36 @@ def credentials_for_request(rules: RuleSet, agent: str, host: str, port: int, sc
     return tuple(c.id for c in bound_credentials(rules, compiled, host, port, scheme, method, path, intercepted))
 
 
-def mcp_server_for(rules: RuleSet, host: str, port: int, path: str) -> McpServer | None:
+def mcp_server_for(rules: RuleSet, host: str, port: int, path: str,
+                   governed: Governed | None = None) -> McpServer | None:
     """Stage 6: the declared MCP server governing this request, matched on the canonical path
-    (percent-decoded, as the decision matched it), so "/mc%70" is governed like "/mcp"."""
-    servers = rules.mcp_servers_at(host, port)
-    if not servers:
+    (percent-decoded, as the decision matched it), so "/mc%70" is governed like "/mcp"; by name,
+    else as the server whose address the connection reached (`governed`)."""
+    if not rules.mcp_servers:
         return None
     try:
         canonical = canonical_path(path)
     except PathError:
         return None  # the decision already refused this path (invalid_path)
-    for server in servers:
-        for prefix in (server.path_prefix, server.legacy_sse_messages_path):
-            if not prefix:
-                continue
-            p = prefix.rstrip("/") or "/"
-            if p == "/" or canonical == p or canonical.startswith(p + "/"):
-                return server
-    return None
+    policies = mcp_policies_for(rules)
+    server = policies.server_for(host, port, canonical)
+    if server is None and governed is not None and governed.mcp_server is not None:
+        declared = next(s for s in rules.model.mcp_servers if s.id == governed.mcp_server)
+        server = policies.server_for(declared.host, declared.port, canonical)
+    return server
 
 
-_mcp_lock = threading.Lock()
-_mcp: tuple[RuleSet, McpPolicies, PinStore] | None = None
+@derived
+def _offline_pins(rules: RuleSet) -> PinStore:
+    pins = PinStore()
+    pins.set_rule_pins(rules.model.mcp_pins)
+    return pins
 
 
-def mcp_policies_for(rules: RuleSet) -> tuple[McpPolicies, PinStore]:
-    """Compiled MCP policies and a pin store seeded with the rules' `mcp_pins` (cached for the
-    last RuleSet). Offline there are no observed tool definitions, so no tool counts as changed."""
-    global _mcp
-    cached = _mcp
-    if cached is not None and cached[0] is rules:
-        return cached[1], cached[2]
-    with _mcp_lock:
-        policies = McpPolicies(rules)
-        pins = PinStore()
-        pins.set_rule_pins(rules.model.mcp_pins)
-        _mcp = (rules, policies, pins)
-        return policies, pins
+def mcp_decider_for(rules: RuleSet) -> tuple[McpPolicies, PinStore]:
+    """Compiled MCP policies and a pin store seeded with the rules' `mcp_pins`. Offline there
+    are no observed tool definitions, so no tool counts as changed."""
+    return mcp_policies_for(rules), _offline_pins(rules)
 
 
 def decide_mcp(policies: McpPolicies, pins: PinStore, agent: str, server: McpServer,
@@ -365,8 +406,8 @@ def plan(rules: RuleSet, agent: str, scheme: str, host: str, port: int, method: 
     def address_stage(prior: Decision) -> Decision | None:
         if not known:
             stages.append(StageResult(StageName.ADDRESSES, None, note=(
-                f"not evaluated: {canonical} would be resolved by DNS at run time; every address must be public "
-                f"or covered by a cidr allow rule")))
+                f"not evaluated: {canonical} would be resolved by DNS at run time; every address must be public, "
+                f"or covered by a cidr allow rule or the host rule's addresses:")))
             return None
         checked = check_addresses(rules, agent, scheme, canonical, port, known, prior)
         stages.append(_result(rules, StageName.ADDRESSES, checked))
@@ -378,17 +419,26 @@ def plan(rules: RuleSet, agent: str, scheme: str, host: str, port: int, method: 
             changes["complete"] = True  # a denial stands whatever the name resolves to
         return replace(base, stages=tuple(stages), final=final, **changes)
 
+    def refused_tunnel() -> Plan:
+        # settings.explain_denials: in_band accepts a refused tunnel only to answer with the refusal.
+        d = next(s.decision for s in reversed(stages) if s.decision is not None)
+        explain = rules.settings.explain_denials == "in_band" and d is not None and d.reason in EXPLAINABLE
+        return done(interception=Interception.EXPLAIN if explain else None)
+
     if scheme == "https":
         connect = plan_connect(rules, agent, host, port)
         stages.append(_result(rules, StageName.CONNECT, connect))
         if not connect.allowed:
-            return done()
+            return refused_tunnel()
         checked = address_stage(connect)
         if checked is not None and not checked.allowed:
-            return done()
+            return refused_tunnel()
         tunnel = checked or connect
         complete = checked is not None
-        mode, why = interception_for(rules, agent, canonical, port, tunnel)
+        governed = governed_by_address(rules, canonical, port, known) if checked is not None else None
+        if governed is not None:
+            tunnel = replace(tunnel, intercept=True)
+        mode, why = interception_for(rules, agent, canonical, port, tunnel, governed)
         if method is None or path is None:
             return done(interception=mode, intercept_why=why, complete=complete)
         if mode is Interception.PASSTHROUGH:
@@ -400,7 +450,7 @@ def plan(rules: RuleSet, agent: str, scheme: str, host: str, port: int, method: 
         if not request.allowed:
             return done(interception=mode, intercept_why=why, complete=complete)
         creds = credentials_for_request(rules, agent, canonical, port, "https", method, path, True)
-        server = mcp_server_for(rules, canonical, port, path)
+        server = mcp_server_for(rules, canonical, port, path, governed)
         return done(interception=mode, intercept_why=why, credentials=creds,
                     mcp_server=server.id if server else None, complete=complete)
 
@@ -413,7 +463,8 @@ def plan(rules: RuleSet, agent: str, scheme: str, host: str, port: int, method: 
     checked = address_stage(request)
     if checked is not None and not checked.allowed:
         return done()
-    server = mcp_server_for(rules, canonical, port, path)
+    governed = governed_by_address(rules, canonical, port, known) if checked is not None else None
+    server = mcp_server_for(rules, canonical, port, path, governed)
     return done(interception=Interception.PLAIN, mcp_server=server.id if server else None,
                 complete=checked is not None)
 
@@ -435,7 +486,7 @@ def plan_mcp(rules: RuleSet, agent: str, server_id: str, message: dict[str, Any]
     http = plan_url(rules, agent, "POST", server.url, addresses)
     if not http.decision.allowed or http.mcp_server != server.id:
         return http  # refused before the MCP stage, or another server's prefix took the path
-    policies, pins = mcp_policies_for(rules)
+    policies, pins = mcp_decider_for(rules)
     md = decide_mcp(policies, pins, agent, server, message)
     mcp_stage = _result(rules, StageName.MCP, md.decision)
     return replace(http, stages=(*http.stages, mcp_stage), final=mcp_stage)
