@@ -99,6 +99,12 @@ def test_fast_path_and_full_parse_give_the_same_report(tmp_path: Path, new_rules
     allowed = fast["changes"]["newly_allowed"]
     assert allowed["records"] == 500 and allowed["groups"][0]["new"]["rule_id"] == "new"
     assert fast["unchanged"] == 1500 and fast["skipped_events"]["tunnel_close"] == 500
+    monkeypatch.undo()
+    # The fast path really is taken for the writer's records (its layout is the one fast_key knows).
+    engine = replay_mod.Replay(new_rules)
+    for file, number, raw in Reader(files).raw_lines():
+        engine.feed(file, number, raw)
+    assert 0 < len(engine.fast) < 1000  # repeated decisions share keys; unique POST paths add some
 
 
 def test_fast_key_covers_the_outcome_layout_only(tmp_path: Path) -> None:
