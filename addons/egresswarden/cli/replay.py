@@ -56,7 +56,7 @@ from egresswarden.core.ruleset import RuleSet
 
 REPLAYED_EVENTS = ("connect", "request", "mcp")
 KINDS = ("newly_denied", "newly_allowed", "report_changed", "interception_changed", "credentials_changed")
-MEMO_LIMIT = 50_000  # per memo (decisions, and decision-relevant bytes): bounds memory, not records
+MEMO_LIMIT = 20_000  # per memo (decisions, and decision-relevant bytes): bounds memory, not records
 
 # Old reasons whose decision does not come from the rules: assumed the same under any rules.
 RULE_INDEPENDENT = frozenset({Reason.SNI_MISMATCH.value, Reason.HOST_MISMATCH.value,
