@@ -67,6 +67,7 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check addons tests bench
+	$(BIN)/warden test rules policy-tests/
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 lint: $(STAMP)
