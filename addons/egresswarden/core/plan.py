@@ -276,7 +276,7 @@ def interception_for(rules: RuleSet, agent: str, host: str, port: int, tunnel: D
 
 @dataclass(frozen=True, slots=True)
 class Governed:
-    """A destination governed beyond host rules (runtime.resolver.Governed, offline)."""
+    """A destination whose traffic Warden governs beyond host rules, found at an address."""
 
     host: str
     what: str
@@ -284,8 +284,8 @@ class Governed:
 
 
 def governed_destinations(rules: RuleSet) -> dict[tuple[str, int], Governed]:
-    """Declared MCP servers and exact-host credential destinations, by (host, port): the same
-    list runtime.resolver.GovernedAddresses resolves."""
+    """Declared MCP servers and exact-host credential destinations, by (host, port): the list
+    runtime.resolver.GovernedAddresses resolves for the proxy (offline: `governed_by_address`)."""
     out: dict[tuple[str, int], Governed] = {}
     for (host, port), servers in rules.mcp_servers.items():
         out[(host, port)] = Governed(host, f"MCP server {servers[0].id}", servers[0].id)
