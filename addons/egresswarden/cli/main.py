@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from egresswarden import __version__
-from egresswarden.cli import audit, ca, check, explain, log, mcp, policytest, replay, run, token
+from egresswarden.cli import agent_env, audit, ca, check, explain, log, mcp, policytest, replay, run, token
 
-COMMANDS = (run, check, explain, policytest, replay, log, token, audit, ca, mcp)
+COMMANDS = (run, check, explain, policytest, replay, log, token, agent_env, audit, ca, mcp)
 
 
 def build_parser() -> argparse.ArgumentParser:
