@@ -42,7 +42,7 @@ TARGET_RPS = 100_000
 
 HOSTS = [  # (host, interception, rule, weight)
     ("github.com", "passthrough", "github-web", 30),
-    ("objects.githubusercontent.com", "passthrough", "github-content", 15),
+    ("objects.githubusercontent.com", "passthrough", "github-objects", 15),
     ("api.github.com", "intercept", "github-api-read", 30),
     ("pypi.org", "intercept", "pypi-index", 15),
     ("files.pythonhosted.org", "passthrough", "pythonhosted", 10),
