@@ -110,3 +110,32 @@ def proxied_get(warden: Warden, agent: str, url: str, **kwargs: Any) -> requests
         s.trust_env = False
         return s.get(url, proxies={"http": warden.proxy_url(agent), "https": warden.proxy_url(agent)},
                      timeout=15, **kwargs)
+
+
+class _AlertHandler(BaseHTTPRequestHandler):
+    server: Any
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def alert_receiver() -> Iterator[ThreadingHTTPServer]:
+    """A webhook sink on 127.0.0.1 that keeps every payload in `.received`."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AlertHandler)
+    server.daemon_threads = True
+    server.received = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

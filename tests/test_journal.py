@@ -180,3 +180,19 @@ def test_torn_last_line_from_a_crash_is_cut_before_appending(tmp_path: Path) -> 
     _write(path, 2, signed=False)
     assert verify_chain([path]).ok
     assert os.stat(path).st_size == len(b"".join(_lines(path)))
+
+
+def test_failure_notice_never_reenters_submit(tmp_path: Path) -> None:
+    """Queue full -> notify -> (an alert) -> submit -> queue full must not recurse."""
+    notices: list[str] = []
+    w = AuditWriter(str(tmp_path / "audit.jsonl"), queue_size=1)
+
+    def notify(message: str) -> None:
+        notices.append(message)
+        assert w.submit({"event": "alert", "kind": "audit_failure"}) is False  # still full: no new notice
+
+    w.notify = notify
+    assert w.submit({"event": "request"}) is True  # writer not started: the queue stays full
+    assert w.submit({"event": "request"}) is False
+    assert w.submit({"event": "request"}) is False
+    assert notices == ["audit queue full: the writer cannot keep up"] and not w.healthy
