@@ -93,7 +93,7 @@ def main() -> None:
         try:
             probe = f"http://probe.test:{port}/"
             with Load(w, "a", f"http://allowed.test:{port}/load") as plain, \
-                    Load(w, "a", f"https://cred.test:{tls.port}/load", streams=1) as tls_load:
+                    Load(w, "a", f"https://cred.test:{tls.port}/load", streams=1, verify=str(w.ca_cert)) as tls_load:
                 # rules
                 times = []
                 for i in range(args.changes):

@@ -39,8 +39,8 @@ def get_json(port: int, path: str, timeout: float = 5.0) -> tuple[int, dict[str,
 class Load:
     """Background requests through Warden until stopped: counts successes and failures."""
 
-    def __init__(self, warden: Warden, agent: str, url: str, streams: int = 2) -> None:
-        self.warden, self.agent, self.url = warden, agent, url
+    def __init__(self, warden: Warden, agent: str, url: str, streams: int = 2, verify: str | bool = True) -> None:
+        self.warden, self.agent, self.url, self.verify = warden, agent, url, verify
         self.ok = 0
         self.failed: list[str] = []
         self._stop = threading.Event()
@@ -52,7 +52,7 @@ class Load:
             proxies = {"http": self.warden.proxy_url(self.agent), "https": self.warden.proxy_url(self.agent)}
             while not self._stop.is_set():
                 try:
-                    r = s.get(self.url, proxies=proxies, timeout=10)
+                    r = s.get(self.url, proxies=proxies, timeout=10, verify=self.verify)
                     if r.status_code == 200:
                         self.ok += 1
                     else:
