@@ -56,6 +56,7 @@ from egresswarden.core.secrets import render
 from egresswarden.record.audit import Audit, outcome_record
 from egresswarden.record.metrics import registry
 from egresswarden.record.outcome import Outcome
+from egresswarden.record.redaction import scrub_record
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 
 QUEUE_SIZE = 1000
@@ -68,7 +69,7 @@ def alert_kinds(o: Outcome) -> list[str]:
     """The alert kind an outcome raises: none or exactly one, the most specific."""
     kinds = {e for e in o.events if e in ("secret_leak", "mcp_deny", "tool_changed")}
     d = o.decision
-    if o.event == "request" and o.extra.get("mcp_audited"):
+    if o.event == "request" and o.mcp_audited:
         # the HTTP request that carried MCP messages: each message has its own `mcp` outcome,
         # with server and tool, which raises the alert; this one would be a second copy
         kinds -= {"mcp_deny", "tool_changed"}
@@ -268,6 +269,7 @@ class Alerts:
         if not self.workers:
             return
         key = dedup_key(kind, record)
+        record = scrub_record(self.store.current, record)  # no secret or placeholder leaves in an alert
         text = summary(kind, record)
         payload = {"text": text, "kind": kind, "record": record}
         queued_for = []

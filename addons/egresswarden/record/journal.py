@@ -228,7 +228,7 @@ class AuditWriter:
     def __init__(self, path: str | None, *, max_file_bytes: int = 100 * 1024 * 1024, queue_size: int = 65536,
                  also_stdout: bool = False, stdout: BinaryIO | None = None, signer: Signer | None = None,
                  checkpoint_records: int = CHECKPOINT_RECORDS, checkpoint_seconds: float = CHECKPOINT_SECONDS,
-                 notify: Notify | None = None) -> None:
+                 notify: Notify | None = None, failure_level: int = logging.ERROR) -> None:
         self.path = Path(path) if path and path != "-" else None
         self.to_stdout = path == "-" or also_stdout
         self.stdout_only = self.path is None
@@ -238,6 +238,8 @@ class AuditWriter:
         self.healthy = True
         self.last_error: str | None = None
         self.notify = notify
+        # settings.audit.on_failure: continue makes a failed write a warning: traffic goes on by choice
+        self.failure_level = failure_level
         self.signer = signer  # swapped by the Audit addon on reload; read by the writer thread
         self.checkpoint_records = checkpoint_records
         self.checkpoint_seconds = checkpoint_seconds
@@ -328,7 +330,9 @@ class AuditWriter:
             self.last_error = message
         if changed:
             with contextlib.suppress(OSError, ValueError):
-                logger.error(f"warden: AUDIT FAILURE: {message}")
+                # The audit gate answers this with 503s: a runtime condition, not a start-up error.
+                logger.log(self.failure_level, f"warden: AUDIT FAILURE: {message}",
+                           extra={"warden_runtime_condition": True})
             if self.notify is not None:
                 with contextlib.suppress(Exception):
                     self.notify(message)

@@ -138,6 +138,7 @@ class Metrics:
         store.add_listener(self.on_reload)
 
     def hook_error(self, hook: str) -> None:
+        """The chain's fail-closed callback: one count per swallowed hook exception."""
         self.metrics.hook_errors.labels(hook=hook).inc()
 
     def load(self, loader: Any) -> None:
@@ -255,7 +256,10 @@ class Metrics:
         d = o.decision
         decision = d.verdict.value if d else "none"
         reason = d.reason.value if d else "none"
-        if o.event == "connect":
+        if o.event == "mcp" and o.mcp is not None:
+            m.mcp_calls.labels(agent, o.mcp.server, decision, reason).inc()
+            m.decision_duration.labels("mcp").observe(o.engine_seconds)
+        elif o.event == "connect":
             m.connects.labels(agent, decision, reason).inc()
             m.decision_duration.labels("connect").observe(o.engine_seconds)
         elif o.event == "request":
@@ -263,10 +267,8 @@ class Metrics:
             m.decision_duration.labels("request").observe(o.engine_seconds)
             if o.upstream_seconds is not None:
                 m.upstream_duration.observe(o.upstream_seconds)
-        elif o.event == "mcp":
-            m.decision_duration.labels("mcp").observe(o.engine_seconds)
         elif o.event == "tunnel_revoked":
-            m.tunnels_revoked.labels(agent, o.extra.get("revocation") if reason == "allowed" else reason).inc()
+            m.tunnels_revoked.labels(agent, o.revocation if reason == "allowed" else reason).inc()
         if o.bytes_up:
             m.bytes.labels(agent, "up").inc(o.bytes_up)
         if o.bytes_down:
@@ -275,7 +277,7 @@ class Metrics:
             if d.reason is Reason.PRIVATE_ADDRESS:
                 m.ssrf_refusals.labels(agent).inc()
             elif d.reason in (Reason.AUTH_REQUIRED, Reason.AUTH_FAILED, Reason.SOURCE_NOT_ALLOWED):
-                m.auth_failures.labels(o.extra.get("auth_failure", d.reason.value)).inc()
+                m.auth_failures.labels(o.auth_failure or d.reason.value).inc()
             elif d.reason is Reason.SECRET_LEAK:
                 m.secret_leaks.labels(agent).inc()
         for credential in o.credentials:

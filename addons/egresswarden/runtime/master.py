@@ -117,6 +117,23 @@ class LogLevel:
                 handler.setFormatter(log.MitmFormatter(handler.has_vt_codes))
 
 
+RUNTIME_CONDITION = "warden_runtime_condition"  # LogRecord attribute: an error Warden handles itself
+
+
+class StartupErrorCheck(errorcheck.ErrorCheck):
+    """mitmproxy's start-up error check, minus runtime conditions Warden handles itself.
+
+    ErrorCheck exits when anything logs an ERROR before the proxy is running: right for a bad
+    option, wrong for an audit write failure that the audit gate turns into 503s. Which of
+    the two happened depended on how fast start-up was; now a log record marked
+    `extra={RUNTIME_CONDITION: True}` never stops start-up.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.logger.addFilter(lambda record: not getattr(record, RUNTIME_CONDITION, False))
+
+
 class WardenMaster(master.Master):
     def __init__(self, opts: options.Options, loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(opts, event_loop=loop, with_termlog=False)
@@ -128,4 +145,4 @@ class WardenMaster(master.Master):
         at = next(i for i, a in enumerate(kept) if isinstance(a, script.ScriptLoader)) + 1
         self.addons.add(LogLevel(self._termlog_addon), *kept[:at], build_addon(), *kept[at:],  # type: ignore[no-untyped-call]
                         refused)
-        self.addons.add(errorcheck.ErrorCheck())  # type: ignore[no-untyped-call]
+        self.addons.add(StartupErrorCheck())

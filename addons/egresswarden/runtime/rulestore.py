@@ -242,6 +242,11 @@ class RuleStore:
             rules = await asyncio.to_thread(self._load, self._rules_dir)
         except WardenError as e:
             duration = time.perf_counter() - started
+            # Remember what failed, so the same broken files are not re-loaded (and re-audited,
+            # re-alerted) on every poll; the next change to any of them is tried again.
+            rules_dir = self._rules_dir
+            self._fingerprint = await asyncio.to_thread(
+                lambda: (self._fingerprint_of(rules_dir), self._extra_fingerprint(previous)))
             logger.error("warden: rule reload failed; keeping version %s:\n%s",
                          previous.version if previous else None, e)
             event = ReloadEvent(False, previous.version if previous else None,

@@ -79,6 +79,7 @@ def enable_reuse_port() -> None:
 
     if not getattr(asyncio.start_server, "_warden_reuse_port", False):
         wrapped = functools.partial(asyncio.start_server, reuse_port=True)
+        # A marker on the partial (which has no such attribute) so a second call does not wrap twice.
         wrapped._warden_reuse_port = True  # type: ignore[attr-defined]
         asyncio.start_server = wrapped
 
