@@ -59,6 +59,7 @@ run: $(STAMP)
 system-deps:
 	@missing=""; command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v unshare >/dev/null || missing="$$missing util-linux"; \
 	command -v git >/dev/null || missing="$$missing git"; command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
