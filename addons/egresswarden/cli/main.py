@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from egresswarden import __version__
-from egresswarden.cli import audit, ca, check, explain, mcp, run, token
+from egresswarden.cli import audit, ca, check, explain, mcp, run, sandbox, token
 
-COMMANDS = (run, check, explain, token, audit, ca, mcp)
+COMMANDS = (run, check, explain, token, audit, ca, mcp, sandbox)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,8 @@ def outcome_record(o: Outcome) -> dict[str, Any]:
         record[F.ERROR] = o.error
     if o.events:
         record[F.EVENTS] = list(o.events)
+    if o.sandbox_id:
+        record[F.SANDBOX_ID] = o.sandbox_id
     for key, value in o.extra.items():
         record.setdefault(key, value)
     return record

@@ -32,3 +32,16 @@ UPSTREAM_IP = "upstream_ip"
 CREDENTIAL_IDS = "credential_ids"
 ERROR = "error"
 EVENTS = "events"
+
+# `warden sandbox` (runtime/admin.py): on traffic records of sandboxed agents, and on the
+# sandbox_start / sandbox_refused / sandbox_exit records.
+SANDBOX_ID = "sandbox_id"
+PROFILE = "profile"
+COMMAND = "command"
+WORKDIR = "workdir"
+LIMITS = "limits"
+LIMITS_BACKEND = "limits_backend"
+EXIT_STATUS = "exit_status"
+SIGNAL = "signal"
+LIMIT_HIT = "limit_hit"
+LAUNCHER_PID = "launcher_pid"

@@ -61,6 +61,7 @@ class Outcome:
     events: tuple[str, ...] = ()
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    sandbox_id: str | None = None
 
 
 OutcomeSink = Callable[[Outcome], None]
@@ -115,6 +116,7 @@ class Outcomes:
             events=tuple(record.events),
             error=flow.error.msg if flow.error else None,
             extra=dict(record.extra),
+            sandbox_id=record.sandbox_id,
         )
 
     def _finish(self, flow: http.HTTPFlow, event: str) -> None:
@@ -147,4 +149,5 @@ class Outcomes:
             bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
             duration_seconds=time.monotonic() - tunnel.started,
             upstream_address=str(tunnel.address) if tunnel.address else None,
+            sandbox_id=tunnel.sandbox_id,
         ))

@@ -11,6 +11,7 @@
     Outcomes         turns finished flows into Outcomes for audit, metrics (and alerts)
     Metrics          Prometheus + /healthz
     Alerts           webhook alerts, off the traffic path
+    Admin            the `warden sandbox` admin socket: sandbox sessions and their audit records
 
 Later stages read what earlier ones wrote into the flow's FlowRecord; none writes back.
 
@@ -39,6 +40,7 @@ from egresswarden.record.alerts import Alerts
 from egresswarden.record.audit import Audit, AuditGate
 from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
+from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.rulestore import RuleStore
 from egresswarden.stages.credentials import Credentials
@@ -73,6 +75,7 @@ def build_chain() -> list[Any]:
         outcomes,
         metrics,
         alerts,
+        Admin(store, audit, alerts),
     ]
 
 

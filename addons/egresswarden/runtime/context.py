@@ -52,6 +52,7 @@ class FlowRecord:
     events: list[str] = field(default_factory=list)  # alert-worthy events raised on this flow
     extra: dict[str, Any] = field(default_factory=dict)
     audited: bool = False
+    sandbox_id: str | None = None  # set when the agent was identified by a `warden sandbox` session
 
 
 def record_of(flow: http.HTTPFlow) -> FlowRecord:
@@ -80,6 +81,7 @@ class Tunnel:
     passthrough: bool = False
     layer_decided: bool = False
     closed: bool = False
+    sandbox_id: str | None = None
 
 
 @dataclass
@@ -90,6 +92,7 @@ class ConnState:
     client_port: int
     agent: str | None = None
     identity_method: str | None = None
+    sandbox_id: str | None = None
     tunnel: Tunnel | None = None
     # upstream (host, port) -> the checked address the connection must use
     pinned: dict[tuple[str, int], IPAddress] = field(default_factory=dict)

@@ -474,5 +474,6 @@ class Mcp:
                 interception=record.interception, status=flow.response.status_code if flow.response else None,
                 duration_seconds=duration, engine_seconds=record.engine_seconds, events=tuple(events),
                 error=flow.error.msg if flow.error else None, extra=extra,
+                sandbox_id=record.sandbox_id,
             ))
             metrics.mcp_calls.labels(state.agent, state.server.id, d.verdict.value, d.reason.value).inc()
