@@ -112,6 +112,7 @@ class Limits:
                 kill()
                 return
             time.sleep(POLL_SECONDS)
+        self.hit = self.check()  # the kernel's kill may have ended the sandbox between two polls
 
 
 class RlimitLimits(Limits):
