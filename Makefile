@@ -24,12 +24,14 @@ run: $(STAMP)
 	@echo "  CA for intercepted hosts: $(CURDIR)/certs/mitmproxy-ca-cert.pem (trust bundle: $(BIN)/warden ca bundle --out certs/bundle.pem)"
 	$(BIN)/warden run --rules rules --listen $(LISTEN) --metrics-listen $(METRICS_LISTEN) --audit-log - --confdir certs
 
-# Debian packages some tests drive (promtool for the alert rules, nginx/squid only for bench).
+# Debian packages some tests drive (promtool for the alert rules, bubblewrap for `warden sandbox`,
+# nginx/squid only for bench).
 # Best effort: without root or apt the dependent tests skip and say why.
 system-deps:
 	@missing=""; command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v git >/dev/null || missing="$$missing git"; command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing:$$missing"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null 2>&1 || echo "apt-get failed; dependent tests will skip"; fi
 
