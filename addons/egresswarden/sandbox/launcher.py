@@ -272,13 +272,17 @@ class Sandbox:
             for signum in self.pending_signals:
                 self._forward(signum, None)
             child = self.child_pid
-            watcher = threading.Thread(
-                target=limiter.watch, name="warden-sandbox-limits", daemon=True,
-                args=(lambda: proc.poll() is None, lambda: _kill(child)))
-            watcher.start()
+            stopped = threading.Event()
+            watcher = None
+            if limiter.backend != "none":
+                watcher = threading.Thread(target=limiter.watch, name="warden-sandbox-limits", daemon=True,
+                                           args=(stopped, lambda: _kill(child)))
+                watcher.start()
             status_text = _read_all(status_r)
             proc.wait()
-            watcher.join(2)
+            stopped.set()
+            if watcher is not None:
+                watcher.join(5)
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)

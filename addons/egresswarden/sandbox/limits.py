@@ -24,6 +24,7 @@ import os
 import resource
 import secrets
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,15 +104,14 @@ class Limits:
                 os.close(fd)
         self.procs_fds = []
 
-    def watch(self, alive: Callable[[], bool], kill: Callable[[], None]) -> None:
-        """Poll until `alive()` is False; on a limit hit, remember it and `kill()` the sandbox."""
-        while alive():
+    def watch(self, stopped: threading.Event, kill: Callable[[], None]) -> None:
+        """Poll until `stopped` is set; on a limit hit, remember it and `kill()` the sandbox."""
+        while not stopped.wait(POLL_SECONDS):
             hit = self.check()
             if hit is not None:
                 self.hit = hit
                 kill()
                 return
-            time.sleep(POLL_SECONDS)
         self.hit = self.check()  # the kernel's kill may have ended the sandbox between two polls
 
 
