@@ -57,7 +57,7 @@ def env(origin_ca, origin_ca_file: Path, shared_confdir: Path) -> Iterator[dict[
         work = base / "warden"
         work.mkdir()
         admin_dir = base / "admin"
-        with run_origin(_handler, ca=origin_ca) as origin, run_origin() as plain:
+        with run_origin(_handler, ca=origin_ca) as origin, run_origin() as plain, run_origin() as hook:
             ports = [origin.port, plain.port]
             rules = {
                 "agents": [
@@ -75,13 +75,15 @@ def env(origin_ca, origin_ca_file: Path, shared_confdir: Path) -> Iterator[dict[
                     "small": {"limits": {"memory_mb": 64}},
                 },
                 "settings": {"hosts_file": str(hosts_file(work / "hosts")), "tls_intercept": "always",
-                             "private_networks": "allow"},  # the origins are on 127.0.0.1
+                             "private_networks": "allow",  # the origins are on 127.0.0.1
+                             "alerts": [{"id": "hook", "url": f"http://127.0.0.1:{hook.port}/hook",
+                                         "events": ["sandbox_refused"], "dedup_window_seconds": 0}]},
             }
             warden = start_warden(work, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
                                   env={"SANDBOX_API_KEY": SECRET},
                                   extra_args=["--admin-socket", str(admin_dir / "warden.sock")])
             try:
-                yield {"warden": warden, "origin": origin, "plain": plain, "home": home, "proj": proj,
+                yield {"warden": warden, "origin": origin, "plain": plain, "hook": hook, "home": home, "proj": proj,
                        "base": base, "admin": str(admin_dir / "warden.sock"), "confdir": shared_confdir,
                        "origin_ca_file": origin_ca_file}
             finally:
@@ -251,6 +253,19 @@ def test_workdir_under_denied_path_refuses_and_is_audited(env, mode):
     recs = records(audit_of(env, mode), lambda rs: any(x["event"] == "sandbox_refused" for x in rs))
     refused = [x for x in recs if x["event"] == "sandbox_refused"][-1]
     assert refused["reason"] == "workdir_denied" and refused["agent"] == "coder" and refused["profile"] == "dev"
+    hook = env["hook"]
+
+    def alerted() -> bool:
+        return any(json.loads(s["body"]).get("record", {}).get("sandbox_id") == refused["sandbox_id"]
+                   for s in hook.seen if s["path"] == "/hook")
+
+    deadline = time.monotonic() + 10
+    while not alerted() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert alerted(), "a refused sandbox raises the sandbox_refused alert"
+    alert = next(json.loads(s["body"]) for s in hook.seen if s["path"] == "/hook"
+                 and json.loads(s["body"])["record"].get("sandbox_id") == refused["sandbox_id"])
+    assert alert["kind"] == "sandbox_refused" and "workdir_denied" in alert["text"]
 
 
 def test_profile_binding_is_enforced(env):
@@ -341,3 +356,33 @@ def test_admin_socket_is_owner_only(env):
     sock = Path(env["admin"])
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+
+
+def test_killed_launcher_takes_the_sandbox_with_it_and_is_audited(env):
+    marker = "876.543"
+    ready = env["base"] / "kill-ready"
+    proc = subprocess.Popen([WARDEN, "sandbox", "--agent", "coder", "--workdir", str(env["base"]),
+                             "--attach", env["admin"], "--", "sh", "-c", f"touch {ready}; sleep {marker}"],
+                            env=_host_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists()
+    proc.kill()  # SIGKILL: no chance to clean up; --die-with-parent and PID 1 do it
+    proc.wait(10)
+
+    def running() -> bool:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                        return True
+        return False
+
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running()
+    recs = records(env["warden"].audit_path,
+                   lambda rs: any(x["event"] == "sandbox_exit" and x.get("error") for x in rs))
+    assert any(x["event"] == "sandbox_exit" and "closed before it reported" in (x.get("error") or "") for x in recs)
