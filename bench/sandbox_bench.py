@@ -6,9 +6,9 @@
    `warden sandbox --rules DIR -- true` (which starts and stops its own `warden run`).
 2. Request loop: N sequential plain-HTTP GETs with urllib (a new proxy connection each) and a
    64 MiB download with curl, inside the sandbox through the bridge, against the same loop
-   outside with HTTP_PROXY pointing straight at the same Warden. The difference is the bridge
-   (two relays and a port announcement per connection) plus the sandbox's start-up, which is
-   measured separately and subtracted.
+   outside with HTTP_PROXY pointing straight at the same Warden. Both loops time themselves
+   (curl: time_total), so the difference is the bridge alone: two relays and a port
+   announcement on the admin socket per proxy connection.
 
 Everything is on 127.0.0.1; processes are stopped by PID. Results: printed and written to
 bench/results/sandbox-<time>.md and sandbox-latest.md.
@@ -111,6 +111,7 @@ def _bench(base: Path, runs: int, requests: int) -> int:
             url = f"http://allowed.test:{origin.port}/small"
             direct_env = dict(env, http_proxy=warden.proxy_url("coder"))
             loop_direct = [float(run_out([PY, "-c", LOOP, url, str(requests)], direct_env, cwd)) for _ in range(3)]
+            # the loop times itself inside the sandbox, so the sandbox's start-up is not in it
             loop_bridge = [float(run_out([*attach, PY, "-c", LOOP, url, str(requests)], env, cwd)) for _ in range(3)]
             big = f"http://allowed.test:{origin.port}/big"
             curl = ["curl", "-sS", "-o", "/dev/null", "-w", "%{time_total}", "--max-time", "120", big]

@@ -150,6 +150,10 @@ def test_plan_hides_symlink_targets_and_refuses_denied_workdir(tree: dict[str, P
     with pytest.raises(PathRefusal) as err:
         plan_paths(SandboxProfile("default", read_write=("~/.aws",)), work, home, [])
     assert err.value.reason is Refusal.MOUNT_DENIED
+    for system in ("/", "/usr", "/etc/ssl"):
+        with pytest.raises(PathRefusal) as err:
+            plan_paths(SandboxProfile("default"), system, home, [])
+        assert "system directory" in str(err.value)
 
 
 def test_mount_plan_absent_outside_masked_inside_read_write(tree: dict[str, Path]) -> None:

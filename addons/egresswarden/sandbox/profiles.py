@@ -22,6 +22,9 @@ from egresswarden.core.model import SandboxProfile
 from egresswarden.sandbox.protocol import Refusal
 
 MAX_SCAN_ENTRIES = 200_000  # files and directories walked for one `**` pattern
+# A read-write workdir here would make the system itself writable inside the sandbox.
+SYSTEM_DIRS = frozenset({"/", "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/var",
+                         "/opt", "/srv", "/proc", "/sys", "/dev", "/run", "/tmp", "/home", "/root", "/mnt", "/media"})
 
 
 class PathRefusal(Exception):
@@ -121,6 +124,9 @@ def plan_paths(profile: SandboxProfile, workdir: str, home: str, extra_hidden: l
     workdir = os.path.realpath(workdir)
     if not os.path.isdir(workdir):
         raise PathRefusal(Refusal.WORKDIR_DENIED, f"workdir {workdir} is not a directory")
+    if workdir in SYSTEM_DIRS or workdir.startswith(("/usr/", "/etc/", "/proc/", "/sys/", "/dev/", "/boot/")):
+        raise PathRefusal(Refusal.WORKDIR_DENIED,
+                          f"workdir {workdir} is a system directory; run the agent in its project directory")
     hidden: dict[str, str] = {}  # path -> the pattern that denied it
     for pattern in (*profile.deny, *extra_hidden):
         for path in expand(pattern, home, workdir):
