@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -205,6 +206,21 @@ def test_session_token_is_useless_outside_the_sandbox(env):
         url = out.read_text().strip()
         token = url.split("@")[0].rsplit(":", 1)[1]
         assert token.startswith("wsb_") and len(token) == 4 + 64
+        # The bridge socket itself (in the launcher's private directory) refuses host processes.
+        live = Path(tempfile.gettempdir()) / f"warden-sandbox-{proc.pid}"
+        sockets = [p for p in live.parent.glob(f"{live.name}-*/proxy.sock")]
+        assert len(sockets) == 1
+        for sock_path in sockets:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(10)
+                s.connect(str(sock_path))
+                s.sendall(f"GET http://allowed.test:{env['plain'].port}/stolen HTTP/1.1\r\n"
+                          f"Host: allowed.test\r\n\r\n".encode())
+                try:
+                    answer = s.recv(100)
+                except ConnectionResetError:
+                    answer = b""
+                assert answer == b""  # closed unanswered
         host_proxy = f"http://coder:{token}@127.0.0.1:{w.port}"
         r = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
                             "-x", host_proxy, f"http://allowed.test:{env['plain'].port}/stolen"],
@@ -386,3 +402,6 @@ def test_killed_launcher_takes_the_sandbox_with_it_and_is_audited(env):
     recs = records(env["warden"].audit_path,
                    lambda rs: any(x["event"] == "sandbox_exit" and x.get("error") for x in rs))
     assert any(x["event"] == "sandbox_exit" and "closed before it reported" in (x.get("error") or "") for x in recs)
+    # The killed launcher could not remove its private directory; the next launcher would.
+    for leftover in Path(tempfile.gettempdir()).glob(f"warden-sandbox-{proc.pid}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)

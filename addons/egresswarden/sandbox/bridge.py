@@ -9,13 +9,20 @@ the sandbox as /run/warden/proxy.sock). For each connection from inside it opens
 connection to Warden's proxy port, announces that connection's source port to Warden
 (`conn`) and only then relays bytes, so Warden accepts the session token on it; `unconn`
 when it closes. Concurrency is bounded; a refused announcement closes the connection.
+
+Only processes inside the sandbox may use the bridge: each peer's pid (SO_PEERCRED) must be
+in the sandbox's PID namespace (its inode from bwrap's --info-fd). Until that is known, and
+for anyone else on the host who finds the socket in the launcher's private directory, the
+connection is closed unanswered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
+import struct
 import threading
 from typing import Any
 
@@ -69,6 +76,7 @@ class Bridge:
         self.listener.listen(128)
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.closed = False
+        self.pid_namespace: int | None = None  # set once bwrap reported the sandbox's namespaces
         self.thread = threading.Thread(target=self._accept, name="warden-sandbox-bridge", daemon=True)
 
     def start(self) -> None:
@@ -80,10 +88,20 @@ class Bridge:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            if not self.slots.acquire(blocking=False):
+            if not self._from_sandbox(conn) or not self.slots.acquire(blocking=False):
                 conn.close()
                 continue
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _from_sandbox(self, conn: socket.socket) -> bool:
+        if self.pid_namespace is None:
+            return False
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid = struct.unpack("3i", creds)[0]
+            return pid > 0 and os.stat(f"/proc/{pid}/ns/pid").st_ino == self.pid_namespace
+        except OSError:
+            return False
 
     def _handle(self, inside: socket.socket) -> None:
         port = 0

@@ -44,6 +44,7 @@ from egresswarden.sandbox.profiles import PathRefusal, home_dir, plan_paths
 from egresswarden.sandbox.protocol import LimitHit, Op, Refusal, limits_to_wire, profile_from_wire
 
 EXIT_SANDBOX_FAILED = 125
+PRIVATE_PREFIX = "warden-sandbox-"  # + launcher pid + random: /tmp/warden-sandbox-<pid>-<random>
 FORWARDED = inner.FORWARDED
 PR_SET_PDEATHSIG = 1
 
@@ -155,7 +156,8 @@ class Sandbox:
         if not sys.platform.startswith("linux"):
             _say("Linux only (bubblewrap); macOS and Windows are not supported yet")
             return EXIT_SANDBOX_FAILED
-        private = Path(tempfile.mkdtemp(prefix="warden-sandbox-"))
+        _remove_stale_private_dirs()
+        private = Path(tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-"))
         os.chmod(private, 0o700)
         embedded: EmbeddedWarden | None = None
         try:
@@ -214,7 +216,7 @@ class Sandbox:
         bridge = Bridge(files.bridge_socket, (str(host), int(port)), self.admin)
         bridge.start()
         try:
-            return self._execute(bwrap_path, plan, files, profile.deny_commands, env, limiter, sandbox_id)
+            return self._execute(bwrap_path, plan, files, profile.deny_commands, env, limiter, sandbox_id, bridge)
         finally:
             bridge.close()
             limiter.close()
@@ -236,7 +238,7 @@ class Sandbox:
                             str(stub_file))
 
     def _execute(self, bwrap_path: str, plan: Any, files: bw.HostFiles, deny_commands: tuple[str, ...],
-                 env: dict[str, str], limiter: limits.Limits, sandbox_id: str) -> int:
+                 env: dict[str, str], limiter: limits.Limits, sandbox_id: str, bridge: Bridge) -> int:
         assert self.admin is not None
         opts = self.opts
         status_r, status_w = os.pipe()
@@ -257,7 +259,9 @@ class Sandbox:
                 os.close(info_w)
             info = _read_all(info_r)
             try:
-                self.child_pid = int(json.loads(info)["child-pid"]) if info else 0
+                namespaces = json.loads(info) if info else {}
+                self.child_pid = int(namespaces["child-pid"])
+                bridge.pid_namespace = int(namespaces["pid-namespace"])
             except (ValueError, KeyError, TypeError):
                 self.child_pid = 0
             if not self.child_pid:
@@ -308,6 +312,20 @@ class Sandbox:
             self.admin.call({"op": Op.EXIT, "exit_status": exit_status, "signal": sig_name,
                              "duration_ms": duration_ms, "limit_hit": hit.value if hit else None})
         return exit_status
+
+
+def _remove_stale_private_dirs() -> None:
+    """Private directories of launchers that were SIGKILLed (and so could not clean up)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{PRIVATE_PREFIX}*-*"):
+        pid_text = path.name[len(PRIVATE_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid_text.isdigit() or path.stat().st_uid != os.geteuid():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _read_all(fd: int) -> str:
