@@ -214,11 +214,11 @@ def test_session_token_is_useless_outside_the_sandbox(env):
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(10)
                 s.connect(str(sock_path))
-                s.sendall(f"GET http://allowed.test:{env['plain'].port}/stolen HTTP/1.1\r\n"
-                          f"Host: allowed.test\r\n\r\n".encode())
-                try:
+                try:  # the bridge may close before, during or after the send
+                    s.sendall(f"GET http://allowed.test:{env['plain'].port}/stolen HTTP/1.1\r\n"
+                              f"Host: allowed.test\r\n\r\n".encode())
                     answer = s.recv(100)
-                except ConnectionResetError:
+                except (BrokenPipeError, ConnectionResetError):
                     answer = b""
                 assert answer == b""  # closed unanswered
         host_proxy = f"http://coder:{token}@127.0.0.1:{w.port}"

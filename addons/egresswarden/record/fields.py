@@ -32,10 +32,27 @@ UPSTREAM_IP = "upstream_ip"
 CREDENTIAL_IDS = "credential_ids"
 ERROR = "error"
 EVENTS = "events"
-
-# `warden sandbox` (runtime/admin.py): on traffic records of sandboxed agents, and on the
-# sandbox_start / sandbox_refused / sandbox_exit records.
 SANDBOX_ID = "sandbox_id"
+WEBSOCKET_MESSAGES_UP = "websocket_messages_up"
+WEBSOCKET_MESSAGES_DOWN = "websocket_messages_down"
+MCP_SERVER = "mcp_server"
+MCP_METHOD = "mcp_method"
+MCP_TRANSPORT = "mcp_transport"
+MCP_TOOL = "mcp_tool"
+MCP_RESOURCE = "mcp_resource"
+MCP_PROMPT = "mcp_prompt"
+MCP_ARGUMENT_KEYS = "mcp_argument_keys"
+MCP_ARGUMENT_VALUES = "mcp_argument_values"
+MCP_IS_ERROR = "mcp_is_error"
+MCP_PROTOCOL_VERSION = "mcp_protocol_version"
+MCP_BATCH = "mcp_batch"
+MCP_HIDDEN = "mcp_hidden"
+MCP_CHANGED_TOOLS = "mcp_changed_tools"
+MCP_TOOL_COLLISIONS = "mcp_tool_collisions"
+MCP_SUBSTITUTED = "mcp_substituted"
+
+# `warden sandbox` lifecycle records (runtime/admin.py): sandbox_start / sandbox_refused /
+# sandbox_exit. SANDBOX_ID above is on these and on the traffic records of sandboxed agents.
 PROFILE = "profile"
 COMMAND = "command"
 WORKDIR = "workdir"

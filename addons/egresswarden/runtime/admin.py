@@ -213,7 +213,7 @@ class Admin:
         try:
             self.sock = bind_admin_socket(path)
         except (OSError, AdminSocketError) as e:
-            raise exceptions.OptionsError(  # type: ignore[no-untyped-call]
+            raise exceptions.OptionsError(
                 f"warden: cannot open the admin socket {path}: {e}") from None
         self.path = path
 

@@ -16,7 +16,7 @@ from egresswarden.core.decision import Reason, deny
 from egresswarden.core.identity import AgentIdentity, AuthFailure, identify, parse_basic
 from egresswarden.runtime.admin import SESSIONS
 from egresswarden.runtime.context import Connections, FlowRecord, record_of
-from egresswarden.runtime.failsafe import fail_closed, refusal_response
+from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.rulestore import RuleStore
 
 PROXY_HEADERS = ("Proxy-Authorization", "Proxy-Connection")
@@ -64,7 +64,7 @@ class Identity:
             reason = {AuthFailure.MISSING: Reason.AUTH_REQUIRED,
                       AuthFailure.WRONG_SOURCE: Reason.SOURCE_NOT_ALLOWED}.get(result, Reason.AUTH_FAILED)
             record.agent_claimed = _claimed_agent(header)
-            record.extra["auth_failure"] = result.value
+            record.auth_failure = result.value
             record.decision = deny(reason, _FAILURE_TEXT[result], rules.version)
             flow.response = refusal_response(record.decision, None)
             return None
@@ -72,7 +72,6 @@ class Identity:
         record.identity_method = result.method.value
         return result
 
-    @fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         record = record_of(flow)
         identity = self._identify(flow, record)
@@ -80,15 +79,7 @@ class Identity:
             state = self.connections.get(flow.client_conn)
             state.agent = identity.agent
             state.identity_method = identity.method.value
-            state.sandbox_id = record.sandbox_id
 
-    def http_connected(self, flow: http.HTTPFlow) -> None:
-        # The tunnel (made by Policy) carries the sandbox id to its tunnel_close record.
-        state = self.connections.peek(flow.client_conn)
-        if state is not None and state.tunnel is not None:
-            state.tunnel.sandbox_id = state.sandbox_id
-
-    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         record = record_of(flow)
         state = self.connections.get(flow.client_conn)
@@ -99,6 +90,6 @@ class Identity:
             record.agent = state.tunnel.agent
             record.identity_method = state.identity_method
             record.request_id = state.tunnel.request_id
-            record.sandbox_id = state.sandbox_id
+            record.sandbox_id = state.tunnel.sandbox_id  # Policy copied it from the CONNECT's record
             return
         self._identify(flow, record)
