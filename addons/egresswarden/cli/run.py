@@ -35,6 +35,7 @@ def mitmproxy_arguments(args: argparse.Namespace) -> list[str]:
         "--set", f"warden_audit_log={args.audit_log}",
         "--set", f"warden_metrics_listen={format_listen(args.metrics_listen)}",
         "--set", "termlog_verbosity=warn" if not args.verbose else "termlog_verbosity=info",
+        "--set", f"warden_log_format={args.log_format}",
     ]
     if args.admin_socket:
         margs += ["--set", f"warden_admin_socket={args.admin_socket}"]
@@ -43,16 +44,30 @@ def mitmproxy_arguments(args: argparse.Namespace) -> list[str]:
     return margs
 
 
+def _mirrors_to_stdout(rules_dir: str) -> bool:
+    from egresswarden.core.errors import WardenError
+    from egresswarden.core.validate import load_model
+
+    try:
+        return load_model(Path(rules_dir)).settings.audit.stdout
+    except WardenError:
+        return False  # reported by the proxy itself
+
+
 def run_proxy(args: argparse.Namespace) -> int:
     from mitmproxy.tools import cmdline, main
 
     from egresswarden.runtime.master import WardenMaster
 
     if args.worker_index is not None:
-        from egresswarden.runtime.workers import enable_reuse_port
+        from egresswarden.runtime.workers import prepare_worker
 
-        enable_reuse_port()
+        prepare_worker()
 
+    if args.audit_log == "-" or _mirrors_to_stdout(args.rules):
+        from egresswarden.record.journal import claim_stdout
+
+        claim_stdout()  # stdout carries audit records only; every other line goes to stderr
     Path(args.confdir).mkdir(parents=True, exist_ok=True)
     main.run(WardenMaster, cmdline.mitmdump, mitmproxy_arguments(args))
     return 0
@@ -76,5 +91,7 @@ def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--admin-socket", metavar="PATH", default="",
                      help="unix socket for `warden sandbox --attach` (0600, in a 0700 directory; default: off)")
     run.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a mitmproxy option (repeatable)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="operational log format on stderr (default: text); audit records are separate")
     run.add_argument("-v", "--verbose", action="store_true", help="log mitmproxy's info messages too")
     run.set_defaults(func=cmd_run)

@@ -1,10 +1,17 @@
-"""Validated `RuleModel` -> immutable, indexed `RuleSet`."""
+"""Validated `RuleModel` -> immutable, indexed `RuleSet`.
+
+The rule set's `version` covers everything it was built from: the rule files (`model.version`,
+a content hash), the hosts file (content hash) and every secret it resolved, credentials and
+alert-sink headers alike (a keyed digest, see `secrets.secrets_digest`: never a plain hash of a
+value). Without a hosts file and secrets it equals `model.version`.
+"""
 
 from __future__ import annotations
 
 import gc
+import hashlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import MappingProxyType
 
@@ -15,10 +22,20 @@ from .errors import RuleError, RuleProblem, RuleSetError, SecretError
 from .hostnames import IPAddress
 from .hostsfile import parse_hosts_file
 from .index import CidrIndex, HostIndex
-from .model import ANONYMOUS_AGENT, AgentMode, Credential, McpServer, Policy, Rule, RuleModel, TargetKind
+from .model import (
+    ANONYMOUS_AGENT,
+    AgentMode,
+    Credential,
+    McpServer,
+    Policy,
+    Rule,
+    RuleModel,
+    Settings,
+    TargetKind,
+)
 from .ruleset import CompiledAgent, CompiledCredential, CompiledRule, PolicyIndex, RuleSet
-from .secrets import Secret, render
-from .validate import load_model
+from .secrets import Secret, read_secret, render, secrets_digest
+from .validate import SECRET_REF, load_model
 
 
 class _Compiler:
@@ -28,6 +45,7 @@ class _Compiler:
         self.secrets: list[Secret] = []
         self.credentials: dict[str, CompiledCredential] = {}
         self.allow_rules: dict[str, CompiledRule] = {}
+        self.hosts_digest: bytes | None = None
 
     def rule(self, rule: Rule | Credential) -> CompiledRule:
         if isinstance(rule, Rule):
@@ -91,6 +109,8 @@ class _Compiler:
         p = Path(path)
         if not p.is_absolute():
             p = Path(self.model.rules_dir) / p
+        with suppress(OSError):  # parse_hosts_file reports it with the path
+            self.hosts_digest = hashlib.sha256(p.read_bytes()).digest()
         try:
             return parse_hosts_file(p)
         except RuleError as e:
@@ -138,7 +158,7 @@ class _Compiler:
             raise RuleSetError(self.problems)
         rule_count = sum(len(p.allow) for p in model.policies.values()) + len(model.deny)
         return RuleSet(
-            version=model.version,
+            version=policy_version(model.version, self.hosts_digest, [*self.secrets, *self.alert_secrets()]),
             model=model,
             settings=model.settings,
             agents=MappingProxyType(agents),
@@ -153,6 +173,61 @@ class _Compiler:
             credentials_by_id=MappingProxyType(dict(self.credentials)),
             allow_rules_by_id=MappingProxyType(self.allow_rules),
         )
+
+
+    def alert_secrets(self) -> list[Secret]:
+        """Secrets in alert-sink headers and the audit signing key: not injected anywhere, but
+        rotating one is a change."""
+        out: list[Secret] = []
+        for template in _other_secret_templates(self.model.settings):
+            try:
+                out.extend(render(template, self._secrets_dir())[1])
+            except SecretError:
+                continue  # the addon that uses it reports it (alerts disable the sink)
+        return out
+
+
+def _other_secret_templates(settings: Settings) -> list[str]:
+    templates = [template for sink in settings.alerts for _, template in sink.headers]
+    if settings.audit.signing_key:
+        templates.append(settings.audit.signing_key)
+    return templates
+
+
+def policy_version(rules_version: str, hosts_digest: bytes | None, secrets: list[Secret]) -> str:
+    """The version a decision carries: rule files + hosts file + (keyed) secrets, 12 hex digits."""
+    if hosts_digest is None and not secrets:
+        return rules_version
+    digest = hashlib.sha256(f"warden-policy\0{rules_version}\0".encode())
+    digest.update(hosts_digest or b"-")
+    digest.update(secrets_digest(secrets) if secrets else b"-")
+    return digest.hexdigest()[:12]
+
+
+def current_version(rules: RuleSet, rules_version: str) -> str:
+    """What `rules.version` would be if the rule set were loaded now from the same sources.
+
+    `rules_version` is the content hash of the rule files as they are now. Used by the
+    watcher's periodic content check: cheaper than a full load (no parsing or compiling).
+    Raises OSError or SecretError when a source cannot be read (the caller reloads then).
+    """
+    settings = rules.settings
+    base = Path(rules.model.rules_dir)
+    hosts_digest = None
+    if settings.hosts_file:
+        p = Path(settings.hosts_file)
+        hosts_digest = hashlib.sha256((p if p.is_absolute() else base / p).read_bytes()).digest()
+    secrets_dir = settings.secrets_dir
+    if secrets_dir and not Path(secrets_dir).is_absolute():
+        secrets_dir = str(base / secrets_dir)
+    secrets = [read_secret(s.name, secrets_dir) for s in rules.secrets]
+    for template in _other_secret_templates(settings):
+        for match in SECRET_REF.finditer(template):
+            try:
+                secrets.append(read_secret(match.group(1), secrets_dir))
+            except SecretError:
+                continue  # skipped at load too (see _Compiler.alert_secrets)
+    return policy_version(rules_version, hosts_digest, secrets)
 
 
 def compile_model(model: RuleModel) -> RuleSet:

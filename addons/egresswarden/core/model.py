@@ -138,6 +138,9 @@ class AuditSettings:
     max_file_bytes: int = 100 * 1024 * 1024
     queue_size: int = 65536
     stdout: bool = False
+    signing_key: str | None = None  # template, e.g. "${secret:AUDIT_SIGNING_KEY}"; rendered by the Audit addon
+    checkpoint_records: int = 1000
+    checkpoint_seconds: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -468,6 +468,9 @@ def _build_settings(raw: dict[str, Any], lines_of: dict[str, LineMap], out: _Col
             max_file_bytes=int(audit.get("max_file_bytes", 100 * 1024 * 1024)),
             queue_size=int(audit.get("queue_size", 65536)),
             stdout=bool(audit.get("stdout", False)),
+            signing_key=audit.get("signing_key"),
+            checkpoint_records=int(audit.get("checkpoint_records", 1000)),
+            checkpoint_seconds=float(audit.get("checkpoint_seconds", 5.0)),
         ),
         alerts=tuple(alerts),
     )

@@ -50,6 +50,8 @@ MCP_HIDDEN = "mcp_hidden"
 MCP_CHANGED_TOOLS = "mcp_changed_tools"
 MCP_TOOL_COLLISIONS = "mcp_tool_collisions"
 MCP_SUBSTITUTED = "mcp_substituted"
+REVOCATION = "revocation"
+REVOKE_MS = "revoke_ms"
 
 # `warden sandbox` lifecycle records (runtime/admin.py): sandbox_start / sandbox_refused /
 # sandbox_exit. SANDBOX_ID above is on these and on the traffic records of sandboxed agents.

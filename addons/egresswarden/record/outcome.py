@@ -86,6 +86,9 @@ class Outcome:
     mcp: McpFields | None = None
     websocket_messages_up: int | None = None
     websocket_messages_down: int | None = None
+    mcp_audited: bool = False  # a request whose MCP messages each have their own `mcp` Outcome
+    revocation: str | None = None  # tunnel_revoked: what the reload changed (e.g. agent_removed)
+    revoke_ms: float | None = None  # tunnel_revoked: time from the reload to the cut
 
 
 OutcomeSink = Callable[[Outcome], None]
@@ -140,6 +143,7 @@ class Outcomes:
             error=flow.error.msg if flow.error else None,
             auth_failure=record.auth_failure,
             sandbox_id=record.sandbox_id,
+            mcp_audited=record.mcp_audited,
         )
 
     def _finish(self, flow: http.HTTPFlow, event: str) -> None:

@@ -20,6 +20,7 @@
     Outcomes       turns finished flows, tunnels and refused connections into Outcomes
     Metrics        Prometheus + /healthz (an Outcome sink)
     Alerts         webhook alerts, off the traffic path (an Outcome sink)
+    Revocation     on reload, re-decides open passthrough tunnels and cuts the denied ones
     Admin          the `warden sandbox` admin socket: sandbox sessions (read by Identity through
                    runtime/admin.SESSIONS) and the sandbox_* audit records
 
@@ -56,6 +57,7 @@ from egresswarden.record.outcome import Outcomes
 from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
+from egresswarden.runtime.revocation import Revocation
 from egresswarden.runtime.rulestore import RuleStore
 from egresswarden.stages.bodyplan import BodyPlanner
 from egresswarden.stages.credentials import Credentials
@@ -94,6 +96,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
         outcomes,
         metrics,
         alerts,
+        Revocation(store, connections, outcomes.emit),  # no hooks: a reload listener (after audit's)
         Admin(store, audit, alerts),
     ]
     return parts, metrics.hook_error

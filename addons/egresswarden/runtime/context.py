@@ -185,3 +185,8 @@ class Connections:
     def items(self) -> Iterator[tuple[connection.Client, ConnState]]:
         """Every live client connection and its state (a snapshot: safe while connections close)."""
         return iter(list(self._states.items()))
+
+    def open_tunnels(self) -> list[tuple[connection.Client, ConnState, Tunnel]]:
+        """Every allowed CONNECT tunnel whose client is still connected (a snapshot)."""
+        return [(client, state, state.tunnel) for client, state in list(self._states.items())
+                if state.tunnel is not None and not state.tunnel.closed]
