@@ -74,6 +74,7 @@ def env(origin_ca, origin_ca_file: Path, shared_confdir: Path) -> Iterator[dict[
                 "sandbox_profiles": {
                     "dev": {"env": {"API_KEY": PLACEHOLDER}, "deny_commands": ["ssh", "perl"]},
                     "small": {"limits": {"memory_mb": 64}},
+                    "tight": {"limits": {"max_processes": 16, "cpu_seconds": 1}},
                 },
                 "settings": {"hosts_file": str(hosts_file(work / "hosts")), "tls_intercept": "always",
                              "private_networks": "allow",  # the origins are on 127.0.0.1
@@ -405,3 +406,19 @@ def test_killed_launcher_takes_the_sandbox_with_it_and_is_audited(env):
     # The killed launcher could not remove its private directory; the next launcher would.
     for leftover in Path(tempfile.gettempdir()).glob(f"warden-sandbox-{proc.pid}-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+@pytest.mark.parametrize("limit, script", [
+    pytest.param("processes", "for i in $(seq 64); do sleep 30 & done; wait", id="processes"),
+    pytest.param("cpu", "while :; do :; done", id="cpu"),
+])
+def test_process_and_cpu_limits_end_the_sandbox(env, limit, script):
+    r = sandbox(env, ["sh", "-c", script], agent="free", extra=["--profile", "tight"], timeout=120)
+    recs = records(env["warden"].audit_path,
+                   lambda rs: any(x["event"] == "sandbox_exit" and x.get("profile") == "tight"
+                                  and x.get("limit_hit") == limit for x in rs))
+    start = [x for x in recs if x["event"] == "sandbox_start" and x.get("profile") == "tight"][-1]
+    if start["limits_backend"] == "rlimit":
+        pytest.skip("no writable cgroup here: rlimits apply per process (see the README)")
+    assert any(x["event"] == "sandbox_exit" and x.get("limit_hit") == limit for x in recs)
+    assert f"{limit} limit reached" in r.stderr and r.returncode != 0
