@@ -54,7 +54,8 @@ run: $(STAMP)
 	echo "  eval \"\$$($(abspath $(BIN))/warden agent-env --agent coder --token example-coder-token --proxy $(AGENT_PROXY) --ca-bundle $(abspath $(BUNDLE)))\""; \
 	wait $$pid
 
-# Debian packages some tests drive (promtool for the alert rules, nginx/squid only for bench).
+# Debian packages some tests drive (promtool for the alert rules, bubblewrap for `warden sandbox`,
+# nginx/squid only for bench).
 # Best effort: without root or apt the dependent tests skip and say why.
 system-deps:
 	@missing=""; command -v promtool >/dev/null || missing="$$missing prometheus"; \
@@ -63,6 +64,7 @@ system-deps:
 	command -v git >/dev/null || missing="$$missing git"; command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing:$$missing"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null 2>&1 || echo "apt-get failed; dependent tests will skip"; fi
 

@@ -35,6 +35,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if load_or_report(args.rules) is None:
         print("warden: refusing to start with invalid rules", file=sys.stderr)
         return 2
+    if args.admin_socket and args.workers > 1:
+        print("warden: --admin-socket (warden sandbox --attach) needs --workers 1", file=sys.stderr)
+        return 2
     if args.worker_index is None and args.listen[1] != 0 and address_in_use(*args.listen):
         print(f"warden: {format_listen(args.listen)} is already in use (another Warden?); "
               "pick another with --listen", file=sys.stderr)
@@ -57,6 +60,8 @@ def mitmproxy_arguments(args: argparse.Namespace) -> list[str]:
         "--set", "termlog_verbosity=warn" if not args.verbose else "termlog_verbosity=info",
         "--set", f"warden_log_format={args.log_format}",
     ]
+    if args.admin_socket:
+        margs += ["--set", f"warden_admin_socket={args.admin_socket}"]
     for item in args.set or []:
         margs += ["--set", item]
     return margs
@@ -106,6 +111,8 @@ def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="run N proxy processes on one port (SO_REUSEPORT); metrics merged, one audit chain "
                           "per worker in <audit>.w<i>.jsonl (default: 1)")
     run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--admin-socket", metavar="PATH", default="",
+                     help="unix socket for `warden sandbox --attach` (0600, in a 0700 directory; default: off)")
     run.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a mitmproxy option (repeatable)")
     run.add_argument("--log-format", choices=("text", "json"), default="text",
                      help="operational log format on stderr (default: text); audit records are separate")

@@ -129,6 +129,17 @@ class _Compiler:
             self.problems.append(e.problem)
             return {}
 
+    def check_sandbox_env(self) -> None:
+        """A sandbox profile's env may carry a credential's placeholder, never a real secret value."""
+        for profile in self.model.sandbox_profiles.values():
+            for key, value in profile.env:
+                leaked = next((s for s in self.secrets if len(s.value) >= 8 and s.value in value), None)
+                if leaked is not None and profile.origin is not None:
+                    self.problems.append(RuleProblem(
+                        profile.origin.file, profile.origin.line,
+                        f"sandbox profile {profile.id!r}: env {key} holds the value of secret {leaked.name!r}",
+                        "set the credential's placeholder instead; Warden injects the secret at the bound host"))
+
     def compile(self) -> RuleSet:
         model = self.model
         policies = {name: self.policy(p) for name, p in model.policies.items()}
@@ -154,6 +165,7 @@ class _Compiler:
         for server in model.mcp_servers:
             servers.setdefault((server.host, server.port), []).append(server)
         hosts = self.hosts_file()
+        self.check_sandbox_env()
         if self.problems:
             raise RuleSetError(self.problems)
         rule_count = sum(len(p.allow) for p in model.policies.values()) + len(model.deny)
