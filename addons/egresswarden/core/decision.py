@@ -57,6 +57,9 @@ class Reason(StrEnum):
     MCP_PROMPT_NOT_ALLOWED = "mcp_prompt_not_allowed"
     MCP_HEADER_MISMATCH = "mcp_header_mismatch"
     MCP_NO_POLICY = "mcp_no_policy"
+    MCP_TOOL_UNPINNED = "mcp_tool_unpinned"
+    MCP_BAD_MESSAGE = "mcp_bad_message"
+    MCP_SERVER_FAILED = "mcp_server_failed"
 
     @property
     def status(self) -> int:

@@ -36,6 +36,7 @@ from egresswarden.record.journal import utc_now
 from egresswarden.record.metrics import registry
 from egresswarden.record.outcome import Outcome, Outcomes, redact_query
 from egresswarden.runtime.context import record_of
+from egresswarden.runtime import pinstore
 from egresswarden.runtime.failsafe import fail_closed, refusal_response
 from egresswarden.runtime.rulestore import RuleStore
 
@@ -201,7 +202,7 @@ class Mcp:
         compiled = self._compiled
         if compiled is None or compiled[0] is not rules:
             compiled = (rules, E.McpPolicies(rules))
-            self.pins.set_rule_pins(rules.model.mcp_pins)
+            pinstore.attach(self.pins, rules)  # rule pins, settings.mcp_unpinned, the durable store
             self._compiled = compiled
         return compiled[1]
 
