@@ -35,8 +35,8 @@ from egresswarden.core.ruleset import RuleSet
 from egresswarden.record.journal import utc_now
 from egresswarden.record.metrics import registry
 from egresswarden.record.outcome import Outcome, Outcomes, redact_query
-from egresswarden.runtime.context import record_of
 from egresswarden.runtime import pinstore
+from egresswarden.runtime.context import record_of
 from egresswarden.runtime.failsafe import fail_closed, refusal_response
 from egresswarden.runtime.rulestore import RuleStore
 
