@@ -25,8 +25,10 @@ a tool the server does not list is refused (no definition, nothing to pin).
 
 Protocol cases:
     batch (JSON array)       each element decided on its own; allowed ones forwarded as one
-                             array; Warden's answers for denied ones merged into the server's
-                             array answer (sent at once if nothing forwarded expects one)
+                             array; Warden's answers for the denied ones sent at once as an
+                             array of their own (clients match answers by id; waiting to merge
+                             them into the server's array would lose them when the server
+                             rejects batches, as 2025-06-18+ servers do)
     notifications            pass both ways (one audit record each); notifications/cancelled
                              from the agent also ends the pending record
     cancellation             as above; a late response for a cancelled id is dropped
@@ -123,14 +125,6 @@ class Pending:
     timer: asyncio.TimerHandle | None = None
 
 
-@dataclass(slots=True)
-class BatchAnswers:
-    """Warden's answers to the denied elements of a batch, waiting for the server's array."""
-
-    answers: list[dict[str, Any]]
-    keys: list[str]
-
-
 class AgentGone(Exception):
     """The agent's end of stdout is closed."""
 
@@ -176,7 +170,6 @@ class Relay:
         self.pending: dict[str, Pending] = {}
         self.server_pending: dict[str, Pending] = {}
         self.preflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self.batch_answers: dict[str, BatchAnswers] = {}
         self.preflight_seq = 0
         self.tools_stale = True  # no complete tools/list seen in this session yet
         self.bad_lines = 0
@@ -462,16 +455,10 @@ class Relay:
         answers: list[dict[str, Any]] = []
         for msg in messages:
             await self._agent_message(msg, batch, forward, answers, started)
-        forwarded_requests = [_id_key(m["id"]) for m in forward if "method" in m and "id" in m]
         if forward and not await self.to_server(forward if batch else forward[0]):
             answers += self._server_unavailable(forward)
         if answers:
-            if batch and forwarded_requests and len(answers) < len(messages):
-                pending = BatchAnswers(answers, forwarded_requests)
-                for key in forwarded_requests:
-                    self.batch_answers[key] = pending
-            else:
-                await self.to_agent(answers if batch else answers[0])
+            await self.to_agent(answers if batch else answers[0])
 
     def _server_unavailable(self, forwarded: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
@@ -680,19 +667,8 @@ class Relay:
             kept = await self._server_message(msg)
             if kept is not None:
                 out.append(kept)
-        if not out:
-            return
-        merged: list[dict[str, Any]] = []
-        for msg in out:
-            waiting = self.batch_answers.get(_id_key(msg.get("id"))) if "method" not in msg else None
-            if waiting is not None:
-                for key in waiting.keys:
-                    self.batch_answers.pop(key, None)
-                merged += waiting.answers
-        if batch or merged:
-            await self.to_agent(out + merged)
-        else:
-            await self.to_agent(out[0])
+        if out:
+            await self.to_agent(out if batch else out[0])
 
     async def _server_message(self, msg: dict[str, Any]) -> dict[str, Any] | None:
         """Decide one message from the server; the message to forward, or None."""
