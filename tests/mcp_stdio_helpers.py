@@ -67,8 +67,12 @@ class Setup:
                 return records
             time.sleep(0.05)
 
-    def mcp_records(self) -> list[dict[str, Any]]:
-        return [r for r in self.records() if r.get("event") == "mcp"]
+    def mcp_records(self, wait_for: Callable[[list[dict[str, Any]]], bool] | None = None) -> list[dict[str, Any]]:
+        """`mcp` records; with `wait_for`, once it holds for them (or after 10 s)."""
+        def mcp(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [r for r in records if r.get("event") == "mcp"]
+
+        return mcp(self.records(None if wait_for is None else lambda rs: wait_for(mcp(rs))))
 
     def verify(self) -> subprocess.CompletedProcess[str]:
         return subprocess.run([WARDEN, "audit", "verify", str(self.audit)], capture_output=True, text=True,

@@ -19,6 +19,9 @@ import sys
 from mcp.server.mcpserver import Context, MCPServer
 
 LOG = os.environ.get("MCP_LOG")
+# The SDK diverts fd 1 to stderr while it serves (protecting the wire); keep a copy of the wire
+# so that `noisy` can misbehave on it like a server with a stray print() in the wrong place.
+WIRE = os.dup(1)
 srv = MCPServer("stdio-fixture")
 
 
@@ -98,8 +101,8 @@ def huge(size: int) -> str:
 @srv.tool(description="Writes a non-JSON line and an id-less message to stdout, then answers")
 def noisy() -> str:
     ran("noisy")
-    os.write(1, b"this is not json\n")
-    os.write(1, b'{"jsonrpc":"2.0","result":{"content":[]}}\n')
+    os.write(WIRE, b"this is not json\n")
+    os.write(WIRE, b'{"jsonrpc":"2.0","result":{"content":[]}}\n')
     return "noisy done"
 
 
