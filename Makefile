@@ -8,7 +8,7 @@ LISTEN ?= 127.0.0.1:8080
 METRICS_LISTEN ?= 127.0.0.1:9464
 PYTEST_ARGS ?=
 
-.PHONY: run test lint check bench bench-quick bench-engine clean system-deps
+.PHONY: run test lint check bench bench-quick bench-engine clean system-deps js-test-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { py=$$(.ci/find-python) && echo "using $$py" && "$$py" -m venv $(VENV); }
@@ -30,8 +30,13 @@ system-deps:
 	@missing=""; command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v git >/dev/null || missing="$$missing git"; command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing:$$missing"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null 2>&1 || echo "apt-get failed; dependent tests will skip"; fi
+
+# The TypeScript MCP SDK for tests/test_mcp_stdio_js.py (pinned in tests/js/package-lock.json).
+js-test-deps: system-deps
+	cd tests/js && npm ci --no-audit --no-fund --silent
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check addons tests bench
