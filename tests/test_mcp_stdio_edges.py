@@ -198,3 +198,20 @@ def test_undeclared_server_unknown_agent_and_missing_command_are_refused(setup: 
     out = subprocess.run([WARDEN, *setup.args(server="other")], capture_output=True, text=True, timeout=30,
                          stdin=subprocess.DEVNULL)
     assert out.returncode == 2 and "no MCP server 'other' is declared" in out.stderr and out.stdout == ""
+
+
+def test_rule_changes_apply_to_a_running_session(setup: Setup, session: Any) -> None:
+    s = session()
+    s.initialize()
+    assert call(s, "get_weather", {"location": "a"})["result"]["isError"] is False
+    write_rules(setup.dir, tools=["add"], setup=setup)  # get_weather leaves the catalog
+
+    def refused() -> bool:
+        return bool(call(s, "get_weather", {"location": "b"})["result"]["isError"])
+
+    assert wait_until(refused, 15)
+    assert any(r.get("event") == "reload" and r["result"] == "success" for r in setup.records())
+    (setup.rules / "broken.yaml").write_text("agents: [\n")
+    assert wait_until(lambda: any(r.get("event") == "reload" and r["result"] == "failure"
+                                  for r in setup.records()), 15)
+    assert call(s, "add", {"a": 1, "b": 1})["result"]["content"][0]["text"] == "2"  # the last good rules stay
