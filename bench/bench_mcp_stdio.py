@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,12 @@ def measure(client: LineClient, calls: int) -> list[float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU a process has used so far (robust to scheduling noise on a shared machine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
@@ -96,6 +103,7 @@ def main() -> int:
         direct_env = {"PATH": "/usr/bin:/bin", "MCP_LOG": str(Path(tmp) / "direct.log"), "API_TOKEN": "x"}
         direct: list[float] = []
         warden: list[float] = []
+        warden_cpu = 0.0
         for _ in range(args.rounds):
             c = LineClient([sys.executable, str(FIXTURE)], env=direct_env)
             c.initialize()
@@ -103,7 +111,9 @@ def main() -> int:
             c.close()
             c = LineClient([WARDEN, *setup.args()])
             c.initialize()
+            before = cpu_seconds(c.proc.pid)
             warden += measure(c, args.calls)
+            warden_cpu += cpu_seconds(c.proc.pid) - before
             c.close()
         records = sum(1 for _ in setup.audit.open())
     rows = [("direct stdio", direct), ("through warden mcp stdio", warden)]
@@ -117,6 +127,9 @@ def main() -> int:
     lines.append(f"| added by Warden | {pct(warden, 0.5) - pct(direct, 0.5):.0f} | "
                  f"{pct(warden, 0.99) - pct(direct, 0.99):.0f} | "
                  f"{(statistics.fmean(warden) - statistics.fmean(direct)) * 1e6:.0f} |")
+    per_call = warden_cpu / (args.rounds * (args.calls + 50)) * 1e6
+    lines += ["", f"CPU used by the `warden mcp stdio` process: {per_call:.0f} us per call "
+              f"(user+system, /proc; {os.cpu_count()} cores shared with other work, so latency percentiles are noisy)."]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

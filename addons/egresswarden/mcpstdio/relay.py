@@ -345,12 +345,15 @@ class Relay:
             self.recorder.event({"event": "reload", "result": "success", "policy_version": rules.version})
 
     # -- writing ------------------------------------------------------------------------------------
-    async def to_agent(self, message: Any) -> None:
+    async def to_agent(self, message: Any) -> int:
+        """Write one message (or batch) to the agent, env secrets redacted; returns how many were."""
         assert self.out is not None
         data = dumps_line(message)
+        redacted = 0
         if self.scanner.automaton is not None:
-            data = self.scanner.redact(data, force=True)[0]
+            data, redacted = self.scanner.redact(data, force=True)
         await self.out.write(data)
+        return redacted
 
     async def to_server(self, message: Any) -> bool:
         """Write to the server; False if its stdin is closed."""
@@ -436,15 +439,15 @@ class Relay:
         if not line.strip():
             return
         started = time.perf_counter()
-        try:
-            data = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            text = "the message is not JSON (MCP stdio carries one JSON-RPC message per line)"
-            await self.to_agent(self._error(None, PARSE_ERROR, f"Warden: {text}", Reason.MCP_BAD_MESSAGE))
-            self._record(self._warden_md(Reason.MCP_BAD_MESSAGE, text), "client")
-            return
         parsed = E.parse_messages(line)
         if parsed is None:
+            try:  # only on the error path: a second parse tells garbage from non-JSON-RPC
+                data = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                text = "the message is not JSON (MCP stdio carries one JSON-RPC message per line)"
+                await self.to_agent(self._error(None, PARSE_ERROR, f"Warden: {text}", Reason.MCP_BAD_MESSAGE))
+                self._record(self._warden_md(Reason.MCP_BAD_MESSAGE, text), "client")
+                return
             msg_id = data.get("id") if isinstance(data, dict) else None
             text = "the message is not a JSON-RPC 2.0 request, notification or response"
             await self.to_agent(self._error(msg_id, INVALID_REQUEST, f"Warden: {text}", Reason.MCP_BAD_MESSAGE))
@@ -663,15 +666,23 @@ class Relay:
             return
         messages, batch = parsed
         out: list[dict[str, Any]] = []
+        answered: list[tuple[Pending, bool, E.FilterReport]] = []
         for msg in messages:
-            kept = await self._server_message(msg)
+            kept = await self._server_message(msg, answered)
             if kept is not None:
                 out.append(kept)
-        if out:
-            await self.to_agent(out if batch else out[0])
+        redacted = 0
+        try:
+            if out:
+                redacted = await self.to_agent(out if batch else out[0])
+        finally:  # recorded once the answer is on its way (or the agent is gone)
+            for pending, is_error, report in answered:
+                self._finish(pending, is_error=is_error, report=report, redacted=redacted)
 
-    async def _server_message(self, msg: dict[str, Any]) -> dict[str, Any] | None:
-        """Decide one message from the server; the message to forward, or None."""
+    async def _server_message(self, msg: dict[str, Any],
+                              answered: list[tuple[Pending, bool, E.FilterReport]]) -> dict[str, Any] | None:
+        """Decide one message from the server; the message to forward, or None. Answers to
+        pending requests are added to `answered` (their records are written after forwarding)."""
         method = msg.get("method")
         started = time.perf_counter()
         if method is not None:
@@ -716,8 +727,7 @@ class Relay:
                     and not result.get("nextCursor"):
                 self.tools_stale = False
         is_error = "error" in msg or (isinstance(result, dict) and bool(result.get("isError")))
-        redacted = 0
-        if self.scanner.automaton is not None:
-            redacted = self.scanner.redact(dumps_line(msg), force=True)[1]
-        self._finish(pending, is_error=is_error, report=report, redacted=redacted)
+        if pending.timer is not None:
+            pending.timer.cancel()
+        answered.append((pending, is_error, report))
         return msg
