@@ -215,3 +215,21 @@ def test_rule_changes_apply_to_a_running_session(setup: Setup, session: Any) -> 
     assert wait_until(lambda: any(r.get("event") == "reload" and r["result"] == "failure"
                                   for r in setup.records()), 15)
     assert call(s, "add", {"a": 1, "b": 1})["result"]["content"][0]["text"] == "2"  # the last good rules stay
+
+
+@pytest.mark.parametrize("on_failure", ["fail_closed", "continue"])
+def test_unwritable_audit_log_refuses_messages_unless_continue(tmp_path: Path, on_failure: str) -> None:
+    setup = write_rules(tmp_path, settings={"audit": {"on_failure": on_failure}})
+    setup.audit.symlink_to("/dev/full")  # every write fails with ENOSPC
+    s = RawSession(setup)
+    try:
+        s.initialize()
+        assert wait_until(lambda: "cannot write audit log" in s.stderr())
+        answer = call(s, "get_weather", {"location": "x"})
+        if on_failure == "continue":
+            assert answer["result"]["isError"] is False
+        else:
+            assert answer["error"]["data"]["reason"] == "audit_unavailable"
+            assert "get_weather" not in [r["tool"] for r in setup.ran()]
+    finally:
+        s.stop()
