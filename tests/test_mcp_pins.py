@@ -107,8 +107,9 @@ def test_pin_store_path_and_stdio_server_fields_from_the_rules(tmp_path: Path) -
     launch = build_launch(rules, server, "dev")
     # The seam to `warden sandbox` (issue: sandboxed servers): the declared command runs inside it.
     sandbox = launch.argv.index("sandbox")
-    assert list(launch.argv[sandbox:sandbox + 6]) == ["sandbox", "--agent", "dev", "--profile", "files", "--"]
-    assert launch.argv[sandbox + 6] == sys.executable and launch.cwd == str(setup.rules)
+    assert list(launch.argv[sandbox:sandbox + 8]) == ["sandbox", "--agent", "dev", "--profile", "files", "--rules",
+                                                      str(setup.rules), "--"]
+    assert launch.argv[sandbox + 8] == sys.executable and launch.cwd == str(setup.rules)
     assert launch.env["API_TOKEN"] != "${secret:FIX_TOKEN}" and "secret" not in repr(launch).lower().replace(
         "secrets", "")
     assert set(launch.env) <= {"HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LC_ALL", "MCP_LOG",

@@ -51,8 +51,10 @@ def warden_command() -> list[str]:
     return [sys.executable, "-m", "egresswarden"]
 
 
-def SANDBOX_COMMAND(agent: str, profile: str, argv: list[str]) -> list[str]:  # noqa: N802 - the seam's name
-    return [*warden_command(), "sandbox", "--agent", agent, "--profile", profile, "--", *argv]
+def SANDBOX_COMMAND(agent: str, profile: str, rules_dir: str, argv: list[str]) -> list[str]:  # noqa: N802 - the seam
+    """`warden sandbox` around the server: same agent, the declared profile, the same rules
+    (profiles live there); its workdir is the server's cwd (the process's working directory)."""
+    return [*warden_command(), "sandbox", "--agent", agent, "--profile", profile, "--rules", rules_dir, "--", *argv]
 
 
 def _secrets_dir(rules: RuleSet) -> str | None:
@@ -100,7 +102,7 @@ def build_launch(rules: RuleSet, server: McpServer, agent: str) -> Launch:
         command = found
     argv = [command, *stdio.args]
     if stdio.sandbox_profile:
-        argv = SANDBOX_COMMAND(agent, stdio.sandbox_profile, argv)
+        argv = SANDBOX_COMMAND(agent, stdio.sandbox_profile, rules.model.rules_dir, argv)
     return Launch(tuple(argv), env, cwd, tuple(used))
 
 
