@@ -14,9 +14,10 @@ def test_every_part_hook_is_dispatched_in_chain_order() -> None:
     for part in addon.parts:
         for name, member in inspect.getmembers(part, callable):
             if name in hooks.all_hooks:
-                assert member in addon.hooks[name], f"{type(part).__name__}.{name} is not dispatched"
+                dispatched = [getattr(h, "__wrapped__", h) for h in addon.hooks[name]]
+                assert member in dispatched, f"{type(part).__name__}.{name} is not dispatched"
     order = [type(p).__name__ for p in addon.parts]
-    seen = [h.__qualname__.split(".")[0] for h in addon.hooks["requestheaders"]]
+    seen = [getattr(h, "__wrapped__", h).__qualname__.split(".")[0] for h in addon.hooks["requestheaders"]]
     assert seen == sorted(seen, key=order.index), "handlers must run in chain order"
 
 

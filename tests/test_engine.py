@@ -37,7 +37,9 @@ RULES = {
         ]},
         "pkgs": {"allow": [{"id": "pyhosted", "domain": "pythonhosted.org"},
                            {"id": "pypi-alt", "host": "pypi.org", "ports": [443, 8443]}]},
-        "db": {"allow": [{"id": "db-net", "cidr": "10.40.0.0/16", "ports": [5432]}]},
+        "db": {"allow": [{"id": "db-net", "cidr": "10.40.0.0/16", "ports": [5432]},
+                         {"id": "db-name", "host": "db.internal", "ports": [5432]},
+                         {"id": "wiki", "host": "wiki.internal", "addresses": ["10.50.0.7/32"]}]},
     },
     "deny": [{"id": "no-paste", "domain": "pastebin.com"},
              {"id": "no-metadata", "cidr": "169.254.169.254/32"},
@@ -118,14 +120,43 @@ def test_decide(rules: RuleSet, case: Case) -> None:
     assert d.policy_version == rules.version
 
 
-def test_name_with_cidr_rule_pending_address_check(rules: RuleSet) -> None:
-    facts = C("dba", "db.internal", 5432)
-    d = decide(rules, facts)
-    assert d.allowed and d.address_rule_needed
-    inside = decide_addresses(rules, facts, [ipaddress.ip_address("10.40.0.9")], d)
-    assert inside.verdict is Verdict.ALLOW and inside.rule_id == "db-net"
-    outside = decide_addresses(rules, facts, [ipaddress.ip_address("10.41.0.9")], d)
-    assert outside.reason is Reason.NO_MATCHING_RULE
+def test_cidr_rule_never_allows_a_name(rules: RuleSet) -> None:
+    """A cidr rule matches IP literals only: a name no host/domain rule allows is refused at the
+    name stage, so Warden never resolves it (DNS would otherwise carry data out)."""
+    d = decide(rules, C("dba", "exfil-data.attacker.example", 5432))
+    assert (d.verdict, d.reason) == (Verdict.DENY, Reason.NO_MATCHING_RULE)
+
+
+ADDRESS_CASES = [
+    pytest.param("db.internal", 5432, "10.40.0.9", Reason.ALLOWED, id="host rule + cidr rule on the port exempts"),
+    pytest.param("db.internal", 5432, "10.41.0.9", Reason.PRIVATE_ADDRESS, id="private address outside every cidr rule"),
+    pytest.param("wiki.internal", 443, "10.50.0.7", Reason.ALLOWED, id="host rule addresses: exempts that address"),
+    pytest.param("wiki.internal", 443, "10.50.0.8", Reason.PRIVATE_ADDRESS, id="addresses: exempts only what it lists"),
+    pytest.param("10.40.1.2", 5432, "10.40.1.2", Reason.ALLOWED, id="IP literal inside a cidr rule"),
+    pytest.param("10.40.1.2", 443, "10.40.1.2", Reason.PRIVATE_ADDRESS, id="cidr rule exempts only its ports"),
+]
+
+
+@pytest.mark.parametrize("host,port,address,reason", ADDRESS_CASES)
+def test_private_address_exemptions(rules: RuleSet, host: str, port: int, address: str, reason: Reason) -> None:
+    facts = C("dba", host, port)
+    d = decide_addresses(rules, facts, [ipaddress.ip_address(address)], decide(rules, facts).with_verdict(Verdict.ALLOW))
+    assert d.reason is reason, d.message
+
+
+def test_report_mode_never_softens_the_address_guard(rules: RuleSet, tmp_path: Path) -> None:
+    """A report-mode agent with a cidr rule on one port may not reach the same address on another."""
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "r.yaml").write_text(yaml.safe_dump({
+        "agents": [{"id": "rep", "token_sha256": [sha256_hex("t")], "policies": ["p"], "mode": "report"}],
+        "policies": {"p": {"allow": [{"cidr": "127.0.0.1/32", "ports": [43443]}]}}}))
+    report_rules = load_ruleset(d)
+    facts = C("rep", "127.0.0.1", 43100)
+    prior = decide(report_rules, facts)
+    assert prior.verdict is Verdict.REPORT and prior.reason is Reason.PORT_NOT_ALLOWED
+    checked = decide_addresses(report_rules, facts, [ipaddress.ip_address("127.0.0.1")], prior)
+    assert (checked.verdict, checked.reason) == (Verdict.DENY, Reason.PRIVATE_ADDRESS)
 
 
 @pytest.mark.parametrize("address,reason", [
@@ -152,6 +183,28 @@ def test_ssrf_not_softened_by_report_mode(rules: RuleSet) -> None:
     facts = C("claw", "github.com")
     d = decide_addresses(rules, facts, [ipaddress.ip_address("10.1.1.1")], decide(rules, facts))
     assert d.verdict is Verdict.DENY and d.reason is Reason.PRIVATE_ADDRESS
+
+
+@pytest.mark.parametrize("host,listed", [
+    pytest.param("github.com", "443 (https) / 80 (http)", id="default ports only"),
+    pytest.param("pypi.org", "443, 8443", id="explicit ports"),
+    pytest.param("both.example", "443 (https) / 80 (http), 8443", id="default and explicit for one host"),
+])
+def test_port_denial_lists_ports_as_plain_text(tmp_path: Path, host: str, listed: str) -> None:
+    # The agent reads this message: it once showed a Python list repr ("['443 (https) / 80 (http)']"),
+    # and left out the default ports when another rule for the host named explicit ones.
+    doc = {
+        "agents": [{"id": "a", "token_sha256": [sha256_hex("t")], "policies": ["one", "two"]}],
+        "policies": {
+            "one": {"allow": [{"id": "gh", "host": "github.com"}, {"id": "both-default", "host": "both.example"}]},
+            "two": {"allow": [{"id": "pypi", "host": "pypi.org", "ports": [8443, 443]},
+                              {"id": "both-alt", "host": "both.example", "ports": [8443]}]},
+        },
+    }
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(doc))
+    d = decide(load_ruleset(tmp_path), C("a", host, 22))
+    assert d.reason is Reason.PORT_NOT_ALLOWED
+    assert d.message == f"{host} is allowed, but not on port 22; allowed ports: {listed}"
 
 
 def _basic(value: str) -> str:
@@ -246,3 +299,24 @@ def test_public_suffix_list_is_the_bundled_snapshot_only() -> None:
     extractor = _extractor()
     assert tuple(extractor.suffix_list_urls) == ()
     assert extractor.include_psl_private_domains is False
+
+
+def test_check_warns_on_rule_sets_that_relied_on_cidr_names(tmp_path: Path) -> None:
+    """`warden check` names the rule sets the 0.2 cidr change breaks (a hosts-file name reached
+    only through a cidr rule), with the rule's file:line and what to write instead."""
+    import subprocess
+    import sys
+
+    (tmp_path / "hosts").write_text("10.40.0.9 db.internal\n10.40.0.10 named.internal\n")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        "agents": [{"id": "dba", "token_sha256": [sha256_hex("t")], "policies": ["db"]}],
+        "policies": {"db": {"allow": [{"id": "db-net", "cidr": "10.40.0.0/16", "ports": [5432]},
+                                      {"id": "named", "host": "named.internal", "ports": [5432]}]}},
+        "settings": {"hosts_file": "hosts"}}))
+    warden = Path(sys.executable).parent / "warden"
+    out = subprocess.run([str(warden), "check", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, out.stdout
+    assert "db.internal" in warnings[0] and "db-net" in warnings[0] and "r.yaml:" in warnings[0]
+    assert "add a host rule" in warnings[0]

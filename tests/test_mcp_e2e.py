@@ -138,21 +138,28 @@ def test_denied_calls_are_is_error_results(env: dict[str, Any], mode: str) -> No
                 await c.call_tool("get_weather", {"location": "Paris", "exfil": "secret-value"}),
                 await c.call_tool("add", {"a": 1, "b": 2})]
 
+    warden: Warden = env["warden"]
+    already = len(warden.audit_records())  # the module's warden also served the other mode
     outside, denied, too_long, extra_key, add = run_client(env, mode, body)
     assert outside.is_error and "not in this agent's tool catalog" in text_of(outside)
     assert denied.is_error and "explicitly denied" in text_of(denied)
     assert too_long.is_error and "constraints" in text_of(too_long)
     assert extra_key.is_error and "constraints" in text_of(extra_key)
     assert not add.is_error and "3" in text_of(add)
-    warden: Warden = env["warden"]
     reasons = {r.get("mcp_tool"): r for r in mcp_records(warden, lambda r: r["decision"] == "deny")}
     assert reasons["whoami"]["reason"] == "mcp_tool_not_allowed"
     assert reasons["delete_all"]["reason"] == "mcp_tool_denied"
     bad = mcp_records(warden, lambda r: r["reason"] == "mcp_bad_arguments")
     assert bad and "mcp_deny" in bad[-1]["events"]
-    assert all("secret-value" not in json.dumps(r) for r in warden.audit_records())  # values never logged
-    logged = mcp_records(warden, lambda r: r.get("mcp_tool") == "add")
-    assert logged[-1]["mcp_argument_values"] == {"a": 1, "b": 2}  # log_argument_values: [add]
+    # The run's last call is audited after the one carrying "secret-value" (the writer keeps
+    # order): wait for it, so the absence check below sees every record of this run.
+    def add_logged(rs: list[dict]) -> bool:
+        return any(r.get("event") == "mcp" and r.get("mcp_tool") == "add" for r in rs[already:])
+    records = warden.audit_records(add_logged, timeout=10)
+    logged = [r for r in records[already:] if r.get("event") == "mcp" and r.get("mcp_tool") == "add"]
+    assert logged and logged[-1]["mcp_argument_values"] == {"a": 1, "b": 2}  # log_argument_values: [add]
+    assert any("exfil" in r.get("mcp_argument_keys", []) for r in records[already:]), records[already:]
+    assert all("secret-value" not in json.dumps(r) for r in records)  # values never logged
     assert 'reason="mcp_tool_denied"' in warden.metrics_text()
 
 
@@ -312,10 +319,19 @@ def test_agent_without_mcp_rule(env: dict[str, Any]) -> None:
     assert plain.status_code == 200
 
 
-def test_non_jsonrpc_left_to_ordinary_rules(env: dict[str, Any]) -> None:
+def test_non_jsonrpc_post_to_mcp_endpoint_is_refused(env: dict[str, Any]) -> None:
+    """Every POST to an MCP endpoint is JSON-RPC; one Warden cannot parse never reaches the server
+    (it might parse it differently and run what Warden did not decide). Changed in 0.2: 0.1
+    forwarded such bodies under the ordinary allow rules."""
+    origin = env["batch"]
+    before = len(origin.seen)
     with http(env) as client:
         r = client.post(env["batch_url"], content=b"not json", headers={"Content-Type": "text/plain"})
-    assert r.status_code == 202  # the batch server accepted it: Warden did not decide it
+        health = client.get(env["batch_url"].replace("/rpc", "/rpc/health"))  # GET: ordinary rules
+    assert r.status_code == 400 and r.headers["x-warden-reason"] == "mcp_invalid_message"
+    assert r.json()["error"]["code"] == -32700
+    assert health.status_code == 200
+    assert len(origin.seen) == before + 1  # only the GET reached the server
 
 
 def test_server_credential_injected_agent_token_stripped(env: dict[str, Any]) -> None:

@@ -64,7 +64,7 @@ def test_agent_garbage_and_invalid_jsonrpc_get_readable_errors_and_the_session_g
     s.send(b"\n   \n")  # blank lines are ignored, as the SDK does
     assert call(s, "get_weather", {"location": "Lima"})["result"]["content"][0]["text"] == "sunny in Lima (metric)"
     def bad_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [r for r in records if r["reason"] == "mcp_bad_message"]
+        return [r for r in records if r["reason"] == "mcp_invalid_message"]
 
     bad = bad_of(setup.mcp_records(lambda rs: len(bad_of(rs)) >= 2))
     assert len(bad) == 2 and all(r["decision"] == "deny" for r in bad)
@@ -131,7 +131,7 @@ def test_server_non_json_and_idless_lines_are_dropped_and_audited(setup: Setup, 
     assert answer["result"]["content"][0]["text"] == "noisy done"
     assert wait_until(lambda: "not JSON-RPC" in s.stderr() and "without an id" in s.stderr())
     def bad_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [r for r in records if r["reason"] == "mcp_bad_message" and r["mcp_direction"] == "server"]
+        return [r for r in records if r["reason"] == "mcp_invalid_message" and r["mcp_direction"] == "server"]
 
     bad = bad_of(setup.mcp_records(lambda rs: len(bad_of(rs)) >= 2))
     assert len(bad) == 2
@@ -210,7 +210,8 @@ def test_rule_changes_apply_to_a_running_session(setup: Setup, session: Any) -> 
         return bool(call(s, "get_weather", {"location": "b"})["result"]["isError"])
 
     assert wait_until(refused, 15)
-    assert any(r.get("event") == "reload" and r["result"] == "success" for r in setup.records())
+    assert any(r.get("event") == "reload" and r["result"] == "success"
+               for r in setup.records(lambda rs: any(r.get("event") == "reload" for r in rs)))
     (setup.rules / "broken.yaml").write_text("agents: [\n")
     assert wait_until(lambda: any(r.get("event") == "reload" and r["result"] == "failure"
                                   for r in setup.records()), 15)

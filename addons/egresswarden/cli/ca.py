@@ -127,7 +127,7 @@ def _read_rotation(confdir: Path) -> dict[str, Any]:
     path = confdir / ROTATION_FILE
     if not path.exists():
         return {"previous": []}
-    data = json.loads(path.read_text())
+    data: dict[str, Any] = json.loads(path.read_text())
     data.setdefault("previous", [])
     return data
 
@@ -276,7 +276,7 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``ca init|bundle|rotate`` on the owner's top-level subparsers."""
     ca = subparsers.add_parser("ca", help="manage the interception CA and the client trust bundle")
     sub = ca.add_subparsers(dest="ca_command", metavar="{init,bundle,rotate}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from egresswarden.cli.common import load_or_report
+from egresswarden.core.lint import cidr_name_warnings, cidr_notes
 from egresswarden.core.model import AgentMode
 
 
@@ -19,6 +20,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     for agent in m.agents:
         if not agent.policies:
             print(f"warning: {agent.origin}: agent {agent.id!r} has no policies: everything it sends is denied")
+    for warning in cidr_name_warnings(rules):
+        print(f"warning: {warning}")
+    for note in cidr_notes(rules):
+        print(f"note: {note}")
     return 0
 
 

@@ -8,7 +8,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
 
+from . import credentials as _credentials  # noqa: F401 - registers its derived state
+from . import mcp as _mcp  # noqa: F401 - registers its derived state
+from .derived import build_all
 from .errors import RuleError, RuleProblem, RuleSetError, SecretError
+from .hostnames import IPAddress
 from .hostsfile import parse_hosts_file
 from .index import CidrIndex, HostIndex
 from .model import ANONYMOUS_AGENT, AgentMode, Credential, McpServer, Policy, Rule, RuleModel, TargetKind
@@ -23,8 +27,12 @@ class _Compiler:
         self.problems: list[RuleProblem] = []
         self.secrets: list[Secret] = []
         self.credentials: dict[str, CompiledCredential] = {}
+        self.allow_rules: dict[str, CompiledRule] = {}
 
     def rule(self, rule: Rule | Credential) -> CompiledRule:
+        if isinstance(rule, Rule):
+            return CompiledRule(rule.id, rule.policy, str(rule.target), rule.ports, rule.methods, rule.paths,
+                                rule.addresses, rule.websocket)
         return CompiledRule(rule.id, rule.policy, str(rule.target), rule.ports, rule.methods, rule.paths)
 
     def credential(self, cred: Credential) -> CompiledCredential | None:
@@ -62,6 +70,7 @@ class _Compiler:
         cidrs: CidrIndex[CompiledRule] = CidrIndex()
         for rule in policy.allow:
             compiled = self.rule(rule)
+            self.allow_rules[compiled.id] = compiled
             if rule.target.kind is TargetKind.CIDR:
                 assert rule.target.network is not None
                 cidrs.add(rule.target.network, compiled)
@@ -75,7 +84,7 @@ class _Compiler:
                 self.credentials.setdefault(compiled_cred.id, compiled_cred)
         return PolicyIndex(policy.name, hosts, cidrs, creds, tuple(h.lower() for h in policy.strip), policy.mcp)
 
-    def hosts_file(self) -> dict:
+    def hosts_file(self) -> dict[str, tuple[IPAddress, ...]]:
         path = self.model.settings.hosts_file
         if not path:
             return {}
@@ -95,8 +104,7 @@ class _Compiler:
         source_agents: CidrIndex[CompiledAgent] = CidrIndex()
         for a in model.agents:
             indexes = tuple(policies[name] for name in a.policies)
-            compiled = CompiledAgent(a.id, a.token_sha256, a.sources, indexes, a.mode is AgentMode.REPORT,
-                                     any(p.cidrs for p in indexes))
+            compiled = CompiledAgent(a.id, a.token_sha256, a.sources, indexes, a.mode is AgentMode.REPORT)
             agents[a.id] = compiled
             if not a.token_sha256 and a.id != ANONYMOUS_AGENT:
                 for net in a.sources:
@@ -133,6 +141,7 @@ class _Compiler:
             rule_count=rule_count,
             secrets=tuple(self.secrets),
             credentials_by_id=MappingProxyType(dict(self.credentials)),
+            allow_rules_by_id=MappingProxyType(self.allow_rules),
         )
 
 
@@ -166,4 +175,6 @@ def _bulk_allocation() -> Iterator[None]:
 def load_ruleset(rules_dir: Path) -> RuleSet:
     """Load, validate and compile a rules directory (or a single file)."""
     with _bulk_allocation():
-        return compile_model(load_model(Path(rules_dir)))
+        rules = compile_model(load_model(Path(rules_dir)))
+        build_all(rules)
+        return rules

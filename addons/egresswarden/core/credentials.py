@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, quote_plus
 
-import ahocorasick  # type: ignore[import-not-found]
+import ahocorasick
 
+from .derived import derived
 from .paths import PathError, canonical_path
 from .ruleset import CompiledAgent, CompiledCredential, RuleSet
 
 REDACTED = b"[REDACTED by warden]"
+REDACTED_TEXT = REDACTED.decode()
 MIN_ENCODED_LENGTH = 8  # shorter encoded fragments would match random text
 
 
@@ -120,7 +121,6 @@ class Scanner:
                 table[form][2].add(cred.id)
         self.automaton: ahocorasick.Automaton | None = None
         self.max_len = 0
-        self.redact_max_len = 0
         if not table:
             return
         automaton = ahocorasick.Automaton()
@@ -159,11 +159,15 @@ class Scanner:
         return n
 
     # -- redaction ------------------------------------------------------------------------
-    def _spans(self, text: str, only: frozenset[str] | None, force: bool = False) -> list[tuple[int, int]]:
+    def _spans(self, text: str, only: frozenset[str] | None, force: bool = False,
+               placeholders: bool = False) -> list[tuple[int, int]]:
         spans: list[tuple[int, int]] = []
         assert self.automaton is not None
         for end, pattern in self.automaton.iter(text):
-            if pattern.kind != "secret" or not (pattern.redact or force):
+            if pattern.kind == "placeholder":
+                if not placeholders:
+                    continue
+            elif not (pattern.redact or force):
                 continue
             if only is not None and pattern.owners.isdisjoint(only):
                 continue
@@ -198,30 +202,31 @@ class Scanner:
         out.append(data[last:])
         return b"".join(out), len(spans)
 
+    def scrub(self, text: str) -> tuple[str, int]:
+        """`text` with every secret AND placeholder of the rule set, in every encoding the
+        automaton knows, replaced: for Warden's own records (audit, alerts, logs)."""
+        if self.automaton is None or not text:
+            return text, 0
+        spans = self._spans(text, None, force=True, placeholders=True)
+        if not spans:
+            return text, 0
+        out, last = [], 0
+        for s, e in spans:
+            out.append(text[last:s])
+            out.append(REDACTED_TEXT)
+            last = e
+        out.append(text[last:])
+        return "".join(out), len(spans)
+
     def redact_str(self, value: str, only: frozenset[str] | None = None, force: bool = False) -> tuple[str, int]:
         data, n = self.redact(value.encode("utf-8", "surrogateescape"), only, force)
         return (data.decode("utf-8", "surrogateescape") if n else value), n
 
 
-_cache_lock = threading.Lock()
-_cache: dict[int, tuple[RuleSet, Scanner]] = {}  # id(ruleset) -> (ruleset kept alive, scanner)
-_CACHE_SIZE = 4  # the current rule set plus a few that in-flight requests may still hold
-
-
+@derived
 def scanner_for(rules: RuleSet) -> Scanner:
-    """The scanner of a RuleSet, built once on first use (per rule-set version)."""
-    entry = _cache.get(id(rules))
-    if entry is not None and entry[0] is rules:
-        return entry[1]
-    with _cache_lock:
-        entry = _cache.get(id(rules))
-        if entry is not None and entry[0] is rules:
-            return entry[1]
-        scanner = Scanner(rules.credentials_by_id.values())
-        while len(_cache) >= _CACHE_SIZE:
-            _cache.pop(next(iter(_cache)))
-        _cache[id(rules)] = (rules, scanner)
-        return scanner
+    """The scanner of a RuleSet (built with it; see core.derived)."""
+    return Scanner(rules.credentials_by_id.values())
 
 
 # -- binding and injection ----------------------------------------------------------------

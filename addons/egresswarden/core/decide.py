@@ -7,19 +7,22 @@ Precedence, first match wins (each step returns early; anything unexpected is a 
  3. Path that is ambiguous (dot segments, encoded /) -> deny  invalid_path
  4. Global deny rule matching host (or the IP literal via cidr) and port, and, for rules with
     methods/paths, the request                     -> deny  deny_listed (never softened by report mode)
- 5. The agent's allow rules for the host (IP literals: cidr rules only):
-      none matches the host   -> if the agent has cidr rules, allow pending the address check
-                                 (step 6), else deny no_matching_rule
+ 5. The agent's allow rules for the host. A name is allowed only by host/domain rules; an IP
+    literal only by cidr rules (a cidr rule never allows a name, so no name is ever resolved
+    just to find out whether a cidr rule covers it: DNS is not an exfiltration channel):
+      none matches the host   -> deny no_matching_rule
       none matches the port   -> deny port_not_allowed
       CONNECT stage           -> allow; intercept if the host needs per-request decisions
                                  (method/path rules, credentials, MCP server, L7 deny rules,
                                  settings.tls_intercept: always)
       request stage           -> allow on the first rule matching method and path, else deny
                                  method_not_allowed / path_not_allowed
- 6. `decide_addresses`, once the name is resolved: an address on the global deny list ->
-    deny deny_listed; an agent that needed a cidr rule and has none covering -> deny
-    no_matching_rule; a private address not covered by a cidr allow rule (and
-    settings.private_networks: deny) -> deny private_address (never softened).
+ 6. `decide_addresses`, once an allowed name is resolved (never before), for every address:
+    on the global deny list -> deny deny_listed; private or internal (settings.private_networks:
+    deny) and neither covered by one of the agent's cidr allow rules on this port nor listed in
+    the `addresses:` of a host/domain rule that allows the name -> deny private_address.
+    Step 6 always enforces, in report mode too, and it runs before anything a report-mode
+    verdict could soften.
 
 Report mode (agent.mode: report) turns the denials of steps 5-6 that come from the agent's
 own policy into verdict `report`: allowed, logged with the reason it would have been denied.
@@ -43,6 +46,14 @@ def _policy_denial(agent: CompiledAgent, reason: Reason, message: str, version: 
     if agent.report_mode:
         return Decision(Verdict.REPORT, reason, rule_id, f"report mode, would deny: {message}", version)
     return deny(reason, message, version, rule_id)
+
+
+def _port_list(rules: Sequence[CompiledRule]) -> str:
+    """The ports `rules` allow, as text for the agent: "443 (https) / 80 (http), 8443"."""
+    listed = [str(p) for p in sorted({p for r in rules for p in (r.ports or ())})]
+    if any(r.ports is None for r in rules):
+        listed.insert(0, "443 (https) / 80 (http)")
+    return ", ".join(listed)
 
 
 def _allowed(rules: RuleSet, rule_id: str, intercept: bool) -> Decision:
@@ -91,8 +102,12 @@ def decide(rules: RuleSet, facts: RequestFacts) -> Decision:
     port = facts.port
 
     l7_deny = False
-    deny_index = rules.deny_cidrs if ip is not None else rules.deny_hosts
-    for rule in deny_index.lookup(ip if ip is not None else host) if deny_index else ():  # type: ignore[arg-type]
+    deny_rules: Sequence[CompiledRule]
+    if ip is not None:
+        deny_rules = rules.deny_cidrs.lookup(ip) if rules.deny_cidrs else ()
+    else:
+        deny_rules = rules.deny_hosts.lookup(host) if rules.deny_hosts else ()
+    for rule in deny_rules:
         if not _deny_rule_matches(rule, port):
             continue
         if not rule.has_l7:
@@ -107,20 +122,14 @@ def decide(rules: RuleSet, facts: RequestFacts) -> Decision:
     else:
         candidates = [r for p in agent.policies if p.hosts for r in p.hosts.lookup(host)]
     if not candidates:
-        if ip is None and agent.has_cidr_rules:
-            # The name may still resolve into one of the agent's cidr rules: step 6 decides.
-            return Decision(Verdict.ALLOW, Reason.ALLOWED, None, "allowed if the resolved address is covered by a cidr rule",
-                            version, intercept=rules.settings.tls_intercept == "always" or l7_deny,
-                            address_rule_needed=True)
         what = "IP address" if ip is not None else "host"
         return _policy_denial(agent, Reason.NO_MATCHING_RULE,
                               f"no rule allows agent '{agent.id}' to reach the {what} {host}", version)
     usable = [r for r in candidates if r.port_ok(port, facts.scheme)]
     if not usable:
-        ports = sorted({p for r in candidates for p in (r.ports or ())}) or ["443 (https) / 80 (http)"]
         return _policy_denial(agent, Reason.PORT_NOT_ALLOWED,
-                              f"{host} is allowed, but not on port {port}; allowed ports: {ports}", version,
-                              candidates[0].id)
+                              f"{host} is allowed, but not on port {port}; allowed ports: {_port_list(candidates)}",
+                              version, candidates[0].id)
 
     if method is None or path is None:
         unconstrained = next((r for r in usable if not r.has_l7), None)
@@ -147,8 +156,10 @@ def decide(rules: RuleSet, facts: RequestFacts) -> Decision:
 
 
 def decide_addresses(rules: RuleSet, facts: RequestFacts, addresses: Sequence[IPAddress], prior: Decision) -> Decision:
-    """Step 6: check the addresses a name resolved to (all of them) against deny cidrs,
-    the agent's cidr rules and the SSRF guard. `prior` is the name-stage decision."""
+    """Step 6: check every address an allowed name (or IP literal) resolved to against the
+    global deny cidrs and the private-address guard. `prior` is the name-stage decision and is
+    returned unchanged when every address passes; a failure is a deny whatever the agent's mode.
+    `facts.host` must be the normalised host."""
     version = rules.version
     agent = rules.agents.get(facts.agent)
     if agent is None:
@@ -157,23 +168,23 @@ def decide_addresses(rules: RuleSet, facts: RequestFacts, addresses: Sequence[IP
         return deny(Reason.RESOLVE_FAILED, f"{facts.host} did not resolve to any address", version)
     host = facts.host
     port = facts.port
-    covering_id: str | None = None
+    guard = rules.settings.private_networks == "deny"
+    host_rules: list[CompiledRule] | None = None
     for ip in addresses:
         for rule in rules.deny_cidrs.lookup(ip):
             if _deny_rule_matches(rule, port) and not rule.has_l7:
                 return deny(Reason.DENY_LISTED, f"{host} resolves to {ip}, which is on the global deny list",
                             version, rule.id)
-        covering = [r for p in agent.policies if p.cidrs for r in p.cidrs.lookup(ip) if r.port_ok(port, facts.scheme)]
-        if prior.address_rule_needed and not covering:
-            return _policy_denial(agent, Reason.NO_MATCHING_RULE,
-                                  f"no rule allows agent '{agent.id}' to reach {host} ({ip}) on port {port}", version)
-        if not covering and rules.settings.private_networks == "deny" and is_private_address(ip):
-            return deny(Reason.PRIVATE_ADDRESS,
-                        f"{host} resolves to {ip}, a private or internal address; Warden refuses those unless a "
-                        f"cidr allow rule covers them", version)
-        if covering and covering_id is None:
-            covering_id = covering[0].id
-    if prior.address_rule_needed:
-        return Decision(prior.verdict, Reason.ALLOWED, covering_id, f"{host} ({addresses[0]}) allowed by cidr rule",
-                        version, intercept=prior.intercept)
+        if not guard or not is_private_address(ip):
+            continue
+        if any(r.port_ok(port, facts.scheme) for p in agent.policies if p.cidrs for r in p.cidrs.lookup(ip)):
+            continue  # a cidr allow rule on this port names this private network
+        if host_rules is None:
+            host_rules = [] if parse_ip(host) is not None else [
+                r for p in agent.policies if p.hosts for r in p.hosts.lookup(host) if r.port_ok(port, facts.scheme)]
+        if any(r.addresses_cover(ip) for r in host_rules):
+            continue  # the host rule says this name may live at this private address
+        return deny(Reason.PRIVATE_ADDRESS,
+                    f"{host} resolves to {ip}, a private or internal address; Warden refuses those unless a "
+                    f"cidr allow rule on port {port} or the host rule's addresses: list covers them", version)
     return prior

@@ -22,6 +22,8 @@ class Interception(StrEnum):
     PASSTHROUGH = "passthrough"  # CONNECT tunnel relayed without terminating TLS
     INTERCEPT = "intercept"  # TLS terminated with Warden's CA; every request decided
     PLAIN = "plain"  # plain-HTTP request through the proxy
+    EXPLAIN = "explain"  # a refused CONNECT accepted only to answer its requests with the refusal
+    CLEARTEXT = "cleartext"  # plain HTTP sent into a tunnel Warden intercepts: refused, never forwarded
 
 
 class Reason(StrEnum):
@@ -58,8 +60,14 @@ class Reason(StrEnum):
     MCP_HEADER_MISMATCH = "mcp_header_mismatch"
     MCP_NO_POLICY = "mcp_no_policy"
     MCP_TOOL_UNPINNED = "mcp_tool_unpinned"
-    MCP_BAD_MESSAGE = "mcp_bad_message"
     MCP_SERVER_FAILED = "mcp_server_failed"
+    MCP_INVALID_MESSAGE = "mcp_invalid_message"  # a body to an MCP endpoint that is not JSON-RPC
+    LENGTH_REQUIRED = "length_required"  # a body of unknown length to an MCP endpoint (cannot be bounded)
+    NOT_HTTP = "not_http"  # bytes in an intercepted tunnel that are not HTTP Warden parsed: connection closed
+    CLEARTEXT_IN_TUNNEL = "cleartext_in_tunnel"  # plain HTTP inside a tunnel that must carry TLS
+    UNSUPPORTED_ENCODING = "unsupported_encoding"  # a body coding Warden cannot decode, so cannot scan
+    WEBSOCKET_NOT_ALLOWED = "websocket_not_allowed"
+    UPGRADE_NOT_ALLOWED = "upgrade_not_allowed"  # HTTP Upgrade to anything but an allowed WebSocket
 
     @property
     def status(self) -> int:
@@ -78,6 +86,9 @@ _STATUS: dict[Reason, int] = {
     Reason.AUDIT_UNAVAILABLE: 503,
     Reason.INTERNAL_ERROR: 500,
     Reason.MISSING_SECRET: 503,
+    Reason.MCP_INVALID_MESSAGE: 400,
+    Reason.LENGTH_REQUIRED: 411,
+    Reason.UNSUPPORTED_ENCODING: 415,
 }
 
 
@@ -87,8 +98,6 @@ class Decision:
 
     `intercept` is meaningful for CONNECT-stage decisions: TLS must be terminated so that
     requests can be decided one by one (method/path rules, credentials, MCP, fronting).
-    `address_rule_needed` means the name matched no host rule but the agent has cidr rules:
-    the connection is allowed only if every resolved address is covered by one of them.
     """
 
     verdict: Verdict
@@ -97,7 +106,6 @@ class Decision:
     message: str
     policy_version: str
     intercept: bool = False
-    address_rule_needed: bool = False
 
     @property
     def allowed(self) -> bool:

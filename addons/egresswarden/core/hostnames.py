@@ -123,3 +123,26 @@ def is_public_suffix(name: str) -> bool:
         return True
     parent = name.partition(".")[2]
     return bool(parent) and parent in wild
+
+
+def split_authority(value: str, default_port: int) -> tuple[str, int]:
+    """"host:port" / "[v6]:port" / "host" -> (host, port). Raises ValueError."""
+    value = value.strip()
+    if value.startswith("["):
+        end = value.index("]")
+        host, rest = value[1:end], value[end + 1 :]
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if value.count(":") == 1:
+        host, port = value.rsplit(":", 1)
+        return host, int(port)
+    return value, default_port
+
+
+def authority_names(authority: str, host: str, port: int) -> bool:
+    """Does an authority (Host header, :authority, absolute-form target) name `host` (canonical)
+    and `port`? Anything unparsable: no."""
+    try:
+        name, authority_port = split_authority(authority, port)
+        return normalize_host(name) == host and authority_port == port
+    except (ValueError, HostError):
+        return False

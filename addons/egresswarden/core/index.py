@@ -12,13 +12,12 @@ most 33 for IPv4, 129 for IPv6): cost independent of the number of networks.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import Any
 
 from .hostnames import IPAddress
 from .model import IPNetwork, TargetKind
 
-T = TypeVar("T")
-_EMPTY: list = []  # shared empty result; never mutated
+_EMPTY: list[Any] = []  # shared empty result; never mutated
 
 
 class HostIndex[T]:
@@ -49,7 +48,7 @@ class HostIndex[T]:
         exact = self._exact.get(host)
         suffix = self._suffix
         if not suffix:
-            return exact or _EMPTY  # type: ignore[return-value]
+            return exact or _EMPTY
         found: list[T] = list(exact) if exact else []
         entries = suffix.get(host)
         if entries:

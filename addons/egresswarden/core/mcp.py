@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import jsonschema
 
 from .decision import Decision, Reason, Verdict, deny
+from .derived import derived
 from .model import McpServer
 from .ruleset import RuleSet
 
@@ -41,17 +42,13 @@ PLAIN_METHODS = frozenset({
     "tools/list", "resources/list", "resources/templates/list", "prompts/list", "logging/setLevel",
     "subscriptions/listen", "tasks/get", "tasks/result", "tasks/list", "tasks/cancel",
 })
-DECIDED_METHODS = frozenset({"tools/call", "resources/read", "resources/subscribe", "resources/unsubscribe",
-                             "prompts/get", "completion/complete"})
 
 JSONRPC_METHOD_NOT_FOUND = -32601
 JSONRPC_INVALID_PARAMS = -32602
 JSONRPC_HEADER_MISMATCH = -32020
 
-MAX_TEXT = 300
 
-
-def _short(value: Any, limit: int = 120) -> str:
+def short(value: Any, limit: int = 120) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -120,8 +117,6 @@ class McpPolicies:
         self.rules = rules
         self.version = rules.version
         self.agents: dict[str, AgentMcp] = {}
-        # server id -> tool names some rule names (bounded metric label values)
-        self.catalog: dict[str, set[str]] = {}
         validator_cache: dict[str, Any] = {}
         for agent in rules.agents.values():
             servers: dict[str, ServerPolicy] = {}
@@ -145,13 +140,14 @@ class McpPolicies:
                         sp.resource_globs.append(glob)
                     sp.prompts |= set(rule.prompts or ())
                     sp.log_values |= set(rule.log_argument_values)
-                    cat = self.catalog.setdefault(rule.server, set())
-                    cat |= sp.tools | sp.deny_tools | {t for t, _ in rule.arguments}
             self.agents[agent.id] = AgentMcp(agent.id, agent.report_mode, servers)
 
-    def server_for(self, host: str, port: int, path: str) -> McpServer | None:
-        """The declared MCP server whose endpoint (or legacy SSE POST path) this request targets."""
-        bare = path.split("?", 1)[0].split("#", 1)[0]
+    def server_for(self, host: str, port: int, canonical_path: str) -> McpServer | None:
+        """The declared MCP server whose endpoint (or legacy SSE POST path) this request targets.
+
+        `canonical_path` is the percent-decoded path without query (`core.paths.canonical_path`),
+        the same one the policy decision matched: `/%6dcp` is `/mcp` here too."""
+        bare = canonical_path
         for server in self.rules.mcp_servers_at(host, port):
             for prefix in (server.path_prefix, server.legacy_sse_messages_path):
                 if not prefix:
@@ -173,12 +169,14 @@ class McpPolicies:
         a = self.agents.get(agent)
         return sorted(a.servers) if a else []
 
-    def label_tool(self, server: str, tool: str | None) -> str:
-        """A metric-safe tool label: only names the rules mention."""
-        return tool if tool and tool in self.catalog.get(server, ()) else "-"
-
 
 # -- pins ---------------------------------------------------------------------------------------
+@derived
+def mcp_policies_for(rules: RuleSet) -> McpPolicies:
+    """The compiled MCP policies of a RuleSet (built with it; see core.derived)."""
+    return McpPolicies(rules)
+
+
 class PinStatus(StrEnum):
     """What `PinStore.observe_status` concluded about one tool definition."""
 
@@ -262,7 +260,7 @@ class PinStore:
 
     def _failed(self, exc: Exception) -> None:
         self.errors += 1
-        self.last_error = f"{exc.__class__.__name__}: {_short(exc, 200)}"
+        self.last_error = f"{exc.__class__.__name__}: {short(exc, 200)}"
 
     def pin_of(self, server: str, tool: str) -> str | None:
         pinned = self.rule_pins.get(server, {}).get(tool)
@@ -353,10 +351,6 @@ def parse_messages(body: bytes) -> tuple[list[dict[str, Any]], bool] | None:
     return items, batch
 
 
-def is_request(msg: dict[str, Any]) -> bool:
-    return "method" in msg and "id" in msg
-
-
 def protocol_version(msg: dict[str, Any], header: str | None) -> str | None:
     params = msg.get("params")
     if isinstance(params, dict):
@@ -410,9 +404,9 @@ def _allow(policy: ServerPolicy | None, version: str, what: str) -> Decision:
 def check_headers(msg: dict[str, Any], mcp_method: str | None, mcp_name: str | None) -> str | None:
     """A problem text when Mcp-Method / Mcp-Name disagree with the body, else None."""
     if mcp_method is not None and mcp_method.strip() != msg.get("method"):
-        return f"Mcp-Method header {_short(mcp_method, 60)!r} does not match the body method {_short(msg.get('method'), 60)!r}"
+        return f"Mcp-Method header {short(mcp_method, 60)!r} does not match the body method {short(msg.get('method'), 60)!r}"
     if mcp_name is not None and mcp_name.strip() != (message_name(msg) or ""):
-        return f"Mcp-Name header {_short(mcp_name, 60)!r} does not match the body name {_short(message_name(msg), 60)!r}"
+        return f"Mcp-Name header {short(mcp_name, 60)!r} does not match the body name {short(message_name(msg), 60)!r}"
     return None
 
 
@@ -442,18 +436,18 @@ def decide_message(policies: McpPolicies, pins: PinStore, agent: str, server: Mc
         if isinstance(uri, str) and policy.resource_ok(uri):
             return MessageDecision(_allow(policy, version, f"resource {uri} allowed"), method, resource=uri)
         allowed = ", ".join(policy.resource_globs) or "none"
-        d = deny(Reason.MCP_RESOURCE_NOT_ALLOWED, f"resource {_short(uri)!r} is not allowed", version, policy.rule_id)
-        return MessageDecision(d, method, resource=_short(uri, 500) if isinstance(uri, str) else None,
-                               text=f"Warden: resource {_short(uri)!r} on server '{server.id}' is not allowed for "
+        d = deny(Reason.MCP_RESOURCE_NOT_ALLOWED, f"resource {short(uri)!r} is not allowed", version, policy.rule_id)
+        return MessageDecision(d, method, resource=short(uri, 500) if isinstance(uri, str) else None,
+                               text=f"Warden: resource {short(uri)!r} on server '{server.id}' is not allowed for "
                                f"agent '{agent}'. Allowed resource patterns: {allowed}.",
                                error_code=JSONRPC_INVALID_PARAMS, event="mcp_deny")
     if method == "prompts/get":
         name = params.get("name")
         if isinstance(name, str) and name in policy.prompts:
             return MessageDecision(_allow(policy, version, f"prompt {name} allowed"), method, prompt=name)
-        d = deny(Reason.MCP_PROMPT_NOT_ALLOWED, f"prompt {_short(name)!r} is not allowed", version, policy.rule_id)
-        return MessageDecision(d, method, prompt=_short(name) if isinstance(name, str) else None,
-                               text=f"Warden: prompt {_short(name)!r} on server '{server.id}' is not allowed for "
+        d = deny(Reason.MCP_PROMPT_NOT_ALLOWED, f"prompt {short(name)!r} is not allowed", version, policy.rule_id)
+        return MessageDecision(d, method, prompt=short(name) if isinstance(name, str) else None,
+                               text=f"Warden: prompt {short(name)!r} on server '{server.id}' is not allowed for "
                                f"agent '{agent}'. Allowed prompts: {', '.join(sorted(policy.prompts)) or 'none'}.",
                                error_code=JSONRPC_INVALID_PARAMS, event="mcp_deny")
     if method == "completion/complete":
@@ -467,8 +461,8 @@ def decide_message(policies: McpPolicies, pins: PinStore, agent: str, server: Mc
                  policy.rule_id)
         return MessageDecision(d, method, text="Warden: completion refers to a prompt or resource this agent may "
                                "not use.", error_code=JSONRPC_INVALID_PARAMS, event="mcp_deny")
-    d = deny(Reason.MCP_METHOD_NOT_ALLOWED, f"MCP method {_short(method, 80)!r} is not allowed", version, policy.rule_id)
-    return MessageDecision(d, _short(method, 80), text=f"Warden: MCP method {_short(method, 80)!r} is not allowed "
+    d = deny(Reason.MCP_METHOD_NOT_ALLOWED, f"MCP method {short(method, 80)!r} is not allowed", version, policy.rule_id)
+    return MessageDecision(d, short(method, 80), text=f"Warden: MCP method {short(method, 80)!r} is not allowed "
                            f"through Warden.", event="mcp_deny")
 
 
@@ -477,7 +471,7 @@ def _decide_tool_call(policies: McpPolicies, pins: PinStore, policy: ServerPolic
     name = params.get("name")
     arguments = params.get("arguments")
     keys = tuple(sorted(str(k) for k in arguments)) if isinstance(arguments, dict) else ()
-    tool = _short(name, 256) if isinstance(name, str) else None
+    tool = short(name, 256) if isinstance(name, str) else None
     values = arguments if isinstance(name, str) and name in policy.log_values and isinstance(arguments, dict) else None
 
     def answer(d: Decision, text: str = "", event: str | None = None) -> MessageDecision:
@@ -514,12 +508,12 @@ def _decide_tool_call(policies: McpPolicies, pins: PinStore, policy: ServerPolic
         error = jsonschema.exceptions.best_match(validator.iter_errors(arguments or {}))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(arguments)"
-            d = deny(Reason.MCP_BAD_ARGUMENTS, f"arguments for {tool!r} fail the rule's schema at {_short(where, 80)} "
+            d = deny(Reason.MCP_BAD_ARGUMENTS, f"arguments for {tool!r} fail the rule's schema at {short(where, 80)} "
                      f"({error.validator})", version, policy.rule_id)
             # Never echo argument values (they may carry secrets); name the constraint instead.
-            constraint = _short(json.dumps(error.validator_value, ensure_ascii=False, default=str), 120)
+            constraint = short(json.dumps(error.validator_value, ensure_ascii=False, default=str), 120)
             return answer(d, f"Warden refused tool '{tool}' on server '{server.id}': the arguments do not "
-                          f"satisfy the operator's constraints at {_short(where, 80)}: "
+                          f"satisfy the operator's constraints at {short(where, 80)}: "
                           f"'{error.validator}' must hold ({constraint}). Fix the arguments and call again.",
                           "mcp_deny")
     return answer(_allow(policy, version, f"tool {tool} allowed"))

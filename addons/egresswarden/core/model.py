@@ -51,6 +51,9 @@ class Rule:
     paths: tuple[str, ...] | None
     policy: str | None
     origin: Origin
+    # host/domain allow rules: private networks the name may resolve to (exempt from the SSRF guard)
+    addresses: tuple[IPNetwork, ...] | None = None
+    websocket: bool = False  # allow rules: WebSocket upgrades permitted on this host
 
     @property
     def has_l7(self) -> bool:
@@ -144,6 +147,8 @@ class Settings:
     secrets_dir: str | None = None
     resolve_timeout_seconds: float = 5.0
     body_scan_max_buffered_bytes: int = 1024 * 1024
+    max_mcp_body_bytes: int = 8 * 1024 * 1024
+    explain_denials: str = "in_band"
     audit: AuditSettings = field(default_factory=AuditSettings)
     alerts: tuple[AlertSink, ...] = ()
     mcp_unpinned: str = "learn"  # "learn" | "refuse": what happens to an MCP tool with no pin

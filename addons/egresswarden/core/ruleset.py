@@ -31,6 +31,9 @@ class CompiledRule:
     ports: frozenset[int] | None
     methods: frozenset[str] | None
     globs: tuple[str, ...] | None  # path globs as written; compiled lazily by compile_glob
+    # host/domain allow rules: private networks the name may resolve to (`addresses:`)
+    addresses: tuple[IPNetwork, ...] | None = None
+    websocket: bool = False
 
     @property
     def has_l7(self) -> bool:
@@ -44,6 +47,9 @@ class CompiledRule:
 
     def path_ok(self, path: str) -> bool:
         return self.globs is None or any(compile_glob(g).fullmatch(path) for g in self.globs)
+
+    def addresses_cover(self, ip: IPAddress) -> bool:
+        return self.addresses is not None and any(ip in net for net in self.addresses if net.version == ip.version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +88,6 @@ class CompiledAgent:
     sources: tuple[IPNetwork, ...]
     policies: tuple[PolicyIndex, ...]
     report_mode: bool
-    has_cidr_rules: bool
 
     def source_ok(self, ip: IPAddress | None) -> bool:
         if not self.sources:
@@ -108,6 +113,10 @@ class RuleSet:
     # ~0.9 us to build, a third of a decision. Filled lazily; same answers, just cached.
     allow_memo: dict[tuple[str, bool], Decision] = field(default_factory=dict, compare=False, repr=False)
     credentials_by_id: Mapping[str, CompiledCredential] = MappingProxyType({})
+    allow_rules_by_id: Mapping[str, CompiledRule] = MappingProxyType({})
+
+    def allow_rule(self, rule_id: str) -> CompiledRule | None:
+        return self.allow_rules_by_id.get(rule_id)
 
     def agent(self, agent_id: str) -> CompiledAgent | None:
         return self.agents.get(agent_id)

@@ -11,7 +11,7 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -30,6 +30,7 @@ from .model import (
     AlertSink,
     AuditSettings,
     Credential,
+    IPNetwork,
     McpRule,
     McpServer,
     Origin,
@@ -52,7 +53,8 @@ _ANY_REF = re.compile(r"\$\{")
 @lru_cache(maxsize=1)
 def rule_schema() -> dict[str, Any]:
     text = resources.files("egresswarden.core").joinpath("rules.schema.json").read_text("utf-8")
-    return json.loads(text)
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
 @lru_cache(maxsize=1)
@@ -94,11 +96,13 @@ def _schema_problems(doc: Any, lines: LineMap) -> list[RuleProblem]:
         message = err.message
         hint = ""
         if err.validator == "additionalProperties":
-            unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            properties = err.schema.get("properties", {}) if isinstance(err.schema, Mapping) else {}
+            present = err.instance if isinstance(err.instance, Mapping) else {}
+            unknown = sorted(set(present) - set(properties))
             if unknown:
                 # Point at the unknown key itself, not the mapping that holds it.
                 path.append(unknown[0])
-                known = ", ".join(sorted(err.schema.get("properties", {})))
+                known = ", ".join(sorted(properties))
                 message = f"unknown key '{unknown[0]}' in {where}"
                 hint = f"allowed keys here: {known}"
         elif err.validator == "enum":
@@ -172,9 +176,36 @@ def _check_paths(paths: list[str] | None, path: tuple[str | int, ...], lines: Li
     return tuple(paths)
 
 
+def _parse_addresses(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMap,
+                     target: Target, policy: str | None) -> tuple[IPNetwork, ...] | None:
+    """`addresses:` of a host/domain allow rule: the private networks the name may resolve to."""
+    if "addresses" not in item:
+        return None
+    kpath = (*path, "addresses")
+    if policy is None:
+        raise lines.error(kpath, "deny rules take no addresses", "remove addresses: from the deny rule")
+    if target.kind is TargetKind.CIDR:
+        raise lines.error(kpath, "a cidr rule takes no addresses", "the cidr itself says which addresses")
+    networks = []
+    for i, raw in enumerate(item["addresses"]):
+        try:
+            net = ipaddress.ip_network(raw, strict=True)
+        except ValueError as e:
+            raise lines.error((*kpath, i), f"invalid network {raw!r} in addresses: {e}",
+                              "write a cidr such as 10.0.0.5/32") from None
+        if net.prefixlen == 0:
+            raise lines.error((*kpath, i), f"addresses entry {raw!r} covers every address",
+                              "list the networks the name really resolves to")
+        networks.append(net)
+    return tuple(networks)
+
+
 def _parse_rule(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMap, default_id: str,
                 policy: str | None) -> Rule:
     target = parse_target(item, path, lines)
+    if "websocket" in item and policy is None:
+        raise lines.error((*path, "websocket"), "deny rules take no websocket key",
+                          "WebSocket is refused unless an allow rule says websocket: true")
     return Rule(
         id=item.get("id", default_id),
         target=target,
@@ -183,6 +214,8 @@ def _parse_rule(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMa
         paths=_check_paths(item.get("paths"), path, lines),
         policy=policy,
         origin=Origin(lines.file, lines.line_of(path)),
+        addresses=_parse_addresses(item, path, lines, target, policy),
+        websocket=bool(item.get("websocket", False)),
     )
 
 
@@ -389,6 +422,8 @@ def _build_settings(raw: dict[str, Any], lines_of: dict[str, LineMap], out: _Col
         secrets_dir=raw.get("secrets_dir"),
         resolve_timeout_seconds=float(raw.get("resolve_timeout_seconds", 5.0)),
         body_scan_max_buffered_bytes=int(raw.get("body_scan", {}).get("max_buffered_bytes", 1024 * 1024)),
+        max_mcp_body_bytes=int(raw.get("body_scan", {}).get("max_mcp_body_bytes", 8 * 1024 * 1024)),
+        explain_denials=raw.get("explain_denials", "in_band"),
         audit=AuditSettings(
             on_failure=audit.get("on_failure", "fail_closed"),
             max_file_bytes=int(audit.get("max_file_bytes", 100 * 1024 * 1024)),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -27,6 +27,8 @@ PathKey = tuple[str | int, ...]
 _STR_TAG = "tag:yaml.org,2002:str"
 
 
+# getattr: PyYAML built without libyaml has no CSafeLoader; mypy cannot type a base chosen at
+# run time, hence the ignore (the class body is still checked).
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """libyaml's parser (~10x faster than PyYAML's pure-Python one, same nodes and line
     marks) with a shortcut in implicit tag resolution: a plain scalar whose first character
@@ -36,7 +38,8 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
     def resolve(self, kind: type, value: str, implicit: tuple[bool, bool]) -> str:
         if kind is yaml.ScalarNode and implicit[0] and value and value[0] not in self.yaml_implicit_resolvers:
             return _STR_TAG
-        return super().resolve(kind, value, implicit)
+        tag: str = super().resolve(kind, value, implicit)
+        return tag
 
 
 @dataclass
@@ -81,7 +84,10 @@ class _Builder:
             tag = self.loader.resolve(yaml.ScalarNode, event.value, event.implicit)
         if tag == _STR_TAG:
             return event.value
-        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        # libyaml's events carry its own Mark type; the node only keeps it for error messages,
+        # which read the same line/column attributes from either kind.
+        start, end = cast("yaml.Mark | None", event.start_mark), cast("yaml.Mark | None", event.end_mark)
+        node = yaml.ScalarNode(tag, event.value, start, end, event.style)
         return self.scalars.construct_object(node)
 
     def value(self, path: PathKey) -> tuple[Any, int]:

@@ -32,7 +32,7 @@ from egresswarden.core.secrets import render
 from egresswarden.record.alerts import _SinkWorker, alert_kinds, summary
 from egresswarden.record.audit import outcome_record
 from egresswarden.record.journal import AuditWriter, utc_now
-from egresswarden.record.outcome import Outcome
+from egresswarden.record.outcome import McpFields, Outcome
 
 MAX_LOCK_ATTEMPTS = 64
 
@@ -108,13 +108,12 @@ class Recorder:
         text = json.dumps(value, ensure_ascii=False, default=str)
         return "REDACTED: contains a credential" if self.scanner.redact_str(text, force=True)[1] else value
 
-    def emit(self, decision: Decision, extra: dict[str, Any], *, events: tuple[str, ...] = (),
+    def emit(self, decision: Decision, fields: McpFields, *, events: tuple[str, ...] = (),
              duration: float = 0.0, engine: float = 0.0, error: str | None = None) -> None:
         self.seq += 1
-        fields = {"mcp_transport": "stdio", "mcp_session": self.session, "mcp_server": self.server, **extra}
         outcome = Outcome(event="mcp", time=utc_now(), request_id=f"{self.session}-{self.seq}", decision=decision,
                           agent=self.agent, identity="declared", scheme="stdio", duration_seconds=duration,
-                          engine_seconds=engine, events=events, error=error, extra=fields)
+                          engine_seconds=engine, events=events, error=error, mcp=fields)
         record = outcome_record(outcome)
         self.writer.submit(record)
         if self.sinks:

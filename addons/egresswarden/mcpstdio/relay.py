@@ -72,6 +72,7 @@ from egresswarden.core.ruleset import RuleSet
 from egresswarden.mcpstdio.framing import CHUNK, DEFAULT_MAX_LINE, Oversized, dumps_line, read_lines
 from egresswarden.mcpstdio.launch import Launch
 from egresswarden.mcpstdio.records import Recorder
+from egresswarden.record.outcome import McpFields
 from egresswarden.runtime import pinstore
 
 SERVER_TO_CLIENT_METHODS = frozenset({"ping", "sampling/createMessage", "elicitation/create", "roots/list",
@@ -370,41 +371,28 @@ class Relay:
                 is_error: bool | None = None, version: str | None = None, batch: bool = False,
                 events: list[str] | None = None, report: E.FilterReport | None = None, error: str | None = None,
                 redacted: int = 0) -> None:
-        extra: dict[str, Any] = {"mcp_method": md.method, "mcp_direction": direction}
-        if md.tool is not None:
-            extra["mcp_tool"] = md.tool
-        if md.resource is not None:
-            extra["mcp_resource"] = md.resource
-        if md.prompt is not None:
-            extra["mcp_prompt"] = md.prompt
-        if md.argument_keys is not None:
-            extra["mcp_argument_keys"] = list(md.argument_keys)
-        if md.argument_values is not None:
-            extra["mcp_argument_values"] = self.recorder.redact(md.argument_values)
-        if is_error is not None:
-            extra["mcp_is_error"] = is_error
-        if version:
-            extra["mcp_protocol_version"] = E._short(version, 32)
-        if batch:
-            extra["mcp_batch"] = True
-        if redacted:
-            extra["mcp_redacted"] = redacted
         all_events = list(events or ())
         if md.event and md.decision.verdict is not Verdict.ALLOW and md.event not in all_events:
             all_events.append(md.event)
-        if report is not None:
-            if report.hidden:
-                extra["mcp_hidden"] = sorted(set(report.hidden))[:100]
-            if report.unpinned:
-                extra["mcp_unpinned_tools"] = sorted(set(report.unpinned))[:100]
-            if report.changed:
-                extra["mcp_changed_tools"] = sorted(set(report.changed))[:100]
-                all_events.append("tool_changed")
-            if report.collisions:
-                extra["mcp_tool_collisions"] = sorted(set(report.collisions))[:100]
-                all_events.append("tool_collision")
+        report = report or E.FilterReport()
+        if report.changed:
+            all_events.append("tool_changed")
+        if report.collisions:
+            all_events.append("tool_collision")
+
+        def names(values: list[str]) -> tuple[str, ...]:
+            return tuple(sorted(set(values))[:100])
+
+        fields = McpFields(
+            server=self.server.id, method=md.method, tool=md.tool, resource=md.resource, prompt=md.prompt,
+            argument_keys=md.argument_keys,
+            argument_values=self.recorder.redact(md.argument_values) if md.argument_values is not None else None,
+            is_error=is_error, protocol_version=E.short(version, 32) if version else None, batch=batch,
+            hidden=names(report.hidden), changed_tools=names(report.changed), tool_collisions=names(report.collisions),
+            transport="stdio", unpinned_tools=names(report.unpinned), session=self.recorder.session,
+            direction=direction, redacted=redacted or None)
         duration = time.perf_counter() - started if started is not None else 0.0
-        self.recorder.emit(md.decision, extra, events=tuple(dict.fromkeys(all_events)), duration=duration,
+        self.recorder.emit(md.decision, fields, events=tuple(dict.fromkeys(all_events)), duration=duration,
                            engine=engine, error=error)
 
     def _warden_md(self, reason: Reason, message: str, method: str | None = None) -> E.MessageDecision:
@@ -433,8 +421,8 @@ class Relay:
         if isinstance(line, Oversized):
             msg_id = line.guess_id()
             text = f"message of {line.size} bytes is larger than the {self.max_line}-byte limit; refused"
-            await self.to_agent(self._error(msg_id, INVALID_REQUEST, f"Warden: {text}", Reason.MCP_BAD_MESSAGE))
-            self._record(self._warden_md(Reason.MCP_BAD_MESSAGE, text), "client")
+            await self.to_agent(self._error(msg_id, INVALID_REQUEST, f"Warden: {text}", Reason.MCP_INVALID_MESSAGE))
+            self._record(self._warden_md(Reason.MCP_INVALID_MESSAGE, text), "client")
             return
         if not line.strip():
             return
@@ -445,13 +433,13 @@ class Relay:
                 data = json.loads(line)
             except (ValueError, UnicodeDecodeError):
                 text = "the message is not JSON (MCP stdio carries one JSON-RPC message per line)"
-                await self.to_agent(self._error(None, PARSE_ERROR, f"Warden: {text}", Reason.MCP_BAD_MESSAGE))
-                self._record(self._warden_md(Reason.MCP_BAD_MESSAGE, text), "client")
+                await self.to_agent(self._error(None, PARSE_ERROR, f"Warden: {text}", Reason.MCP_INVALID_MESSAGE))
+                self._record(self._warden_md(Reason.MCP_INVALID_MESSAGE, text), "client")
                 return
             msg_id = data.get("id") if isinstance(data, dict) else None
             text = "the message is not a JSON-RPC 2.0 request, notification or response"
-            await self.to_agent(self._error(msg_id, INVALID_REQUEST, f"Warden: {text}", Reason.MCP_BAD_MESSAGE))
-            self._record(self._warden_md(Reason.MCP_BAD_MESSAGE, text), "client")
+            await self.to_agent(self._error(msg_id, INVALID_REQUEST, f"Warden: {text}", Reason.MCP_INVALID_MESSAGE))
+            self._record(self._warden_md(Reason.MCP_INVALID_MESSAGE, text), "client")
             return
         messages, batch = parsed
         forward: list[dict[str, Any]] = []
@@ -479,7 +467,7 @@ class Relay:
             key = _id_key(msg.get("id"))
             waiting = self.server_pending.pop(key, None)
             if waiting is None:
-                self._record(self._warden_md(Reason.MCP_BAD_MESSAGE, "response to no pending server request"),
+                self._record(self._warden_md(Reason.MCP_INVALID_MESSAGE, "response to no pending server request"),
                              "client")
                 return
             self._record(waiting.md, "server", started=waiting.started, is_error="error" in msg,
@@ -492,12 +480,12 @@ class Relay:
         if not self.recorder.healthy:
             problem = (Reason.AUDIT_UNAVAILABLE, INTERNAL_ERROR, "the audit log cannot be written; refusing")
         elif has_id and (key in self.pending or key in self.preflight):
-            problem = (Reason.MCP_BAD_MESSAGE, INVALID_REQUEST, "a request with this id is already in flight")
+            problem = (Reason.MCP_INVALID_MESSAGE, INVALID_REQUEST, "a request with this id is already in flight")
         elif has_id and len(self.pending) >= MAX_PENDING:
-            problem = (Reason.MCP_BAD_MESSAGE, INTERNAL_ERROR, f"more than {MAX_PENDING} requests in flight")
+            problem = (Reason.MCP_INVALID_MESSAGE, INTERNAL_ERROR, f"more than {MAX_PENDING} requests in flight")
         if problem is not None:
             reason, code, text = problem
-            md = self._warden_md(reason, text, E._short(method, 80))
+            md = self._warden_md(reason, text, E.short(method, 80))
             if has_id:
                 answers.append(self._error(msg["id"], code, f"Warden: {text}", reason))
             self._record(md, "client")
@@ -543,10 +531,10 @@ class Relay:
         rule = policy.rule_id if policy else None
         if not listed:
             text = (f"Warden could not read the tool list of server '{self.server.id}' to check the definition of "
-                    f"'{E._short(name, 80)}'; refused. Try again once the server answers tools/list.")
+                    f"'{E.short(name, 80)}'; refused. Try again once the server answers tools/list.")
             reason = Reason.MCP_SERVER_FAILED
         else:
-            text = (f"Warden refused tool '{E._short(name, 80)}' on server '{self.server.id}': the server does not "
+            text = (f"Warden refused tool '{E.short(name, 80)}' on server '{self.server.id}': the server does not "
                     f"list it, so its definition cannot be checked against its pin.")
             reason = Reason.MCP_TOOL_UNPINNED
         md.decision = deny(reason, "tool definition not known: " + ("tools/list failed" if not listed else
@@ -641,7 +629,7 @@ class Relay:
         self.bad_lines += 1
         if self.bad_lines <= MAX_BAD_LINE_RECORDS:
             print(f"warden mcp stdio: server '{self.server.id}' {text}", file=sys.stderr, flush=True)
-            self._record(self._warden_md(Reason.MCP_BAD_MESSAGE, f"server {text}"), "server")
+            self._record(self._warden_md(Reason.MCP_INVALID_MESSAGE, f"server {text}"), "server")
 
     async def _server_line(self, line: bytes | Oversized) -> None:
         if isinstance(line, Oversized):
@@ -692,13 +680,13 @@ class Relay:
                 params = msg.get("params")
                 if method == "notifications/cancelled" and isinstance(params, dict):
                     self.server_pending.pop(_id_key(params.get("requestId")), None)
-                self._record(self._allow_md(f"{method} allowed", E._short(method, 80)), "server")
+                self._record(self._allow_md(f"{method} allowed", E.short(method, 80)), "server")
                 return msg
             key = _id_key(msg["id"])
             if method not in SERVER_TO_CLIENT_METHODS or len(self.server_pending) >= MAX_PENDING \
                     or key in self.server_pending:
-                text = f"server->client method {E._short(method, 80)!r} is not allowed through Warden"
-                md = self._warden_md(Reason.MCP_METHOD_NOT_ALLOWED, text, E._short(method, 80))
+                text = f"server->client method {E.short(method, 80)!r} is not allowed through Warden"
+                md = self._warden_md(Reason.MCP_METHOD_NOT_ALLOWED, text, E.short(method, 80))
                 self._record(md, "server")
                 await self.to_server(self._error(msg["id"], METHOD_NOT_FOUND, f"Warden: {text}",
                                                  Reason.MCP_METHOD_NOT_ALLOWED))

@@ -40,6 +40,7 @@ from egresswarden.core.secrets import render
 from egresswarden.record.audit import Audit, outcome_record
 from egresswarden.record.metrics import registry
 from egresswarden.record.outcome import Outcome
+from egresswarden.record.redaction import scrub_record
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 
 QUEUE_SIZE = 1000
@@ -183,6 +184,7 @@ class Alerts:
         if not self.workers:
             return
         key = (kind, record.get("agent") or record.get("agent_claimed"), record.get("reason"), record.get("rule_id"))
+        record = scrub_record(self.store.current, record)  # no secret or placeholder leaves in an alert
         text = summary(kind, record)
         payload = {"text": text, "kind": kind, "record": record}
         delivered_to = []

@@ -17,9 +17,10 @@ from mitmproxy import ctx, http
 from egresswarden.core.decision import Reason, deny
 from egresswarden.record import fields as F
 from egresswarden.record.journal import AuditWriter, utc_now
-from egresswarden.record.outcome import Outcome
+from egresswarden.record.outcome import McpFields, Outcome
+from egresswarden.record.redaction import RedactingFilter, scrub_record
 from egresswarden.runtime.context import record_of
-from egresswarden.runtime.failsafe import fail_closed, refusal_response
+from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 
 logger = logging.getLogger("warden")
@@ -59,9 +60,31 @@ def outcome_record(o: Outcome) -> dict[str, Any]:
         record[F.ERROR] = o.error
     if o.events:
         record[F.EVENTS] = list(o.events)
-    for key, value in o.extra.items():
-        record.setdefault(key, value)
+    if o.sandbox_id:
+        record[F.SANDBOX_ID] = o.sandbox_id
+    if o.websocket_messages_up is not None:
+        record[F.WEBSOCKET_MESSAGES_UP] = o.websocket_messages_up
+        record[F.WEBSOCKET_MESSAGES_DOWN] = o.websocket_messages_down
+    if o.mcp is not None:
+        record.update(mcp_fields(o.mcp))
     return record
+
+
+def mcp_fields(m: McpFields) -> dict[str, Any]:
+    """The `mcp_*` audit fields of one MCP message (only those that apply)."""
+    out: dict[str, Any] = {F.MCP_SERVER: m.server, F.MCP_METHOD: m.method, F.MCP_TRANSPORT: m.transport}
+    optional: dict[str, Any] = {
+        F.MCP_TOOL: m.tool, F.MCP_RESOURCE: m.resource, F.MCP_PROMPT: m.prompt,
+        F.MCP_ARGUMENT_KEYS: list(m.argument_keys) if m.argument_keys is not None else None,
+        F.MCP_ARGUMENT_VALUES: m.argument_values, F.MCP_IS_ERROR: m.is_error,
+        F.MCP_PROTOCOL_VERSION: m.protocol_version, F.MCP_BATCH: True if m.batch else None,
+        F.MCP_HIDDEN: list(m.hidden) or None, F.MCP_CHANGED_TOOLS: list(m.changed_tools) or None,
+        F.MCP_TOOL_COLLISIONS: list(m.tool_collisions) or None, F.MCP_SUBSTITUTED: m.substituted,
+        F.MCP_UNPINNED_TOOLS: list(m.unpinned_tools) or None, F.MCP_SESSION: m.session,
+        F.MCP_DIRECTION: m.direction, F.MCP_REDACTED: m.redacted or None,
+    }
+    out.update({k: v for k, v in optional.items() if v is not None})
+    return out
 
 
 class Audit:
@@ -69,6 +92,9 @@ class Audit:
         self.store = store
         self.writer: AuditWriter | None = None
         store.add_listener(self.on_reload)
+        # Log lines too: every `warden` log record is scrubbed before any handler formats it.
+        self._log_filter = RedactingFilter(lambda: self.store.current)
+        logging.getLogger("warden").addFilter(self._log_filter)
 
     def load(self, loader) -> None:  # noqa: ANN001
         loader.add_option("warden_audit_log", str, "audit.jsonl",
@@ -100,7 +126,7 @@ class Audit:
         if self.writer is None:
             return
         record.setdefault(F.TIME, utc_now())
-        self.writer.submit(record)
+        self.writer.submit(scrub_record(self.store.current, record))  # the one place every record passes
 
     def on_outcome(self, outcome: Outcome) -> None:
         self.emit(outcome_record(outcome))
@@ -137,10 +163,8 @@ class AuditGate:
                                "writable again; retry later", rules.version if rules else "none")
         flow.response = refusal_response(record.decision, record.agent)
 
-    @fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self._check(flow)
 
-    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._check(flow)

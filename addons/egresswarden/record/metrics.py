@@ -26,7 +26,6 @@ from egresswarden.core.decision import Reason
 from egresswarden.record import metric_names as N
 from egresswarden.record.audit import Audit
 from egresswarden.record.outcome import Outcome
-from egresswarden.runtime.failsafe import on_hook_error
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 from egresswarden.stages.interception import Interception
 
@@ -162,9 +161,9 @@ class Metrics:
         self.server: _MetricsServer | None = None
         self._shown_version: str | None = None
         store.add_listener(self.on_reload)
-        on_hook_error(self._hook_error)
 
-    def _hook_error(self, hook: str) -> None:
+    def hook_error(self, hook: str) -> None:
+        """The chain's fail-closed callback: one count per swallowed hook exception."""
         self.metrics.hook_errors.labels(hook=hook).inc()
 
     def load(self, loader) -> None:  # noqa: ANN001
@@ -250,7 +249,10 @@ class Metrics:
         d = o.decision
         decision = d.verdict.value if d else "none"
         reason = d.reason.value if d else "none"
-        if o.event == "connect":
+        if o.event == "mcp" and o.mcp is not None:
+            m.mcp_calls.labels(agent, o.mcp.server, decision, reason).inc()
+            m.decision_duration.labels("mcp").observe(o.engine_seconds)
+        elif o.event == "connect":
             m.connects.labels(agent, decision, reason).inc()
             m.decision_duration.labels("connect").observe(o.engine_seconds)
         elif o.event == "request":
@@ -266,7 +268,7 @@ class Metrics:
             if d.reason is Reason.PRIVATE_ADDRESS:
                 m.ssrf_refusals.labels(agent).inc()
             elif d.reason in (Reason.AUTH_REQUIRED, Reason.AUTH_FAILED, Reason.SOURCE_NOT_ALLOWED):
-                m.auth_failures.labels(o.extra.get("auth_failure", d.reason.value)).inc()
+                m.auth_failures.labels(o.auth_failure or d.reason.value).inc()
             elif d.reason is Reason.SECRET_LEAK:
                 m.secret_leaks.labels(agent).inc()
         for credential in o.credentials:

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from mitmproxy import http
+from mitmproxy import connection, http
+from mitmproxy.proxy import layer
 
-from egresswarden.core.decision import Decision, Interception
+from egresswarden.core.decision import Decision, Interception, deny
 from egresswarden.record.journal import utc_now
-from egresswarden.runtime.context import Connections, FlowRecord, Tunnel, record_of
-from egresswarden.stages.interception import Interception as InterceptionAddon
+from egresswarden.runtime.context import Connections, FlowRecord, new_request_id, record_of
 
 REDACTED = "REDACTED"
 
@@ -34,14 +34,41 @@ def redact_query(path: str | None) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class McpFields:
+    """What an `mcp` Outcome adds: one JSON-RPC message to or from a declared MCP server."""
+
+    server: str
+    method: str | None = None
+    tool: str | None = None
+    resource: str | None = None
+    prompt: str | None = None
+    argument_keys: tuple[str, ...] | None = None
+    argument_values: Any = None  # only for tools in log_argument_values; secrets replaced
+    is_error: bool | None = None
+    protocol_version: str | None = None
+    batch: bool = False
+    hidden: tuple[str, ...] = ()
+    changed_tools: tuple[str, ...] = ()
+    tool_collisions: tuple[str, ...] = ()
+    substituted: str | None = None
+    transport: str = "http"
+    unpinned_tools: tuple[str, ...] = ()  # hidden for want of a pin (settings.mcp_unpinned: refuse)
+    session: str | None = None  # stdio only, like the two below
+    direction: str | None = None
+    redacted: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
-    event: str  # connect | request | tunnel_close | mcp
+    event: str  # connect | request | tunnel_close | tunnel_refused | websocket_close | mcp
     time: str
     request_id: str
     decision: Decision | None
     agent: str | None = None
     agent_claimed: str | None = None
     identity: str | None = None
+    auth_failure: str | None = None
+    sandbox_id: str | None = None
     client_ip: str | None = None
     client_port: int | None = None
     method: str | None = None
@@ -60,7 +87,9 @@ class Outcome:
     credentials: tuple[str, ...] = ()
     events: tuple[str, ...] = ()
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    mcp: McpFields | None = None
+    websocket_messages_up: int | None = None
+    websocket_messages_down: int | None = None
 
 
 OutcomeSink = Callable[[Outcome], None]
@@ -69,10 +98,9 @@ OutcomeSink = Callable[[Outcome], None]
 class Outcomes:
     """Builds Outcomes from finished flows and hands them to every sink, in order."""
 
-    def __init__(self, connections: Connections, interception: InterceptionAddon) -> None:
+    def __init__(self, connections: Connections) -> None:
         self.connections = connections
         self.sinks: list[OutcomeSink] = []
-        interception.tunnel_listeners.append(self._tunnel_closed)
 
     def add_sink(self, sink: OutcomeSink) -> None:
         self.sinks.append(sink)
@@ -105,8 +133,8 @@ class Outcomes:
             path=redact_query(record.path),
             interception=record.interception,
             status=response.status_code if response is not None else None,
-            bytes_up=len(flow.request.raw_content or b""),
-            bytes_down=len(response.raw_content or b"") if response is not None else 0,
+            bytes_up=record.bytes_up + len(flow.request.raw_content or b""),
+            bytes_down=record.bytes_down + (len(response.raw_content or b"") if response is not None else 0),
             duration_seconds=time.monotonic() - record.started,
             engine_seconds=record.engine_seconds,
             upstream_seconds=upstream,
@@ -114,7 +142,8 @@ class Outcomes:
             credentials=tuple(record.credentials),
             events=tuple(record.events),
             error=flow.error.msg if flow.error else None,
-            extra=dict(record.extra),
+            auth_failure=record.auth_failure,
+            sandbox_id=record.sandbox_id,
         )
 
     def _finish(self, flow: http.HTTPFlow, event: str) -> None:
@@ -139,12 +168,53 @@ class Outcomes:
         else:
             self._finish(flow, "request")
 
-    def _tunnel_closed(self, tunnel: Tunnel, client_ip: str, client_port: int) -> None:
+    def client_disconnected(self, client: connection.Client) -> None:
+        state = self.connections.peek(client)
+        tunnel = state.tunnel if state is not None else None
+        if state is None or tunnel is None or not tunnel.passthrough or tunnel.audited:
+            return
+        tunnel.audited = True
         self.emit(Outcome(
             event="tunnel_close", time=utc_now(), request_id=tunnel.request_id, decision=tunnel.decision,
-            agent=tunnel.agent, client_ip=client_ip, client_port=client_port, method="CONNECT", scheme="https",
-            host=tunnel.host, port=tunnel.port, interception=Interception.PASSTHROUGH,
-            bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
+            agent=tunnel.agent, sandbox_id=tunnel.sandbox_id, client_ip=state.client_ip,
+            client_port=state.client_port, method="CONNECT", scheme="https", host=tunnel.host, port=tunnel.port,
+            interception=Interception.PASSTHROUGH, bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
             duration_seconds=time.monotonic() - tunnel.started,
             upstream_address=str(tunnel.address) if tunnel.address else None,
+        ))
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """Audit a connection Interception closed (bytes that are not HTTP Warden decided)."""
+        state = self.connections.peek(nextlayer.context.client)
+        if state is None or state.refusal is None or state.refusal_audited:
+            return
+        state.refusal_audited = True
+        reason, message = state.refusal
+        tunnel = state.tunnel
+        version = tunnel.decision.policy_version if tunnel is not None else "unknown"
+        self.emit(Outcome(
+            event="tunnel_refused", time=utc_now(),
+            request_id=tunnel.request_id if tunnel is not None else new_request_id(),
+            decision=deny(reason, message, version), agent=tunnel.agent if tunnel else state.agent,
+            sandbox_id=tunnel.sandbox_id if tunnel else None, client_ip=state.client_ip,
+            client_port=state.client_port, method="CONNECT" if tunnel else None, scheme="https" if tunnel else None,
+            host=tunnel.host if tunnel else None, port=tunnel.port if tunnel else None,
+            upstream_address=str(tunnel.address) if tunnel is not None and tunnel.address else None,
+            bytes_up=len(nextlayer.data_client()),
+        ))
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        record = record_of(flow)
+        state = self.connections.peek(flow.client_conn)
+        self.emit(Outcome(
+            event="websocket_close", time=utc_now(), request_id=record.request_id, decision=record.decision,
+            agent=record.agent, identity=record.identity_method, sandbox_id=record.sandbox_id,
+            client_ip=state.client_ip if state else None, client_port=state.client_port if state else None,
+            method=record.method, scheme=record.scheme, host=record.host, port=record.port,
+            path=redact_query(record.path), interception=record.interception, bytes_up=record.bytes_up,
+            bytes_down=record.bytes_down, duration_seconds=time.monotonic() - record.started,
+            upstream_address=record.upstream_address, credentials=tuple(record.credentials),
+            events=tuple(record.events), error=flow.error.msg if flow.error else None,
+            websocket_messages_up=record.websocket_messages_up,
+            websocket_messages_down=record.websocket_messages_down,
         ))

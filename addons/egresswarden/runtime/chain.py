@@ -1,25 +1,37 @@
 """The Warden addon chain, in one place. Data flows one way, in this order:
 
-    RuleStore        loads and hot-reloads the rules (configure runs first)
-    Audit            opens the audit log (configure), receives Outcomes and lifecycle events
-    Identity         who is calling (407 if nobody)
-    AuditGate        503 while the audit log cannot be written (fail closed)
-    Policy           CONNECT and request decisions, name resolution and address checks
-    Mcp              MCP JSON-RPC decisions (tool catalog, arguments, pins), list filtering
-    Interception     passthrough (counted raw relay) or TLS interception, SNI check
-    UpstreamGuard    pins each upstream connection to the checked address
-    Outcomes         turns finished flows into Outcomes for audit, metrics (and alerts)
-    Metrics          Prometheus + /healthz
-    Alerts           webhook alerts, off the traffic path
+    RuleStore      loads and hot-reloads the rules (its configure runs first)
+    Audit          opens the audit log; receives Outcomes and lifecycle events
+    Identity       who is calling (407 if nobody)                 writes agent, identity, request_id
+    AuditGate      503 while the audit log cannot be written       writes decision (refusal only)
+    Policy         CONNECT and request decisions, name resolution, address checks; the canonical
+                   target and the MCP server it addresses          writes rules, target, decision,
+                                                                   interception, mcp_server;
+                                                                   rewrites request.host to the
+                                                                   checked address (plain HTTP) and
+                                                                   the request target to origin-form
+    BodyPlanner    the request and response body plans            writes body, response_body
+    Credentials    strip, inject, leak guard, redaction           writes creds, credentials, events;
+                                                                   rewrites headers/query (injection)
+    Mcp            MCP JSON-RPC decisions, list filtering         writes mcp, events; answers denials
+    WebSockets     leak guard and redaction of WebSocket messages  writes websocket counts, events
+    Interception   every protocol layer of every tunnel           writes tunnel mode, SNI mismatch
+    UpstreamGuard  pins each upstream connection to the checked address
+    Outcomes       turns finished flows, tunnels and refused connections into Outcomes
+    Metrics        Prometheus + /healthz (an Outcome sink)
+    Alerts         webhook alerts, off the traffic path (an Outcome sink)
 
-Later stages read what earlier ones wrote into the flow's FlowRecord; none writes back.
+Stages share state only through the flow's FlowRecord and the connection's ConnState
+(runtime.context); a stage returns early when an earlier one answered the flow and never
+overwrites another stage's verdict. Audit, Metrics and Alerts read the same Outcome.
 
 mitmproxy sees the chain as ONE addon (`WardenAddon`). mitmproxy dispatches every event to
 every addon in its list (a safecall context, a traverse and a getattr per addon, and a
 second pass for the `update` event after each flow event), whether or not the addon has a
 handler. With the concerns registered one by one that cost ~0.35 ms of CPU per proxied
 request, most of Warden's overhead over bare mitmproxy; one addon that calls only the
-handlers that exist costs one dispatch per event.
+handlers that exist costs one dispatch per event. The dispatcher wraps every flow and
+connection handler with `fail_closed`, so no stage can forget it.
 """
 
 from __future__ import annotations
@@ -40,40 +52,47 @@ from egresswarden.record.audit import Audit, AuditGate
 from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
 from egresswarden.runtime.context import Connections
+from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
 from egresswarden.runtime.rulestore import RuleStore
+from egresswarden.stages.bodyplan import BodyPlanner
 from egresswarden.stages.credentials import Credentials
 from egresswarden.stages.identity import Identity
 from egresswarden.stages.interception import Interception
 from egresswarden.stages.mcp import Mcp
 from egresswarden.stages.policy import Policy
 from egresswarden.stages.upstream import UpstreamGuard
+from egresswarden.stages.websockets import WebSockets
 
 
-def build_chain() -> list[Any]:
+def build_chain() -> tuple[list[Any], HookErrorCallback]:
+    """The chain's parts in order, and the callback told about every swallowed hook error."""
     store = RuleStore()
     connections = Connections()
     audit = Audit(store)
     interception = Interception(connections)
-    outcomes = Outcomes(connections, interception)
+    outcomes = Outcomes(connections)
     metrics = Metrics(store, audit, interception)
     alerts = Alerts(store, audit)
     outcomes.add_sink(audit.on_outcome)
     outcomes.add_sink(metrics.on_outcome)
     outcomes.add_sink(alerts.on_outcome)
-    return [
+    parts = [
         store,
         audit,
         Identity(store, connections),
         AuditGate(audit, store),
         Policy(store, connections),
-        Credentials(store, connections),
+        BodyPlanner(),
+        Credentials(connections),
         Mcp(store, outcomes),  # after Credentials: wraps its response redactor stream (see stages/mcp.py)
+        WebSockets(),
         interception,
         UpstreamGuard(connections),
         outcomes,
         metrics,
         alerts,
     ]
+    return parts, metrics.hook_error
 
 
 def _dispatcher(name: str, handlers: list[Callable[..., Any]]) -> Callable[..., Any]:
@@ -95,19 +114,23 @@ def _dispatcher(name: str, handlers: list[Callable[..., Any]]) -> Callable[..., 
 
 class WardenAddon:
     """The Warden chain as a single mitmproxy addon: each hook calls the parts' handlers in
-    chain order. Flow hooks of the parts are `fail_closed`, so one part's exception denies
-    the flow and does not reach mitmproxy; a lifecycle error (e.g. invalid rules at start)
-    propagates to mitmproxy as before."""
+    chain order. Flow and connection handlers are wrapped with `fail_closed`, so one part's
+    exception denies the flow and does not reach mitmproxy; a lifecycle error (e.g. invalid
+    rules at start) propagates to mitmproxy as before."""
 
-    def __init__(self, parts: list[Any]) -> None:
+    def __init__(self, parts: list[Any], on_error: HookErrorCallback | None = None) -> None:
         self.parts = parts
         self.hooks: dict[str, list[Callable[..., Any]]] = {}
         for name in sorted(hooks.all_hooks):
             handlers = [getattr(part, name) for part in parts if callable(getattr(part, name, None))]
-            if handlers:
-                self.hooks[name] = handlers
-                setattr(self, name, _dispatcher(name, handlers))
+            if not handlers:
+                continue
+            if name not in LIFECYCLE_HOOKS:
+                handlers = [fail_closed(h, on_error, name) for h in handlers]
+            self.hooks[name] = handlers
+            setattr(self, name, _dispatcher(name, handlers))
 
 
 def build_addon() -> WardenAddon:
-    return WardenAddon(build_chain())
+    parts, on_error = build_chain()
+    return WardenAddon(parts, on_error)

@@ -1,8 +1,23 @@
-"""State Warden keeps per flow and per client connection.
+"""State Warden keeps per flow and per client connection: the one typed context stages share.
 
-`FlowRecord` (in `flow.metadata["warden"]`) accumulates what the addons learn about one
-CONNECT or HTTP request as it travels identity -> policy -> credentials/MCP -> audit,
-metrics, alerts. The last three only read it, so they always report the same decision.
+`FlowRecord` (the single `flow.metadata["warden"]` entry) is created once per CONNECT or
+HTTP request and carries what the stages learn as the flow travels
+identity -> policy -> body plan -> credentials/MCP -> action -> audit, metrics, alerts:
+
+    written by    Identity     agent, identity_method, agent_claimed, auth_failure, request_id
+                  Policy       rules (the snapshot every later stage of this flow reads), target,
+                               host/port/scheme/method/path, decision, interception,
+                               upstream_address, mcp_server
+                  BodyPlanner  body and response_body (the BodyPlans, each decided once)
+                  Credentials  creds (its typed state), credentials, events
+                  Mcp          mcp (its typed state), mcp_server, events
+    read by       Outcomes -> Audit, Metrics, Alerts (they never write it)
+
+Cross-cutting facts are decided once and only read afterwards: the canonical `target`
+(canonical host, port and percent-decoded path that the decision, the MCP endpoint match and
+the credential binding all use) and the `body` plan (buffer / stream and scan / stream /
+refuse) that every stage touching the body obeys. A stage that needs the body when the plan
+says it was streamed denies; nobody streams a body on its own.
 
 `ConnState` lives as long as the client connection (WeakKeyDictionary keyed by the
 mitmproxy Client, as mitmproxy's own proxyauth does): who the agent is after a CONNECT,
@@ -14,13 +29,21 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from mitmproxy import connection, http
 
-from egresswarden.core.decision import Decision, Interception
+from egresswarden.core.bodyplan import BodyPlan
+from egresswarden.core.decision import Decision, Interception, Reason
 from egresswarden.core.hostnames import IPAddress
+from egresswarden.core.ruleset import RuleSet
+
+if TYPE_CHECKING:  # typed references to the stages' own state; no import cycle at run time
+    from egresswarden.stages.credentials import CredentialState
+    from egresswarden.stages.mcp import McpFlow
 
 METADATA_KEY = "warden"
 
@@ -29,16 +52,29 @@ def new_request_id() -> str:
     return os.urandom(8).hex()
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes, canonical, decided once by Policy and read by every stage."""
+
+    host: str  # normalised host (IDNA, lower case, no trailing dot); the CONNECT host inside a tunnel
+    port: int
+    scheme: str
+    canonical_path: str | None  # percent-decoded path without query; None when the path was refused
+
+
 @dataclass
 class FlowRecord:
-    """What Warden knows about one CONNECT or HTTP request."""
+    """What Warden knows about one CONNECT or HTTP request (the per-flow context)."""
 
-    kind: str  # "connect" | "request"
     request_id: str
     started: float = field(default_factory=time.monotonic)
     agent: str | None = None
     agent_claimed: str | None = None  # the id a failed login claimed (sanitised), for audit only
     identity_method: str | None = None
+    auth_failure: str | None = None  # AuthFailure value when identification failed
+    sandbox_id: str | None = None  # set when the agent runs inside `warden sandbox`
+    rules: RuleSet | None = None  # the rule-set snapshot this flow is decided with
+    target: Target | None = None
     host: str | None = None
     port: int | None = None
     scheme: str | None = None
@@ -46,30 +82,55 @@ class FlowRecord:
     path: str | None = None
     decision: Decision | None = None
     interception: Interception | None = None
+    body: BodyPlan | None = None  # request body plan
+    response_body: BodyPlan | None = None
     engine_seconds: float = 0.0
+    bytes_up: int = 0  # streamed body bytes (buffered bodies are counted from the flow)
+    bytes_down: int = 0
     upstream_address: str | None = None
     credentials: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)  # alert-worthy events raised on this flow
-    extra: dict[str, Any] = field(default_factory=dict)
+    creds: CredentialState | None = None
+    mcp: McpFlow | None = None
+    mcp_server: str | None = None  # id of the MCP server governing this request
+    websocket_messages_up: int = 0
+    websocket_messages_down: int = 0
     audited: bool = False
+    mcp_audited: bool = False
+
+    def add_event(self, event: str) -> None:
+        if event not in self.events:
+            self.events.append(event)
 
 
 def record_of(flow: http.HTTPFlow) -> FlowRecord:
     rec = flow.metadata.get(METADATA_KEY)
     if rec is None:
-        rec = FlowRecord(kind="connect" if flow.request.method == "CONNECT" else "request", request_id=new_request_id())
+        rec = FlowRecord(request_id=new_request_id())
         flow.metadata[METADATA_KEY] = rec
+    assert isinstance(rec, FlowRecord)
     return rec
+
+
+class TunnelMode(StrEnum):
+    """How Warden carries a tunnel's bytes; chosen by Interception, never by mitmproxy's defaults."""
+
+    UNDECIDED = "undecided"  # waiting for the client's first bytes
+    PASSTHROUGH = "passthrough"  # raw relay after the policy allowed it without interception
+    INTERCEPT = "intercept"  # TLS terminated on both legs; every request decided
+    EXPLAIN = "explain"  # a refused CONNECT explained in-band: TLS with the client only, never upstream
+    CLEARTEXT = "cleartext"  # plain HTTP inside a tunnel that must carry TLS: every request refused
+    REFUSED = "refused"  # bytes Warden cannot parse as HTTP: connection closed
 
 
 @dataclass
 class Tunnel:
-    """A CONNECT tunnel that was allowed."""
+    """A CONNECT tunnel Warden accepted (allowed, or refused and explained in-band)."""
 
     agent: str
     host: str  # normalised CONNECT host
     port: int
-    decision: Decision
+    decision: Decision  # the CONNECT decision; a deny means every request is answered with it
     request_id: str
     address: IPAddress | None = None
     intercept: bool = False
@@ -77,9 +138,14 @@ class Tunnel:
     started: float = field(default_factory=time.monotonic)
     bytes_up: int = 0
     bytes_down: int = 0
-    passthrough: bool = False
-    layer_decided: bool = False
+    mode: TunnelMode = TunnelMode.UNDECIDED
     closed: bool = False
+    audited: bool = False  # the tunnel_close record was written
+    sandbox_id: str | None = None
+
+    @property
+    def passthrough(self) -> bool:
+        return self.mode is TunnelMode.PASSTHROUGH
 
 
 @dataclass
@@ -91,6 +157,10 @@ class ConnState:
     agent: str | None = None
     identity_method: str | None = None
     tunnel: Tunnel | None = None
+    refusal: tuple[Reason, str] | None = None  # set when Interception closed the connection
+    refusal_audited: bool = False
+    # (host, port) reached at a declared MCP server's address under another name -> that server's id
+    governed_mcp: dict[tuple[str, int], str] = field(default_factory=dict)
     # upstream (host, port) -> the checked address the connection must use
     pinned: dict[tuple[str, int], IPAddress] = field(default_factory=dict)
 
@@ -111,3 +181,7 @@ class Connections:
 
     def peek(self, client: connection.Client) -> ConnState | None:
         return self._states.get(client)
+
+    def items(self) -> Iterator[tuple[connection.Client, ConnState]]:
+        """Every live client connection and its state (a snapshot: safe while connections close)."""
+        return iter(list(self._states.items()))

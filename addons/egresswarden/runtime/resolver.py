@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import dataclass
 
 from egresswarden.core.hostnames import IPAddress, parse_ip
 from egresswarden.core.ruleset import RuleSet
@@ -43,3 +44,67 @@ async def resolve(rules: RuleSet, host: str, port: int) -> list[IPAddress]:
     if not out:
         raise ResolveError(f"{host} resolved to no usable address")
     return out
+
+
+# -- addresses that belong to governed destinations ---------------------------------------
+GOVERNED_TTL_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Governed:
+    """A destination whose traffic Warden governs beyond host rules, found at an address."""
+
+    host: str  # its declared name
+    what: str  # e.g. "MCP server crm", "credential github"
+    mcp_server: str | None = None  # the MCP server's id, when it is one
+
+
+class GovernedAddresses:
+    """The addresses of declared MCP servers and exact-host credential destinations.
+
+    A connection whose checked upstream address is one of these, reached by an IP literal or
+    another name, would otherwise reach an MCP server (or a credential host) without its
+    governance. Policy therefore intercepts every such connection and governs requests to
+    the MCP endpoint path as that server's MCP traffic (catalog, arguments, audit); the
+    leak guard sees everything sent to a credential host's address. (Refusing instead would
+    break every other site sharing the address, as on CDNs.) Names are resolved like any
+    other (hosts file, then DNS), once per rule-set version and then every
+    GOVERNED_TTL_SECONDS; a name that does not resolve governs nothing (nothing to reach).
+    """
+
+    def __init__(self) -> None:
+        self._version: str | None = None
+        self._expires = 0.0
+        self._owners: dict[tuple[IPAddress, int], Governed] = {}
+        self._lock = asyncio.Lock()
+
+    @staticmethod
+    def destinations(rules: RuleSet) -> dict[tuple[str, int], Governed]:
+        out: dict[tuple[str, int], Governed] = {}
+        for (host, port), servers in rules.mcp_servers.items():
+            out[(host, port)] = Governed(host, f"MCP server {servers[0].id}", servers[0].id)
+        for cred in rules.credentials_by_id.values():
+            target = cred.rule.target
+            if target.startswith("*."):
+                continue  # a wildcard names no address of its own
+            for port in cred.rule.ports or (443,):
+                out.setdefault((target, port), Governed(target, f"credential {cred.id}"))
+        return out
+
+    async def owners(self, rules: RuleSet) -> dict[tuple[IPAddress, int], Governed]:
+        loop = asyncio.get_running_loop()
+        if self._version == rules.version and loop.time() < self._expires:
+            return self._owners
+        async with self._lock:
+            if self._version == rules.version and loop.time() < self._expires:
+                return self._owners
+            owners: dict[tuple[IPAddress, int], Governed] = {}
+            for (host, port), governed in self.destinations(rules).items():
+                try:
+                    for ip in await resolve(rules, host, port):
+                        owners.setdefault((ip, port), governed)
+                except ResolveError:
+                    continue
+            self._owners, self._version = owners, rules.version
+            self._expires = loop.time() + GOVERNED_TTL_SECONDS
+            return owners

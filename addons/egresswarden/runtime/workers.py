@@ -51,8 +51,9 @@ def enable_reuse_port() -> None:
 
     if not getattr(asyncio.start_server, "_warden_reuse_port", False):
         wrapped = functools.partial(asyncio.start_server, reuse_port=True)
+        # A marker on the partial (which has no such attribute) so a second call does not wrap twice.
         wrapped._warden_reuse_port = True  # type: ignore[attr-defined]
-        asyncio.start_server = wrapped  # type: ignore[assignment]
+        asyncio.start_server = wrapped
 
 
 class _Worker:
@@ -61,7 +62,7 @@ class _Worker:
         self.argv = argv
         self.env = env
         self.port_file = state_dir / f"worker{index}.port"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
 
     def start(self) -> None:

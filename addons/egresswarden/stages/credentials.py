@@ -1,22 +1,25 @@
-"""Credentials addon: strip the agent's credentials, inject the real ones where bound, stop leaks.
+"""Credentials stage: strip the agent's credentials, inject the real ones where bound, stop leaks.
 
-Runs after Policy (and MCP). Per request:
+Runs after Policy and BodyPlanner, before Mcp. Per request:
 
   requestheaders  decide which of the agent's credentials are bound to this request
-                  (engine.credentials.bound_credentials + the tunnel checks below), strip the
-                  policy-level and bound credentials' `strip` headers, scan host/URL/headers for
-                  any secret or placeholder that is not bound here (deny `secret_leak`), and for
-                  bodies larger than settings.body_scan_max_buffered_bytes (or of unknown size)
-                  set a streaming scanner; streamed requests get their injection here.
-  request         scan the buffered body (raw and decoded), replace placeholders, inject.
-  responseheaders redact echoed secrets in response headers; stream large response bodies
-                  through a redactor.
+                  (core.credentials.bound_credentials on the canonical target, plus the checks
+                  in `_binding_holds`), strip the policy-level and bound credentials' `strip`
+                  headers, scan host/URL/headers for any secret or placeholder not bound here
+                  (deny `secret_leak`). A body the plan streams (STREAM_SCAN) goes through a
+                  StreamScanner; its injection happens here, with the headers.
+  request         scan the buffered body, raw and decoded (every coding, stacked codings too),
+                  replace placeholders, inject.
+  responseheaders redact echoed secrets in response headers; the response body plan streams a
+                  large body through a StreamRedactor (bounded memory, secrets split across
+                  chunks still found).
   response        redact the buffered response body.
 
-Never injects into plain HTTP (the secret would cross the network in clear text): a
-plain-HTTP request to a credential's host is treated as unbound, so a placeholder or secret
-in it is a leak. Secrets never reach logs, exception texts, refusal bodies or audit records:
-messages name the credential id and the encoding only.
+A credential is injected only on intercepted HTTPS whose client leg is TLS and whose upstream
+leg will be TLS with certificate verification (mitmproxy verifies upstream certificates; the
+master refuses `ssl_insecure`): never into plain HTTP or cleartext inside a tunnel, where the
+secret would cross the network readable. Secrets never reach logs, exception texts, refusal
+bodies or audit records: messages name the credential id and the encoding only.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 
+from egresswarden.core.bodyplan import BodyPlan, DecodeLimit, UnsupportedCoding, decode_for_scan
 from egresswarden.core.credentials import (
     Leak,
     Scanner,
@@ -38,29 +42,25 @@ from egresswarden.core.credentials import (
     scanner_for,
     strip_names,
 )
-from egresswarden.core.decision import Interception, Reason, deny
-from egresswarden.core.hostnames import HostError, normalize_host, parse_ip
+from egresswarden.core.decision import Decision, Interception, Reason, deny
+from egresswarden.core.hostnames import HostError, authority_names, normalize_host, parse_ip
 from egresswarden.core.ruleset import CompiledCredential, RuleSet
-from egresswarden.runtime.context import Connections, FlowRecord, record_of
-from egresswarden.runtime.failsafe import fail_closed, refusal_response
-from egresswarden.runtime.rulestore import RuleStore
-from egresswarden.stages.policy import _split_authority
+from egresswarden.runtime.context import Connections, FlowRecord, TunnelMode, record_of
+from egresswarden.runtime.failsafe import guarded_stream, refusal_response
 
 logger = logging.getLogger("warden")
 
-CONTEXT_KEY = "warden.credentials"
-DEFAULT_MAX_BUFFERED = 1024 * 1024
+DECODE_LIMIT_FACTOR = 16  # a buffered body may decode to at most 16x the buffer limit for scanning
 
 
 @dataclass
-class _Context:
-    """Per-flow state (never logged: holds compiled credentials, whose repr hides secrets)."""
+class CredentialState:
+    """Per-flow credential state (never logged: holds compiled credentials, whose repr hides secrets)."""
 
     rules: RuleSet
     scanner: Scanner
     bound: list[CompiledCredential] = field(default_factory=list)
     bound_ids: frozenset[str] = frozenset()
-    streamed: bool = False
     injected: bool = False
     stream: StreamScanner | None = None
     leak_recorded: bool = False
@@ -69,23 +69,20 @@ class _Context:
         return frozenset(c.id for c in self.bound if c.redact_response)
 
 
-def _max_buffered(rules: RuleSet) -> int:
-    value = getattr(rules.settings, "body_scan_max_buffered_bytes", None)
-    return int(value) if value else DEFAULT_MAX_BUFFERED
-
-
 class Credentials:
-    def __init__(self, store: RuleStore, connections: Connections) -> None:
-        self.store = store
+    def __init__(self, connections: Connections) -> None:
         self.connections = connections
 
     # -- helpers ---------------------------------------------------------------------------
-    def _tunnel_agrees(self, flow: http.HTTPFlow, record: FlowRecord) -> bool:
-        """Defence in depth: CONNECT host, SNI, Host header and pinned address all agree."""
+    def _binding_holds(self, flow: http.HTTPFlow, record: FlowRecord) -> bool:
+        """Defence in depth: both legs TLS, and CONNECT host, SNI, every authority and the pinned
+        address agree."""
         state = self.connections.peek(flow.client_conn)
         tunnel = state.tunnel if state is not None else None
-        if tunnel is None or not tunnel.intercept or record.interception is not Interception.INTERCEPT:
+        if tunnel is None or tunnel.mode is not TunnelMode.INTERCEPT or record.interception is not Interception.INTERCEPT:
             return False
+        if not flow.client_conn.tls_established or not flow.server_conn.tls or flow.request.scheme != "https":
+            return False  # cleartext on either leg: the secret would be readable on the wire
         if tunnel.sni_mismatch is not None or tunnel.address is None:
             return False
         if tunnel.host != record.host or tunnel.port != record.port or tunnel.agent != record.agent:
@@ -97,13 +94,8 @@ class Credentials:
                     return False
             except HostError:
                 return False
-        header = flow.request.host_header
-        if header is not None:
-            try:
-                host, port = _split_authority(header, tunnel.port)
-                if normalize_host(host) != tunnel.host or port != tunnel.port:
-                    return False
-            except (ValueError, HostError):
+        for authority in (flow.request.authority, flow.request.host_header):
+            if authority and not authority_names(authority, tunnel.host, tunnel.port):
                 return False
         peer = flow.server_conn.peername or flow.server_conn.address
         if peer:
@@ -112,20 +104,22 @@ class Credentials:
                 return False
         return True
 
+    @staticmethod
+    def _deny(flow: http.HTTPFlow, record: FlowRecord, decision: Decision) -> None:
+        record.decision = decision
+        flow.response = refusal_response(decision, record.agent)
+
     def _deny_leak(self, flow: http.HTTPFlow, record: FlowRecord, rules: RuleSet, leak: Leak,
                    respond: bool = True) -> None:
         decision = deny(Reason.SECRET_LEAK, leak.message(), rules.version, leak.credentials[0])
         record.decision = decision
-        if record.path:  # the audit record must not carry the secret either
-            record.path = scanner_for(rules).redact_str(record.path, force=True)[0]
-        if "secret_leak" not in record.events:
-            record.events.append("secret_leak")
+        record.add_event("secret_leak")
         logger.warning("warden: secret_leak agent=%s host=%s credential=%s where=%s encoding=%s",
                        record.agent, record.host, ",".join(leak.credentials), leak.where, leak.encoding)
         if respond:
             flow.response = refusal_response(decision, record.agent)
 
-    def _inject(self, flow: http.HTTPFlow, record: FlowRecord, ctx: _Context) -> None:
+    def _inject(self, flow: http.HTTPFlow, record: FlowRecord, ctx: CredentialState) -> None:
         if not ctx.bound or ctx.injected:
             return
         req = flow.request
@@ -155,27 +149,24 @@ class Credentials:
                 record.credentials.append(cred.id)
 
     # -- hooks -----------------------------------------------------------------------------
-    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
         record = record_of(flow)
-        rules = self.store.current
-        if rules is None or record.agent is None:
-            return
+        rules = record.rules
+        if rules is None or record.agent is None or record.target is None:
+            raise RuntimeError("credentials stage reached without a decided target")  # fail closed
         agent = rules.agent(record.agent)
         if agent is None:
-            return
+            raise RuntimeError("credentials stage reached for an unknown agent")
         scanner = scanner_for(rules)
-        ctx = _Context(rules, scanner)
-        intercepted = self._tunnel_agrees(flow, record)
-        if intercepted and record.host and record.port:
-            ctx.bound = bound_credentials(rules, agent, record.host, record.port, "https", flow.request.method,
+        ctx = record.creds = CredentialState(rules, scanner)
+        target = record.target
+        if self._binding_holds(flow, record) and target.canonical_path is not None:
+            ctx.bound = bound_credentials(rules, agent, target.host, target.port, "https", flow.request.method,
                                           flow.request.path, True)
             ctx.bound_ids = frozenset(c.id for c in ctx.bound)
-        flow.metadata[CONTEXT_KEY] = ctx
-        strip = strip_names(agent, ctx.bound)
-        for name in strip:
+        for name in strip_names(agent, ctx.bound):
             if name in flow.request.headers:
                 del flow.request.headers[name]
         leak = scanner.find_leak(headers_text(record.host or flow.request.host, flow.request.path,
@@ -184,74 +175,72 @@ class Credentials:
         if leak is not None:
             self._deny_leak(flow, record, rules, leak)
             return
-        if scanner.automaton is None:
-            if ctx.bound:
-                self._inject(flow, record, ctx)  # nothing to scan: inject now
-            return
-        length = flow.request.headers.get("content-length")
-        chunked = "chunked" in flow.request.headers.get("transfer-encoding", "").lower()
-        # Unknown length (HTTP/1 chunked, HTTP/2 without content-length) or over the limit: stream.
-        unknown = length is None and (chunked or flow.request.http_version.startswith("HTTP/2"))
-        big = unknown or (length is not None and length.strip().isdigit() and int(length) > _max_buffered(rules))
-        if big and flow.request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
-            self._deny_leak_unscannable(flow, record, rules)
-            return
-        if big:
-            stream = StreamScanner(scanner, ctx.bound_ids)
-            ctx.stream = stream
+        if record.body is BodyPlan.STREAM_SCAN:
+            stream = ctx.stream = StreamScanner(scanner, ctx.bound_ids)
 
             def scan_chunk(chunk: bytes) -> bytes | list[bytes]:
                 out = stream.feed(chunk)
                 if stream.leak is not None and not ctx.leak_recorded:
                     ctx.leak_recorded = True
                     self._deny_leak(flow, record, rules, stream.leak, respond=False)
+                record.bytes_up += len(chunk)
                 return out if out else []  # an empty bytes chunk would end a chunked HTTP/1 body early
-            flow.request.stream = scan_chunk
-            ctx.streamed = True
+            flow.request.stream = guarded_stream(scan_chunk, record, "request leak scan")
             self._inject(flow, record, ctx)  # headers leave with the start of the stream
+        elif record.body is not BodyPlan.BUFFER or scanner.automaton is None:
+            self._inject(flow, record, ctx)  # nothing in the body to scan
 
-    def _deny_leak_unscannable(self, flow: http.HTTPFlow, record: FlowRecord, rules: RuleSet) -> None:
-        decision = deny(Reason.BODY_TOO_LARGE,
-                        "a compressed request body larger than the scan limit cannot be checked for secrets; "
-                        "send it uncompressed", rules.version)
-        record.decision = decision
-        flow.response = refusal_response(decision, record.agent)
-
-    @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
-        ctx: _Context | None = flow.metadata.get(CONTEXT_KEY)
-        if ctx is None or ctx.streamed:
-            return
         record = record_of(flow)
+        ctx = record.creds
+        if ctx is None or record.body is not BodyPlan.BUFFER:
+            return
         body = flow.request.raw_content or b""
         if body and ctx.scanner.automaton is not None:
             leak = ctx.scanner.find_leak(body, ctx.bound_ids, "body")
-            if leak is None and flow.request.headers.get("content-encoding"):
-                decoded = flow.request.get_content(strict=False) or b""
-                if decoded != body:
-                    leak = ctx.scanner.find_leak(decoded, ctx.bound_ids, "body")
+            encoding = flow.request.headers.get("content-encoding")
+            if leak is None and encoding:
+                limit = ctx.rules.settings.body_scan_max_buffered_bytes * DECODE_LIMIT_FACTOR
+                try:
+                    decoded = decode_for_scan(body, encoding, limit)
+                except UnsupportedCoding as e:
+                    self._deny(flow, record, deny(Reason.UNSUPPORTED_ENCODING,
+                                                  f"Content-Encoding {str(e)!r} cannot be decoded, so the body "
+                                                  f"cannot be checked for secrets", ctx.rules.version))
+                    return
+                except DecodeLimit:
+                    self._deny(flow, record, deny(Reason.BODY_TOO_LARGE,
+                                                  f"the decoded body exceeds {limit} bytes and cannot be checked "
+                                                  f"for secrets", ctx.rules.version))
+                    return
+                except ValueError as e:
+                    self._deny(flow, record, deny(Reason.UNSUPPORTED_ENCODING,
+                                                  f"the body could not be decoded ({e}), so it cannot be checked "
+                                                  f"for secrets", ctx.rules.version))
+                    return
+                leak = ctx.scanner.find_leak(decoded, ctx.bound_ids, "body")
             if leak is not None:
                 self._deny_leak(flow, record, ctx.rules, leak)
                 return
         self._inject(flow, record, ctx)
 
-    def _streamed_leak(self, flow: http.HTTPFlow, ctx: _Context | None) -> bool:
+    def _streamed_leak(self, flow: http.HTTPFlow, record: FlowRecord) -> bool:
         """A leak found in a streamed request body: the agent gets the refusal, not the upstream's answer."""
+        ctx = record.creds
         if ctx is None or not ctx.leak_recorded:
             return False
-        record = record_of(flow)
         assert record.decision is not None
         flow.response = refusal_response(record.decision, record.agent)
         return True
 
-    @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        ctx: _Context | None = flow.metadata.get(CONTEXT_KEY)
-        if self._streamed_leak(flow, ctx):
+        record = record_of(flow)
+        if self._streamed_leak(flow, record) or flow.response is None:
             return
-        if ctx is None or not ctx.injected or flow.response is None:
+        ctx = record.creds
+        if ctx is None or not ctx.injected:
             return
         only = ctx.redact_ids()
         if not only:
@@ -262,9 +251,7 @@ class Credentials:
             redacted = [ctx.scanner.redact_str(v, only)[0] for v in values]
             if redacted != values:
                 resp.headers.set_all(name, redacted)
-        length = resp.headers.get("content-length")
-        known_small = length is not None and length.strip().isdigit() and int(length) <= _max_buffered(ctx.rules)
-        if not known_small and resp.headers.get("content-encoding", "identity").lower() in ("identity", ""):
+        if record.response_body is BodyPlan.STREAM_SCAN:
             redactor = StreamRedactor(ctx.scanner, only)
             # Redaction changes the length, and a chunk may be held back (empty output): send the
             # body to the agent close-delimited (HTTP/1) or as DATA frames (HTTP/2). With chunked
@@ -273,20 +260,31 @@ class Credentials:
             for name in ("content-length", "transfer-encoding"):
                 if name in resp.headers:
                     del resp.headers[name]
-            # The MCP addon (later in the chain) wraps this callable; it must return bytes.
-            resp.stream = redactor.feed
 
-    @fail_closed
+            def redact_chunk(chunk: bytes) -> bytes:
+                record.bytes_down += len(chunk)
+                return redactor.feed(chunk)
+            resp.stream = guarded_stream(redact_chunk, record, "response redaction")  # the Mcp stage (later) wraps this callable for MCP responses
+
     def response(self, flow: http.HTTPFlow) -> None:
-        ctx: _Context | None = flow.metadata.get(CONTEXT_KEY)
-        if self._streamed_leak(flow, ctx):
+        record = record_of(flow)
+        if self._streamed_leak(flow, record):
             return
-        if ctx is None or not ctx.injected or flow.response is None or flow.response.stream:
+        ctx = record.creds
+        if ctx is None or not ctx.injected or flow.response is None or record.response_body is not BodyPlan.BUFFER:
             return
         only = ctx.redact_ids()
         if not only or not flow.response.raw_content:
             return
-        content = flow.response.get_content(strict=False) or b""
+        raw = flow.response.raw_content
+        try:
+            content = decode_for_scan(raw, flow.response.headers.get("content-encoding"),
+                                      ctx.rules.settings.body_scan_max_buffered_bytes * DECODE_LIMIT_FACTOR)
+        except (UnsupportedCoding, DecodeLimit, ValueError):
+            self._deny(flow, record, deny(Reason.UNSUPPORTED_ENCODING,
+                                          "the upstream's response could not be decoded to redact secrets",
+                                          ctx.rules.version))
+            return
         redacted, n = ctx.scanner.redact(content, only)
         if n:
             flow.response.content = redacted

@@ -15,7 +15,7 @@ from mitmproxy import http
 from egresswarden.core.decision import Reason, deny
 from egresswarden.core.identity import AgentIdentity, AuthFailure, identify, parse_basic
 from egresswarden.runtime.context import Connections, FlowRecord, record_of
-from egresswarden.runtime.failsafe import fail_closed, refusal_response
+from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.rulestore import RuleStore
 
 PROXY_HEADERS = ("Proxy-Authorization", "Proxy-Connection")
@@ -60,7 +60,7 @@ class Identity:
             reason = {AuthFailure.MISSING: Reason.AUTH_REQUIRED,
                       AuthFailure.WRONG_SOURCE: Reason.SOURCE_NOT_ALLOWED}.get(result, Reason.AUTH_FAILED)
             record.agent_claimed = _claimed_agent(header)
-            record.extra["auth_failure"] = result.value
+            record.auth_failure = result.value
             record.decision = deny(reason, _FAILURE_TEXT[result], rules.version)
             flow.response = refusal_response(record.decision, None)
             return None
@@ -68,7 +68,6 @@ class Identity:
         record.identity_method = result.method.value
         return result
 
-    @fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         record = record_of(flow)
         identity = self._identify(flow, record)
@@ -77,7 +76,6 @@ class Identity:
             state.agent = identity.agent
             state.identity_method = identity.method.value
 
-    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         record = record_of(flow)
         state = self.connections.get(flow.client_conn)

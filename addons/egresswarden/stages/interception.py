@@ -1,15 +1,30 @@
-"""Interception addon: for each allowed tunnel, pass it through or terminate TLS.
+"""Interception stage: Warden, not mitmproxy's defaults, chooses every protocol layer of a tunnel.
 
-Decided in `next_layer`, the first time the client speaks inside the tunnel:
+mitmproxy's NextLayer picks a layer from the first bytes it sees, and falls back to a raw
+TCP relay when they are too few (`G`, then the rest) or do not look like HTTP after TLS
+without ALPN: a relay nobody decided, that skips every per-request rule. So for every
+`next_layer` inside a CONNECT tunnel Warden sets the layer itself, and only to one of:
 
-* The client's TLS ClientHello is read (without consuming it) and its SNI compared with the
-  CONNECT host. A different SNI is domain fronting: the tunnel is intercepted so the agent
-  gets a readable 403 (`sni_mismatch`) on its first request, and the upstream TLS session
-  uses the CONNECT host as SNI (set by `upstream.UpstreamGuard`), never the client's.
-* A tunnel whose decision does not need interception is relayed as raw bytes by
-  `CountingTCPLayer`: no TLS termination, no per-message hooks, just a byte count for the
-  `tunnel_close` audit record when the client goes away.
-* Everything else is left to mitmproxy's own NextLayer (TLS interception with Warden's CA).
+    passthrough   the policy allowed the tunnel without interception: `CountingTCPLayer`
+                  (raw bytes, counted for the `tunnel_close` record). A TLS ClientHello whose
+                  SNI differs from the CONNECT host turns this into interception (fronting:
+                  the agent then gets a readable 403 `sni_mismatch`).
+    intercept     TLS with the client and the upstream (`ServerTLSLayer` + `ClientTLSLayer`),
+                  then HTTP (`HttpLayer`) once the client's ALPN or its first request line
+                  says HTTP/1 or HTTP/2.
+    explain       a refused CONNECT accepted to explain itself: TLS with the client only (no
+                  upstream connection exists), then HTTP; Policy answers every request 403.
+    cleartext     an intercepted tunnel whose client speaks plain HTTP instead of TLS: HTTP,
+                  but Policy refuses every request (`cleartext_in_tunnel`); nothing is sent.
+    refused       anything else (bytes that are neither TLS nor HTTP, a server that speaks
+                  first into an intercepted tunnel, an HTTP/2 preface without ALPN, a third
+                  layer decision in one tunnel): the connection is closed and the refusal
+                  audited (`tunnel_refused`, reason `not_http`).
+
+Outside tunnels, only the client connection's first layer (the explicit proxy's HTTP layer)
+is left to mitmproxy; any later decision there (e.g. a 101 to a protocol mitmproxy would
+relay raw) is refused. `rawtcp` is switched off, so mitmproxy never upgrades a connection to
+a raw relay on its own after an HTTP 101 either.
 
 Never auto-passthrough after a client TLS failure: that lets an agent escape inspection by
 failing once on purpose.
@@ -17,26 +32,31 @@ failing once on purpose.
 
 from __future__ import annotations
 
+import logging
+import re
 import time
-from collections.abc import Callable
 
-from mitmproxy import connection
+from mitmproxy import connection, ctx, exceptions
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import events, layer
-from mitmproxy.proxy.layers import tcp
-from mitmproxy.proxy.layers.tls import parse_client_hello
+from mitmproxy.proxy import commands, context, events, layer, layers
+from mitmproxy.proxy.layers import modes, tcp
+from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.layers.tls import HTTP_ALPNS, parse_client_hello
 
+from egresswarden.core.decision import Reason
 from egresswarden.core.hostnames import HostError, normalize_host
-from egresswarden.runtime.context import Connections, Tunnel
-from egresswarden.runtime.failsafe import fail_closed
+from egresswarden.runtime.context import Connections, ConnState, Tunnel, TunnelMode
 
-TunnelListener = Callable[[Tunnel, str, int], None]  # (tunnel, client ip, client port)
+logger = logging.getLogger("warden")
+
+MAX_UNDECIDED_BYTES = 64 * 1024  # a ClientHello or first request line larger than this is refused
+_REQUEST_LINE = re.compile(rb"[A-Z][A-Z0-9_-]{0,19} \S+ HTTP/1\.[01]\r?\n")
 
 
 class CountingTCPLayer(tcp.TCPLayer):
     """mitmproxy's raw TCP relay (ignore mode: no flows, no hooks), counting bytes."""
 
-    def __init__(self, context, tunnel: Tunnel) -> None:  # noqa: ANN001 - mitmproxy Context
+    def __init__(self, context: context.Context, tunnel: Tunnel) -> None:
         super().__init__(context, ignore=True)
         self.tunnel = tunnel
 
@@ -51,61 +71,171 @@ class CountingTCPLayer(tcp.TCPLayer):
         return super().relay_messages(event)
 
 
+class RefusedLayer(layer.Layer):
+    """Closes the client connection (and any upstream one) without relaying a byte."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            if self.context.server.connected:
+                yield commands.CloseConnection(self.context.server)
+            yield commands.CloseConnection(self.context.client)
+
+
 class Interception:
     def __init__(self, connections: Connections) -> None:
         self.connections = connections
-        self.tunnel_listeners: list[TunnelListener] = []
         self.active_tunnels = 0
 
-    @fail_closed
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        # mitmproxy's raw-TCP fallbacks (NextLayer's "probably not HTTP", HTTP 101 to an unknown
+        # protocol) would relay bytes no stage decided.
+        if "rawtcp" in updated and opts.rawtcp:
+            opts.update(rawtcp=False)
+        if "ssl_insecure" in updated and opts.ssl_insecure:
+            raise exceptions.OptionsError(
+                "warden: ssl_insecure would send injected credentials to upstreams whose certificates are not "
+                "verified; trust an internal CA with ssl_verify_upstream_trusted_ca instead")
+        if "stream_large_bodies" in updated and getattr(opts, "stream_large_bodies", None):
+            raise exceptions.OptionsError(
+                "warden: stream_large_bodies would stream bodies past Warden's body plan (unscanned); Warden "
+                "streams large bodies itself (settings.body_scan.max_buffered_bytes)")
+
+    # -- the layer decision ------------------------------------------------------------------
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer is not None:
             return
-        state = self.connections.peek(nextlayer.context.client)
-        if state is None or state.tunnel is None or state.tunnel.layer_decided:
+        ctxt = nextlayer.context
+        state = self.connections.peek(ctxt.client)
+        tunnel = state.tunnel if state is not None else None
+        if tunnel is None:
+            if len(ctxt.layers) == 1 and isinstance(ctxt.layers[0], (modes.HttpProxy, modes.HttpUpstreamProxy)):
+                return  # the explicit proxy's own first layer: mitmproxy's HTTP proxy setup
+            self._refuse(nextlayer, state, None, "a protocol switch outside a tunnel")
             return
-        tunnel = state.tunnel
+        if ctxt.client.tls_established:
+            self._after_tls(nextlayer, state, tunnel)
+        elif tunnel.mode is TunnelMode.UNDECIDED:
+            self._first_bytes(nextlayer, state, tunnel)
+        else:
+            self._refuse(nextlayer, state, tunnel, "a second protocol decision in one tunnel")
+
+    def _first_bytes(self, nextlayer: layer.NextLayer, state: ConnState | None, tunnel: Tunnel) -> None:
         data = nextlayer.data_client()
         if not data:
-            if nextlayer.data_server() and not tunnel.intercept:
-                self._passthrough(nextlayer, tunnel)  # server speaks first: not TLS, nothing to check
-            return
+            if nextlayer.data_server():
+                if tunnel.decision.allowed and not tunnel.intercept:
+                    self._passthrough(nextlayer, tunnel)  # server speaks first (SSH, SMTP...): allowed raw
+                else:
+                    self._refuse(nextlayer, state, tunnel, "the server spoke first into an intercepted tunnel")
+            return  # wait for the client
         if starts_like_tls_record(data):
             try:
                 hello = parse_client_hello(data)
             except ValueError:
-                hello = None
-                tunnel.layer_decided = True  # not a valid ClientHello: let mitmproxy's TLS layer fail it
+                self._refuse(nextlayer, state, tunnel, "an invalid TLS ClientHello")
                 return
             if hello is None:
-                return  # need more bytes
-            sni = hello.sni
-            if sni is not None:
+                self._wait(nextlayer, state, tunnel, data)
+                return
+            if hello.sni is not None and tunnel.decision.allowed:
                 try:
-                    same = normalize_host(sni) == tunnel.host
+                    same = normalize_host(hello.sni) == tunnel.host
                 except HostError:
                     same = False
                 if not same:
-                    tunnel.sni_mismatch = sni
+                    tunnel.sni_mismatch = hello.sni
                     tunnel.intercept = True
-        tunnel.layer_decided = True
-        if not tunnel.intercept:
-            self._passthrough(nextlayer, tunnel)
+            if not tunnel.decision.allowed:
+                tunnel.mode = TunnelMode.EXPLAIN
+                nextlayer.layer = layers.ClientTLSLayer(nextlayer.context)  # no upstream: nothing to contact
+            elif tunnel.intercept:
+                tunnel.mode = TunnelMode.INTERCEPT
+                server_tls = layers.ServerTLSLayer(nextlayer.context)
+                server_tls.child_layer = layers.ClientTLSLayer(nextlayer.context)
+                nextlayer.layer = server_tls
+            else:
+                self._passthrough(nextlayer, tunnel)
+            return
+        if tunnel.decision.allowed and not tunnel.intercept:
+            self._passthrough(nextlayer, tunnel)  # allowed raw: the policy needs nothing per request
+            return
+        # Intercepted or explained tunnel, no TLS: only a whole HTTP/1 request line is acceptable.
+        if _REQUEST_LINE.match(data):
+            tunnel.mode = TunnelMode.EXPLAIN if not tunnel.decision.allowed else TunnelMode.CLEARTEXT
+            nextlayer.layer = layers.HttpLayer(nextlayer.context, HTTPMode.transparent)
+        elif b"\n" in data or not _could_become_request_line(data):
+            self._refuse(nextlayer, state, tunnel, "bytes that are neither TLS nor HTTP")
+        else:
+            self._wait(nextlayer, state, tunnel, data)
+
+    def _after_tls(self, nextlayer: layer.NextLayer, state: ConnState | None, tunnel: Tunnel) -> None:
+        if tunnel.mode not in (TunnelMode.INTERCEPT, TunnelMode.EXPLAIN) or _has_http_layer(nextlayer.context):
+            self._refuse(nextlayer, state, tunnel, "an unexpected protocol decision after TLS")
+            return
+        alpn = nextlayer.context.client.alpn
+        if alpn:
+            if alpn in HTTP_ALPNS:
+                nextlayer.layer = layers.HttpLayer(nextlayer.context, HTTPMode.transparent)
+            else:
+                self._refuse(nextlayer, state, tunnel, f"TLS with ALPN {alpn[:20]!r}, which is not HTTP")
+            return
+        data = nextlayer.data_client()
+        if not data:
+            if nextlayer.data_server():
+                self._refuse(nextlayer, state, tunnel, "the server spoke first after TLS")
+            return
+        if _REQUEST_LINE.match(data):
+            nextlayer.layer = layers.HttpLayer(nextlayer.context, HTTPMode.transparent)
+        elif b"\n" in data or not _could_become_request_line(data):
+            self._refuse(nextlayer, state, tunnel, "bytes after TLS that are not an HTTP/1 request "
+                                                   "(HTTP/2 needs ALPN h2)")
+        else:
+            self._wait(nextlayer, state, tunnel, data)
+
+    def _wait(self, nextlayer: layer.NextLayer, state: ConnState | None, tunnel: Tunnel, data: bytes) -> None:
+        """Leave the decision open until more bytes arrive (NextLayer asks again), within bounds."""
+        if len(data) > MAX_UNDECIDED_BYTES:
+            self._refuse(nextlayer, state, tunnel, f"{len(data)} bytes without a decidable start")
 
     def _passthrough(self, nextlayer: layer.NextLayer, tunnel: Tunnel) -> None:
-        tunnel.layer_decided = True
-        tunnel.passthrough = True
+        tunnel.mode = TunnelMode.PASSTHROUGH
         tunnel.started = time.monotonic()
         self.active_tunnels += 1
         nextlayer.layer = CountingTCPLayer(nextlayer.context, tunnel)
+
+    def _refuse(self, nextlayer: layer.NextLayer, state: ConnState | None, tunnel: Tunnel | None, what: str) -> None:
+        if tunnel is not None:
+            tunnel.mode = TunnelMode.REFUSED
+        logger.info("warden: closing a connection: %s", what)
+        nextlayer.layer = RefusedLayer(nextlayer.context)
+        if state is not None:  # Outcomes (later in the chain, same hook) audits it
+            state.refusal = (Reason.NOT_HTTP, f"connection closed: {what}; Warden carries only HTTP it decided")
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.connections.peek(client)
         if state is None or state.tunnel is None or state.tunnel.closed:
             return
-        tunnel = state.tunnel
-        tunnel.closed = True
-        if tunnel.passthrough:
+        state.tunnel.closed = True  # Outcomes (later in the chain, same hook) audits passthrough tunnels
+        if state.tunnel.passthrough:
             self.active_tunnels -= 1
-            for listener in self.tunnel_listeners:
-                listener(tunnel, state.client_ip, state.client_port)
+
+
+_VERSION_PREFIX = re.compile(rb"(H(T(T(P(/(1(\.([01]\r?)?)?)?)?)?)?)?)?")
+_METHOD = re.compile(rb"[A-Z][A-Z0-9_-]{0,19}")
+
+
+def _could_become_request_line(data: bytes) -> bool:
+    """Could more bytes turn `data` (no newline yet) into an HTTP/1 request line?"""
+    parts = data.split(b" ", 2)
+    if not (_METHOD.fullmatch(parts[0]) or (len(parts) == 1 and _METHOD.fullmatch(parts[0] or b"X"))):
+        return False
+    if len(parts) < 3:
+        return len(parts) == 1 or b"\r" not in parts[1]
+    return parts[1] != b"" and _VERSION_PREFIX.fullmatch(parts[2]) is not None
+
+
+def _has_http_layer(ctxt: context.Context) -> bool:
+    """Is there already an HTTP layer above this connection's TLS layer (a nested decision)?"""
+    tls_at = max((i for i, lay in enumerate(ctxt.layers) if isinstance(lay, layers.ClientTLSLayer)), default=-1)
+    return any(isinstance(lay, layers.HttpLayer) for lay in ctxt.layers[tls_at + 1:])

@@ -29,20 +29,19 @@ from urllib.parse import parse_qs, urlsplit
 from mitmproxy import http
 
 from egresswarden.core import mcp as E
+from egresswarden.core.bodyplan import BodyPlan, DecodeLimit, UnsupportedCoding, decode_for_scan
 from egresswarden.core.decision import Decision, Reason, Verdict, deny
 from egresswarden.core.model import McpServer
 from egresswarden.core.ruleset import RuleSet
 from egresswarden.record.journal import utc_now
-from egresswarden.record.metrics import registry
-from egresswarden.record.outcome import Outcome, Outcomes, redact_query
+from egresswarden.record.outcome import McpFields, Outcome, Outcomes, redact_query
 from egresswarden.runtime import pinstore
 from egresswarden.runtime.context import record_of
-from egresswarden.runtime.failsafe import fail_closed, refusal_response
+from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.rulestore import RuleStore
 
 logger = logging.getLogger("warden")
 
-STATE_KEY = "warden_mcp"
 MAX_SSE_EVENT = 16 * 1024 * 1024  # an event larger than this is refused, not passed unfiltered
 
 
@@ -72,6 +71,7 @@ class McpFlow:
     legacy_session: str | None = None  # HTTP+SSE POST: the session_id it names
     legacy_key: tuple[str, str] | None = None  # HTTP+SSE GET stream: (server, session) it announced
     legacy_answers: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> Warden's answer
+    substituted: str | None = None  # HTTP+SSE: what Warden sent the server instead of a denied message
 
 
 def _id_key(value: Any) -> str:
@@ -188,7 +188,7 @@ class Mcp:
         self.store = store
         self.outcomes = outcomes
         self.pins = E.PinStore()
-        self._compiled: tuple[RuleSet, E.McpPolicies] | None = None
+        self._pins_version: RuleSet | None = None  # the rule set whose mcp_pins the pin store holds
         # HTTP+SSE (2024-11-05): (server id, session id) -> the GET stream's state
         self.legacy_streams: dict[tuple[str, str], McpFlow] = {}
 
@@ -199,54 +199,70 @@ class Mcp:
             self.legacy_streams[state.legacy_key] = state
 
     def policies(self, rules: RuleSet) -> E.McpPolicies:
-        compiled = self._compiled
-        if compiled is None or compiled[0] is not rules:
-            compiled = (rules, E.McpPolicies(rules))
+        policies = E.mcp_policies_for(rules)  # compiled with the rule set, off the event loop
+        if self._pins_version is not rules:
             pinstore.attach(self.pins, rules)  # rule pins, settings.mcp_unpinned, the durable store
-            self._compiled = compiled
-        return compiled[1]
+            self._pins_version = rules
+        return policies
 
     # -- request side ------------------------------------------------------------------------
-    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
         record = record_of(flow)
-        rules = self.store.current
-        if rules is None or record.agent is None or record.host is None or record.port is None:
-            return
-        if not rules.mcp_servers:
-            return
+        rules = record.rules
+        if record.mcp_server is None or rules is None or record.agent is None:
+            return  # Policy decided the target addresses no declared MCP server
         policies = self.policies(rules)
-        server = policies.server_for(record.host, record.port, flow.request.path)
-        if server is None:
-            return
+        server = next(s for s in rules.model.mcp_servers if s.id == record.mcp_server)
         flow.request.headers["Accept-Encoding"] = "identity"
-        state = McpFlow(server, policies, record.agent)
+        state = record.mcp = McpFlow(server, policies, record.agent)
         legacy = server.legacy_sse_messages_path
-        if legacy and flow.request.method == "POST" and flow.request.path.startswith(legacy):
+        target = record.target
+        path = target.canonical_path if target is not None else None
+        if legacy and flow.request.method == "POST" and path is not None and (
+                path == legacy or path.startswith(legacy.rstrip("/") + "/")):
             session = parse_qs(urlsplit(flow.request.path).query).get("session_id")
             state.legacy_session = session[0] if session else None
-        flow.metadata[STATE_KEY] = state
-        record.extra["mcp_server"] = server.id
 
-    @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
-        state: McpFlow | None = flow.metadata.get(STATE_KEY)
+        record = record_of(flow)
+        state = record.mcp
         if state is None or flow.response is not None:
             return
-        record = record_of(flow)
+        if record.body is not BodyPlan.BUFFER:
+            raise RuntimeError("an MCP request body was not buffered")  # BodyPlanner never allows it: fail closed
         owner = self.legacy_streams.get((state.server.id, state.legacy_session or ""))
         if owner is not None and owner.agent != state.agent:
             record.decision = deny(Reason.MCP_NO_POLICY, "HTTP+SSE session belongs to another agent",
                                    state.policies.version)
-            if "mcp_deny" not in record.events:
-                record.events.append("mcp_deny")
+            record.add_event("mcp_deny")
             flow.response = refusal_response(record.decision, record.agent)
             return
-        parsed = E.parse_messages(flow.request.get_content(strict=False) or b"")
+        body = flow.request.raw_content or b""
+        if flow.request.headers.get("content-encoding"):
+            try:
+                body = decode_for_scan(body, flow.request.headers.get("content-encoding"),
+                                       state.policies.rules.settings.max_mcp_body_bytes)
+            except (UnsupportedCoding, DecodeLimit, ValueError):
+                body = b"\xff"  # undecodable: refused below as not JSON-RPC
+        parsed = E.parse_messages(body)
         if parsed is None:
-            return  # not JSON-RPC: the ordinary allow rules already decided it
+            if not body.strip() and flow.request.method != "POST":
+                return  # a GET (server stream) or DELETE (end of session): the allow rules decided it
+            # Every POST to an MCP endpoint is JSON-RPC; one Warden cannot parse is not forwarded
+            # (the server might parse it differently and run what Warden never decided).
+            record.decision = deny(Reason.MCP_INVALID_MESSAGE,
+                                   "the body of this request to an MCP endpoint is not a JSON-RPC 2.0 message "
+                                   "Warden can decide", state.policies.version)
+            record.add_event("mcp_deny")
+            state.answered = True
+            flow.response = http.Response.make(
+                400, _dumps({"jsonrpc": "2.0", "id": None,
+                             "error": {"code": -32700, "message": record.decision.message}}),
+                {"Content-Type": "application/json", "Cache-Control": "no-store",
+                 "X-Warden-Reason": record.decision.reason.value})
+            return
         messages, batch = parsed
         state.batch = batch
         started = time.perf_counter()
@@ -267,7 +283,7 @@ class Mcp:
                            else E.check_headers(msg, mcp_method, mcp_name))
             if problem is not None:
                 md = E.MessageDecision(deny(Reason.MCP_HEADER_MISMATCH, problem, state.policies.version),
-                                       E._short(msg.get("method"), 80), text=f"Warden refused this request: {problem}.",
+                                       E.short(msg.get("method"), 80), text=f"Warden refused this request: {problem}.",
                                        error_code=E.JSONRPC_HEADER_MISMATCH, event="mcp_deny")
             else:
                 md = E.decide_message(state.policies, self.pins, state.agent, state.server, msg)
@@ -276,8 +292,7 @@ class Mcp:
             audit = CallAudit(md, msg.get("id"), batch=batch, protocol_version=version)
             if md.event and md.decision.verdict is not Verdict.ALLOW:
                 audit.events.append(md.event)
-                if md.event not in record.events:
-                    record.events.append(md.event)
+                record.add_event(md.event)
             if md.method is not None and ("id" in msg or not md.allowed):
                 state.calls.append(audit)
             if md.allowed:
@@ -300,7 +315,7 @@ class Mcp:
             # a harmless ping with the same id and the stream filter swaps its result for ours.
             stream.legacy_answers[_id_key(messages[0]["id"])] = answers[0]
             flow.request.content = _dumps({"jsonrpc": "2.0", "id": messages[0]["id"], "method": "ping"})
-            record.extra["mcp_substituted"] = "ping"
+            state.substituted = "ping"
             return
         if not forward:
             state.answered = True
@@ -339,18 +354,19 @@ class Mcp:
                 E.filter_result(state.policies, self.pins, state.agent, state.server.id, result, state.report)
                 modified = True
         record = record_of(flow)
-        if len(state.report.changed) > before_changed and "tool_changed" not in record.events:
-            record.events.append("tool_changed")
-        if state.report.collisions and "tool_collision" not in record.events:
-            record.events.append("tool_collision")
+        if len(state.report.changed) > before_changed:
+            record.add_event("tool_changed")
+        if state.report.collisions:
+            record.add_event("tool_collision")
         return msg, modified
 
-    @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        state: McpFlow | None = flow.metadata.get(STATE_KEY)
+        state = record_of(flow).mcp
         if state is None or state.answered or flow.response is None:
             return
         ctype = flow.response.headers.get("Content-Type", "")
+        if record_of(flow).response_body is not BodyPlan.STREAM_SCAN and not flow.response.stream:
+            return  # buffered whole (bounded by the plan): filtered in `response`
         if ctype.split(";")[0].strip().lower() == "text/event-stream":
             if flow.response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
                 # We asked for identity; a server that compresses anyway cannot be filtered.
@@ -386,9 +402,8 @@ class Mcp:
             modified = True
         return _dumps(msg) if modified else None
 
-    @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
-        state: McpFlow | None = flow.metadata.get(STATE_KEY)
+        state = record_of(flow).mcp
         if state is None or flow.response is None:
             return
         resp = flow.response
@@ -403,9 +418,8 @@ class Mcp:
                 state.answers = []
         self._emit(flow, state)
 
-    @fail_closed
     def error(self, flow: http.HTTPFlow) -> None:
-        state: McpFlow | None = flow.metadata.get(STATE_KEY)
+        state = record_of(flow).mcp
         if state is not None:
             self._emit(flow, state)
 
@@ -425,10 +439,9 @@ class Mcp:
         if state.legacy_key is not None:
             self.legacy_streams.pop(state.legacy_key, None)
         record = record_of(flow)
-        if record.extra.get("mcp_audited"):
+        if record.mcp_audited:
             return
-        record.extra["mcp_audited"] = True
-        metrics = registry()
+        record.mcp_audited = True
         duration = time.monotonic() - state.started
         peer = flow.client_conn.peername or ("", 0)
         report = state.report
@@ -440,40 +453,30 @@ class Mcp:
         list_call = next((c for c in calls if c.md.method in ("tools/list", "stream")), None)
         for call in calls:
             md = call.md
-            extra: dict[str, Any] = {"mcp_server": state.server.id, "mcp_method": md.method}
-            if md.tool is not None:
-                extra["mcp_tool"] = md.tool
-            if md.resource is not None:
-                extra["mcp_resource"] = md.resource
-            if md.prompt is not None:
-                extra["mcp_prompt"] = md.prompt
-            if md.argument_keys is not None:
-                extra["mcp_argument_keys"] = list(md.argument_keys)
-            if md.argument_values is not None:
-                extra["mcp_argument_values"] = self._safe_values(state.policies.rules, md.argument_values)
-            if call.is_error is not None:
-                extra["mcp_is_error"] = call.is_error
-            if call.protocol_version:
-                extra["mcp_protocol_version"] = E._short(call.protocol_version, 32)
-            if call.batch:
-                extra["mcp_batch"] = True
             events = list(call.events)
-            if call is list_call or (list_call is None and md.method is not None and md.method.endswith("/list")):
-                if report.hidden:
-                    extra["mcp_hidden"] = sorted(set(report.hidden))[:100]
-                if report.changed:
-                    extra["mcp_changed_tools"] = sorted(set(report.changed))[:100]
-                    events.append("tool_changed")
-                if report.collisions:
-                    extra["mcp_tool_collisions"] = sorted(set(report.collisions))[:100]
-                    events.append("tool_collision")
-            d = md.decision
+            lists = call is list_call or (list_call is None and md.method is not None and md.method.endswith("/list"))
+            if lists and report.changed:
+                events.append("tool_changed")
+            if lists and report.collisions:
+                events.append("tool_collision")
+            fields = McpFields(
+                server=state.server.id, method=md.method, tool=md.tool, resource=md.resource, prompt=md.prompt,
+                argument_keys=tuple(md.argument_keys) if md.argument_keys is not None else None,
+                argument_values=(self._safe_values(state.policies.rules, md.argument_values)
+                                 if md.argument_values is not None else None),
+                is_error=call.is_error,
+                protocol_version=E.short(call.protocol_version, 32) if call.protocol_version else None,
+                batch=call.batch, substituted=state.substituted,
+                hidden=tuple(sorted(set(report.hidden))[:100]) if lists else (),
+                changed_tools=tuple(sorted(set(report.changed))[:100]) if lists else (),
+                tool_collisions=tuple(sorted(set(report.collisions))[:100]) if lists else (),
+            )
             self.outcomes.emit(Outcome(
-                event="mcp", time=utc_now(), request_id=record.request_id, decision=d, agent=state.agent,
-                identity=record.identity_method, client_ip=str(peer[0]), method=flow.request.method,
-                scheme=record.scheme, host=record.host, port=record.port, path=redact_query(record.path),
-                interception=record.interception, status=flow.response.status_code if flow.response else None,
-                duration_seconds=duration, engine_seconds=record.engine_seconds, events=tuple(events),
-                error=flow.error.msg if flow.error else None, extra=extra,
+                event="mcp", time=utc_now(), request_id=record.request_id, decision=md.decision, agent=state.agent,
+                identity=record.identity_method, sandbox_id=record.sandbox_id, client_ip=str(peer[0]),
+                method=flow.request.method, scheme=record.scheme, host=record.host, port=record.port,
+                path=redact_query(record.path), interception=record.interception,
+                status=flow.response.status_code if flow.response else None, duration_seconds=duration,
+                engine_seconds=record.engine_seconds, events=tuple(events),
+                error=flow.error.msg if flow.error else None, mcp=fields,
             ))
-            metrics.mcp_calls.labels(state.agent, state.server.id, d.verdict.value, d.reason.value).inc()

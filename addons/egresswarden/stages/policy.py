@@ -1,54 +1,62 @@
-"""Policy addon: decides every CONNECT and every HTTP request against the current RuleSet.
+"""Policy stage: decides every CONNECT and every HTTP request against the flow's RuleSet snapshot.
 
-CONNECT: decided in `http_connect` on agent + host + port; the name is resolved right
-there (asynchronously) and every address checked (deny cidrs, the agent's cidr rules, the
-SSRF guard), so a refusal is a readable 403 before any TLS or upstream connection. The
-checked address is remembered on the connection and `upstream.UpstreamGuard` pins the
-upstream connection to it.
+CONNECT (`http_connect`): decided on agent + host + port. An allowed name is resolved right
+there (asynchronously; a refused name is never resolved) and every address checked (deny
+cidrs, the private-address guard), then compared with the addresses of declared MCP servers
+and credential hosts: a tunnel to one of those addresses under another name or an IP
+literal is intercepted and governed as that destination (`runtime.resolver.GovernedAddresses`). The checked address is remembered on the
+connection and `upstream.UpstreamGuard` pins the upstream connection to it. A refusal is
+either a 403 to the CONNECT itself or, with `settings.explain_denials: in_band`, a tunnel
+Warden accepts only to answer every request in it with the readable 403 (see
+`interception.py`; nothing is resolved or contacted upstream).
 
-Requests (inside an intercepted tunnel, or plain HTTP): decided in `requestheaders`, before
-the body is read, on method and path. Inside a tunnel the Host header must name the CONNECT
-host (no domain fronting); a plain-HTTP request's Host header must match its URL.
+Requests (`requestheaders`, before the body is read): the canonical target is decided once
+here (`FlowRecord.target`: canonical host, port, percent-decoded path; `FlowRecord.mcp_server`:
+the MCP server whose endpoint that path is), then:
+
+  * every authority the request carries must name the destination: inside a tunnel the
+    request target (absolute-form or HTTP/2 `:authority`) and the Host header must name the
+    CONNECT host and port (no fronting, no vhost routing by an absolute URL); in plain HTTP
+    the Host header must name the URL's host. Mismatch -> 403 `host_mismatch`;
+  * the method/path decision;
+  * HTTP Upgrade: only to WebSocket, only where the deciding rule says `websocket: true`;
+  * plain HTTP: the name is resolved and checked as for CONNECT, and the request pinned.
+The request body plan is then decided by `bodyplan.BodyPlanner`, the next stage.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
+from dataclasses import replace
 
 from mitmproxy import http
 
 from egresswarden.core.decide import decide, decide_addresses
 from egresswarden.core.decision import Decision, Interception, Reason, deny
 from egresswarden.core.facts import RequestFacts
-from egresswarden.core.hostnames import HostError, normalize_host, parse_ip
+from egresswarden.core.hostnames import HostError, IPAddress, authority_names, normalize_host, parse_ip
+from egresswarden.core.mcp import mcp_policies_for
+from egresswarden.core.paths import PathError, canonical_path
 from egresswarden.core.ruleset import RuleSet
-from egresswarden.runtime.context import Connections, ConnState, FlowRecord, Tunnel, record_of
-from egresswarden.runtime.failsafe import fail_closed, refusal_response
-from egresswarden.runtime.resolver import ResolveError, resolve
+from egresswarden.runtime.context import (
+    Connections,
+    ConnState,
+    FlowRecord,
+    Target,
+    Tunnel,
+    TunnelMode,
+    record_of,
+)
+from egresswarden.runtime.failsafe import refusal_response
+from egresswarden.runtime.resolver import GovernedAddresses, ResolveError, resolve
 from egresswarden.runtime.rulestore import RuleStore
 
-
-def _split_authority(value: str, default_port: int) -> tuple[str, int]:
-    """"host:port" / "[v6]:port" / "host" -> (host, port). Raises ValueError."""
-    value = value.strip()
-    if value.startswith("["):
-        end = value.index("]")
-        host, rest = value[1:end], value[end + 1 :]
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if value.count(":") == 1:
-        host, port = value.rsplit(":", 1)
-        return host, int(port)
-    return value, default_port
-
-
-def _names(header: str, host: str, port: int) -> bool:
-    """Does a Host header (or :authority) name `host` (canonical) and `port`? Unparsable: no."""
-    try:
-        name, header_port = _split_authority(header, port)
-        return normalize_host(name) == host and header_port == port
-    except (ValueError, HostError):
-        return False
+# Refusals an in-band explanation may carry: the agent is identified and the answer is policy.
+# (Identity failures stay 407 so clients can authenticate; 503s stay retryable statuses.)
+EXPLAINABLE = frozenset({
+    Reason.NO_MATCHING_RULE, Reason.PORT_NOT_ALLOWED, Reason.DENY_LISTED, Reason.PRIVATE_ADDRESS,
+    Reason.RESOLVE_FAILED,
+})
 
 
 def _canonical_or_raw(host: str) -> str:
@@ -60,10 +68,18 @@ def _canonical_or_raw(host: str) -> str:
         return host[:256]
 
 
+def _canonical_path_or_none(path: str) -> str | None:
+    try:
+        return canonical_path(path)
+    except PathError:
+        return None
+
+
 class Policy:
     def __init__(self, store: RuleStore, connections: Connections) -> None:
         self.store = store
         self.connections = connections
+        self.governed = GovernedAddresses()
 
     def _refuse(self, flow: http.HTTPFlow, record: FlowRecord, decision: Decision) -> None:
         record.decision = decision
@@ -71,7 +87,7 @@ class Policy:
 
     async def _check_addresses(self, rules: RuleSet, facts: RequestFacts, decision: Decision,
                                state: ConnState, record: FlowRecord) -> Decision:
-        """Resolve and check; on success remember the pinned address for this connection."""
+        """Resolve an allowed name and check every address; remember the pinned address."""
         host = normalize_host(facts.host)
         try:
             addresses = await resolve(rules, host, facts.port)
@@ -82,16 +98,33 @@ class Policy:
                                    decision)
         record.engine_seconds += time.perf_counter() - started
         if checked.allowed:
+            checked = await self._check_governed(rules, host, facts.port, addresses, checked, state)
+        if checked.allowed:
             state.pinned[(host, facts.port)] = addresses[0]
         return checked
 
-    @fail_closed
+    async def _check_governed(self, rules: RuleSet, host: str, port: int, addresses: list[IPAddress],
+                              decision: Decision, state: ConnState) -> Decision:
+        """An MCP server's or credential host's address reached by an IP literal or another name is
+        governed as that destination: intercepted, and MCP endpoint paths decided as its MCP traffic."""
+        if not rules.mcp_servers and not rules.credentials_by_id:
+            return decision
+        owners = await self.governed.owners(rules)
+        for ip in addresses:
+            governed = owners.get((ip, port))
+            if governed is not None and governed.host != host:
+                if governed.mcp_server is not None:
+                    state.governed_mcp[(host, port)] = governed.mcp_server
+                return replace(decision, intercept=True)
+        return decision
+
+    # -- CONNECT -----------------------------------------------------------------------------
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
-            return  # identity already refused it
+            return  # identity (or the audit gate) already refused it
         record = record_of(flow)
         state = self.connections.get(flow.client_conn)
-        rules = self.store.current
+        rules = record.rules = self.store.current
         assert rules is not None and record.agent is not None
         facts = RequestFacts(record.agent, flow.request.host, flow.request.port, "https")
         record.host, record.port, record.scheme = _canonical_or_raw(flow.request.host), flow.request.port, "https"
@@ -102,6 +135,9 @@ class Policy:
             decision = await self._check_addresses(rules, facts, decision, state, record)
         record.decision = decision
         if not decision.allowed:
+            if rules.settings.explain_denials == "in_band" and decision.reason in EXPLAINABLE:
+                self._accept_to_explain(flow, record, state, decision)
+                return
             self._refuse(flow, record, decision)
             return
         host = record.host  # allowed, so the host was valid and is canonical here
@@ -113,70 +149,139 @@ class Policy:
             request_id=record.request_id,
             address=state.pinned.get((host, flow.request.port)),
             intercept=decision.intercept,
+            sandbox_id=record.sandbox_id,
         )
         record.interception = Interception.INTERCEPT if decision.intercept else Interception.PASSTHROUGH
         record.upstream_address = str(state.tunnel.address) if state.tunnel.address else None
 
-    def _fronting(self, flow: http.HTTPFlow, tunnel: Tunnel, rules: RuleSet) -> Decision | None:
+    def _accept_to_explain(self, flow: http.HTTPFlow, record: FlowRecord, state: ConnState,
+                           decision: Decision) -> None:
+        """Answer the CONNECT with 200 so the agent's first request can carry the readable 403.
+
+        Every client drops the body of a refused CONNECT; inside the tunnel the refusal is an
+        ordinary response the client shows. A response set here means mitmproxy opens no
+        upstream connection (not even with the eager strategy), and the tunnel's layers are
+        chosen by Interception (TLS with the client only). The audit's connect record keeps
+        the deny decision; its interception is `explain`."""
+        assert record.agent is not None and record.host is not None
+        state.tunnel = Tunnel(agent=record.agent, host=record.host, port=flow.request.port, decision=decision,
+                              request_id=record.request_id, mode=TunnelMode.UNDECIDED, sandbox_id=record.sandbox_id)
+        state.tunnel.intercept = True
+        record.interception = Interception.EXPLAIN
+        flow.response = http.Response.make(200, b"", {})
+        flow.response.reason = "Connection established"
+
+    # -- requests ----------------------------------------------------------------------------
+    def _tunnel_authorities(self, flow: http.HTTPFlow, tunnel: Tunnel, rules: RuleSet) -> Decision | None:
+        """Every authority the request carries names the CONNECT host and port, or a denial."""
         if tunnel.sni_mismatch is not None:
             return deny(Reason.SNI_MISMATCH,
                         f"TLS SNI {tunnel.sni_mismatch[:80]!r} differs from the CONNECT host {tunnel.host}; "
                         f"connect to the host you mean", rules.version)
-        header = flow.request.host_header
-        if header is None or _names(header, tunnel.host, tunnel.port):
-            return None  # (HTTP/1.0 without Host: the tunnel host is the only destination)
-        return deny(Reason.HOST_MISMATCH,
-                    f"Host header {header[:80]!r} differs from the CONNECT host {tunnel.host}:{tunnel.port}; "
-                    f"open a tunnel to the host you mean", rules.version)
+        request = flow.request
+        for what, value in (("request target", request.authority), ("Host header", request.host_header)):
+            if value and not authority_names(value, tunnel.host, tunnel.port):
+                return deny(Reason.HOST_MISMATCH,
+                            f"the {what} names {value[:80]!r}, but this tunnel was opened to "
+                            f"{tunnel.host}:{tunnel.port}; open a tunnel to the host you mean", rules.version)
+        return None
 
-    @fail_closed
+    def _upgrade(self, flow: http.HTTPFlow, record: FlowRecord, rules: RuleSet, decision: Decision) -> Decision:
+        """HTTP Upgrade: WebSocket where the deciding rule allows it, nothing else."""
+        upgrade = flow.request.headers.get("upgrade")
+        if upgrade is None or not decision.allowed:
+            return decision
+        if upgrade.strip().lower() != "websocket":
+            return deny(Reason.UPGRADE_NOT_ALLOWED,
+                        f"Upgrade to {upgrade[:40]!r} is not allowed: Warden only carries HTTP it can decide",
+                        rules.version, decision.rule_id)
+        rule = rules.allow_rule(decision.rule_id) if decision.rule_id else None
+        if rule is None or not rule.websocket:
+            return deny(Reason.WEBSOCKET_NOT_ALLOWED,
+                        f"WebSocket to {record.host} is not allowed for agent '{record.agent}' "
+                        f"(the rule must say websocket: true)", rules.version, decision.rule_id)
+        return decision
+
+    def _target(self, record: FlowRecord, rules: RuleSet, state: ConnState, host: str, port: int, scheme: str,
+                path: str) -> None:
+        """Decide the canonical target and the MCP server it addresses, once for every stage: by
+        name, or by address when the name (or IP literal) resolved to a declared server's address."""
+        canonical = _canonical_path_or_none(path)
+        record.target = Target(host, port, scheme, canonical)
+        if canonical is None or not rules.mcp_servers:
+            return
+        policies = mcp_policies_for(rules)
+        server = policies.server_for(host, port, canonical)
+        by_address = state.governed_mcp.get((host, port))
+        if server is None and by_address is not None:
+            declared = next(s for s in rules.model.mcp_servers if s.id == by_address)
+            server = policies.server_for(declared.host, declared.port, canonical)
+        record.mcp_server = server.id if server is not None else None
+
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
         record = record_of(flow)
         state = self.connections.get(flow.client_conn)
-        rules = self.store.current
-        assert rules is not None and record.agent is not None
         tunnel = state.tunnel
-        record.method, record.path = flow.request.method, flow.request.path
+        # Each request takes the newest rules, also inside an older tunnel (a revoked agent is refused).
+        rules = record.rules = self.store.current
+        assert rules is not None and record.agent is not None
+        request = flow.request
+        record.method, record.path = request.method, request.path
         if tunnel is not None:
             record.host, record.port, record.scheme = tunnel.host, tunnel.port, "https"
-            record.interception = Interception.INTERCEPT
             record.upstream_address = str(tunnel.address) if tunnel.address else None
-            fronting = self._fronting(flow, tunnel, rules)
+            if tunnel.mode is TunnelMode.EXPLAIN:
+                record.interception = Interception.EXPLAIN
+                self._refuse(flow, record, tunnel.decision)
+                return
+            if tunnel.mode is TunnelMode.CLEARTEXT:
+                record.interception = Interception.CLEARTEXT
+                self._refuse(flow, record, deny(
+                    Reason.CLEARTEXT_IN_TUNNEL,
+                    f"plain HTTP inside the tunnel to {tunnel.host}:{tunnel.port}; Warden forwards only TLS here "
+                    f"(use https://{tunnel.host}{'' if tunnel.port == 443 else f':{tunnel.port}'}/)", rules.version))
+                return
+            record.interception = Interception.INTERCEPT
+            fronting = self._tunnel_authorities(flow, tunnel, rules)
             if fronting is not None:
                 self._refuse(flow, record, fronting)
                 return
-            facts = RequestFacts(record.agent, tunnel.host, tunnel.port, "https", flow.request.method,
-                                 flow.request.path)
+            if not (request.is_http2 or request.is_http3):
+                request.authority = ""  # origin-form upstream: the authority was checked, now it is implied
+            self._target(record, rules, state, tunnel.host, tunnel.port, "https", request.path)
+            facts = RequestFacts(record.agent, tunnel.host, tunnel.port, "https", request.method, request.path)
         else:
-            record.host, record.port, record.scheme = flow.request.host, flow.request.port, flow.request.scheme
+            record.host, record.port, record.scheme = request.host, request.port, request.scheme
             record.interception = Interception.PLAIN
-            header = flow.request.host_header
-            if header is not None and not _names(header, _canonical_or_raw(flow.request.host), flow.request.port):
+            canonical_host = _canonical_or_raw(request.host)
+            header = request.host_header
+            if header is not None and not authority_names(header, canonical_host, request.port):
                 self._refuse(flow, record, deny(
                     Reason.HOST_MISMATCH, f"Host header {header[:80]!r} differs from the request URL host "
-                    f"{flow.request.host[:80]!r}", rules.version))
+                    f"{request.host[:80]!r}", rules.version))
                 return
-            facts = RequestFacts(record.agent, flow.request.host, flow.request.port, flow.request.scheme,
-                                 flow.request.method, flow.request.path)
+            self._target(record, rules, state, canonical_host, request.port, request.scheme, request.path)
+            facts = RequestFacts(record.agent, request.host, request.port, request.scheme, request.method,
+                                 request.path)
         started = time.perf_counter()
         decision = decide(rules, facts)
         record.engine_seconds += time.perf_counter() - started
-        with contextlib.suppress(HostError):
-            record.host = normalize_host(record.host or "")
+        record.host = _canonical_or_raw(record.host or "")
+        decision = self._upgrade(flow, record, rules, decision)
         if decision.allowed and tunnel is None:
             decision = await self._check_addresses(rules, facts, decision, state, record)
-            pinned = state.pinned.get((record.host or "", flow.request.port))
+            pinned = state.pinned.get((record.host, request.port))
             if decision.allowed and pinned is not None:
                 record.upstream_address = str(pinned)
-                if parse_ip(flow.request.host) is None:
+                if parse_ip(request.host) is None:
                     # Pin: connect to the checked address, keep the name in the Host header. Setting
                     # request.host (not only the server address) lets mitmproxy reuse the upstream
                     # connection for the next request to the same host.
-                    host_header = flow.request.host_header
-                    flow.request.host = str(pinned)
-                    flow.request.host_header = host_header
+                    host_header = request.host_header
+                    request.host = str(pinned)
+                    request.host_header = host_header
         record.decision = decision
         if not decision.allowed:
             self._refuse(flow, record, decision)

@@ -14,14 +14,12 @@ from mitmproxy.proxy import server_hooks
 
 from egresswarden.core.hostnames import HostError, normalize_host, parse_ip
 from egresswarden.runtime.context import Connections
-from egresswarden.runtime.failsafe import fail_closed
 
 
 class UpstreamGuard:
     def __init__(self, connections: Connections) -> None:
         self.connections = connections
 
-    @fail_closed
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server
         if server.error or server.address is None:
