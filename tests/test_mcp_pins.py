@@ -218,3 +218,16 @@ def test_http_rug_pull_after_a_warden_restart_is_still_blocked_and_pin_resolves_
             assert wait_until(unblocked, 20)
         finally:
             warden.stop()
+
+
+def test_engine_refuses_calls_to_unpinned_tools_in_refuse_mode_for_any_transport(tmp_path: Path) -> None:
+    setup = write_rules(tmp_path, settings={"mcp_unpinned": "refuse"})
+    rules = load_ruleset(setup.rules)
+    policies = E.McpPolicies(rules)
+    server = next(s for s in rules.model.mcp_servers if s.id == "fix")
+    pins = E.PinStore(unpinned="refuse")
+    msg = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+    md = E.decide_message(policies, pins, "dev", server, msg)
+    assert not md.allowed and md.decision.reason.value == "mcp_tool_unpinned" and "warden mcp pin" in md.text
+    pins.set_rule_pins({"fix": {"add": E.tool_hash({"name": "add"})}})
+    assert E.decide_message(policies, pins, "dev", server, msg).allowed

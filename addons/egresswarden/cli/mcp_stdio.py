@@ -6,7 +6,8 @@ Starts the server declared as `mcp_servers: [{id: ID, command: ...}]` as a child
 relays JSON-RPC between the agent (this process's stdin/stdout) and the server, deciding
 every message like HTTP MCP (see `egresswarden.mcpstdio.relay`). Exit status: the
 server's (128+N if it died of signal N, or if Warden got signal N), 0 when the agent
-ended the session, 2 for a usage or rules problem, 127 when the server cannot be started.
+ended the session, 2 for a usage or rules problem, 127 when the server cannot be started, 1
+after an internal error (the server is stopped).
 Nothing but JSON-RPC is ever written to stdout; problems go to stderr.
 """
 

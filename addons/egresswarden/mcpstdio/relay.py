@@ -213,30 +213,40 @@ class Relay:
         tasks = [loop.create_task(self._agent_to_server(agent_in), name="agent->server"),
                  loop.create_task(self._server_to_agent(), name="server->agent")]
         extra = []
+        stderr_task = None
         if launch.secrets and self.proc.stderr is not None:
-            extra.append(loop.create_task(self._stderr(self.proc.stderr)))
+            stderr_task = loop.create_task(self._stderr(self.proc.stderr))
+            extra.append(stderr_task)
         if self.reload_rules:
             extra.append(loop.create_task(self._watch_rules()))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if tasks[0] in done:
                 self.agent_ended = True
-                await self._stop_server(tasks[1])
+                await self._stop_server()
             else:
                 tasks[0].cancel()
             rc = await self._wait_exit(tasks[1])
+            if stderr_task is not None:  # the server's last words (e.g. why it crashed)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stderr_task), 1.0)
         finally:
             for sig in FORWARDED_SIGNALS:
                 loop.remove_signal_handler(sig)
             for task in [*tasks, *extra]:
                 task.cancel()
-            await asyncio.gather(*tasks, *extra, return_exceptions=True)
+            outcomes = await asyncio.gather(*tasks, *extra, return_exceptions=True)
+        failures = [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, asyncio.CancelledError)]
+        if failures:  # a bug in the relay: the server was stopped (fail closed); say so loudly
+            error = f"{failures[0].__class__.__name__}: {str(failures[0])[:300]}"
+            print(f"warden mcp stdio: internal error, session ended: {error}", file=sys.stderr, flush=True)
+            self.recorder.event({"event": "mcp_session", "result": "internal_error", "error": error})
         await self._fail_pending(f"MCP server '{self.server.id}' exited (status {rc}) before answering")
         self.recorder.event({"event": "mcp_session", "result": "ended", "exit_status": rc,
                              "ended_by": "signal" if self.signalled else "agent" if self.agent_ended else "server"})
         if self.out is not None:
             self.out.close()
-        return self._exit_status(rc)
+        return 1 if failures else self._exit_status(rc)
 
     def _exit_status(self, rc: int) -> int:
         if self.signalled is not None:
@@ -265,7 +275,7 @@ class Relay:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
 
-    async def _stop_server(self, reader_task: asyncio.Task[None]) -> None:
+    async def _stop_server(self) -> None:
         """The agent is gone: close the server's stdin, then escalate (MCP lifecycle "Shutdown")."""
         assert self.proc is not None and self.proc.stdin is not None
         with contextlib.suppress(Exception):
