@@ -23,7 +23,7 @@ BUNDLE = $(CONFDIR)/agent/warden-ca-bundle.pem
 AGENT_PROXY = $(subst 0.0.0.0:,127.0.0.1:,$(LISTEN))
 PYTEST_ARGS ?=
 
-.PHONY: run test lint check bench bench-quick bench-engine clean system-deps
+.PHONY: run test lint check bench bench-quick bench-engine clean system-deps js-test-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { py=$$(.ci/find-python) && echo "using $$py" && "$$py" -m venv $(VENV); }
@@ -67,6 +67,10 @@ system-deps:
 	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing:$$missing"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null 2>&1 || echo "apt-get failed; dependent tests will skip"; fi
+
+# The TypeScript MCP SDK for tests/test_mcp_stdio_js.py (pinned in tests/js/package-lock.json).
+js-test-deps: system-deps
+	cd tests/js && npm ci --no-audit --no-fund --silent
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check addons tests bench

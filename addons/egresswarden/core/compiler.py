@@ -163,6 +163,8 @@ class _Compiler:
                 deny_hosts.add(rule.target.kind, rule.target.value, compiled_rule)
         servers: dict[tuple[str, int], list[McpServer]] = {}
         for server in model.mcp_servers:
+            if server.stdio is not None:  # local servers have no network address to match
+                continue
             servers.setdefault((server.host, server.port), []).append(server)
         hosts = self.hosts_file()
         self.check_sandbox_env()

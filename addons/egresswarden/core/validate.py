@@ -43,6 +43,7 @@ from .model import (
     SandboxLimits,
     SandboxProfile,
     Settings,
+    StdioCommand,
     Target,
     TargetKind,
 )
@@ -399,7 +400,26 @@ def _parse_alert_sink(item: dict[str, Any], index: int, path: tuple[str | int, .
     )
 
 
+def _parse_stdio_server(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMap) -> McpServer:
+    for key in ("credential", "legacy_sse_messages_path"):
+        if key in item:
+            raise lines.error((*path, key), f"{key} applies to HTTP MCP servers (url), not to stdio servers (command)")
+    env = item.get("env", {})
+    _check_templates(env, (*path, "env"), lines)
+    stdio = StdioCommand(item["command"], tuple(item.get("args", ())), item.get("cwd"), tuple(env.items()),
+                         item.get("sandbox_profile"))
+    return McpServer(item["id"], "", "stdio", "", 0, "", None, None, Origin(lines.file, lines.line_of(path)), stdio)
+
+
 def _parse_mcp_server(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMap) -> McpServer:
+    if ("url" in item) == ("command" in item):
+        raise lines.error(path, f"mcp server {item['id']!r} needs exactly one of url (HTTP) and command (stdio)",
+                          "url: https://host/mcp for a remote server; command: + args: for a local one")
+    if "command" in item:
+        return _parse_stdio_server(item, path, lines)
+    for key in ("args", "cwd", "env", "sandbox_profile"):
+        if key in item:
+            raise lines.error((*path, key), f"{key} applies to stdio MCP servers (command), not to url servers")
     parts = urlsplit(item["url"])
     try:
         host = normalize_host(parts.hostname or "")
@@ -505,6 +525,8 @@ def _build_settings(raw: dict[str, Any], lines_of: dict[str, LineMap], out: _Col
             keep_query_values=frozenset(audit.get("keep_query_values", ())),
         ),
         alerts=tuple(alerts),
+        mcp_unpinned=raw.get("mcp_unpinned", "learn"),
+        mcp_pin_store=raw.get("mcp_pin_store"),
     )
 
 

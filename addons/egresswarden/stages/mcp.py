@@ -36,6 +36,7 @@ from egresswarden.core.plan import decide_mcp
 from egresswarden.core.ruleset import RuleSet
 from egresswarden.record.journal import utc_now
 from egresswarden.record.outcome import McpFields, Outcome, Outcomes, redact_query
+from egresswarden.runtime import pinstore
 from egresswarden.runtime.context import record_of
 from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.rulestore import RuleStore
@@ -201,7 +202,7 @@ class Mcp:
     def policies(self, rules: RuleSet) -> E.McpPolicies:
         policies = E.mcp_policies_for(rules)  # compiled with the rule set, off the event loop
         if self._pins_version is not rules:
-            self.pins.set_rule_pins(rules.model.mcp_pins)
+            pinstore.attach(self.pins, rules)  # rule pins, settings.mcp_unpinned, the durable store
             self._pins_version = rules
         return policies
 
