@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .errors import RuleError, RuleProblem, RuleSetError, SecretError
+from .hostnames import IPAddress
 from .hostsfile import parse_hosts_file
 from .index import CidrIndex, HostIndex
 from .model import ANONYMOUS_AGENT, AgentMode, Credential, McpServer, Policy, Rule, RuleModel, TargetKind
@@ -73,9 +74,11 @@ class _Compiler:
             if compiled_cred is not None:
                 creds.add(cred.target.kind, cred.target.value, compiled_cred)
                 self.credentials.setdefault(compiled_cred.id, compiled_cred)
+        for index in (hosts, cidrs, creds):
+            index.freeze()  # here, in the loading thread, not on the first decision
         return PolicyIndex(policy.name, hosts, cidrs, creds, tuple(h.lower() for h in policy.strip), policy.mcp)
 
-    def hosts_file(self) -> dict:
+    def hosts_file(self) -> dict[str, tuple[IPAddress, ...]]:
         path = self.model.settings.hosts_file
         if not path:
             return {}
@@ -110,6 +113,8 @@ class _Compiler:
                 deny_cidrs.add(rule.target.network, compiled_rule)
             else:
                 deny_hosts.add(rule.target.kind, rule.target.value, compiled_rule)
+        for index in (source_agents, deny_hosts, deny_cidrs):
+            index.freeze()
         servers: dict[tuple[str, int], list[McpServer]] = {}
         for server in model.mcp_servers:
             servers.setdefault((server.host, server.port), []).append(server)
