@@ -48,6 +48,13 @@ def run_proxy(args: argparse.Namespace) -> int:
 
         enable_reuse_port()
 
+    from egresswarden.runtime.eventloop import EventLoopError, install
+
+    try:
+        install()  # WARDEN_EVENT_LOOP (asyncio or uvloop); before mitmproxy starts its loop
+    except EventLoopError as e:
+        print(f"warden: {e}", file=sys.stderr)
+        return 2
     Path(args.confdir).mkdir(parents=True, exist_ok=True)
     main.run(WardenMaster, cmdline.mitmdump, mitmproxy_arguments(args))
     return 0
