@@ -16,6 +16,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if load_or_report(args.rules) is None:
         print("warden: refusing to start with invalid rules", file=sys.stderr)
         return 2
+    if args.worker_index is None:
+        from egresswarden.cli.ca import ca_key_path, init_ca
+
+        if not ca_key_path(Path(args.confdir)).exists():
+            # Here, once, before any worker starts: mitmproxy would create an RSA-2048 CA in
+            # each process; Warden's default is ECDSA P-256 (cheaper handshakes, issue 17).
+            init_ca(Path(args.confdir))
     if args.workers > 1 and args.worker_index is None:
         from egresswarden.runtime.workers import run_workers
 
