@@ -42,6 +42,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"warden: {format_listen(args.listen)} is already in use (another Warden?); "
               "pick another with --listen", file=sys.stderr)
         return 1
+    if args.worker_index is None:
+        from egresswarden.cli.ca import ca_key_path, init_ca
+
+        if not ca_key_path(Path(args.confdir)).exists():
+            # Here, once, before any worker starts: mitmproxy would create an RSA-2048 CA in
+            # each process; Warden's default is ECDSA P-256 (cheaper handshakes, issue 17).
+            init_ca(Path(args.confdir))
     if args.workers > 1 and args.worker_index is None:
         from egresswarden.runtime.workers import run_workers
 
@@ -91,6 +98,13 @@ def run_proxy(args: argparse.Namespace) -> int:
         from egresswarden.record.journal import claim_stdout
 
         claim_stdout()  # stdout carries audit records only; every other line goes to stderr
+    from egresswarden.runtime.eventloop import EventLoopError, install
+
+    try:
+        install()  # WARDEN_EVENT_LOOP (asyncio or uvloop); before mitmproxy starts its loop
+    except EventLoopError as e:
+        print(f"warden: {e}", file=sys.stderr)
+        return 2
     Path(args.confdir).mkdir(parents=True, exist_ok=True)
     main.run(WardenMaster, cmdline.mitmdump, mitmproxy_arguments(args))
     return 0

@@ -112,6 +112,8 @@ class _Compiler:
             if compiled_cred is not None:
                 creds.add(cred.target.kind, cred.target.value, compiled_cred)
                 self.credentials.setdefault(compiled_cred.id, compiled_cred)
+        for index in (hosts, cidrs, creds):
+            index.freeze()  # here, in the loading thread, not on the first decision
         return PolicyIndex(policy.name, hosts, cidrs, creds, tuple(h.lower() for h in policy.strip), policy.mcp)
 
     def hosts_file(self) -> dict[str, tuple[IPAddress, ...]]:
@@ -161,6 +163,8 @@ class _Compiler:
                 deny_cidrs.add(rule.target.network, compiled_rule)
             else:
                 deny_hosts.add(rule.target.kind, rule.target.value, compiled_rule)
+        for index in (source_agents, deny_hosts, deny_cidrs):
+            index.freeze()
         servers: dict[tuple[str, int], list[McpServer]] = {}
         for server in model.mcp_servers:
             if server.stdio is not None:  # local servers have no network address to match
