@@ -30,6 +30,8 @@ from mitmproxy.addons import (
     tlsconfig,
     upstream_auth,
 )
+from mitmproxy.proxy import layer
+from mitmproxy.proxy.layers import modes
 
 from egresswarden.runtime.chain import build_addon
 
@@ -81,11 +83,27 @@ class LogLevel:
             logging.getLogger().setLevel(level if isinstance(level, int) else logging.DEBUG)
 
 
+class FirstLayerOnly(next_layer.NextLayer):
+    """mitmproxy's layer chooser, restricted to the explicit proxy's own first layer.
+
+    Warden's Interception stage decides every other layer (see stages/interception.py). It
+    runs before this addon in the same hook, and when it leaves the decision open ("wait for
+    a whole ClientHello or request line") mitmproxy's chooser would otherwise decide at once
+    from the few bytes there are: `G` became an HttpLayer that no tunnel mode governs, or,
+    with rawtcp, a raw relay past every rule."""
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        ctxt = nextlayer.context
+        if len(ctxt.layers) == 1 and isinstance(ctxt.layers[0], (modes.HttpProxy, modes.HttpUpstreamProxy)):
+            super().next_layer(nextlayer)
+
+
 class WardenMaster(master.Master):
     def __init__(self, opts: options.Options, loop=None) -> None:  # noqa: ANN001
         super().__init__(opts, event_loop=loop, with_termlog=True)
         defaults = addons.default_addons()
-        kept = [a for a in defaults if isinstance(a, NEEDED)]
+        kept = [FirstLayerOnly() if isinstance(a, next_layer.NextLayer) else a
+                for a in defaults if isinstance(a, NEEDED)]
         refused = RefusedOptions([a for a in defaults if not isinstance(a, NEEDED)])
         at = next(i for i, a in enumerate(kept) if isinstance(a, script.ScriptLoader)) + 1
         self.addons.add(LogLevel(), *kept[:at], build_addon(), *kept[at:], refused)

@@ -89,8 +89,10 @@ class Interception:
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
         # mitmproxy's raw-TCP fallbacks (NextLayer's "probably not HTTP", HTTP 101 to an unknown
-        # protocol) would relay bytes no stage decided.
-        if "rawtcp" in updated and opts.rawtcp:
+        # protocol) would relay bytes no stage decided. Checked on every configure, not only when
+        # "rawtcp" is in `updated`: mitmdump configures only the options the command line set, so
+        # the default (on) would never be seen.
+        if opts.rawtcp:
             opts.update(rawtcp=False)
         if "ssl_insecure" in updated and opts.ssl_insecure:
             raise exceptions.OptionsError(
