@@ -635,3 +635,93 @@ def run_logged_mcp_server(ca: trustme.CA, tmp: Path) -> Iterator[LoggedMcp]:
     finally:
         uv.should_exit = True
         thread.join(10)
+
+
+# -- an HTTP/2 origin -----------------------------------------------------------------------------------
+class H2Origin:
+    """A TLS origin that speaks only HTTP/2 (ALPN h2, the `h2` library): logs every request's
+    headers and body and answers a JSON-RPC `tools/call` as if it had run the tool."""
+
+    def __init__(self, ca: trustme.CA) -> None:
+        self.ctx = server_context(ca, alpn=["h2"])
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+
+    def serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, raw: socket.socket) -> None:
+        import json
+
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        raw.settimeout(20)
+        conn: socket.socket = raw
+        try:
+            conn = self.ctx.wrap_socket(raw, server_side=True)
+            h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            h2c.initiate_connection()
+            conn.sendall(h2c.data_to_send())
+            streams: dict[int, tuple[dict[str, str], bytearray]] = {}
+            while not self.stopping.is_set():
+                data = conn.recv(65536)
+                if not data:
+                    break
+                for ev in h2c.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        hdrs = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                                for k, v in ev.headers}
+                        streams[ev.stream_id] = (hdrs, bytearray())
+                    elif isinstance(ev, h2.events.DataReceived):
+                        streams[ev.stream_id][1].extend(ev.data)
+                        h2c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        hdrs, body = streams.pop(ev.stream_id)
+                        with self.lock:
+                            self.requests.append((hdrs, bytes(body)))
+                        try:
+                            msg = json.loads(body or b"null")
+                        except ValueError:
+                            msg = None
+                        rpc_id = msg.get("id") if isinstance(msg, dict) else None
+                        out = json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {
+                            "content": [{"type": "text", "text": "ran it"}], "isError": False}}).encode()
+                        h2c.send_headers(ev.stream_id, [(":status", "200"), ("content-type", "application/json"),
+                                                        ("content-length", str(len(out)))])
+                        h2c.send_data(ev.stream_id, out, end_stream=True)
+                conn.sendall(h2c.data_to_send())
+        except Exception:  # a test origin: any failure ends the connection
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+                raw.close()
+
+
+@contextlib.contextmanager
+def run_h2_origin(ca: trustme.CA) -> Iterator[H2Origin]:
+    origin = H2Origin(ca)
+    thread = threading.Thread(target=origin.serve, daemon=True)
+    thread.start()
+    try:
+        yield origin
+    finally:
+        origin.stopping.set()
+        origin.sock.close()
+        thread.join(5)

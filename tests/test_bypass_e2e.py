@@ -350,3 +350,193 @@ def test_secrets_never_in_audit_output_or_metrics(w: Warden, tls_origin: Logging
             assert form not in data, f"{where} holds a secret ({name}-encoded)"
             assert form.lower() not in data.lower() or len(form) < 12, f"{where} holds a case-folded secret ({name})"
     _nothing_arrived(tls_origin)
+
+
+# -- 4, 5, 12. MCP governance: encoded endpoint paths, streamed bodies, the server's address ---------
+MCP_SECRET = "mcp-bearer-7c6b5a4f3e2d1c0b"
+MAX_MCP = 4096
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "agent", "version": "1"}}}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+def _call(name: str, rpc_id: int = 7) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rpc_id, "method": "tools/call", "params": {"name": name, "arguments": {}}}
+
+
+@pytest.fixture(scope="module")
+def mcp_env(origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from .bypass_helpers import run_h2_origin, run_logged_mcp_server
+
+    work = tmp_path_factory.mktemp("bypass-mcp")
+    with run_logged_mcp_server(origin_ca, work) as srv, run_h2_origin(origin_ca) as h2srv:
+        port = srv.port
+        rules = {
+            "agents": [{"id": "coder", "token_sha256": [sha256_hex(TOKEN)], "policies": ["p"]}],
+            "policies": {"p": {
+                "allow": [{"id": "mcp", "host": "mcp.test", "ports": [port, h2srv.port],
+                           "addresses": ["127.0.0.1/32"]},
+                          {"id": "loopback", "cidr": "127.0.0.1/32", "ports": [port]}],  # finding 12
+                "credentials": [{"id": "mcp-cred", "host": "mcp.test", "ports": [port],
+                                 "inject": {"Authorization": "Bearer ${secret:MCP_SECRET}"},
+                                 "strip": ["Authorization"]}],
+                "mcp": [{"server": "logged", "tools": ["get_weather", "delete_all"], "deny_tools": ["delete_all"]},
+                        {"server": "h2srv", "tools": ["get_weather", "delete_all"], "deny_tools": ["delete_all"]}],
+            }},
+            "mcp_servers": [{"id": "logged", "url": f"https://mcp.test:{port}/mcp", "credential": "mcp-cred"},
+                            {"id": "h2srv", "url": f"https://mcp.test:{h2srv.port}/mcp"}],
+            "settings": {"hosts_file": str(hosts_file(work / "hosts")),
+                         "body_scan": {"max_buffered_bytes": 1024, "max_mcp_body_bytes": MAX_MCP}},
+        }
+        warden = start_warden(work, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
+                              env={"MCP_SECRET": MCP_SECRET}, agents={"coder": TOKEN})
+        try:
+            yield {"warden": warden, "srv": srv, "port": port, "origin_ca_file": origin_ca_file, "h2": h2srv}
+        finally:
+            warden.stop()
+
+
+def _mcp_client(env: dict[str, Any], http2: bool = False) -> Any:
+    import httpx
+
+    w: Warden = env["warden"]
+    return httpx.Client(proxy=w.proxy_url("coder", TOKEN), verify=ssl.create_default_context(cafile=str(w.ca_cert)),
+                        timeout=20, trust_env=False, http2=http2)
+
+
+def _session(client: Any, url: str) -> dict[str, str]:
+    """initialize + notifications/initialized; the headers later requests of the session carry."""
+    r = client.post(url, json=INIT, headers=MCP_HEADERS)
+    assert r.status_code == 200, r.text
+    headers = dict(MCP_HEADERS)
+    sid = r.headers.get("mcp-session-id")
+    if sid:
+        headers["mcp-session-id"] = sid
+    headers["mcp-protocol-version"] = "2025-06-18"
+    client.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+    return headers
+
+
+def _denied_in_protocol(r: Any) -> None:
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert "error" in data or data.get("result", {}).get("isError") is True, data
+    assert "deleted everything" not in r.text
+
+
+def _mcp_audit(w: Warden, tool: str, host: str = "mcp.test", path: str | None = None) -> dict:
+    recs = audit_where(w, lambda r: r.get("event") == "mcp" and r.get("mcp_tool") == tool and r.get("host") == host
+                       and (path is None or r.get("path") == path))
+    assert recs[-1]["decision"] == "deny" and recs[-1]["mcp_server"] == "logged", recs[-1]
+    return recs[-1]
+
+
+def test_mcp_control_the_server_logs_every_call(mcp_env: dict[str, Any]) -> None:
+    """Without Warden the logged server runs delete_all and logs it; through Warden get_weather
+    (allowed) runs. So an empty log below really means the tool never ran."""
+    import httpx
+
+    srv = mcp_env["srv"]
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(mcp_env["origin_ca_file"])), timeout=20,
+                      trust_env=False) as direct:
+        url = f"https://127.0.0.1:{srv.port}/%6dcp"  # the server itself decodes the path
+        headers = _session(direct, url)
+        r = direct.post(url, json=_call("delete_all"), headers=headers)
+        assert "deleted everything" in r.text
+    with _mcp_client(mcp_env) as client:
+        url = f"https://mcp.test:{srv.port}/mcp"
+        headers = _session(client, url)
+        r = client.post(url, json={**_call("get_weather"), "params": {"name": "get_weather",
+                                                                     "arguments": {"location": "Oslo"}}},
+                        headers=headers)
+        assert "sunny in Oslo" in r.text, r.text
+    assert srv.calls == ["delete_all", "get_weather"]
+    srv.calls.clear()
+
+
+@pytest.mark.parametrize("path", ["/%6dcp", "/mc%70", "/%6D%63%70", "/mcp/", "//mcp"])
+def test_mcp_endpoint_in_another_spelling_is_governed(mcp_env: dict[str, Any], path: str) -> None:
+    srv, w = mcp_env["srv"], mcp_env["warden"]
+    srv.calls.clear()
+    with _mcp_client(mcp_env) as client:
+        base = f"https://mcp.test:{srv.port}"
+        headers = _session(client, base + "/mcp")
+        r = client.post(base + path, json=_call("delete_all", 11), headers=headers)
+    if path in ("/%6dcp", "/mc%70", "/%6D%63%70") or r.status_code == 200:
+        _denied_in_protocol(r)  # the same endpoint, so decided as MCP: the denial is in the protocol
+        _mcp_audit(w, "delete_all", path=path)
+    else:
+        assert r.status_code in (400, 403, 404), r.text  # refused or not the endpoint: never run
+    assert "delete_all" not in srv.calls
+
+
+def _raw_mcp(mcp_env: dict[str, Any], data: bytes) -> Any:
+    w = mcp_env["warden"]
+    port = mcp_env["port"]
+    with open_tunnel(w, "coder", "mcp.test", port) as s:
+        s.sendall(data)
+        return read_response(s)
+
+
+def test_mcp_chunked_body_is_refused(mcp_env: dict[str, Any]) -> None:
+    srv, w, port = mcp_env["srv"], mcp_env["warden"], mcp_env["port"]
+    srv.calls.clear()
+    body = json.dumps(_call("delete_all")).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    resp = _raw_mcp(mcp_env, request_bytes("POST", "/mcp", f"mcp.test:{port}",
+                                           {**MCP_HEADERS, "Transfer-Encoding": "chunked"}, chunked))
+    assert resp.status == 411 and resp.headers["x-warden-reason"] == "length_required", resp
+    assert "delete_all" not in srv.calls
+    rec = audit_where(w, lambda r: r.get("event") == "request" and r.get("reason") == "length_required")[-1]
+    assert rec["decision"] == "deny" and rec["port"] == port
+
+
+def test_mcp_body_above_the_bound_is_refused(mcp_env: dict[str, Any]) -> None:
+    srv, w, port = mcp_env["srv"], mcp_env["warden"], mcp_env["port"]
+    srv.calls.clear()
+    msg = _call("delete_all")
+    msg["params"]["arguments"] = {"pad": "x" * (MAX_MCP + 100)}
+    resp = _raw_mcp(mcp_env, request_bytes("POST", "/mcp", f"mcp.test:{port}", MCP_HEADERS,
+                                           json.dumps(msg).encode()))
+    assert resp.status == 413 and resp.headers["x-warden-reason"] == "body_too_large", resp
+    assert "delete_all" not in srv.calls
+    audit_where(w, lambda r: r.get("event") == "request" and r.get("reason") == "body_too_large"
+                and r.get("port") == port)
+
+
+def test_mcp_http2_body_without_length_is_refused(mcp_env: dict[str, Any]) -> None:
+    """HTTP/2 needs an upstream that speaks it (Warden offers the agent the upstream's ALPN):
+    the h2 stand-in MCP server logs every request that reaches it."""
+    w, h2srv = mcp_env["warden"], mcp_env["h2"]
+    body = json.dumps(_call("delete_all", 31)).encode()
+    with _mcp_client(mcp_env, http2=True) as client:
+        url = f"https://mcp.test:{h2srv.port}/mcp"
+        r = client.post(url, content=iter([body[:10], body[10:]]), headers=MCP_HEADERS)  # no Content-Length
+        assert r.http_version == "HTTP/2", r.http_version
+        assert r.status_code == 411 and r.headers["x-warden-reason"] == "length_required", r.text
+        # control: the same message with its length is decided (denied in-protocol), never forwarded
+        r2 = client.post(url, content=body, headers=MCP_HEADERS)
+        _denied_in_protocol(r2)
+        # and an allowed call with its length does reach the h2 server (the stand-in really works)
+        ok = json.dumps({**_call("get_weather", 32), "params": {"name": "get_weather",
+                                                                "arguments": {"location": "Oslo"}}}).encode()
+        r3 = client.post(url, content=ok, headers=MCP_HEADERS)
+        assert r3.status_code == 200 and "ran it" in r3.text, r3.text
+    assert [json.loads(b)["params"]["name"] for _, b in h2srv.requests] == ["get_weather"]
+    audit_where(w, lambda r: r.get("event") == "request" and r.get("reason") == "length_required"
+                and r.get("port") == h2srv.port)
+
+
+def test_mcp_server_reached_by_ip_literal_is_governed(mcp_env: dict[str, Any]) -> None:
+    srv, w = mcp_env["srv"], mcp_env["warden"]
+    srv.calls.clear()
+    with _mcp_client(mcp_env) as client:
+        url = f"https://127.0.0.1:{srv.port}/mcp"
+        headers = _session(client, url)
+        r = client.post(url, json=_call("delete_all", 21), headers=headers)
+    _denied_in_protocol(r)
+    assert "delete_all" not in srv.calls
+    connect = audit_where(w, lambda r: r.get("event") == "connect" and r.get("host") == "127.0.0.1")[-1]
+    assert connect["interception"] == "intercept"
+    _mcp_audit(w, "delete_all", host="127.0.0.1")
