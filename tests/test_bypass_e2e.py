@@ -13,6 +13,7 @@ or another process environment).
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import socket
@@ -540,3 +541,124 @@ def test_mcp_server_reached_by_ip_literal_is_governed(mcp_env: dict[str, Any]) -
     connect = audit_where(w, lambda r: r.get("event") == "connect" and r.get("host") == "127.0.0.1")[-1]
     assert connect["interception"] == "intercept"
     _mcp_audit(w, "delete_all", host="127.0.0.1")
+
+
+# -- 6. WebSocket: only where a rule allows it; messages leak-scanned, redacted and counted ----------
+@pytest.fixture(scope="module")
+def ws_env(origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from .bypass_helpers import run_ws_origin
+
+    work = tmp_path_factory.mktemp("bypass-ws")
+    with run_ws_origin(origin_ca, SECRET) as ws:
+        ports = [ws.port]
+        loopback = ["127.0.0.1/32"]
+        rules = {
+            "agents": [{"id": "coder", "token_sha256": [sha256_hex(TOKEN)], "policies": ["p"]}],
+            "policies": {"p": {
+                "allow": [{"id": "cred-ws", "host": "cred.test", "ports": ports, "websocket": True, "addresses": loopback},
+                          {"id": "leak-ws", "host": "leak.test", "ports": ports, "websocket": True, "addresses": loopback},
+                          {"id": "api-nows", "host": "api.test", "ports": ports, "addresses": loopback}],
+                "credentials": [{"id": "github", "host": "cred.test", "ports": ports,
+                                 "inject": {"Authorization": "Bearer ${secret:GH_TOKEN}"}, "strip": ["Authorization"],
+                                 "placeholder": PLACEHOLDER}],
+            }},
+            "settings": {"hosts_file": str(hosts_file(work / "hosts")), "tls_intercept": "always"},
+        }
+        warden = start_warden(work, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
+                              env={"GH_TOKEN": SECRET}, agents={"coder": TOKEN})
+        try:
+            yield {"warden": warden, "ws": ws}
+        finally:
+            warden.stop()
+
+
+def _ws_texts(events: list[Any]) -> list[str]:
+    from wsproto.events import TextMessage
+
+    return [e.data for e in events if isinstance(e, TextMessage)]
+
+
+def _ws_open(w: Warden, host: str, port: int) -> Any:
+    from wsproto.events import AcceptConnection, RejectConnection
+
+    from .bypass_helpers import WsClient
+
+    sock = open_tunnel(w, "coder", host, port)
+    client = WsClient(sock, f"{host}:{port}", "/ws")
+    events = client.events(lambda evs: any(isinstance(e, (AcceptConnection, RejectConnection)) for e in evs))
+    client.accepted = next((e for e in events if isinstance(e, AcceptConnection)), None)
+    client.rejected = next((e for e in events if isinstance(e, RejectConnection)), None)
+    return client
+
+
+def _ws_close(client: Any) -> None:
+    from wsproto.events import CloseConnection
+
+    with contextlib.suppress(Exception):  # Warden may already have closed it
+        client.send(CloseConnection(code=1000))
+        client.events(lambda evs: any(isinstance(e, CloseConnection) for e in evs), timeout=5)
+    client.sock.close()
+
+
+def test_websocket_refused_unless_the_rule_allows_it(ws_env: dict[str, Any]) -> None:
+    from wsproto.events import RejectData
+
+    w, ws = ws_env["warden"], ws_env["ws"]
+    before = list(ws.upgrades)
+    client = _ws_open(w, "api.test", ws.port)
+    try:
+        assert client.accepted is None and client.rejected is not None
+        assert client.rejected.status_code == 403
+        headers = {k.decode().lower(): v.decode() for k, v in client.rejected.headers}
+        assert headers["x-warden-reason"] == "websocket_not_allowed"
+        client.events(lambda evs: any(isinstance(e, RejectData) and e.body_finished for e in evs), timeout=5)
+        assert b"websocket: true" in client.reject_body
+    finally:
+        client.sock.close()
+    assert ws.upgrades == before  # the upgrade never reached the origin
+    audit_where(w, lambda r: r.get("event") == "request" and r.get("reason") == "websocket_not_allowed")
+
+
+def test_websocket_echoed_secret_is_redacted_and_messages_counted(ws_env: dict[str, Any]) -> None:
+    from wsproto.events import TextMessage
+
+    w, ws = ws_env["warden"], ws_env["ws"]
+    client = _ws_open(w, "cred.test", ws.port)
+    assert client.accepted is not None
+    mine = _by_client_port(client.sock)
+    client.send(TextMessage(data="hello"))
+    client.send(TextMessage(data="send-secret"))
+    texts = _ws_texts(client.events(lambda evs: len(_ws_texts(evs)) >= 2))
+    assert texts[0] == "hello"
+    assert SECRET not in texts[1] and "[REDACTED by warden]" in texts[1], texts
+    _ws_close(client)
+    rec = audit_where(w, lambda r: r.get("event") == "websocket_close" and mine(r))[-1]
+    assert rec["websocket_messages_up"] == 2 and rec["websocket_messages_down"] == 2, rec
+    assert rec["credential_ids"] == ["github"] and rec["decision"] == "allow"
+
+
+@pytest.mark.parametrize("leak", [SECRET, PLACEHOLDER, base64.b64encode(f"x:{SECRET}".encode()).decode()],
+                         ids=["secret", "placeholder", "base64"])
+def test_websocket_message_with_a_secret_is_dropped(ws_env: dict[str, Any], leak: str) -> None:
+    from wsproto.events import BytesMessage, TextMessage
+
+    w, ws = ws_env["warden"], ws_env["ws"]
+    client = _ws_open(w, "leak.test", ws.port)
+    assert client.accepted is not None
+    mine = _by_client_port(client.sock)
+    client.send(TextMessage(data="hello"))
+    assert _ws_texts(client.events(lambda evs: len(_ws_texts(evs)) >= 1)) == ["hello"]
+    client.send(TextMessage(data=f"exfil {leak} now"))
+    client.send(BytesMessage(data=f"again {leak}".encode()))
+    client.send(TextMessage(data="after the leak"))
+    # Warden drops the leaking message and everything after it; the positive condition to wait
+    # for is Warden's own record of the leak, written when the socket closes.
+    _ws_close(client)
+    rec = audit_where(w, lambda r: r.get("event") == "websocket_close" and mine(r))[-1]
+    assert rec["reason"] == "secret_leak", rec
+    assert "secret_leak" in rec.get("events", []) and rec["decision"] == "deny"
+    received = [m if isinstance(m, str) else m.decode("latin-1") for m in ws.messages]
+    assert not any(leak in m for m in received), received
+    assert "after the leak" not in received
+    assert not any(form.decode("latin-1") in m for m in received for form in secret_forms())
