@@ -16,8 +16,10 @@ import base64
 import contextlib
 import gzip
 import json
+import os
 import socket
 import ssl
+import subprocess
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -39,6 +41,7 @@ from .bypass_helpers import (
     read_response,
     request_bytes,
     run_logging_origin,
+    wait_until,
 )
 from .harness import Warden, hosts_file, sha256_hex, start_warden
 
@@ -662,3 +665,60 @@ def test_websocket_message_with_a_secret_is_dropped(ws_env: dict[str, Any], leak
     assert not any(leak in m for m in received), received
     assert "after the leak" not in received
     assert not any(form.decode("latin-1") in m for m in received for form in secret_forms())
+
+
+# -- 9. DNS is not an exfiltration channel ----------------------------------------------------------
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (unshare -m, a bind mount, UDP port 53)")
+
+
+@needs_root
+def test_names_refused_by_rules_are_never_resolved(origin_ca_file: Path, shared_confdir: Path,
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from . import harness
+    from .bypass_helpers import run_dns_server
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    wrapper = tmp_path / "warden-in-ns"
+    wrapper.write_text("#!/bin/sh\n"
+                       "exec unshare -m sh -c 'r=$1; shift; mount --bind \"$r\" /etc/resolv.conf && exec \"$@\"' "
+                       f"sh {resolv} {harness.WARDEN} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(harness, "WARDEN", str(wrapper))
+    rules = {
+        "agents": [{"id": "coder", "token_sha256": [sha256_hex(TOKEN)], "policies": ["p"]}],
+        "policies": {"p": {"allow": [
+            {"id": "loopback", "cidr": "127.0.0.0/8", "ports": [443, 8443]},
+            {"id": "zone", "domain": "zone.bypass.test", "ports": [443]},
+            {"id": "control", "host": "control.bypass.test", "ports": [443]},
+        ]}},
+        "deny": [{"id": "no-evil", "host": "evil.zone.bypass.test"}],
+        "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts")), "explain_denials": "status",
+                     "resolve_timeout_seconds": 3},
+    }
+    with run_dns_server("127.0.0.1") as dns:
+        w = start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=shared_confdir, agents={"coder": TOKEN})
+        try:
+            refused = {"data.attacker.example:443": "no_matching_rule",
+                       "data2.attacker.example:8443": "no_matching_rule",  # a port the cidr rule covers
+                       "data3.attacker.example:22": "no_matching_rule",
+                       "evil.zone.bypass.test:443": "deny_listed",
+                       "x.zone.bypass.test:22": "port_not_allowed"}
+            for authority, reason in refused.items():
+                sock, status, head = connect_raw(w, "coder", authority)
+                sock.close()
+                assert status == 403 and f"X-Warden-Reason: {reason}".encode().lower() in head.lower(), head
+            # positive control: a name a host rule allows, absent from every hosts file, IS looked up
+            # through the stand-in (NXDOMAIN -> resolve_failed), so the stand-in is the resolver
+            sock, status, head = connect_raw(w, "coder", "control.bypass.test:443")
+            sock.close()
+            assert status == 502 and b"resolve_failed" in head.lower(), head
+            assert wait_until(lambda: dns.queried("control.bypass.test"))
+            for name in ("attacker.example", "evil.zone.bypass.test", "x.zone.bypass.test"):
+                assert not dns.queried(name), dns.names
+        finally:
+            w.stop()
+    check = subprocess.run([harness.VENV_BIN.joinpath("warden").as_posix(), "check", str(tmp_path / "rules")],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    assert "cidr rules" in check.stdout and "IP literals only" in check.stdout, check.stdout
