@@ -725,3 +725,94 @@ def run_h2_origin(ca: trustme.CA) -> Iterator[H2Origin]:
         origin.stopping.set()
         origin.sock.close()
         thread.join(5)
+
+
+# -- TLS whose ClientHello leaves in two writes ------------------------------------------------------
+class SplitHelloTLS:
+    """TLS over a plain socket through MemoryBIOs, so the ClientHello can be split into two TCP writes."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, host: str, first: int, pause: float) -> None:
+        self.sock = sock
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname=host)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.obj.do_handshake()
+        hello = self.out.read()
+        sock.sendall(hello[:first])
+        time.sleep(pause)
+        sock.sendall(hello[first:])
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake")
+            self.inc.write(data)
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pending = self.out.read()
+                if pending:
+                    sock.sendall(pending)
+        pending = self.out.read()
+        if pending:
+            sock.sendall(pending)
+
+    def sendall(self, data: bytes) -> None:
+        self.obj.write(data)
+        self.sock.sendall(self.out.read())
+
+    def read_response(self, timeout: float = 10) -> Response | None:
+        """One HTTP/1.1 response with Content-Length, or None if the peer closed first."""
+        self.sock.settimeout(timeout)
+        buf = b""
+        while True:
+            while True:
+                try:
+                    buf += self.obj.read(65536)
+                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                    break
+            head, sep, body = buf.partition(b"\r\n\r\n")
+            if sep:
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+                if len(body) >= int(headers.get("content-length", "0")):
+                    return Response(int(lines[0].split()[1]), headers, body)
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.inc.write(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- an HTTP/2 client over an established TLS socket --------------------------------------------------
+def h2_get(sock: ssl.SSLSocket, authority: str, path: str, timeout: float = 10) -> int | None:
+    """One HTTP/2 GET; its status, or None when the peer closed or reset the stream first."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", authority), (":path", path)],
+                      end_stream=True)
+    sock.sendall(conn.data_to_send())
+    sock.settimeout(timeout)
+    status: int | None = None
+    while True:
+        try:
+            data = sock.recv(65536)
+        except (TimeoutError, OSError):
+            return status
+        if not data:
+            return status
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                status = int(dict((k if isinstance(k, bytes) else k.encode(), v) for k, v in ev.headers)[b":status"])
+            elif isinstance(ev, h2.events.DataReceived):
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                sock.sendall(conn.data_to_send())
+                return status
+        sock.sendall(conn.data_to_send())

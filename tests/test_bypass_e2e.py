@@ -722,3 +722,165 @@ def test_names_refused_by_rules_are_never_resolved(origin_ca_file: Path, shared_
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stderr
     assert "cidr rules" in check.stdout and "IP literals only" in check.stdout, check.stdout
+
+
+# -- the invariant: an allowed intercepted tunnel carries only requests Warden decided and audited ----
+Outcome = int | None  # a response status, or None: closed without an answer
+Drive = Callable[[Warden, int], tuple[list[Outcome], list[int]]]
+
+
+def _tls_http1(alpn: list[str] | None, *writes: bytes, responses: int = 1) -> Drive:
+    def drive(w: Warden, port: int) -> tuple[list[Outcome], list[int]]:
+        outcomes: list[Outcome] = []
+        with open_tunnel(w, "coder", "api.test", port, alpn=alpn) as s:
+            client_port = s.getsockname()[1]
+            for i, chunk in enumerate(writes):
+                if i:
+                    time.sleep(PAUSE)
+                s.sendall(chunk.replace(b"PORT", str(port).encode()))
+            for _ in range(responses):
+                try:
+                    outcomes.append(read_response(s).status)
+                except http_client_errors():
+                    outcomes.append(None)
+                    break
+        return outcomes, [client_port]
+    return drive
+
+
+def http_client_errors() -> tuple[type[BaseException], ...]:
+    import http.client
+
+    return (http.client.RemoteDisconnected, http.client.BadStatusLine, ConnectionError, ssl.SSLError, TimeoutError)
+
+
+def _plain(*writes: bytes) -> Drive:
+    def drive(w: Warden, port: int) -> tuple[list[Outcome], list[int]]:
+        with open_tunnel(w, "coder", "api.test", port, tls=False) as s:
+            client_port = s.getsockname()[1]
+            for i, chunk in enumerate(writes):
+                if i:
+                    time.sleep(PAUSE)
+                s.sendall(chunk.replace(b"PORT", str(port).encode()))
+            try:
+                return [read_response(s).status], [client_port]
+            except http_client_errors():
+                return [None], [client_port]
+    return drive
+
+
+def _raw_after_tls(alpn: list[str] | None, payload: bytes) -> Drive:
+    def drive(w: Warden, port: int) -> tuple[list[Outcome], list[int]]:
+        try:
+            s = open_tunnel(w, "coder", "api.test", port, alpn=alpn)
+        except (ssl.SSLError, ConnectionError):  # the handshake itself refused
+            return [None], []
+        with s:
+            client_port = s.getsockname()[1]
+            s.sendall(payload)
+            answer = closed_without_answer(s)
+        return [None if answer is None else int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else -1], \
+            [client_port]
+    return drive
+
+
+def _h2(alpn: list[str]) -> Drive:
+    def drive(w: Warden, port: int) -> tuple[list[Outcome], list[int]]:
+        from .bypass_helpers import h2_get
+
+        with open_tunnel(w, "coder", "api.test", port, alpn=alpn) as s:
+            client_port = s.getsockname()[1]
+            if s.selected_alpn_protocol() == "h2":
+                return [h2_get(s, f"api.test:{port}", "/ok/inv-h2"),
+                        ], [client_port]
+            # not negotiated: an HTTP/2 preface on an HTTP/1 (or undecided) connection
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            answer = closed_without_answer(s)
+            return [None if answer is None else int(answer.split(b" ", 2)[1])], [client_port]
+    return drive
+
+
+def _split_hello() -> Drive:
+    def drive(w: Warden, port: int) -> tuple[list[Outcome], list[int]]:
+        from .bypass_helpers import SplitHelloTLS
+
+        sock, status, head = connect_raw(w, "coder", f"api.test:{port}")
+        assert status == 200, head
+        client_port = sock.getsockname()[1]
+        tls = SplitHelloTLS(sock, client_tls(w), "api.test", 3, PAUSE)
+        try:
+            tls.sendall(f"GET /ok/inv-split-hello HTTP/1.1\r\nHost: api.test:{port}\r\n\r\n".encode())
+            resp = tls.read_response()
+            return [resp.status if resp else None], [client_port]
+        finally:
+            tls.close()
+    return drive
+
+
+def _ws_upgrade() -> Drive:
+    return _tls_http1(None, b"GET /ok/inv-ws HTTP/1.1\r\nHost: api.test:PORT\r\nUpgrade: websocket\r\n"
+                      b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+
+
+GET_OK = b"GET /ok/inv HTTP/1.1\r\nHost: api.test:PORT\r\n\r\n"
+INVARIANT_CASES: dict[str, Drive] = {
+    "http1-tls-no-alpn": _tls_http1(None, GET_OK),
+    "http1-tls-alpn-http1": _tls_http1(["http/1.1"], GET_OK),
+    "http1-tls-alpn-h2-and-http1": _tls_http1(["h2", "http/1.1"], GET_OK),
+    "http2-tls-alpn-h2": _h2(["h2"]),
+    "tls-unknown-alpn-http1": _tls_http1(["x-tunnel/1"], GET_OK),  # not negotiated: plain TLS, then HTTP
+    "tls-unknown-alpn-raw": _raw_after_tls(["x-tunnel/1"], b"\x00tunnelled protocol\n"),
+    "raw-bytes-after-tls": _raw_after_tls(None, b"\x00\x01\x02\x03 not http\n"),
+    "raw-bytes-no-tls": _plain(b"\x05\x01\x00 socks greeting\n"),
+    "cleartext-http-no-tls": _plain(GET_OK),
+    "split-request-line": _tls_http1(None, b"G", b"ET /ok/inv-split HTTP/1.1\r\nHost: api.test:PORT\r\n\r\n"),
+    "split-request-line-denied": _tls_http1(None, b"GE", b"T /nope HTTP/1.1\r\nHost: api.test:PORT\r\n\r\n"),
+    "split-headers": _tls_http1(None, b"GET /ok/inv-hdr HTTP/1.1\r\nHo", b"st: api.test:PORT\r\n\r\n"),
+    "split-client-hello": _split_hello(),
+    "websocket-upgrade": _ws_upgrade(),
+    "h2c-upgrade": _tls_http1(None, b"GET /ok/inv-h2c HTTP/1.1\r\nHost: api.test:PORT\r\nConnection: Upgrade, "
+                              b"HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"),
+    "pipelined-allowed-then-denied": _tls_http1(None, GET_OK + b"GET /nope HTTP/1.1\r\nHost: api.test:PORT\r\n\r\n",
+                                                responses=2),
+    "smuggling-cl-te": _tls_http1(None, b"POST /ok/inv-te HTTP/1.1\r\nHost: api.test:PORT\r\nContent-Length: 48\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /nope HTTP/1.1\r\nHost: api.test:PORT\r\n\r\n",
+                                  responses=2),
+    "host-header-elsewhere": _tls_http1(None, b"GET /ok/inv HTTP/1.1\r\nHost: other.test\r\n\r\n"),
+    "absolute-form-same-host": _tls_http1(None, b"GET https://api.test:PORT/ok/inv-abs HTTP/1.1\r\n"
+                                          b"Host: api.test:PORT\r\n\r\n"),
+    "http-1.0": _tls_http1(None, b"GET /ok/inv-10 HTTP/1.0\r\nHost: api.test:PORT\r\n\r\n"),
+    "no-newline-flood": _raw_after_tls(None, b"G" * (70 * 1024)),
+}
+
+
+@pytest.mark.parametrize("case", list(INVARIANT_CASES))
+def test_invariant_origin_sees_only_decided_and_audited_requests(w: Warden, tls_origin: LoggingOrigin,
+                                                                 case: str) -> None:
+    outcomes, client_ports = INVARIANT_CASES[case](w, tls_origin.port)
+    assert outcomes, case
+
+    def mine(r: dict) -> bool:
+        return r.get("client_port") in client_ports and r.get("event") in ("request", "tunnel_refused")
+
+    # Every answer the agent got, and every close, was recorded: wait for as many records.
+    expected = len([o for o in outcomes if o is not None]) + (1 if None in outcomes else 0)
+    records = [r for r in w.audit_records(lambda rs: len([r for r in rs if mine(r)]) >= expected, timeout=10)
+               if mine(r)]
+    # An allowed request mitmproxy then refused itself (e.g. both Content-Length and
+    # Transfer-Encoding: smuggling) carries an error and no status; it must not reach the origin.
+    allowed = [r for r in records if r["event"] == "request" and r["decision"] == "allow" and not r.get("error")]
+    seen = tls_origin.requests
+    # the origin saw exactly the allowed, audited requests (method and path), nothing else
+    assert sorted((r.method, r.target) for r in seen) == sorted((r["method"], r["path"]) for r in allowed), \
+        (case, [(r.method, r.target) for r in seen], records)
+    for conn in tls_origin.connections:
+        assert conn.leftover == b"", (case, conn.leftover[:200])
+    assert tls_origin.total_bytes == sum(r.raw_size for r in seen), case
+    if None in outcomes and client_ports:
+        refused = [r for r in records if r["event"] == "tunnel_refused"]
+        assert refused or any(r["event"] == "request" and (r["decision"] == "deny" or r.get("error"))
+                              for r in records), \
+            (case, "closed without an audit record", records)
+    for o, r in zip([o for o in outcomes if o is not None],
+                    [r for r in records if r["event"] == "request" and not r.get("error")], strict=False):
+        assert (o == 200) == (r["decision"] == "allow"), (case, outcomes, records)
