@@ -23,7 +23,7 @@ import base64
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote_plus
 
 import ahocorasick  # type: ignore[import-not-found]
 
@@ -288,9 +288,23 @@ def strip_names(agent: CompiledAgent, bound: Sequence[CompiledCredential]) -> fr
     return frozenset(names)
 
 
+def decoded_url(path: str) -> str | None:
+    """`path` with every %XX (and `+` as space) decoded, byte for byte (latin-1, as the automaton
+    sees bytes); None when nothing is encoded. Servers decode URLs, so `%67hp_...` is the secret
+    `ghp_...` to them, though no single encoding the scanner knows spells it that way."""
+    if "%" not in path and "+" not in path:
+        return None
+    decoded = unquote_plus(path, encoding="latin-1")
+    return decoded if decoded != path else None
+
+
 def headers_text(host: str, path: str, headers: Iterable[tuple[str, str]]) -> str:
-    """The text scanned for a request's headers and URL (one string: one automaton pass)."""
+    """The text scanned for a request's headers and URL (one string: one automaton pass). The
+    URL is scanned as sent and percent-decoded."""
     parts = [host, path]
+    decoded = decoded_url(path)
+    if decoded is not None:
+        parts.append(decoded)
     parts.extend(f"{k}: {v}" for k, v in headers)
     return "\n".join(parts)
 
