@@ -850,6 +850,13 @@ INVARIANT_CASES: dict[str, Drive] = {
                                           b"Host: api.test:PORT\r\n\r\n"),
     "http-1.0": _tls_http1(None, b"GET /ok/inv-10 HTTP/1.0\r\nHost: api.test:PORT\r\n\r\n"),
     "no-newline-flood": _raw_after_tls(None, b"G" * (70 * 1024)),
+    "connect-inside-tunnel": _tls_http1(None, b"CONNECT other.test:PORT HTTP/1.1\r\nHost: other.test:PORT\r\n\r\n"
+                                        b"GET /nope HTTP/1.1\r\nHost: other.test:PORT\r\n\r\n"),
+    "asterisk-form": _tls_http1(None, b"OPTIONS * HTTP/1.1\r\nHost: api.test:PORT\r\n\r\n"),
+    "duplicate-host-headers": _tls_http1(None, b"GET /ok/inv-dup HTTP/1.1\r\nHost: api.test:PORT\r\n"
+                                         b"Host: other.test\r\n\r\n"),
+    "lowercase-method": _tls_http1(None, b"get /nope HTTP/1.1\r\nHost: api.test:PORT\r\n\r\n"),
+    "bare-lf-request": _tls_http1(None, b"GET /ok/inv-lf HTTP/1.1\nHost: api.test:PORT\n\n"),
 }
 
 
@@ -903,3 +910,54 @@ def test_large_bodies_stream_with_bounded_memory(origin_ca: trustme.CA, origin_c
     assert r.upload_received == 64 * MIB
     assert r.leak_status == 403 and not r.leak_reached_origin
     assert r.upload_growth_mib < 96, f"peak RSS grew {r.upload_growth_mib:.1f} MiB for 64 MiB uploads"
+
+
+# -- after the fixes, with fresh eyes: other ways a secret could leave --------------------------------
+def test_secret_in_chunked_trailers_never_reaches_another_host(w: Warden, tls_origin: LoggingOrigin) -> None:
+    """Trailers are headers too: a secret in a chunked request's trailer section must not pass."""
+    port = tls_origin.port
+    with open_tunnel(w, "coder", "api.test", port) as s:
+        s.sendall(f"POST /ok/trailer HTTP/1.1\r\nHost: api.test:{port}\r\nTransfer-Encoding: chunked\r\n"
+                  f"Trailer: X-Exfil\r\n\r\n5\r\nhello\r\n0\r\nX-Exfil: {SECRET}\r\n\r\n".encode())
+        try:
+            resp: Any = read_response(s, "POST")
+        except (ConnectionError, ssl.SSLError, OSError) as e:
+            resp = e
+    _no_secret_in(tls_origin)
+    if not isinstance(resp, BaseException):
+        assert resp.status == 403 and resp.headers.get("x-warden-reason") == "secret_leak", resp
+
+
+@pytest.mark.parametrize("where", ["path", "query"])
+def test_partly_percent_encoded_secret_in_url_is_a_leak(w: Warden, tls_origin: LoggingOrigin, where: str) -> None:
+    """Every server decodes %XX in a URL: `%67hp_...` is the secret to the origin, though no
+    single encoding of the leak guard's list spells it that way."""
+    from urllib.parse import unquote
+
+    port = tls_origin.port
+    disguised = "%" + format(ord(SECRET[0]), "02x") + SECRET[1:]
+    target = f"/ok/{disguised}" if where == "path" else f"/ok/q?token={disguised}"
+    with open_tunnel(w, "coder", "api.test", port) as s:
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: api.test:{port}\r\n\r\n".encode())
+        resp = read_response(s)
+    assert not any(SECRET in unquote(r.target) for r in tls_origin.requests), "the origin received the secret"
+    assert resp.status == 403 and resp.headers["x-warden-reason"] == "secret_leak", resp
+    # ... and the refused URL in the audit record does not spell it either
+    rec = audit_where(w, lambda r: r.get("event") == "request" and r.get("reason") == "secret_leak"
+                      and r.get("client_port") is not None and "REDACTED" in (r.get("path") or ""))
+    assert rec, "the refused URL was not scrubbed"
+    assert SECRET not in unquote(w.audit_path.read_text()) and SECRET[1:] not in w.audit_path.read_text()
+
+
+def test_credential_host_by_ip_literal_is_leak_guarded(mcp_env: dict[str, Any]) -> None:
+    """Finding 12 for credential hosts: the credential host's address reached by its IP literal is
+    intercepted, nothing is injected (the credential is bound to the name), and its secret sent
+    there by the agent is a leak."""
+    srv, w = mcp_env["srv"], mcp_env["warden"]
+    with open_tunnel(w, "coder", "127.0.0.1", srv.port) as s:
+        s.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nX-Key: {MCP_SECRET}\r\n\r\n".encode())
+        resp = read_response(s)
+    assert resp.status == 403 and resp.headers["x-warden-reason"] == "secret_leak", resp
+    rec = audit_where(w, lambda r: r.get("event") == "request" and r.get("host") == "127.0.0.1"
+                      and r.get("path") == "/health")[-1]
+    assert rec["interception"] == "intercept" and rec["credential_ids"] == []
