@@ -31,6 +31,7 @@ import json
 import os
 import secrets
 import shutil
+import ssl
 import sys
 import tempfile
 from pathlib import Path
@@ -195,16 +196,76 @@ def previous_certs_in_overlap(confdir: Path, now: datetime.datetime | None = Non
     return out
 
 
-def build_bundle(confdir: Path, include_public_roots: bool = True) -> bytes:
-    """Public roots (certifi) + current Warden CA + previous CA(s) in overlap."""
+# Where distributions keep the system trust store as one PEM file (first existing wins):
+# Debian/Ubuntu, RHEL/Fedora, openSUSE, Alpine/macOS/BSD.
+SYSTEM_ROOT_FILES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+)
+
+
+def system_roots_file(explicit: str | None = None) -> Path:
+    """The system's CA bundle file: `explicit`, else OpenSSL's compiled-in file, else a known path."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise CAError(f"--system-roots {explicit}: no such file")
+        return path
+    candidates = [ssl.get_default_verify_paths().openssl_cafile, *SYSTEM_ROOT_FILES]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise CAError("no system trust store found (looked at " + ", ".join(c for c in candidates if c)
+                  + "); name the file: --system-roots=/path/to/ca-bundle.pem")
+
+
+def read_extra_certs(path: Path) -> list[x509.Certificate]:
+    """The certificates in a PEM file given with --extra-ca. Only certificates are taken:
+    a file that also holds a private key is refused, so a key can never ride along."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CAError(f"--extra-ca {path}: {e.strerror}") from None
+    if b"PRIVATE KEY" in data:
+        raise CAError(f"--extra-ca {path} contains a private key; give the CA certificate only")
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CAError(f"--extra-ca {path}: no PEM certificate found (DER? convert with "
+                      "`openssl x509 -inform der -in FILE -out FILE.pem`)") from None
+    return certs
+
+
+def _pem_roots(path: Path, what: str) -> bytes:
+    data = path.read_bytes()
+    if b"PRIVATE KEY" in data:
+        raise CAError(f"{what} {path} contains a private key; refusing to copy it into a bundle")
+    return data.rstrip(b"\n") + b"\n"
+
+
+def build_bundle(confdir: Path, include_public_roots: bool = True, extra_cas: list[Path] | None = None,
+                 system_roots: Path | None = None) -> bytes:
+    """Public roots (certifi, or the system store) + extra CAs + current Warden CA +
+    previous CA(s) in overlap."""
     if not ca_cert_path(confdir).exists():
         raise CAError(f"no CA in {confdir}; run 'warden ca init' first")
     current = load_cert(ca_cert_path(confdir))
     parts: list[bytes] = []
-    if include_public_roots:
+    if system_roots is not None:
+        # The system store holds what certifi lacks: an organisation's internal roots,
+        # which passed-through internal hosts present.
+        parts.append(f"# System trust store {system_roots}\n".encode())
+        parts.append(_pem_roots(system_roots, "system trust store"))
+    elif include_public_roots:
         # Agents talk to passthrough hosts with the origin's real certificate,
         # so the bundle must still trust the public Web PKI, not only Warden.
         parts.append(Path(certifi.where()).read_bytes().rstrip(b"\n") + b"\n")
+    for extra in extra_cas or []:
+        for cert in read_extra_certs(extra):
+            parts.append(f"# Extra CA from {extra}: {cert.subject.rfc4514_string()}\n".encode())
+            parts.append(cert.public_bytes(serialization.Encoding.PEM))
     parts.append(f"# Warden interception CA (current) {current.subject.rfc4514_string()}\n".encode())
     # Re-serialise from the parsed cert rather than copying files: guarantees
     # only a CERTIFICATE block can end up in the output.
@@ -220,8 +281,9 @@ def build_bundle(confdir: Path, include_public_roots: bool = True) -> bytes:
     return bundle
 
 
-def write_bundle(confdir: Path, out: Path, include_public_roots: bool = True) -> Path:
-    data = build_bundle(confdir, include_public_roots)
+def write_bundle(confdir: Path, out: Path, include_public_roots: bool = True, extra_cas: list[Path] | None = None,
+                 system_roots: Path | None = None) -> Path:
+    data = build_bundle(confdir, include_public_roots, extra_cas, system_roots)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_bytes(data)
@@ -252,7 +314,15 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     confdir = Path(args.confdir)
     out = Path(args.out) if args.out else confdir / BUNDLE_NAME
     try:
-        write_bundle(confdir, out, include_public_roots=not args.warden_only)
+        if args.warden_only and args.system_roots is not None:
+            raise CAError("--warden-only and --system-roots exclude each other")
+        roots = system_roots_file(args.system_roots or None) if args.system_roots is not None else None
+        extras = [Path(p) for p in args.extra_ca or []]
+        write_bundle(confdir, out, include_public_roots=not args.warden_only, extra_cas=extras, system_roots=roots)
+        if roots is not None:
+            print(f"roots: system store {roots}")
+        for extra in extras:
+            print(f"extra CA: {extra}")
     except CAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -306,6 +376,22 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--warden-only",
         action="store_true",
         help="only Warden's CA cert(s), no public roots (for NODE_EXTRA_CA_CERTS-style 'extra' variables)",
+    )
+    p_bundle.add_argument(
+        "--extra-ca",
+        action="append",
+        metavar="FILE",
+        help="also trust the CA certificate(s) in this PEM file, e.g. an internal CA that signs passed-through "
+        "hosts (repeatable)",
+    )
+    p_bundle.add_argument(
+        "--system-roots",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="use the system trust store instead of certifi's roots (default file: OpenSSL's, else "
+        "/etc/ssl/certs/ca-certificates.crt and other distributions' paths)",
     )
     p_bundle.set_defaults(func=_cmd_bundle)
 

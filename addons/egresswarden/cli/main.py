@@ -20,9 +20,21 @@ FAST_COMMANDS: dict[str, ModuleType] = {"sandbox": sandbox}
 
 
 def commands() -> tuple[ModuleType, ...]:
-    from egresswarden.cli import audit, ca, check, explain, mcp, run, token
+    from egresswarden.cli import (
+        agent_env,
+        audit,
+        ca,
+        check,
+        explain,
+        log,
+        mcp,
+        policytest,
+        replay,
+        run,
+        token,
+    )
 
-    return (run, check, explain, token, audit, ca, mcp, sandbox)
+    return (run, check, explain, policytest, replay, log, token, agent_env, audit, ca, mcp, sandbox)
 
 
 def build_parser(only: tuple[ModuleType, ...] | None = None) -> argparse.ArgumentParser:

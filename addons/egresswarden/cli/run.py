@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from pathlib import Path
 
@@ -12,6 +14,23 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
 
 
+def address_in_use(host: str, port: int) -> bool:
+    """Would binding the proxy address fail because something already listens there?
+
+    Checked before mitmproxy starts, so the operator reads Warden's words instead of
+    mitmproxy's `--mode regular@...` hint. SO_REUSEADDR as asyncio sets it: a port held
+    only by TIME_WAIT connections is free, a listening socket is not. (If another process
+    takes the port in between, mitmproxy's own error still stops the start.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if load_or_report(args.rules) is None:
         print("warden: refusing to start with invalid rules", file=sys.stderr)
@@ -19,6 +38,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.admin_socket and args.workers > 1:
         print("warden: --admin-socket (warden sandbox --attach) needs --workers 1", file=sys.stderr)
         return 2
+    if args.worker_index is None and args.listen[1] != 0 and address_in_use(*args.listen):
+        print(f"warden: {format_listen(args.listen)} is already in use (another Warden?); "
+              "pick another with --listen", file=sys.stderr)
+        return 1
     if args.workers > 1 and args.worker_index is None:
         from egresswarden.runtime.workers import run_workers
 

@@ -141,6 +141,7 @@ class AuditSettings:
     signing_key: str | None = None  # template, e.g. "${secret:AUDIT_SIGNING_KEY}"; rendered by the Audit addon
     checkpoint_records: int = 1000
     checkpoint_seconds: float = 5.0
+    keep_query_values: frozenset[str] = frozenset()  # query names whose values are not redacted
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +156,25 @@ class Settings:
     explain_denials: str = "in_band"
     audit: AuditSettings = field(default_factory=AuditSettings)
     alerts: tuple[AlertSink, ...] = ()
+    mcp_unpinned: str = "learn"  # "learn" | "refuse": what happens to an MCP tool with no pin
+    mcp_pin_store: str | None = None  # learned pins (SQLite); None: the per-user state directory
+
+
+@dataclass(frozen=True, slots=True)
+class StdioCommand:
+    """How `warden mcp stdio` starts a local (stdio) MCP server."""
+
+    command: str
+    args: tuple[str, ...] = ()
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()  # (name, template); templates may hold ${secret:NAME}
+    sandbox_profile: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class McpServer:
+    """A declared MCP server: an HTTP endpoint (url) or a local process (stdio; url "", port 0)."""
+
     id: str
     url: str
     scheme: str
@@ -168,6 +184,7 @@ class McpServer:
     credential: str | None
     legacy_sse_messages_path: str | None
     origin: Origin
+    stdio: StdioCommand | None = None
 
 
 DEFAULT_SANDBOX_PROFILE = "default"

@@ -43,6 +43,7 @@ from .model import (
     SandboxLimits,
     SandboxProfile,
     Settings,
+    StdioCommand,
     Target,
     TargetKind,
 )
@@ -90,6 +91,15 @@ class _Collector:
         self.problems.append(err.problem)
 
 
+# Keys that are often written one level too high or too low, and where they belong.
+_NESTED_KEYS = {
+    "allow": "policies.<name>.allow", "credentials": "policies.<name>.credentials", "mcp": "policies.<name>.mcp",
+    "strip": "policies.<name>.strip", "token_sha256": "an agents: entry", "sources": "an agents: entry",
+    "private_networks": "settings", "hosts_file": "settings", "tls_intercept": "settings",
+    "secrets_dir": "settings", "audit": "settings", "alerts": "settings",
+}
+
+
 def _schema_problems(doc: Any, lines: LineMap) -> list[RuleProblem]:
     if _fast_check()(doc):
         return []  # the common case; jsonschema below only runs to explain a failure
@@ -99,7 +109,27 @@ def _schema_problems(doc: Any, lines: LineMap) -> list[RuleProblem]:
         where = ".".join(str(p) for p in path) or "top level"
         message = err.message
         hint = ""
-        if err.validator == "additionalProperties":
+        if "token_sha256" in path:
+            # Never echo a value: people paste the token itself here, and check output
+            # lands in CI logs.
+            message = (f"{where}: a digest is listed twice" if err.validator == "uniqueItems" else
+                       f"{where}: must be a list of sha256 hex digests" if err.validator == "type" and
+                       path[-1] == "token_sha256" else f"{where}: not a sha256 hex digest (64 characters 0-9a-f)")
+            hint = ("if you pasted the token itself, treat it as leaked: make a new one with `warden token ID` "
+                    "and paste only the token_sha256 line")
+        elif err.validator in ("type", "required") and err.instance is None and path:
+            # `section:` with nothing under it, usually because the lines meant to be
+            # inside it are not indented (jsonschema would say "None is not of type 'object'").
+            wanted = err.validator_value if err.validator == "type" else "object"
+            kind = {"object": "a mapping", "array": "a list"}.get(str(wanted), f"of type {wanted}")
+            message = f"{where} is empty, but it must be {kind}"
+            hint = (f"if the lines below '{path[-1]}:' belong to it, indent them further; "
+                    "otherwise remove the empty key")
+        elif (err.validator == "type" and len(path) == 2 and path[0] == "policies"
+              and str(path[1]) in _NESTED_KEYS):
+            message = f"'{path[1]}' is at the level of policy names, so it is read as a policy called '{path[1]}'"
+            hint = f"it belongs inside a policy: indent it under the policy name ({_NESTED_KEYS[str(path[1])]})"
+        elif err.validator == "additionalProperties":
             properties = err.schema.get("properties", {}) if isinstance(err.schema, Mapping) else {}
             present = err.instance if isinstance(err.instance, Mapping) else {}
             unknown = sorted(set(present) - set(properties))
@@ -109,6 +139,8 @@ def _schema_problems(doc: Any, lines: LineMap) -> list[RuleProblem]:
                 known = ", ".join(sorted(properties))
                 message = f"unknown key '{unknown[0]}' in {where}"
                 hint = f"allowed keys here: {known}"
+                if unknown[0] in _NESTED_KEYS:
+                    hint = f"'{unknown[0]}' belongs in {_NESTED_KEYS[unknown[0]]}: check its indentation; {hint}"
         elif err.validator == "enum":
             message = f"{where}: {err.instance!r} is not one of {err.validator_value}"
         elif err.validator in ("type", "pattern", "minimum", "maximum", "minItems", "uniqueItems", "required",
@@ -368,7 +400,26 @@ def _parse_alert_sink(item: dict[str, Any], index: int, path: tuple[str | int, .
     )
 
 
+def _parse_stdio_server(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMap) -> McpServer:
+    for key in ("credential", "legacy_sse_messages_path"):
+        if key in item:
+            raise lines.error((*path, key), f"{key} applies to HTTP MCP servers (url), not to stdio servers (command)")
+    env = item.get("env", {})
+    _check_templates(env, (*path, "env"), lines)
+    stdio = StdioCommand(item["command"], tuple(item.get("args", ())), item.get("cwd"), tuple(env.items()),
+                         item.get("sandbox_profile"))
+    return McpServer(item["id"], "", "stdio", "", 0, "", None, None, Origin(lines.file, lines.line_of(path)), stdio)
+
+
 def _parse_mcp_server(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMap) -> McpServer:
+    if ("url" in item) == ("command" in item):
+        raise lines.error(path, f"mcp server {item['id']!r} needs exactly one of url (HTTP) and command (stdio)",
+                          "url: https://host/mcp for a remote server; command: + args: for a local one")
+    if "command" in item:
+        return _parse_stdio_server(item, path, lines)
+    for key in ("args", "cwd", "env", "sandbox_profile"):
+        if key in item:
+            raise lines.error((*path, key), f"{key} applies to stdio MCP servers (command), not to url servers")
     parts = urlsplit(item["url"])
     try:
         host = normalize_host(parts.hostname or "")
@@ -471,8 +522,11 @@ def _build_settings(raw: dict[str, Any], lines_of: dict[str, LineMap], out: _Col
             signing_key=audit.get("signing_key"),
             checkpoint_records=int(audit.get("checkpoint_records", 1000)),
             checkpoint_seconds=float(audit.get("checkpoint_seconds", 5.0)),
+            keep_query_values=frozenset(audit.get("keep_query_values", ())),
         ),
         alerts=tuple(alerts),
+        mcp_unpinned=raw.get("mcp_unpinned", "learn"),
+        mcp_pin_store=raw.get("mcp_pin_store"),
     )
 
 
@@ -527,6 +581,20 @@ def _cross_checks(files: list[_FileContent], model_parts: dict[str, Any], out: _
             out.add(RuleError(agent.origin.file, agent.origin.line,
                               f"agent {agent.id!r} uses unknown sandbox profile {agent.sandbox_profile!r}",
                               f"known sandbox profiles: {known}"))
+
+
+def _check_kept_query_values(settings: Settings, parts: dict[str, Any], out: _Collector) -> None:
+    """A query value the audit keeps must never be one Warden injects: that is a secret."""
+    kept = settings.audit.keep_query_values
+    if not kept:
+        return
+    for policy in parts["policies"].values():
+        for cred in policy.credentials:
+            for name in sorted(kept & {n for n, _ in cred.inject_query}):
+                out.add(parts["settings_lines"]["audit"].error(
+                    ("settings", "audit", "keep_query_values"),
+                    f"keep_query_values lists {name!r}, which credential {cred.id!r} injects: its secret would be "
+                    "written to the audit", f"remove {name!r} from settings.audit.keep_query_values"))
 
 
 def _merge(files: list[_FileContent], out: _Collector) -> dict[str, Any]:
@@ -598,6 +666,8 @@ def load_model(rules_dir: Path) -> RuleModel:
         except RuleError as e:
             out.add(e)
             continue
+        for problem in lines.problems:  # duplicate keys: reported alongside everything else
+            out.add(problem)
         problems = _schema_problems(doc, lines)
         if problems:
             out.problems += problems
@@ -606,6 +676,7 @@ def load_model(rules_dir: Path) -> RuleModel:
     parts = _merge(files, out)
     _cross_checks(files, parts, out)
     settings = _build_settings(parts["settings"], {"alerts": LineMap("settings")} | parts["settings_lines"], out)
+    _check_kept_query_values(settings, parts, out)
     if out.problems:
         raise RuleSetError(out.problems)
     return RuleModel(

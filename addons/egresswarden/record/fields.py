@@ -64,3 +64,8 @@ EXIT_STATUS = "exit_status"
 SIGNAL = "signal"
 LIMIT_HIT = "limit_hit"
 LAUNCHER_PID = "launcher_pid"
+
+MCP_UNPINNED_TOOLS = "mcp_unpinned_tools"
+MCP_SESSION = "mcp_session"  # stdio: one id per `warden mcp stdio` process
+MCP_DIRECTION = "mcp_direction"  # stdio: client | server | warden
+MCP_REDACTED = "mcp_redacted"  # stdio: secrets redacted from the answer

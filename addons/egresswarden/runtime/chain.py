@@ -75,7 +75,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
     connections = Connections()
     audit = Audit(store)
     interception = Interception(connections)
-    outcomes = Outcomes(connections)
+    outcomes = Outcomes(connections, store)
     metrics = Metrics(store, audit, interception)
     alerts = Alerts(store, audit)
     outcomes.add_sink(audit.on_outcome)

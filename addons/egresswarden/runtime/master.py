@@ -36,6 +36,7 @@ from mitmproxy.addons import (
     upstream_auth,
 )
 
+from egresswarden.runtime.banner import StartupLine
 from egresswarden.runtime.chain import build_addon
 
 NEEDED: tuple[type, ...] = (
@@ -143,6 +144,8 @@ class WardenMaster(master.Master):
         kept = [a for a in defaults if isinstance(a, NEEDED)]
         refused = RefusedOptions([a for a in defaults if not isinstance(a, NEEDED)])
         at = next(i for i, a in enumerate(kept) if isinstance(a, script.ScriptLoader)) + 1
-        self.addons.add(LogLevel(self._termlog_addon), *kept[:at], build_addon(), *kept[at:],  # type: ignore[no-untyped-call]
+        chain = build_addon()
+        self.addons.add(LogLevel(self._termlog_addon), *kept[:at], chain, *kept[at:],  # type: ignore[no-untyped-call]
                         refused)
-        self.addons.add(StartupErrorCheck())
+        # StartupLine last: its running() comes after the port is bound and the error check passed.
+        self.addons.add(StartupErrorCheck(), StartupLine(chain))
