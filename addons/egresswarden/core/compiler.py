@@ -39,8 +39,9 @@ from .validate import SECRET_REF, load_model
 
 
 class _Compiler:
-    def __init__(self, model: RuleModel) -> None:
+    def __init__(self, model: RuleModel, read_secrets: bool = True) -> None:
         self.model = model
+        self.read_secrets = read_secrets
         self.problems: list[RuleProblem] = []
         self.secrets: list[Secret] = []
         self.credentials: dict[str, CompiledCredential] = {}
@@ -54,6 +55,8 @@ class _Compiler:
         return CompiledRule(rule.id, rule.policy, str(rule.target), rule.ports, rule.methods, rule.paths)
 
     def credential(self, cred: Credential) -> CompiledCredential | None:
+        if not self.read_secrets:
+            return self._offline_credential(cred)
         secrets_dir = self._secrets_dir()
         try:
             headers = tuple((name, *render(t, secrets_dir)) for name, t in cred.inject)
@@ -76,6 +79,15 @@ class _Compiler:
             secrets=used,
             allow_secret_in_url=cred.allow_secret_in_url,
         )
+
+    def _offline_credential(self, cred: Credential) -> CompiledCredential:
+        """Without secret values: the templates stay as written (`${secret:NAME}`, whose
+        syntax and NAME the validator checked) and no secret feeds the leak guard. For
+        lint and policy tests only; the proxy always compiles with the values."""
+        return CompiledCredential(
+            id=cred.id, policy=cred.policy, rule=self.rule(cred), headers=cred.inject, query=cred.inject_query,
+            strip=tuple(h.lower() for h in cred.strip), placeholder=cred.placeholder,
+            redact_response=cred.redact_response, secrets=(), allow_secret_in_url=cred.allow_secret_in_url)
 
     def _secrets_dir(self) -> str | None:
         d = self.model.settings.secrets_dir
@@ -100,6 +112,8 @@ class _Compiler:
             if compiled_cred is not None:
                 creds.add(cred.target.kind, cred.target.value, compiled_cred)
                 self.credentials.setdefault(compiled_cred.id, compiled_cred)
+        for index in (hosts, cidrs, creds):
+            index.freeze()  # here, in the loading thread, not on the first decision
         return PolicyIndex(policy.name, hosts, cidrs, creds, tuple(h.lower() for h in policy.strip), policy.mcp)
 
     def hosts_file(self) -> dict[str, tuple[IPAddress, ...]]:
@@ -116,6 +130,17 @@ class _Compiler:
         except RuleError as e:
             self.problems.append(e.problem)
             return {}
+
+    def check_sandbox_env(self) -> None:
+        """A sandbox profile's env may carry a credential's placeholder, never a real secret value."""
+        for profile in self.model.sandbox_profiles.values():
+            for key, value in profile.env:
+                leaked = next((s for s in self.secrets if len(s.value) >= 8 and s.value in value), None)
+                if leaked is not None and profile.origin is not None:
+                    self.problems.append(RuleProblem(
+                        profile.origin.file, profile.origin.line,
+                        f"sandbox profile {profile.id!r}: env {key} holds the value of secret {leaked.name!r}",
+                        "set the credential's placeholder instead; Warden injects the secret at the bound host"))
 
     def compile(self) -> RuleSet:
         model = self.model
@@ -138,10 +163,15 @@ class _Compiler:
                 deny_cidrs.add(rule.target.network, compiled_rule)
             else:
                 deny_hosts.add(rule.target.kind, rule.target.value, compiled_rule)
+        for index in (source_agents, deny_hosts, deny_cidrs):
+            index.freeze()
         servers: dict[tuple[str, int], list[McpServer]] = {}
         for server in model.mcp_servers:
+            if server.stdio is not None:  # local servers have no network address to match
+                continue
             servers.setdefault((server.host, server.port), []).append(server)
         hosts = self.hosts_file()
+        self.check_sandbox_env()
         if self.problems:
             raise RuleSetError(self.problems)
         rule_count = sum(len(p.allow) for p in model.policies.values()) + len(model.deny)
@@ -218,9 +248,10 @@ def current_version(rules: RuleSet, rules_version: str) -> str:
     return policy_version(rules_version, hosts_digest, secrets)
 
 
-def compile_model(model: RuleModel) -> RuleSet:
-    """Index a validated model. Raises RuleSetError (missing secrets, bad hosts file)."""
-    return _Compiler(model).compile()
+def compile_model(model: RuleModel, secrets: bool = True) -> RuleSet:
+    """Index a validated model. Raises RuleSetError (missing secrets, bad hosts file).
+    `secrets=False` reads no secret values (see `_Compiler._offline_credential`)."""
+    return _Compiler(model, secrets).compile()
 
 
 @contextmanager
@@ -245,9 +276,12 @@ def _bulk_allocation() -> Iterator[None]:
             gc.enable()
 
 
-def load_ruleset(rules_dir: Path) -> RuleSet:
-    """Load, validate and compile a rules directory (or a single file)."""
+def load_ruleset(rules_dir: Path, secrets: bool = True) -> RuleSet:
+    """Load, validate and compile a rules directory (or a single file).
+
+    `secrets=False` (CI lint, policy tests): everything is checked except secret values,
+    which are not read; such a rule set must never serve traffic."""
     with _bulk_allocation():
-        rules = compile_model(load_model(Path(rules_dir)))
+        rules = compile_model(load_model(Path(rules_dir)), secrets)
         build_all(rules)
         return rules
