@@ -74,17 +74,21 @@ def main() -> None:
     (secrets / "TOKEN").write_text("secret-0\n")
     results: dict[str, list[float]] = {}
     with named_origin("one") as one, named_origin("two", "127.0.0.2", one.server_address[1]), \
-            run_origin(echo_handler, ca=ca) as tls:
+            run_origin(echo_handler, ca=ca) as tls, run_origin(echo_handler, ca=ca) as raw:
+        # `raw` serves only the revocation phase: a port no credential governs, so the tunnel
+        # is passed through (an address:port a credential governs is always intercepted)
         port = one.server_address[1]
-        ports = [port, tls.port]
+        ports = [port, tls.port, raw.port]
         hosts = work / "hosts"
         hosts_file(hosts)
         hosts.write_text(hosts.read_text() + "127.0.0.1 probe.test\n")
         allow = [{"host": h, "ports": ports} for h in ("allowed.test", "probe.test", "cred.test")]
         allow += [{"cidr": "127.0.0.0/8", "ports": ports}]
         agents = {"a": TOKEN, VICTIM: "gone-token-1"}
-        rules = {"agents": [{"id": a, "token_sha256": [sha256_hex(t)], "policies": ["p"]} for a, t in agents.items()],
-                 "policies": {"p": {"allow": allow, "credentials": [
+        # the victim's policy holds no credential: an agent with credentials may be intercepted everywhere
+        rules = {"agents": [{"id": a, "token_sha256": [sha256_hex(t)], "policies": ["p" if a == "a" else "v"]}
+                            for a, t in agents.items()],
+                 "policies": {"v": {"allow": allow}, "p": {"allow": allow, "credentials": [
                      {"id": "tok", "host": "cred.test", "ports": [tls.port], "redact_response": False,
                       "inject": {"Authorization": "Bearer ${secret:TOKEN}"}}]}},
                  "deny": [], "settings": {"hosts_file": str(hosts), "secrets_dir": str(secrets)}}
@@ -136,7 +140,7 @@ def main() -> None:
                 times = []
                 victim = next(a for a in rules["agents"] if a["id"] == VICTIM)
                 for i in range(args.changes):
-                    tunnel = Tunnel(w, VICTIM, "allowed.test", tls.port, ca_file)
+                    tunnel = Tunnel(w, VICTIM, "allowed.test", raw.port, ca_file)
                     tunnel.get()
                     rules["agents"] = [a for a in rules["agents"] if a["id"] != VICTIM]
                     t0 = time.monotonic()
@@ -146,7 +150,7 @@ def main() -> None:
                     tunnel.close()
                     rules["agents"].append(victim)
                     _write(rules_file, yaml.safe_dump(rules), atomic=True)
-                    assert wait_until(lambda: _can_connect(w, tls.port, ca_file), timeout=10)
+                    assert wait_until(lambda: _can_connect(w, raw.port, ca_file), timeout=10)
                 results["revoke (write -> tunnel closed)"] = times
             failed = plain.failed + tls_load.failed
             served = plain.ok + tls_load.ok

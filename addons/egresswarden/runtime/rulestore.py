@@ -92,7 +92,7 @@ class RuleStore:
             try:
                 self.replace(self._load(rules_dir), initial=True)
             except WardenError as e:
-                raise exceptions.OptionsError(f"warden: refusing to start: {e}") from None  # type: ignore[no-untyped-call]
+                raise exceptions.OptionsError(f"warden: refusing to start: {e}") from None
             self._rules_dir = rules_dir
 
     def running(self) -> None:
@@ -242,11 +242,8 @@ class RuleStore:
             rules = await asyncio.to_thread(self._load, self._rules_dir)
         except WardenError as e:
             duration = time.perf_counter() - started
-            # Remember what failed, so the same broken files are not re-loaded (and re-audited,
-            # re-alerted) on every poll; the next change to any of them is tried again.
-            rules_dir = self._rules_dir
-            self._fingerprint = await asyncio.to_thread(
-                lambda: (self._fingerprint_of(rules_dir), self._extra_fingerprint(previous)))
+            # _load recorded the fingerprint of what failed: the same broken files are not
+            # re-loaded (re-audited, re-alerted) on every poll; the next change is tried again.
             logger.error("warden: rule reload failed; keeping version %s:\n%s",
                          previous.version if previous else None, e)
             event = ReloadEvent(False, previous.version if previous else None,
