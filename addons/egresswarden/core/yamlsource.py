@@ -48,6 +48,9 @@ class LineMap:
 
     file: str
     lines: dict[PathKey, int] = field(default_factory=dict)
+    # Problems that do not stop parsing (duplicate keys): reported with the file's other
+    # errors instead of hiding them.
+    problems: list[RuleError] = field(default_factory=list)
 
     def line_of(self, path: Sequence[str | int]) -> int:
         """The line of the deepest known value on `path` (0 if none is known)."""
@@ -127,8 +130,14 @@ class _Builder:
                 if not isinstance(key, str):
                     raise RuleError(self.lines.file, key_line, f"mapping keys must be strings, got {key!r}")
                 if key in result:
-                    raise RuleError(self.lines.file, key_line, f"duplicate key '{key}'",
-                                    "each key may appear once per mapping; merge the two entries")
+                    # Keep the first value and go on, so the file's other errors show too.
+                    self.lines.problems.append(RuleError(
+                        self.lines.file, key_line, f"duplicate key '{key}' (first at line "
+                        f"{self.lines.lines.get((*path, key), 0)})",
+                        "each key may appear once per mapping; merge the two entries"))
+                    _, n = self.value((*path, "<duplicate>", key_line))
+                    size += n
+                    continue
                 self.lines.lines[(*path, key)] = key_line
                 result[key], n = self.value((*path, key))
                 size += n
@@ -172,7 +181,12 @@ def load_yaml(path: Path) -> tuple[Any, LineMap]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 0
-        raise RuleError(path, line, f"invalid YAML: {e.problem or e.context}") from None
+        problem = str(e.problem or e.context)
+        hint = ""
+        near = text.splitlines()[max(line - 2, 0) : line]  # the reported line and the one before
+        if "\\t" in problem or any("\t" in s for s in near):
+            hint = "YAML does not allow tabs for indentation; indent with spaces"
+        raise RuleError(path, line, f"invalid YAML: {problem}", hint) from None
     except yaml.YAMLError as e:
         raise RuleError(path, 0, f"invalid YAML: {e}") from None
     finally:
