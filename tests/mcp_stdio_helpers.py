@@ -83,7 +83,7 @@ def write_rules(tmp: Path, *, tools: list[str] | None = None, deny_tools: list[s
                 settings: dict[str, Any] | None = None, server_env: dict[str, str] | None = None,
                 server_extra: dict[str, Any] | None = None, policy_extra: dict[str, Any] | None = None,
                 agent_extra: dict[str, Any] | None = None, extra_servers: list[dict[str, Any]] | None = None,
-                setup: Setup | None = None) -> Setup:
+                extra_doc: dict[str, Any] | None = None, setup: Setup | None = None) -> Setup:
     """Write (or rewrite) the rules of a stdio test; returns the paths it uses."""
     if setup is None:
         rules_dir = tmp / "rules"
@@ -109,6 +109,7 @@ def write_rules(tmp: Path, *, tools: list[str] | None = None, deny_tools: list[s
         "mcp_servers": [{"id": "fix", "command": sys.executable, "args": [str(FIXTURE)], "env": env,
                          **(server_extra or {})}, *(extra_servers or [])],
         "settings": {"mcp_pin_store": str(setup.pins), "secrets_dir": str(tmp / "secrets"), **(settings or {})},
+        **(extra_doc or {}),
     }
     tmp_file = setup.rules / ".rules.yaml.tmp"
     tmp_file.write_text(yaml.safe_dump(doc, sort_keys=False))

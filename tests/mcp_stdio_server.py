@@ -62,6 +62,16 @@ def show_env(name: str) -> str:
     return f"{name}={value}"
 
 
+@srv.tool(description="Reads a file")
+def read_file(path: str) -> str:
+    ran("read_file", path=path)
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as e:
+        return f"cannot read: {e.__class__.__name__}"
+
+
 @srv.tool(description="Writes one of the server's environment variables to stderr")
 def leak_stderr(name: str) -> str:
     ran("leak_stderr", name=name)

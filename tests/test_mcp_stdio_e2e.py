@@ -150,7 +150,7 @@ def test_list_changed_refilters_and_changed_tool_is_hidden_alerted_and_blocked(s
         assert call["reason"] == "mcp_tool_changed" and "tool_changed" in call["events"]
         assert _wait(lambda: any(a["kind"] == "tool_changed" for a in alerts))
         alert = next(a for a in alerts if a["kind"] == "tool_changed")
-        assert alert["record"]["mcp_transport"] == "stdio" and "mcp-stdio:fix" in alert["text"]
+        assert alert["record"]["mcp_transport"] == "stdio" and "fix" in alert["text"] and "rugpull" in alert["text"]
         assert any(r.get("event") == "alert" and r["kind"] == "tool_changed" for r in setup.records())
 
 

@@ -234,3 +234,18 @@ def test_unwritable_audit_log_refuses_messages_unless_continue(tmp_path: Path, o
             assert "get_weather" not in [r["tool"] for r in setup.ran()]
     finally:
         s.stop()
+
+
+def test_stdin_that_is_not_a_pipe_devnull_or_a_file_still_works(setup: Setup, tmp_path: Path) -> None:
+    # /dev/null: an immediate end of session (epoll cannot wait on it; Warden must not hang).
+    out = subprocess.run([WARDEN, *setup.args()], stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    assert out.returncode == 0 and out.stdout == b""
+    # A file of requests (a scripted client): every request answered, then a clean exit.
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "file", "version": "1"}}}) + "\n"
+        + json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "delete_all"}}) + "\n")
+    with requests.open("rb") as stdin:
+        out = subprocess.run([WARDEN, *setup.args()], stdin=stdin, capture_output=True, timeout=30)
+    answers = {m["id"]: m for m in map(json.loads, out.stdout.splitlines())}
+    assert out.returncode == 0 and answers[2]["result"]["isError"] is True and "result" in answers[1]

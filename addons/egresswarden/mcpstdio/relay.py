@@ -56,6 +56,7 @@ import ctypes
 import json
 import os
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -111,6 +112,15 @@ def _find_prctl() -> Any:
 
 
 _PRCTL = _find_prctl()  # looked up before fork: nothing but the call runs in the child
+
+
+def _pollable(fd: int) -> bool:
+    """True for a pipe or socket (the event loop can wait on it)."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 @dataclass(slots=True)
@@ -179,20 +189,23 @@ class Relay:
         self.signalled: int | None = None
         self.agent_ended = False
         self.terminated_by_us = False
+        self._feeder: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def run(self, launch: Launch) -> int:
         """Start the server, relay until either side ends, stop the server; returns the exit status."""
         loop = asyncio.get_running_loop()
         agent_in = asyncio.StreamReader(limit=2 * CHUNK)
-        try:
+        # Pipes and sockets (what agents use) go through the event loop; anything else (a file,
+        # /dev/null, a terminal: epoll refuses some of them) is read by a thread, written plainly.
+        if _pollable(sys.stdin.fileno()):
             await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(agent_in), sys.stdin.buffer)
-        except ValueError:  # stdin is a regular file: read it from a thread
-            loop.create_task(self._feed_from_file(agent_in, sys.stdin.fileno()))
-        try:
+        else:
+            self._feeder = loop.create_task(self._feed_from_file(agent_in, sys.stdin.fileno()))
+        if _pollable(sys.stdout.fileno()):
             transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
             self.out = _Out(asyncio.StreamWriter(transport, protocol, None, loop), sys.stdout.fileno())
-        except ValueError:
+        else:
             self.out = _Out(None, sys.stdout.fileno())
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -258,7 +271,10 @@ class Relay:
     async def _feed_from_file(self, reader: asyncio.StreamReader, fd: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            data = await loop.run_in_executor(None, os.read, fd, CHUNK)
+            try:
+                data = await loop.run_in_executor(None, os.read, fd, CHUNK)
+            except OSError:
+                data = b""
             if not data:
                 reader.feed_eof()
                 return
