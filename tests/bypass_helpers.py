@@ -341,7 +341,7 @@ class Response:
 
 
 def read_response(sock: socket.socket, method: str = "GET") -> Response:
-    resp = http.client.HTTPResponse(sock, method=method)  # type: ignore[arg-type]
+    resp = http.client.HTTPResponse(sock, method=method)
     resp.begin()
     body = resp.read()
     return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
@@ -372,7 +372,8 @@ def request_bytes(method: str, target: str, host: str, headers: dict[str, str] |
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def audit_where(warden: Warden, pred: Callable[[dict], bool], timeout: float = 10) -> list[dict]:
+def audit_where(warden: Warden, pred: Callable[[dict[str, Any]], bool],
+                timeout: float = 10) -> list[dict[str, Any]]:
     """Audit records matching `pred`, waiting (bounded) until at least one exists."""
     records = warden.audit_records(lambda rs: any(pred(r) for r in rs), timeout=timeout)
     return [r for r in records if pred(r)]
@@ -787,7 +788,7 @@ class SplitHelloTLS:
 
 
 # -- an HTTP/2 client over an established TLS socket --------------------------------------------------
-def h2_get(sock: ssl.SSLSocket, authority: str, path: str, timeout: float = 10) -> int | None:
+def h2_get(sock: socket.socket, authority: str, path: str, timeout: float = 10) -> int | None:
     """One HTTP/2 GET; its status, or None when the peer closed or reset the stream first."""
     import h2.config
     import h2.connection

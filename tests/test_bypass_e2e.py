@@ -104,7 +104,8 @@ def env(origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path,
 
 @pytest.fixture
 def w(env: dict[str, Any]) -> Warden:
-    return env["warden"]
+    warden: Warden = env["warden"]
+    return warden
 
 
 @pytest.fixture
@@ -121,7 +122,7 @@ def plain_origin(env: dict[str, Any]) -> LoggingOrigin:
     return origin
 
 
-def _by_client_port(sock: socket.socket) -> Callable[[dict], bool]:
+def _by_client_port(sock: socket.socket) -> Callable[[dict[str, Any]], bool]:
     port = sock.getsockname()[1]
     return lambda r: r.get("client_port") == port
 
@@ -429,7 +430,7 @@ def _denied_in_protocol(r: Any) -> None:
     assert "deleted everything" not in r.text
 
 
-def _mcp_audit(w: Warden, tool: str, host: str = "mcp.test", path: str | None = None) -> dict:
+def _mcp_audit(w: Warden, tool: str, host: str = "mcp.test", path: str | None = None) -> dict[str, Any]:
     recs = audit_where(w, lambda r: r.get("event") == "mcp" and r.get("mcp_tool") == tool and r.get("host") == host
                        and (path is None or r.get("path") == path))
     assert recs[-1]["decision"] == "deny" and recs[-1]["mcp_server"] == "logged", recs[-1]
@@ -790,6 +791,7 @@ def _h2(alpn: list[str]) -> Drive:
 
         with open_tunnel(w, "coder", "api.test", port, alpn=alpn) as s:
             client_port = s.getsockname()[1]
+            assert isinstance(s, ssl.SSLSocket)
             if s.selected_alpn_protocol() == "h2":
                 return [h2_get(s, f"api.test:{port}", "/ok/inv-h2"),
                         ], [client_port]
@@ -866,7 +868,7 @@ def test_invariant_origin_sees_only_decided_and_audited_requests(w: Warden, tls_
     outcomes, client_ports = INVARIANT_CASES[case](w, tls_origin.port)
     assert outcomes, case
 
-    def mine(r: dict) -> bool:
+    def mine(r: dict[str, Any]) -> bool:
         return r.get("client_port") in client_ports and r.get("event") in ("request", "tunnel_refused")
 
     # Every answer the agent got, and every close, was recorded: wait for as many records.
@@ -970,7 +972,7 @@ def test_http2_authority_must_name_the_tunnel_host(mcp_env: dict[str, Any]) -> N
     w, h2srv = mcp_env["warden"], mcp_env["h2"]
     before = len(h2srv.requests)
     with open_tunnel(w, "coder", "mcp.test", h2srv.port, alpn=["h2"]) as s:
-        assert s.selected_alpn_protocol() == "h2"
+        assert isinstance(s, ssl.SSLSocket) and s.selected_alpn_protocol() == "h2"
         assert h2_get(s, "evil.test", "/steal") == 403
     assert len(h2srv.requests) == before
     audit_where(w, lambda r: r.get("event") == "request" and r.get("reason") == "host_mismatch"

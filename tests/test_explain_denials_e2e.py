@@ -52,7 +52,8 @@ def env(origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path,
 
 @pytest.fixture
 def w(env: dict[str, Any]) -> Warden:
-    return env["warden"]
+    warden: Warden = env["warden"]
+    return warden
 
 
 @pytest.fixture
