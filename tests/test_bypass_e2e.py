@@ -994,3 +994,31 @@ def test_secret_disguised_in_a_body_syntax_is_a_leak(w: Warden, tls_origin: Logg
                                 body.encode()))
         resp = read_response(s)
     assert resp.status == 403 and resp.headers["x-warden-reason"] == "secret_leak", resp
+
+
+@pytest.mark.parametrize("variant", ["gzip", "text-plain", "no-content-type", "batch-in-gzip"])
+def test_mcp_message_in_another_wrapping_is_still_decided(mcp_env: dict[str, Any], variant: str) -> None:
+    """A denied call compressed, or labelled as something other than JSON, is still decided as MCP
+    (or refused): a server that decodes or ignores the label must never run it."""
+    srv, w, port = mcp_env["srv"], mcp_env["warden"], mcp_env["port"]
+    srv.calls.clear()
+    message: Any = [_call("delete_all", 41)] if variant == "batch-in-gzip" else _call("delete_all", 41)
+    body = json.dumps(message).encode()
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    if variant in ("gzip", "batch-in-gzip"):
+        body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+    elif variant == "text-plain":
+        headers["Content-Type"] = "text/plain"
+    else:
+        del headers["Content-Type"]
+    resp = _raw_mcp(mcp_env, request_bytes("POST", "/mcp", f"mcp.test:{port}", headers, body))
+    assert "deleted everything" not in resp.text
+    assert "delete_all" not in srv.calls
+    if resp.status == 200:
+        data = json.loads(gzip.decompress(resp.body) if resp.headers.get("content-encoding") == "gzip" else resp.body)
+        items = data if isinstance(data, list) else [data]
+        assert all("error" in i or i.get("result", {}).get("isError") for i in items), data
+    else:
+        assert resp.status in (400, 403, 406, 415), resp
+    audit_where(w, lambda r: r.get("event") in ("mcp", "request") and r.get("decision") == "deny"
+                and r.get("port") == port and r.get("path") == "/mcp")
