@@ -35,10 +35,6 @@ CMD_TIMEOUT_S = 15.0  # every ip/sysctl call; they normally take milliseconds
 HELPER = Path(__file__).resolve()
 
 
-class NetnsUnavailable(RuntimeError):
-    """Namespaces cannot be created here (no CAP_SYS_ADMIN, no iproute2, ...)."""
-
-
 def sh(
     argv: list[str], timeout: float = CMD_TIMEOUT_S, check: bool = True, **kw: object
 ) -> subprocess.CompletedProcess[str]:
@@ -90,10 +86,6 @@ class Topology:
     @property
     def agent_addr(self) -> str:
         return f"10.200.{self.subnet}.2"
-
-    @property
-    def warden_inet_side(self) -> str:
-        return f"10.200.{self.subnet}.5"
 
     @property
     def inet_addr(self) -> str:
@@ -228,34 +220,6 @@ def stop_process(p: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait(timeout=timeout)
-
-
-# ---------------------------------------------------------------- stand-in proxy
-# Used only while /work/main/.venv/bin/warden does not exist yet, so the
-# namespace plumbing (routing, passthrough TLS, git over the proxy) is still
-# exercised by a real proxy process. It mimics the Warden contract the tests
-# rely on: proxy auth, 403 on denied CONNECT, names resolved from a hosts file.
-STANDIN_ADDON = r"""
-import os
-from mitmproxy import http, connection
-from mitmproxy.proxy import server_hooks
-
-DENY = set(os.environ["STANDIN_DENY"].split(","))
-HOSTS = {}
-for line in open(os.environ["STANDIN_HOSTS"]):
-    parts = line.split("#", 1)[0].split()
-    for name in parts[1:]:
-        HOSTS[name.lower()] = parts[0]
-
-def http_connect(flow: http.HTTPFlow) -> None:
-    if flow.request.host.lower() in DENY:
-        flow.response = http.Response.make(403, b"denied by stand-in policy\n")
-
-def server_connect(data: server_hooks.ServerConnectionHookData) -> None:
-    host, port = data.server.address
-    if host.lower() in HOSTS:
-        data.server.address = (HOSTS[host.lower()], port)
-"""
 
 
 # ---------------------------------------------------------------- in-namespace CLI

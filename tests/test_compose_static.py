@@ -7,51 +7,25 @@ secret committed inline. Each test below pins one of those.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from egresswarden.record import metric_names
 
-# Metric families Warden exports (counters listed with their exposed `_total`
-# name). The owner will replace this with an import of addons.metrics_names;
-# keep it the single source for every check in this file.
-WARDEN_METRICS: frozenset[str] = frozenset(
-    {
-        "warden_requests_total",
-        "warden_connects_total",
-        "warden_bytes_total",
-        "warden_decision_duration_seconds",
-        "warden_upstream_duration_seconds",
-        "warden_active_tunnels",
-        "warden_rules_loaded",
-        "warden_policy_info",
-        "warden_reloads_total",
-        "warden_last_reload_success_timestamp_seconds",
-        "warden_audit_queue_depth",
-        "warden_audit_write_failures_total",
-        "warden_audit_records_total",
-        "warden_audit_healthy",
-        "warden_alerts_sent_total",
-        "warden_alerts_failed_total",
-        "warden_alerts_suppressed_total",
-        "warden_credentials_injected_total",
-        "warden_secret_leaks_total",
-        "warden_ssrf_refusals_total",
-        "warden_auth_failures_total",
-        "warden_mcp_calls_total",
-        "warden_hook_errors_total",
-    }
-)
-WARDEN_HISTOGRAMS: frozenset[str] = frozenset(
-    {"warden_decision_duration_seconds", "warden_upstream_duration_seconds"}
-)
+from .harness import WARDEN, sha256_hex, start_warden
+
+# Metric families Warden exports (counters with their exposed `_total` name): the product's own
+# list, which test_exported_metric_names_match_the_metrics_page checks against a running warden.
+WARDEN_METRICS: frozenset[str] = metric_names.EXPORTED
+WARDEN_HISTOGRAMS: frozenset[str] = frozenset({metric_names.DECISION_DURATION, metric_names.UPSTREAM_DURATION})
 # Series names a query may use: histograms are only queryable through these suffixes.
 QUERYABLE: frozenset[str] = frozenset(
     {m for m in WARDEN_METRICS if m not in WARDEN_HISTOGRAMS}
@@ -63,14 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = REPO / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 K8S_DIR = REPO / "deploy" / "kubernetes"
-WARDEN_BIN = Path(sys.executable).parent / "warden"
 PROXY_PORT = 8080  # Warden defaults
 METRICS_PORT = 9464
 PROMTOOL_REASON = "promtool not installed (Debian package: prometheus; `apt-get install -y prometheus`)"
 
 WARDEN_COMMAND = [
     "warden", "run", "--rules", "/rules",
-    "--listen", f"0.0.0.0:{PROXY_PORT}", "--metrics-listen", f"0.0.0.0:{METRICS_PORT}",
+    "--listen", f"0.0.0.0:{PROXY_PORT}", "--metrics-listen", f"172.31.94.10:{METRICS_PORT}",
     "--audit-log", "/var/log/warden/audit.jsonl", "--confdir", "/certs",
 ]  # fmt: skip
 CA_TRUST_VARS = (
@@ -217,15 +190,7 @@ def grafana_to_promql(q: str) -> str:
 
 
 def warden_run_help() -> str:
-    if not WARDEN_BIN.exists():
-        pytest.skip(
-            f"{WARDEN_BIN} not installed yet (owner's CLI): cannot check flags against `warden run --help`"
-        )
-    r = subprocess.run([str(WARDEN_BIN), "run", "--help"], capture_output=True, text=True, timeout=60)
-    if r.returncode != 0 and re.search(r"^(ModuleNotFoundError|ImportError)", r.stderr, re.M):
-        # The entry point is installed (editable) before the owner's addons/cli.py lands.
-        last = r.stderr.strip().splitlines()[-1]
-        pytest.skip(f"`warden` entry point installed but its CLI is not importable yet ({last})")
+    r = subprocess.run([WARDEN, "run", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -308,7 +273,12 @@ def test_warden_service_command_ports_and_healthcheck() -> None:
     assert {str(p) for p in w.get("expose", [])} == {str(PROXY_PORT), str(METRICS_PORT)}
     hc = w["healthcheck"]["test"]
     assert hc[0] == "CMD" and hc[1] == "python", "slim image: no curl, use the interpreter"
-    assert f"http://127.0.0.1:{METRICS_PORT}/healthz" in " ".join(hc) and "urllib" in " ".join(hc)
+    assert f"http://172.31.94.10:{METRICS_PORT}/readyz" in " ".join(hc) and "urllib" in " ".join(hc)
+    # metrics only on the monitoring network: the address bound is Warden's address there
+    assert w["networks"]["monitoring"]["ipv4_address"] == "172.31.94.10"
+    subnet = c["networks"]["monitoring"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address("172.31.94.10") in ipaddress.ip_network(subnet)
+    assert "agent" not in {s for s, svc in c["services"].items() if "monitoring" in service_networks(svc)}
     m = mounts(w)
     assert (
         m["/rules"] == "../rules"
@@ -318,7 +288,10 @@ def test_warden_service_command_ports_and_healthcheck() -> None:
     assert m["/certs"] in c["volumes"] and m["/var/log/warden"] in c["volumes"], (
         "CA and audit on named volumes"
     )
-    assert w.get("secrets"), "credentials arrive as Docker secrets (/run/secrets)"
+    # Only secrets the rules use are required (a listed secret file that is missing stops `up`).
+    rules_text = "".join(p.read_text() for p in (REPO / "rules").glob("*.yaml"))
+    for name in w.get("secrets") or []:
+        assert f"${{secret:{name}}}" in rules_text, f"warden requires secret {name!r} the rules never use"
     # Prometheus scrapes the metrics port Warden listens on.
     prom = yaml.safe_load((COMPOSE_DIR / "prometheus" / "prometheus.yml").read_text())
     (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "warden"]
@@ -413,7 +386,7 @@ def test_dockerfile_base_and_install() -> None:
     ]
     froms = [ln for ln in lines if ln.upper().startswith("FROM ")]
     assert froms == ["FROM python:3.12-slim"]
-    assert "COPY . /src" in lines
+    assert "COPY pyproject.toml README.md /src/" in lines and "COPY addons /src/addons" in lines
     assert any(ln.startswith("RUN pip install /src") for ln in lines)
     user = [ln for ln in lines if ln.startswith("USER ")]
     assert user and user[-1].split()[1].split(":")[0] not in ("root", "0"), "run as non-root"
@@ -568,13 +541,23 @@ def test_grafana_provisioning_matches_compose() -> None:
     )
 
 
-def test_metric_list_matches_addons_metrics_names() -> None:
-    """Until WARDEN_METRICS is replaced by the import, catch drift between the two lists."""
+def test_exported_metric_names_match_the_metrics_page(tmp_path: Path) -> None:
+    """The dashboard and alert checks above trust metric_names.EXPORTED: it must be what a
+    running warden serves (every family is listed from startup, before any sample)."""
+    import urllib.request
+
+    w = start_warden(tmp_path, {"agents": [{"id": "a", "token_sha256": [sha256_hex("t")], "policies": ["p"]}],
+                                "policies": {"p": {"allow": [{"host": "allowed.test"}]}}})
     try:
-        from egresswarden.record import metric_names as metrics_names
-    except ImportError:
-        pytest.skip("addons.metrics_names not importable")
-    assert frozenset(metrics_names.EXPORTED) == WARDEN_METRICS
+        with urllib.request.urlopen(f"http://127.0.0.1:{w.metrics_port}/metrics", timeout=10) as r:
+            page = r.read().decode()
+    finally:
+        w.stop()
+    # prometheus_client adds a `<name>_created` gauge beside unlabelled counters and histograms.
+    families = {m.group(1) for m in re.finditer(r"^# TYPE (warden_\S+) ", page, re.M)
+                if not m.group(1).endswith("_created")}
+    assert families == WARDEN_METRICS
+    assert WARDEN_HISTOGRAMS <= WARDEN_METRICS
 
 
 # ---------------------------------------------------------------- kubernetes
@@ -609,11 +592,12 @@ def test_k8s_deployment() -> None:
     args = dict(zip(cmd[2::2], cmd[3::2], strict=True))
     assert (
         args["--listen"] == f"0.0.0.0:{PROXY_PORT}" and args["--metrics-listen"] == f"0.0.0.0:{METRICS_PORT}"
+        # (a pod has one network; NetworkPolicy warden-ingress keeps agents off the metrics port)
     )
     assert args["--audit-log"] == "-", "audit to stdout for the node log collector"
     assert {p["containerPort"] for p in c["ports"]} == {PROXY_PORT, METRICS_PORT}
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"]["path"] == "/healthz"
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
+        assert c[probe]["httpGet"]["path"] == path
         port = c[probe]["httpGet"]["port"]
         assert port in (METRICS_PORT, "metrics")
     assert c["securityContext"]["readOnlyRootFilesystem"] is True

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,12 +191,21 @@ def test_http2_inject_and_leak(env):
 
 
 def test_zz_secret_never_in_audit_metrics_or_output(env):
-    w = env["warden"]
-    time.sleep(0.3)
+    """Runs last (module order): checks everything the tests above made Warden write."""
+    w, o = env["warden"], env["origin"]
+    # A final request whose audit record proves the writer got past every earlier one (it
+    # writes in order), so the audit check below cannot pass on a log not yet flushed.
+    status, _, _ = _get(w, "coder", f"https://cred.test:{o.port}/zz-last-request")
+    assert status == 200
+    records = w.audit_records(lambda rs: any("/zz-last-request" in (r.get("path") or "") for r in rs), timeout=10)
+    assert any("/zz-last-request" in (r.get("path") or "") for r in records), records[-3:]
+    metrics = w.metrics_text()
+    assert "warden_secret_leaks_total" in metrics and "warden_credentials_injected_total" in metrics
+    w.stop()  # flushes Warden's own output; the fixture's stop() is then a no-op
     forms = [SECRET, base64.b64encode(SECRET.encode()).decode().rstrip("="), quote(SECRET, safe="")]
     audit = w.audit_path.read_text()
-    metrics = w.metrics_text()
     output = w.output()
+    assert '"event":"shutdown"' in audit, "the audit log was not closed cleanly"
     assert "secret_leak" in audit
     for form in forms:
         assert form not in audit, "secret in audit log"

@@ -185,6 +185,28 @@ def test_ssrf_not_softened_by_report_mode(rules: RuleSet) -> None:
     assert d.verdict is Verdict.DENY and d.reason is Reason.PRIVATE_ADDRESS
 
 
+@pytest.mark.parametrize("host,listed", [
+    pytest.param("github.com", "443 (https) / 80 (http)", id="default ports only"),
+    pytest.param("pypi.org", "443, 8443", id="explicit ports"),
+    pytest.param("both.example", "443 (https) / 80 (http), 8443", id="default and explicit for one host"),
+])
+def test_port_denial_lists_ports_as_plain_text(tmp_path: Path, host: str, listed: str) -> None:
+    # The agent reads this message: it once showed a Python list repr ("['443 (https) / 80 (http)']"),
+    # and left out the default ports when another rule for the host named explicit ones.
+    doc = {
+        "agents": [{"id": "a", "token_sha256": [sha256_hex("t")], "policies": ["one", "two"]}],
+        "policies": {
+            "one": {"allow": [{"id": "gh", "host": "github.com"}, {"id": "both-default", "host": "both.example"}]},
+            "two": {"allow": [{"id": "pypi", "host": "pypi.org", "ports": [8443, 443]},
+                              {"id": "both-alt", "host": "both.example", "ports": [8443]}]},
+        },
+    }
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(doc))
+    d = decide(load_ruleset(tmp_path), C("a", host, 22))
+    assert d.reason is Reason.PORT_NOT_ALLOWED
+    assert d.message == f"{host} is allowed, but not on port 22; allowed ports: {listed}"
+
+
 def _basic(value: str) -> str:
     return "Basic " + base64.b64encode(value.encode()).decode()
 

@@ -138,21 +138,28 @@ def test_denied_calls_are_is_error_results(env: dict[str, Any], mode: str) -> No
                 await c.call_tool("get_weather", {"location": "Paris", "exfil": "secret-value"}),
                 await c.call_tool("add", {"a": 1, "b": 2})]
 
+    warden: Warden = env["warden"]
+    already = len(warden.audit_records())  # the module's warden also served the other mode
     outside, denied, too_long, extra_key, add = run_client(env, mode, body)
     assert outside.is_error and "not in this agent's tool catalog" in text_of(outside)
     assert denied.is_error and "explicitly denied" in text_of(denied)
     assert too_long.is_error and "constraints" in text_of(too_long)
     assert extra_key.is_error and "constraints" in text_of(extra_key)
     assert not add.is_error and "3" in text_of(add)
-    warden: Warden = env["warden"]
     reasons = {r.get("mcp_tool"): r for r in mcp_records(warden, lambda r: r["decision"] == "deny")}
     assert reasons["whoami"]["reason"] == "mcp_tool_not_allowed"
     assert reasons["delete_all"]["reason"] == "mcp_tool_denied"
     bad = mcp_records(warden, lambda r: r["reason"] == "mcp_bad_arguments")
     assert bad and "mcp_deny" in bad[-1]["events"]
-    assert all("secret-value" not in json.dumps(r) for r in warden.audit_records())  # values never logged
-    logged = mcp_records(warden, lambda r: r.get("mcp_tool") == "add")
-    assert logged[-1]["mcp_argument_values"] == {"a": 1, "b": 2}  # log_argument_values: [add]
+    # The run's last call is audited after the one carrying "secret-value" (the writer keeps
+    # order): wait for it, so the absence check below sees every record of this run.
+    def add_logged(rs: list[dict]) -> bool:
+        return any(r.get("event") == "mcp" and r.get("mcp_tool") == "add" for r in rs[already:])
+    records = warden.audit_records(add_logged, timeout=10)
+    logged = [r for r in records[already:] if r.get("event") == "mcp" and r.get("mcp_tool") == "add"]
+    assert logged and logged[-1]["mcp_argument_values"] == {"a": 1, "b": 2}  # log_argument_values: [add]
+    assert any("exfil" in r.get("mcp_argument_keys", []) for r in records[already:]), records[already:]
+    assert all("secret-value" not in json.dumps(r) for r in records)  # values never logged
     assert 'reason="mcp_tool_denied"' in warden.metrics_text()
 
 

@@ -4,13 +4,12 @@ Three namespaces joined by two veth pairs (see tests/netns_helpers.py):
 agent <-> warden <-> internet, IP forwarding off in the warden namespace.
 Origins (HTTPS static server with a dumb-HTTP git repo, a UDP responder on
 :53) run in the internet namespace on its own address. Clients run in the
-agent namespace via `ip netns exec`.
+agent namespace via `ip netns exec`. The proxy is always the product: `warden run`
+in the warden namespace.
 
-Until /work/main/.venv/bin/warden exists the proxy is a stand-in mitmdump
-with a tiny addon implementing the same contract (auth, 403 on deny, hosts
-file); tests that check Warden itself (auth failure codes, audit log,
-metrics) are skipped with a reason until then. The isolation properties
-(no route, no DNS, no forwarding) do not depend on which proxy runs.
+The only skip is for a machine that cannot create network namespaces (no root,
+no iproute2): the tools these tests drive (curl, git, getent) are installed by
+`make system-deps`, and a missing one fails the test instead of hiding it.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import json
 import os
 import random
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -30,48 +28,18 @@ from pathlib import Path
 
 import pytest
 
-from .netns_helpers import HELPER, STANDIN_ADDON, Topology, netns_probe, stop_process
+from .netns_helpers import HELPER, Topology, netns_probe, stop_process
 
 # Hard ceiling per test; every step below has its own smaller timeout.
 pytestmark = [pytest.mark.netns, pytest.mark.e2e, pytest.mark.timeout(300)]
 
 VENV_BIN = Path(sys.executable).parent
 WARDEN = VENV_BIN / "warden"
-MITMDUMP = VENV_BIN / "mitmdump"
 ORIGIN_PORT = 8443
 PROXY_PORT = 8080
 AGENT_ID = "netns-agent"
 CURL_MAX_TIME = "15"
 SUBPROCESS_TIMEOUT = 40.0
-
-
-def _warden_unusable_reason() -> str | None:
-    """None if `warden run` is usable; otherwise why the stand-in proxy is used instead."""
-    if not WARDEN.exists():
-        return f"{WARDEN} not installed yet (owner's proxy core)"
-    try:
-        r = subprocess.run([str(WARDEN), "run", "--help"], capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return "`warden run --help` timed out"
-    if r.returncode != 0:
-        tail = (r.stderr.strip().splitlines() or ["?"])[-1]
-        return f"`warden run --help` fails ({tail}); the CLI is not ready yet"
-    return None
-
-
-# WARDEN_NETNS_FORCE_STANDIN=1 runs the plumbing against the stand-in even when Warden works
-# (tells a namespace problem from a Warden problem when something here fails).
-WARDEN_UNUSABLE = (
-    "forced by WARDEN_NETNS_FORCE_STANDIN=1"
-    if os.environ.get("WARDEN_NETNS_FORCE_STANDIN") == "1"
-    else _warden_unusable_reason()
-)
-requires_warden = pytest.mark.skipif(
-    WARDEN_UNUSABLE is not None, reason=f"{WARDEN_UNUSABLE}; stand-in mitmdump covers the namespace plumbing"
-)
-_missing = [t for t in ("curl", "git", "getent") if shutil.which(t) is None]
-if _missing:
-    pytestmark.append(pytest.mark.skip(reason=f"not installed: {_missing} (Debian: curl, git, libc-bin)"))
 
 
 @dataclass
@@ -82,7 +50,6 @@ class Origins:
 
 @dataclass
 class Proxy:
-    kind: str  # "warden" or "standin"
     url: str  # what goes into HTTPS_PROXY
     token: str
     workdir: Path
@@ -239,54 +206,29 @@ def proxy(topo: Topology, origins: Origins, workdir: Path) -> Iterator[Proxy]:
     audit = workdir / "audit.jsonl"
     log = workdir / "proxy.log"
     listen = f"{topo.warden_agent_side}:{PROXY_PORT}"
-    if WARDEN_UNUSABLE is None:
-        kind = "warden"
-        rules = workdir / "rules"
-        rules.mkdir()
-        # JSON is YAML; avoids hand-quoting the paths.
-        (rules / "netns.yaml").write_text(json.dumps(netns_rules(token, hosts), indent=2))
-        argv = [
-            str(WARDEN),
-            "run",
-            "--rules",
-            str(rules),
-            "--listen",
-            listen,
-            "--metrics-listen",
-            "127.0.0.1:9464",
-            "--audit-log",
-            str(audit),
-            "--confdir",
-            str(confdir),
-        ]
-        env = None
-    else:
-        if not MITMDUMP.exists():
-            pytest.skip(f"neither {WARDEN} nor {MITMDUMP} available")
-        kind = "standin"
-        addon = workdir / "standin_addon.py"
-        addon.write_text(STANDIN_ADDON)
-        argv = [
-            str(MITMDUMP),
-            "--listen-host",
-            topo.warden_agent_side,
-            "--listen-port",
-            str(PROXY_PORT),
-            "--set",
-            f"confdir={confdir}",
-            "--set",
-            "ignore_hosts=.*",  # passthrough: agent verifies the origin's own cert
-            "--set",
-            f"proxyauth={AGENT_ID}:{token}",
-            "-s",
-            str(addon),
-        ]
-        env = {**os.environ, "STANDIN_DENY": "denied.test", "STANDIN_HOSTS": str(hosts)}
-    p = topo.spawn(topo.warden_ns, argv, log, env=env)
+    rules = workdir / "rules"
+    rules.mkdir()
+    # JSON is YAML; avoids hand-quoting the paths.
+    (rules / "netns.yaml").write_text(json.dumps(netns_rules(token, hosts), indent=2))
+    argv = [
+        str(WARDEN),
+        "run",
+        "--rules",
+        str(rules),
+        "--listen",
+        listen,
+        "--metrics-listen",
+        "127.0.0.1:9464",
+        "--audit-log",
+        str(audit),
+        "--confdir",
+        str(confdir),
+    ]
+    p = topo.spawn(topo.warden_ns, argv, log)
     try:
         # Polled from the agent namespace: also proves the agent can reach Warden.
         topo.wait_tcp(topo.agent_ns, topo.warden_agent_side, PROXY_PORT, p, log, timeout=60)
-        yield Proxy(kind, f"http://{AGENT_ID}:{token}@{listen}", token, workdir, audit)
+        yield Proxy(f"http://{AGENT_ID}:{token}@{listen}", token, workdir, audit)
     finally:
         stop_process(p)
 
@@ -493,7 +435,6 @@ def test_route_via_warden_still_blocked_because_forwarding_is_off(
 # ---------------------------------------------------------------- Warden itself
 
 
-@requires_warden
 def test_warden_rejects_wrong_or_missing_token(topo: Topology, origins: Origins, proxy: Proxy) -> None:
     bad = proxy.url.replace(proxy.token, "not-the-token")
     r = curl(topo, agent_env(proxy.workdir, bad, origins.ca_file), f"https://allowed.test:{ORIGIN_PORT}/")
@@ -503,7 +444,6 @@ def test_warden_rejects_wrong_or_missing_token(topo: Topology, origins: Origins,
     assert codes(r)[1] == "407", (r.returncode, r.stdout, r.stderr)
 
 
-@requires_warden
 def test_warden_audits_the_denied_connect(topo: Topology, origins: Origins, proxy: Proxy) -> None:
     env = agent_env(proxy.workdir, proxy.url, origins.ca_file)
     curl(topo, env, f"https://denied.test:{ORIGIN_PORT}/")
@@ -522,7 +462,6 @@ def test_warden_audits_the_denied_connect(topo: Topology, origins: Origins, prox
     assert proxy.token not in proxy.audit_log.read_text(), "the proxy token must never be audited"
 
 
-@requires_warden
 def test_warden_metrics_and_health_inside_its_namespace(topo: Topology, proxy: Proxy) -> None:
     r = topo.run(
         topo.warden_ns,

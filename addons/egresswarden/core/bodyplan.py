@@ -90,7 +90,7 @@ def _zstd(data: bytes, limit: int) -> bytes:
     try:
         from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14
     except ImportError:
-        from backports import zstd  # type: ignore[import-not-found,no-redef]  # mitmproxy's dependency
+        from backports import zstd  # mitmproxy's dependency
 
     d = zstd.ZstdDecompressor()
     out = bytes(d.decompress(data, max_length=limit + 1))

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, quote_plus, unquote_plus
 
-import ahocorasick  # type: ignore[import-not-found]
+import ahocorasick
 
 from .derived import derived
 from .paths import PathError, canonical_path
@@ -122,7 +122,6 @@ class Scanner:
         self.automaton: ahocorasick.Automaton | None = None
         self.folded: ahocorasick.Automaton | None = None
         self.max_len = 0
-        self.redact_max_len = 0
         if not table:
             return
         automaton = ahocorasick.Automaton()

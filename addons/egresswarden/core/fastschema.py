@@ -74,27 +74,35 @@ def compile_schema(schema: dict[str, Any] | bool) -> Check:
             continue
         raise ValueError(f"fastschema does not support the keyword {key!r}")
     if "type" in schema:
-        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        checks.append(lambda v, ts=tuple(types): any(_is_type(v, t) for t in ts))
+        types: tuple[str, ...] = tuple(schema["type"] if isinstance(schema["type"], list) else [schema["type"]])
+        checks.append(lambda v: any(_is_type(v, t) for t in types))
     if "enum" in schema:
-        checks.append(lambda v, allowed=schema["enum"]: _json_equal_in(v, allowed))
+        allowed: list[Any] = schema["enum"]
+        checks.append(lambda v: _json_equal_in(v, allowed))
     if "const" in schema:
-        checks.append(lambda v, c=schema["const"]: _json_equal_in(v, [c]))
+        const: list[Any] = [schema["const"]]
+        checks.append(lambda v: _json_equal_in(v, const))
     if "pattern" in schema:
         rx = re.compile(schema["pattern"])
         checks.append(lambda v: not isinstance(v, str) or rx.search(v) is not None)
     if "minLength" in schema:
-        checks.append(lambda v, n=schema["minLength"]: not isinstance(v, str) or len(v) >= n)
+        min_length: int = schema["minLength"]
+        checks.append(lambda v: not isinstance(v, str) or len(v) >= min_length)
     if "maxLength" in schema:
-        checks.append(lambda v, n=schema["maxLength"]: not isinstance(v, str) or len(v) <= n)
+        max_length: int = schema["maxLength"]
+        checks.append(lambda v: not isinstance(v, str) or len(v) <= max_length)
     if "minimum" in schema:
-        checks.append(lambda v, n=schema["minimum"]: not _is_number(v) or v >= n)
+        minimum: float = schema["minimum"]
+        checks.append(lambda v: not _is_number(v) or v >= minimum)
     if "maximum" in schema:
-        checks.append(lambda v, n=schema["maximum"]: not _is_number(v) or v <= n)
+        maximum: float = schema["maximum"]
+        checks.append(lambda v: not _is_number(v) or v <= maximum)
     if "exclusiveMinimum" in schema:
-        checks.append(lambda v, n=schema["exclusiveMinimum"]: not _is_number(v) or v > n)
+        exclusive_minimum: float = schema["exclusiveMinimum"]
+        checks.append(lambda v: not _is_number(v) or v > exclusive_minimum)
     if "minItems" in schema:
-        checks.append(lambda v, n=schema["minItems"]: not isinstance(v, list) or len(v) >= n)
+        min_items: int = schema["minItems"]
+        checks.append(lambda v: not isinstance(v, list) or len(v) >= min_items)
     if schema.get("uniqueItems"):
         checks.append(lambda v: not isinstance(v, list) or _unique(v))
     if "items" in schema:

@@ -1,12 +1,125 @@
-"""Warnings about rule sets that load but may not mean what their authors think (pure).
+"""Warnings for rules that load but cannot work as written, or are broader than they look.
 
-`warden check` prints these; they never stop Warden.
+`lint(rules)` never fails a load: `warden check` prints the warnings (exit 0, or 1 with
+`--strict`). Each is a `RuleProblem` with the file:line of the rule concerned.
+
+* A credential no allow rule lets its agent reach: Warden injects credentials only into
+  allowed requests, so the credential is dead weight (and often a forgotten allow rule).
+* An MCP server whose host no allow rule lets its agents reach: every call is refused at
+  CONNECT before MCP governance ever sees it.
+* A wildcard or `domain:` allow rule (or credential) on a *private* public-suffix entry
+  (`*.github.io`, `domain: s3.amazonaws.com`, `*.herokuapp.com`): ICANN suffixes are
+  errors already; the PSL's private section lists names under which anyone can register a
+  site, so such a rule allows (or sends the secret to) every stranger's site there.
+
+Since 0.2 a cidr rule matches IP literals only, so reachability of a host name is decided
+by host/domain rules alone and can be checked here. `cidr_name_warnings`/`cidr_notes` flag
+rule sets written for the 0.1 meaning of cidr rules.
 """
 
 from __future__ import annotations
 
-from .model import TargetKind
-from .ruleset import RuleSet
+from functools import lru_cache
+
+import tldextract
+
+from .errors import RuleProblem
+from .model import AgentMode, Origin, Target, TargetKind
+from .ruleset import CompiledAgent, RuleSet
+
+HTTPS_PORT = 443
+
+
+@lru_cache(maxsize=1)
+def _private_suffix_rules() -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """(exact, wildcard parents, exceptions) of the PSL's private section, from the snapshot
+    bundled with tldextract (no download, no cache directory)."""
+    extractor = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None, include_psl_private_domains=True)
+    lists = extractor._get_tld_extractor()
+    private = set(lists.tlds_incl_private) - set(lists.tlds_excl_private)
+    exact = frozenset(t for t in private if not t.startswith(("*.", "!")))
+    wild = frozenset(t[2:] for t in private if t.startswith("*."))
+    exceptions = frozenset(t[1:] for t in private if t.startswith("!"))
+    return exact, wild, exceptions
+
+
+def is_private_suffix(name: str) -> bool:
+    """True for a name listed in the private section of the Public Suffix List."""
+    exact, wild, exceptions = _private_suffix_rules()
+    if name in exceptions:
+        return False
+    if name in exact:
+        return True
+    parent = name.partition(".")[2]
+    return bool(parent) and parent in wild
+
+
+def _reachable(agent: CompiledAgent, host: str, ports: frozenset[int] | None, default_port: int = HTTPS_PORT) -> bool:
+    """Does some allow rule of the agent admit `host` on one of `ports` (default: the
+    scheme's port, which is also what a rule without ports admits)?"""
+    wanted = ports or frozenset({default_port})
+    for policy in agent.policies:
+        for rule in policy.hosts.lookup(host):
+            if (default_port in wanted) if rule.ports is None else bool(rule.ports & wanted):
+                return True
+    return False
+
+
+def _target_hosts(target: Target) -> str:
+    return f"*.{target.value}" if target.kind is TargetKind.WILDCARD else target.value
+
+
+def _suffix_warning(kind: str, ident: str, target: Target, origin: Origin) -> RuleProblem | None:
+    if target.kind not in (TargetKind.WILDCARD, TargetKind.DOMAIN) or not is_private_suffix(target.value):
+        return None
+    shown = f"host: '*.{target.value}'" if target.kind is TargetKind.WILDCARD else f"domain: {target.value}"
+    return RuleProblem(
+        origin.file, origin.line,
+        f"warning: {kind} {ident!r} ({shown}) covers every site under {target.value}, a public suffix "
+        "(private section of the Public Suffix List): its names belong to many unrelated owners",
+        f"name the hosts you mean, e.g. host: <name>.{target.value}")
+
+
+def lint(rules: RuleSet) -> list[RuleProblem]:
+    """Every warning for a loaded rule set, in file:line order."""
+    model = rules.model
+    warnings: list[RuleProblem] = []
+    enforced = [(a, rules.agents[a.id]) for a in model.agents if a.mode is AgentMode.ENFORCE and a.id in rules.agents]
+    for name, policy in model.policies.items():
+        users = [(a, c) for a, c in enforced if name in a.policies]
+        for rule in policy.allow:
+            found = _suffix_warning("allow rule", rule.id, rule.target, rule.origin)
+            if found:
+                warnings.append(found)
+        for cred in policy.credentials:
+            found = _suffix_warning("credential", cred.id, cred.target, cred.origin)
+            if found:
+                warnings.append(found)
+            stranded = [a.id for a, c in users if not _reachable(c, cred.target.value, cred.ports)]
+            if stranded:
+                where = _target_hosts(cred.target)
+                warnings.append(RuleProblem(
+                    cred.origin.file, cred.origin.line,
+                    f"warning: credential {cred.id!r} on {where} is never injected for agent(s) "
+                    f"{', '.join(stranded)}: no allow rule of their policies admits {cred.target.value}",
+                    f"add an allow rule, e.g. - host: {cred.target.value}"))
+        servers = {s.id: s for s in model.mcp_servers}
+        for mcp in policy.mcp:
+            server = servers.get(mcp.server)
+            if server is None:
+                continue
+            default = 80 if server.scheme == "http" else HTTPS_PORT
+            stranded = [a.id for a, c in users
+                        if not _reachable(c, server.host, frozenset({server.port}), default)]
+            if stranded:
+                warnings.append(RuleProblem(
+                    mcp.origin.file, mcp.origin.line,
+                    f"warning: MCP server {server.id!r} ({server.host}:{server.port}) is unreachable for agent(s) "
+                    f"{', '.join(stranded)}: no allow rule of their policies admits it, so every call is refused "
+                    "at CONNECT",
+                    f"add an allow rule, e.g. - host: {server.host}" + (f" with ports: [{server.port}]"
+                                                                        if server.port != default else "")))
+    return sorted(warnings, key=lambda p: (p.file, p.line))
 
 
 def cidr_name_warnings(rules: RuleSet) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -27,6 +27,8 @@ PathKey = tuple[str | int, ...]
 _STR_TAG = "tag:yaml.org,2002:str"
 
 
+# getattr: PyYAML built without libyaml has no CSafeLoader; mypy cannot type a base chosen at
+# run time, hence the ignore (the class body is still checked).
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """libyaml's parser (~10x faster than PyYAML's pure-Python one, same nodes and line
     marks) with a shortcut in implicit tag resolution: a plain scalar whose first character
@@ -36,7 +38,8 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
     def resolve(self, kind: type, value: str, implicit: tuple[bool, bool]) -> str:
         if kind is yaml.ScalarNode and implicit[0] and value and value[0] not in self.yaml_implicit_resolvers:
             return _STR_TAG
-        return super().resolve(kind, value, implicit)
+        tag: str = super().resolve(kind, value, implicit)
+        return tag
 
 
 @dataclass
@@ -45,6 +48,9 @@ class LineMap:
 
     file: str
     lines: dict[PathKey, int] = field(default_factory=dict)
+    # Problems that do not stop parsing (duplicate keys): reported with the file's other
+    # errors instead of hiding them.
+    problems: list[RuleError] = field(default_factory=list)
 
     def line_of(self, path: Sequence[str | int]) -> int:
         """The line of the deepest known value on `path` (0 if none is known)."""
@@ -81,7 +87,10 @@ class _Builder:
             tag = self.loader.resolve(yaml.ScalarNode, event.value, event.implicit)
         if tag == _STR_TAG:
             return event.value
-        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        # libyaml's events carry its own Mark type; the node only keeps it for error messages,
+        # which read the same line/column attributes from either kind.
+        start, end = cast("yaml.Mark | None", event.start_mark), cast("yaml.Mark | None", event.end_mark)
+        node = yaml.ScalarNode(tag, event.value, start, end, event.style)
         return self.scalars.construct_object(node)
 
     def value(self, path: PathKey) -> tuple[Any, int]:
@@ -121,8 +130,14 @@ class _Builder:
                 if not isinstance(key, str):
                     raise RuleError(self.lines.file, key_line, f"mapping keys must be strings, got {key!r}")
                 if key in result:
-                    raise RuleError(self.lines.file, key_line, f"duplicate key '{key}'",
-                                    "each key may appear once per mapping; merge the two entries")
+                    # Keep the first value and go on, so the file's other errors show too.
+                    self.lines.problems.append(RuleError(
+                        self.lines.file, key_line, f"duplicate key '{key}' (first at line "
+                        f"{self.lines.lines.get((*path, key), 0)})",
+                        "each key may appear once per mapping; merge the two entries"))
+                    _, n = self.value((*path, "<duplicate>", key_line))
+                    size += n
+                    continue
                 self.lines.lines[(*path, key)] = key_line
                 result[key], n = self.value((*path, key))
                 size += n
@@ -166,7 +181,12 @@ def load_yaml(path: Path) -> tuple[Any, LineMap]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 0
-        raise RuleError(path, line, f"invalid YAML: {e.problem or e.context}") from None
+        problem = str(e.problem or e.context)
+        hint = ""
+        near = text.splitlines()[max(line - 2, 0) : line]  # the reported line and the one before
+        if "\\t" in problem or any("\t" in s for s in near):
+            hint = "YAML does not allow tabs for indentation; indent with spaces"
+        raise RuleError(path, line, f"invalid YAML: {problem}", hint) from None
     except yaml.YAMLError as e:
         raise RuleError(path, 0, f"invalid YAML: {e}") from None
     finally:

@@ -4,19 +4,35 @@ Records go to `auditlog.AuditWriter` (hash chain, queue, rotation). `AuditGate` 
 in the addon chain and refuses new connections and requests with 503 `audit_unavailable`
 while the log cannot be written, unless `settings.audit.on_failure: continue`: mitmproxy's
 own save addon likewise prefers to crash visibly rather than let traffic through unrecorded.
+
+Checkpoint signing: `settings.audit.signing_key` (`${secret:NAME}`) is rendered from the
+secrets directory at start and on every reload; a key that changes is used from the next
+checkpoint on (verifiers then need both public keys), a key that cannot be read or parsed
+stops Warden at start and keeps the previous key on reload (logged).
+
+Audit failures reach `failure_listeners` (alerts) on the event loop, never on the writer
+thread or inside `submit` (see `record/journal.py` for the thread model).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 
 from egresswarden.core.decision import Reason, deny
+from egresswarden.core.errors import SecretError
+from egresswarden.core.model import AuditSettings
+from egresswarden.core.ruleset import RuleSet
+from egresswarden.core.secrets import render
 from egresswarden.record import fields as F
-from egresswarden.record.journal import AuditWriter, utc_now
+from egresswarden.record.journal import AuditWriter, KeyError_, Signer, load_signing_key, stdout_sink, utc_now
 from egresswarden.record.outcome import McpFields, Outcome
 from egresswarden.record.redaction import RedactingFilter, scrub_record
 from egresswarden.runtime.context import record_of
@@ -67,6 +83,9 @@ def outcome_record(o: Outcome) -> dict[str, Any]:
         record[F.WEBSOCKET_MESSAGES_DOWN] = o.websocket_messages_down
     if o.mcp is not None:
         record.update(mcp_fields(o.mcp))
+    if o.revocation is not None:
+        record[F.REVOCATION] = o.revocation
+        record[F.REVOKE_MS] = o.revoke_ms
     return record
 
 
@@ -80,35 +99,81 @@ def mcp_fields(m: McpFields) -> dict[str, Any]:
         F.MCP_PROTOCOL_VERSION: m.protocol_version, F.MCP_BATCH: True if m.batch else None,
         F.MCP_HIDDEN: list(m.hidden) or None, F.MCP_CHANGED_TOOLS: list(m.changed_tools) or None,
         F.MCP_TOOL_COLLISIONS: list(m.tool_collisions) or None, F.MCP_SUBSTITUTED: m.substituted,
+        F.MCP_UNPINNED_TOOLS: list(m.unpinned_tools) or None, F.MCP_SESSION: m.session,
+        F.MCP_DIRECTION: m.direction, F.MCP_REDACTED: m.redacted or None,
     }
     out.update({k: v for k, v in optional.items() if v is not None})
     return out
+
+
+FailureListener = Callable[[str], None]
+
+
+def signer_for(rules: RuleSet | None) -> Signer | None:
+    """The checkpoint signer the rules ask for. Raises SecretError or KeyError_ (no key material)."""
+    if rules is None or not rules.settings.audit.signing_key:
+        return None
+    secrets_dir = rules.settings.secrets_dir
+    if secrets_dir and not Path(secrets_dir).is_absolute():
+        secrets_dir = str(Path(rules.model.rules_dir) / secrets_dir)
+    text, _ = render(rules.settings.audit.signing_key, secrets_dir)
+    return load_signing_key(text)
 
 
 class Audit:
     def __init__(self, store: RuleStore) -> None:
         self.store = store
         self.writer: AuditWriter | None = None
+        self.failure_listeners: list[FailureListener] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         store.add_listener(self.on_reload)
         # Log lines too: every `warden` log record is scrubbed before any handler formats it.
         self._log_filter = RedactingFilter(lambda: self.store.current)
         logging.getLogger("warden").addFilter(self._log_filter)
 
-    def load(self, loader) -> None:  # noqa: ANN001
+    def load(self, loader: Any) -> None:
         loader.add_option("warden_audit_log", str, "audit.jsonl",
                           "Audit log path (JSON Lines, hash-chained); '-' writes to stdout.")
 
     def configure(self, updated: set[str]) -> None:
         if "warden_audit_log" in updated and self.writer is None:
             rules = self.store.current
-            audit = rules.settings.audit if rules else None
+            audit = rules.settings.audit if rules else AuditSettings()
+            try:
+                signer = signer_for(rules)
+            except (SecretError, KeyError_) as e:
+                raise exceptions.OptionsError(  # type: ignore[no-untyped-call]
+                    f"warden: settings.audit.signing_key: {e}") from None
+            with contextlib.suppress(RuntimeError):
+                self._loop = asyncio.get_running_loop()
             self.writer = AuditWriter(
                 ctx.options.warden_audit_log,
-                max_file_bytes=audit.max_file_bytes if audit else 100 * 1024 * 1024,
-                queue_size=audit.queue_size if audit else 65536,
-                also_stdout=audit.stdout if audit else False,
+                max_file_bytes=audit.max_file_bytes,
+                queue_size=audit.queue_size,
+                also_stdout=audit.stdout,
+                stdout=stdout_sink(),
+                signer=signer,
+                checkpoint_records=audit.checkpoint_records,
+                checkpoint_seconds=audit.checkpoint_seconds,
+                notify=self._writer_failed,
+                failure_level=logging.WARNING if audit.on_failure == "continue" else logging.ERROR,
             )
             self.writer.start()
+
+    def _writer_failed(self, message: str) -> None:
+        """Called by the writer (any thread) when the log stops being writable."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is shutting down
+            loop.call_soon_threadsafe(self._dispatch_failure, message)
+
+    def _dispatch_failure(self, message: str) -> None:
+        for listener in self.failure_listeners:
+            try:
+                listener(message)
+            except Exception as e:  # one broken listener must not stop the others
+                logger.error("warden: audit failure listener failed: %s", e.__class__.__name__)
 
     def running(self) -> None:
         rules = self.store.current
@@ -132,7 +197,16 @@ class Audit:
     def on_reload(self, event: ReloadEvent) -> None:
         if event.initial:
             return
-        self.emit({F.EVENT: "reload", "result": "success" if event.ok else "failure",
+        if event.ok and event.changed and self.writer is not None:
+            try:
+                signer = signer_for(self.store.current)
+            except (SecretError, KeyError_) as e:
+                logger.error("warden: settings.audit.signing_key: %s; keeping the previous key", e)
+            else:
+                if (signer and signer.key_id) != (self.writer.signer and self.writer.signer.key_id):
+                    self.writer.signer = signer  # one reference: the writer thread sees old or new
+        result = ("success" if event.changed else "unchanged") if event.ok else "failure"
+        self.emit({F.EVENT: "reload", "result": result, "trigger": event.trigger,
                    F.POLICY_VERSION: event.version, "previous_version": event.previous_version,
                    "rules_loaded": event.rule_count, F.DURATION_MS: round(event.duration_seconds * 1000, 3),
                    F.ERROR: event.error})
@@ -156,6 +230,14 @@ class AuditGate:
         if rules is not None and rules.settings.audit.on_failure == "continue":
             return
         record = record_of(flow)
+        # refused before the policy stage saw it: say what was refused
+        request = flow.request
+        record.method = record.method or request.method
+        record.host = record.host or request.host[:256]
+        record.port = record.port or request.port
+        if request.method != "CONNECT":
+            record.scheme = record.scheme or request.scheme
+            record.path = record.path or request.path[:2048]
         record.decision = deny(Reason.AUDIT_UNAVAILABLE,
                                "Warden cannot write its audit log, so it refuses new traffic until the log is "
                                "writable again; retry later", rules.version if rules else "none")

@@ -23,6 +23,8 @@ SSRF_REFUSALS = "warden_ssrf_refusals"  # counter{agent}
 AUTH_FAILURES = "warden_auth_failures"  # counter{reason}
 MCP_CALLS = "warden_mcp_calls"  # counter{agent,server,decision,reason}
 HOOK_ERRORS = "warden_hook_errors"  # counter{hook}
+TUNNELS_REVOKED = "warden_tunnels_revoked"  # counter{agent,reason}
+PROBE_REFUSED = "warden_probe_connections_refused"  # counter: metrics/health connections over the cap
 
 # Names as they appear on the /metrics page (counters gain _total).
 EXPORTED = frozenset({
@@ -31,5 +33,5 @@ EXPORTED = frozenset({
     f"{AUDIT_WRITE_FAILURES}_total", f"{AUDIT_RECORDS}_total", AUDIT_HEALTHY, f"{ALERTS_SENT}_total",
     f"{ALERTS_FAILED}_total", f"{ALERTS_SUPPRESSED}_total", f"{CREDENTIALS_INJECTED}_total",
     f"{SECRET_LEAKS}_total", f"{SSRF_REFUSALS}_total", f"{AUTH_FAILURES}_total", f"{MCP_CALLS}_total",
-    f"{HOOK_ERRORS}_total",
+    f"{HOOK_ERRORS}_total", f"{TUNNELS_REVOKED}_total", f"{PROBE_REFUSED}_total",
 })

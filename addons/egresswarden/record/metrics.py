@@ -1,4 +1,10 @@
-"""Metrics addon: Prometheus metrics and /healthz on their own listener.
+"""Metrics addon: Prometheus metrics, /livez, /readyz (and /healthz) on their own listener.
+
+The listener is `runtime.probes.ProbeServer` (bounded threads, timeouts). Liveness is an
+event-loop heartbeat: a task ticks every `HEARTBEAT_SECONDS`; /livez fails once no tick came
+for `LIVENESS_STALL_SECONDS` (a wedged loop serves nobody: restart it). Readiness is rules
+loaded and audit log writable: an audit failure stops traffic (503 to agents, /readyz 503)
+without getting the pod restarted, which would lose the records still queued.
 
 Metric objects live in one process-wide registry created once (`registry()`): a mitmproxy
 script reload or a second addon instance reuses them instead of raising duplicate-timeseries
@@ -9,12 +15,11 @@ client is counted as agent "-".
 
 from __future__ import annotations
 
-import json
-import threading
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +31,13 @@ from egresswarden.core.decision import Reason
 from egresswarden.record import metric_names as N
 from egresswarden.record.audit import Audit
 from egresswarden.record.outcome import Outcome
+from egresswarden.runtime.probes import ProbeServer, Response, json_response
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 from egresswarden.stages.interception import Interception
 
 NO_AGENT = "-"
+HEARTBEAT_SECONDS = 1.0
+LIVENESS_STALL_SECONDS = 10.0
 _LATENCY_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                     0.025, 0.05, 0.1)
 _UPSTREAM_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -61,6 +69,8 @@ class WardenMetrics:
     auth_failures: Counter
     mcp_calls: Counter
     hook_errors: Counter
+    tunnels_revoked: Counter
+    probe_refused: Counter
 
 
 @lru_cache(maxsize=1)
@@ -103,48 +113,11 @@ def registry() -> WardenMetrics:
         auth_failures=Counter(N.AUTH_FAILURES, "Failed proxy authentications, by reason", ("reason",), registry=r),
         mcp_calls=Counter(N.MCP_CALLS, "MCP messages decided", ("agent", "server", "decision", "reason"), registry=r),
         hook_errors=Counter(N.HOOK_ERRORS, "Exceptions in Warden hooks (each denied its flow)", ("hook",), registry=r),
+        tunnels_revoked=Counter(N.TUNNELS_REVOKED, "Open tunnels closed because a reload no longer allows them",
+                                ("agent", "reason"), registry=r),
+        probe_refused=Counter(N.PROBE_REFUSED, "Metrics/health connections closed at once: too many open",
+                              registry=r),
     )
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _MetricsServer
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self.server.refresh()
-            body = generate_latest(self.server.metrics.registry)
-            self._send(200, body, CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            status, report = self.server.health()
-            self._send(status, json.dumps(report).encode(), "application/json")
-        else:
-            self._send(404, b"not found: try /metrics or /healthz\n", "text/plain")
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet: scrapes are not news
-        pass
-
-
-class _MetricsServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], owner: Metrics) -> None:
-        super().__init__(address, _Handler)
-        self.owner = owner
-        self.metrics = owner.metrics
-
-    def refresh(self) -> None:
-        self.owner.refresh()
-
-    def health(self) -> tuple[int, dict[str, Any]]:
-        return self.owner.health()
 
 
 def _split_listen(value: str) -> tuple[str, int]:
@@ -158,15 +131,17 @@ class Metrics:
         self.audit = audit
         self.interception = interception
         self.metrics = registry()
-        self.server: _MetricsServer | None = None
+        self.server: ProbeServer | None = None
         self._shown_version: str | None = None
+        self.heartbeat = time.monotonic()
+        self._heartbeat_task: asyncio.Task[None] | None = None
         store.add_listener(self.on_reload)
 
     def hook_error(self, hook: str) -> None:
         """The chain's fail-closed callback: one count per swallowed hook exception."""
         self.metrics.hook_errors.labels(hook=hook).inc()
 
-    def load(self, loader) -> None:  # noqa: ANN001
+    def load(self, loader: Any) -> None:
         loader.add_option("warden_metrics_listen", str, "127.0.0.1:9464",
                           "HOST:PORT for /metrics and /healthz; empty disables the listener.")
         loader.add_option("warden_metrics_port_file", str, "",
@@ -178,23 +153,52 @@ class Metrics:
             listen = ctx.options.warden_metrics_listen
             if listen:
                 try:
-                    self.server = _MetricsServer(_split_listen(listen), self)
+                    self.server = ProbeServer(_split_listen(listen), self.routes())
                 except (OSError, ValueError) as e:
-                    raise exceptions.OptionsError(f"warden: cannot listen for metrics on {listen}: {e}") from None
-                threading.Thread(target=self.server.serve_forever, name="warden-metrics", daemon=True).start()
+                    raise exceptions.OptionsError(f"warden: cannot listen for metrics on {listen}: {e}") from None  # type: ignore[no-untyped-call]
+                self.server.start("warden-metrics")
                 if ctx.options.warden_metrics_port_file:
                     Path(ctx.options.warden_metrics_port_file).write_text(str(self.server.server_address[1]))
         if self.store.current is not None:
             self._set_rules_gauges(self.store.current.version, self.store.current.rule_count)
 
+    def running(self) -> None:
+        if self._heartbeat_task is None:
+            self._heartbeat_task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
     def done(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            self._heartbeat_task = None
         self._stop()
 
     def _stop(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+            self.server.stop()
             self.server = None
+
+    def routes(self) -> dict[str, Callable[[], Response]]:
+        def metrics() -> Response:
+            self.refresh()
+            return 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
+
+        def ready() -> Response:
+            return json_response(*self.health())
+
+        def live() -> Response:
+            return json_response(*self.liveness())
+
+        return {"/metrics": metrics, "/readyz": ready, "/healthz": ready, "/livez": live}
+
+    def liveness(self) -> tuple[int, dict[str, Any]]:
+        lag = time.monotonic() - self.heartbeat
+        ok = lag < LIVENESS_STALL_SECONDS
+        return (200 if ok else 503), {"status": "ok" if ok else "stalled", "loop_lag_seconds": round(lag, 3)}
 
     def refresh(self) -> None:
         """Gauges sampled at scrape time."""
@@ -207,6 +211,8 @@ class Metrics:
             # counters mirror the writer's own totals (it runs in another thread)
             self._sync_counter(m.audit_records, writer.stats.written)
             self._sync_counter(m.audit_write_failures, writer.stats.write_failures)
+        if self.server is not None:
+            self._sync_counter(m.probe_refused, self.server.refused)
 
     @staticmethod
     def _sync_counter(counter: Counter, total: int) -> None:
@@ -239,7 +245,8 @@ class Metrics:
     def on_reload(self, event: ReloadEvent) -> None:
         if event.initial and self.store.current is None:
             return
-        self.metrics.reloads.labels(result="success" if event.ok else "failure").inc()
+        result = ("success" if event.changed else "unchanged") if event.ok else "failure"
+        self.metrics.reloads.labels(result=result).inc()
         if event.ok and event.version:
             self._set_rules_gauges(event.version, event.rule_count)
 
@@ -260,6 +267,8 @@ class Metrics:
             m.decision_duration.labels("request").observe(o.engine_seconds)
             if o.upstream_seconds is not None:
                 m.upstream_duration.observe(o.upstream_seconds)
+        elif o.event == "tunnel_revoked":
+            m.tunnels_revoked.labels(agent, o.revocation if reason == "allowed" else reason).inc()
         if o.bytes_up:
             m.bytes.labels(agent, "up").inc(o.bytes_up)
         if o.bytes_down:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import layer
@@ -19,18 +19,23 @@ from mitmproxy.proxy import layer
 from egresswarden.core.decision import Decision, Interception, deny
 from egresswarden.record.journal import utc_now
 from egresswarden.runtime.context import Connections, FlowRecord, new_request_id, record_of
+from egresswarden.runtime.rulestore import RuleStore
 
 REDACTED = "REDACTED"
 
 
-def redact_query(path: str | None) -> str | None:
-    """Keep parameter names, drop their values: queries carry tokens and personal data."""
+def redact_query(path: str | None, keep: frozenset[str] = frozenset()) -> str | None:
+    """Keep parameter names, drop their values: queries carry tokens and personal data.
+    Values of the names in `keep` (settings.audit.keep_query_values) stay, re-encoded."""
     if path is None or "?" not in path:
         return path
     base, _, query = path.partition("?")
     query = query.split("#", 1)[0]
-    names = [name for name, _ in parse_qsl(query, keep_blank_values=True)]
-    return base + "?" + "&".join(f"{name}={REDACTED}" for name in names) if names else base + "?" + REDACTED
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if not pairs:
+        return base + "?" + REDACTED
+    return base + "?" + "&".join(f"{name}={quote(value, safe='') if name in keep else REDACTED}"
+                                 for name, value in pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,10 @@ class McpFields:
     tool_collisions: tuple[str, ...] = ()
     substituted: str | None = None
     transport: str = "http"
+    unpinned_tools: tuple[str, ...] = ()  # hidden for want of a pin (settings.mcp_unpinned: refuse)
+    session: str | None = None  # stdio only, like the two below
+    direction: str | None = None
+    redacted: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +95,9 @@ class Outcome:
     mcp: McpFields | None = None
     websocket_messages_up: int | None = None
     websocket_messages_down: int | None = None
+    mcp_audited: bool = False  # a request whose MCP messages each have their own `mcp` Outcome
+    revocation: str | None = None  # tunnel_revoked: what the reload changed (e.g. agent_removed)
+    revoke_ms: float | None = None  # tunnel_revoked: time from the reload to the cut
 
 
 OutcomeSink = Callable[[Outcome], None]
@@ -94,8 +106,9 @@ OutcomeSink = Callable[[Outcome], None]
 class Outcomes:
     """Builds Outcomes from finished flows and hands them to every sink, in order."""
 
-    def __init__(self, connections: Connections) -> None:
+    def __init__(self, connections: Connections, store: RuleStore | None = None) -> None:
         self.connections = connections
+        self.store = store  # for settings.audit.keep_query_values of the current rules
         self.sinks: list[OutcomeSink] = []
 
     def add_sink(self, sink: OutcomeSink) -> None:
@@ -126,7 +139,7 @@ class Outcomes:
             scheme=record.scheme,
             host=record.host or flow.request.host,
             port=record.port or flow.request.port,
-            path=redact_query(record.path),
+            path=redact_query(record.path, self._kept_query_values()),
             interception=record.interception,
             status=response.status_code if response is not None else None,
             bytes_up=record.bytes_up + len(flow.request.raw_content or b""),
@@ -140,7 +153,12 @@ class Outcomes:
             error=flow.error.msg if flow.error else None,
             auth_failure=record.auth_failure,
             sandbox_id=record.sandbox_id,
+            mcp_audited=record.mcp_audited,
         )
+
+    def _kept_query_values(self) -> frozenset[str]:
+        rules = self.store.current if self.store is not None else None
+        return rules.settings.audit.keep_query_values if rules is not None else frozenset()
 
     def _finish(self, flow: http.HTTPFlow, event: str) -> None:
         record = record_of(flow)

@@ -20,6 +20,9 @@
     Outcomes       turns finished flows, tunnels and refused connections into Outcomes
     Metrics        Prometheus + /healthz (an Outcome sink)
     Alerts         webhook alerts, off the traffic path (an Outcome sink)
+    Revocation     on reload, re-decides open passthrough tunnels and cuts the denied ones
+    Admin          the `warden sandbox` admin socket: sandbox sessions (read by Identity through
+                   runtime/admin.SESSIONS) and the sandbox_* audit records
 
 Stages share state only through the flow's FlowRecord and the connection's ConnState
 (runtime.context); a stage returns early when an earlier one answered the flow and never
@@ -51,8 +54,10 @@ from egresswarden.record.alerts import Alerts
 from egresswarden.record.audit import Audit, AuditGate
 from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
+from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
+from egresswarden.runtime.revocation import Revocation
 from egresswarden.runtime.rulestore import RuleStore
 from egresswarden.stages.bodyplan import BodyPlanner
 from egresswarden.stages.credentials import Credentials
@@ -70,7 +75,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
     connections = Connections()
     audit = Audit(store)
     interception = Interception(connections)
-    outcomes = Outcomes(connections)
+    outcomes = Outcomes(connections, store)
     metrics = Metrics(store, audit, interception)
     alerts = Alerts(store, audit)
     outcomes.add_sink(audit.on_outcome)
@@ -91,6 +96,8 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
         outcomes,
         metrics,
         alerts,
+        Revocation(store, connections, outcomes.emit),  # no hooks: a reload listener (after audit's)
+        Admin(store, audit, alerts),
     ]
     return parts, metrics.hook_error
 

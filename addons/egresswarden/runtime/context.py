@@ -39,6 +39,7 @@ from mitmproxy import connection, http
 from egresswarden.core.bodyplan import BodyPlan
 from egresswarden.core.decision import Decision, Interception, Reason
 from egresswarden.core.hostnames import IPAddress
+from egresswarden.core.plan import Governed
 from egresswarden.core.ruleset import RuleSet
 
 if TYPE_CHECKING:  # typed references to the stages' own state; no import cycle at run time
@@ -159,8 +160,8 @@ class ConnState:
     tunnel: Tunnel | None = None
     refusal: tuple[Reason, str] | None = None  # set when Interception closed the connection
     refusal_audited: bool = False
-    # (host, port) reached at a declared MCP server's address under another name -> that server's id
-    governed_mcp: dict[tuple[str, int], str] = field(default_factory=dict)
+    # (host, port) that reached a governed destination's address under another name -> that destination
+    governed: dict[tuple[str, int], Governed] = field(default_factory=dict)
     # upstream (host, port) -> the checked address the connection must use
     pinned: dict[tuple[str, int], IPAddress] = field(default_factory=dict)
 
@@ -185,3 +186,8 @@ class Connections:
     def items(self) -> Iterator[tuple[connection.Client, ConnState]]:
         """Every live client connection and its state (a snapshot: safe while connections close)."""
         return iter(list(self._states.items()))
+
+    def open_tunnels(self) -> list[tuple[connection.Client, ConnState, Tunnel]]:
+        """Every allowed CONNECT tunnel whose client is still connected (a snapshot)."""
+        return [(client, state, state.tunnel) for client, state in list(self._states.items())
+                if state.tunnel is not None and not state.tunnel.closed]

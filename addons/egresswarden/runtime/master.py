@@ -15,10 +15,14 @@ than silently ignored.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import sys
+from datetime import UTC, datetime
 from typing import Any
 
-from mitmproxy import addons, ctx, exceptions, master, options
+from mitmproxy import addons, ctx, exceptions, log, master, options
 from mitmproxy.addons import (
     block,
     core,
@@ -27,13 +31,15 @@ from mitmproxy.addons import (
     next_layer,
     proxyserver,
     script,
+    termlog,
     tlsconfig,
     upstream_auth,
 )
 from mitmproxy.proxy import layer
-from mitmproxy.proxy.layers import modes
 
+from egresswarden.runtime.banner import StartupLine
 from egresswarden.runtime.chain import build_addon
+from egresswarden.stages.interception import is_first_layer
 
 NEEDED: tuple[type, ...] = (
     core.Core,
@@ -65,22 +71,70 @@ class RefusedOptions:
         opts = ctx.options
         for name in sorted(updated & self.names):
             if getattr(opts, name) != opts.default(name):
-                raise exceptions.OptionsError(
+                raise exceptions.OptionsError(  # type: ignore[no-untyped-call]
                     f"warden run does not support the mitmproxy option {name!r}: the addon that implements it "
                     f"is not loaded, because it would record or rewrite traffic behind the policy's back")
 
 
-class LogLevel:
-    """Keep the root logger at the level the terminal shows.
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception type)."""
 
-    mitmproxy's main() sets the root logger to DEBUG and filters in its terminal log, so
-    every connection builds debug records nobody sees (~3% of CPU on new-connection load).
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace(
+                "+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            out["exception"] = record.exc_info[0].__name__
+        return json.dumps(out, ensure_ascii=False)
+
+
+class LogLevel:
+    """Operational logging: level, format (`warden_log_format`), and always on stderr.
+
+    Keeps the root logger at the level the terminal shows: mitmproxy's main() sets it to
+    DEBUG and filters in its terminal log, so every connection builds debug records nobody
+    sees (~3% of CPU on new-connection load). The terminal log writes to stderr, never
+    stdout, which may be the audit stream (`--audit-log -`).
     """
+
+    def __init__(self, termlog_addon: termlog.TermLog) -> None:
+        self.termlog = termlog_addon
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("warden_log_format", str, "text", "Operational log format on stderr: text or json.",
+                          choices=["text", "json"])
 
     def configure(self, updated: set[str]) -> None:
         if "termlog_verbosity" in updated:
             level = logging.getLevelName(ctx.options.termlog_verbosity.upper())
             logging.getLogger().setLevel(level if isinstance(level, int) else logging.DEBUG)
+        if "warden_log_format" in updated:
+            handler = self.termlog.logger
+            if ctx.options.warden_log_format == "json":
+                handler.setFormatter(JsonLogFormatter())
+            else:
+                handler.setFormatter(log.MitmFormatter(handler.has_vt_codes))
+
+
+RUNTIME_CONDITION = "warden_runtime_condition"  # LogRecord attribute: an error Warden handles itself
+
+
+class StartupErrorCheck(errorcheck.ErrorCheck):
+    """mitmproxy's start-up error check, minus runtime conditions Warden handles itself.
+
+    ErrorCheck exits when anything logs an ERROR before the proxy is running: right for a bad
+    option, wrong for an audit write failure that the audit gate turns into 503s. Which of
+    the two happened depended on how fast start-up was; now a log record marked
+    `extra={RUNTIME_CONDITION: True}` never stops start-up.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.logger.addFilter(lambda record: not getattr(record, RUNTIME_CONDITION, False))
 
 
 class FirstLayerOnly(next_layer.NextLayer):
@@ -92,19 +146,25 @@ class FirstLayerOnly(next_layer.NextLayer):
     from the few bytes there are: `G` became an HttpLayer that no tunnel mode governs, or,
     with rawtcp, a raw relay past every rule."""
 
+    first_layer_only = True  # stages.interception checks this under plain mitmdump -s
+
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        ctxt = nextlayer.context
-        if len(ctxt.layers) == 1 and isinstance(ctxt.layers[0], (modes.HttpProxy, modes.HttpUpstreamProxy)):
+        if is_first_layer(nextlayer.context):
             super().next_layer(nextlayer)
 
 
 class WardenMaster(master.Master):
-    def __init__(self, opts: options.Options, loop=None) -> None:  # noqa: ANN001
-        super().__init__(opts, event_loop=loop, with_termlog=True)
-        defaults = addons.default_addons()
+    def __init__(self, opts: options.Options, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(opts, event_loop=loop, with_termlog=False)
+        self._termlog_addon = termlog.TermLog(out=sys.stderr)  # stdout may be the audit stream
+        self.addons.add(self._termlog_addon)  # type: ignore[no-untyped-call]
+        defaults = addons.default_addons()  # type: ignore[no-untyped-call]
         kept = [FirstLayerOnly() if isinstance(a, next_layer.NextLayer) else a
                 for a in defaults if isinstance(a, NEEDED)]
         refused = RefusedOptions([a for a in defaults if not isinstance(a, NEEDED)])
         at = next(i for i, a in enumerate(kept) if isinstance(a, script.ScriptLoader)) + 1
-        self.addons.add(LogLevel(), *kept[:at], build_addon(), *kept[at:], refused)
-        self.addons.add(errorcheck.ErrorCheck())
+        chain = build_addon()
+        self.addons.add(LogLevel(self._termlog_addon), *kept[:at], chain, *kept[at:],  # type: ignore[no-untyped-call]
+                        refused)
+        # StartupLine last: its running() comes after the port is bound and the error check passed.
+        self.addons.add(StartupErrorCheck(), StartupLine(chain))

@@ -1,0 +1,189 @@
+"""Issue 15 item 5: `warden check` for CI (real CLI): --offline, --strict, error texts, warnings."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from egresswarden.core.errors import RuleSetError
+from egresswarden.core.loader import load_ruleset
+
+from .harness import REPO, WARDEN
+
+HASH = "ead5244fbd09472e48ee57c4a66cceb184d5b22becbbd4cf40604bfa5c9b11d0"
+
+
+def check(path: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([WARDEN, "check", *flags, str(path)], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", **(env or {})})
+
+
+def write(tmp_path: Path, text: str, name: str = "rules.yaml") -> Path:
+    (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+@pytest.fixture
+def k8s_rules(tmp_path: Path) -> Path:
+    """The shipped Kubernetes rules, as the ConfigMap mounts them."""
+    data = yaml.safe_load((REPO / "deploy/kubernetes/configmap-rules.yaml").read_text())["data"]
+    for name, text in data.items():
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_shipped_kubernetes_rules_lint_offline_without_the_secret(k8s_rules: Path) -> None:
+    online = check(k8s_rules)
+    assert online.returncode == 1 and "github_token" in online.stderr
+    offline = check(k8s_rules, "--offline")
+    assert offline.returncode == 0, offline.stderr
+    assert "secret values not read (--offline)" in offline.stdout
+
+
+def test_offline_still_checks_secret_references(tmp_path: Path) -> None:
+    rules = write(tmp_path, f"""agents:
+  - id: a
+    token_sha256: ["{HASH}"]
+    policies: [p]
+policies:
+  p:
+    allow: [{{host: api.example.com}}]
+    credentials:
+      - id: c
+        host: api.example.com
+        inject: {{Authorization: "Bearer ${{env:GH}}"}}
+""")
+    r = check(rules, "--offline")
+    assert r.returncode == 1 and "only ${secret:NAME} references are supported" in r.stderr
+
+
+def test_offline_rule_set_holds_no_secret_values(tmp_path: Path) -> None:
+    rules = write(tmp_path, f"""agents:
+  - id: a
+    token_sha256: ["{HASH}"]
+    policies: [p]
+policies:
+  p:
+    allow: [{{host: api.example.com}}]
+    credentials:
+      - id: c
+        host: api.example.com
+        inject: {{Authorization: "Bearer ${{secret:NOT_SET_ANYWHERE}}"}}
+""")
+    with pytest.raises(RuleSetError, match="NOT_SET_ANYWHERE"):
+        load_ruleset(rules)
+    offline = load_ruleset(rules, secrets=False)
+    assert offline.secrets == ()
+    assert offline.credentials_by_id["c"].headers == (("Authorization", "Bearer ${secret:NOT_SET_ANYWHERE}"),)
+
+
+def test_pasted_token_is_not_echoed(tmp_path: Path) -> None:
+    token = "Zq3xmXH7bH_2f6y8fzYyCqgqgkR0ZC3wJc1B5h0K9lM"
+    r = check(write(tmp_path, f"agents:\n  - id: a\n    token_sha256: [\"{token}\"]\n    policies: []\n"))
+    assert r.returncode == 1
+    assert token not in r.stdout + r.stderr
+    assert "rules.yaml:3" in r.stderr and "not a sha256 hex digest" in r.stderr and "warden token" in r.stderr
+
+
+def test_tab_gets_a_hint(tmp_path: Path) -> None:
+    r = check(write(tmp_path, "agents:\n\t- id: a\n"))
+    assert r.returncode == 1 and "rules.yaml:2" in r.stderr and "tabs" in r.stderr
+
+
+def test_wrongly_nested_section_gets_a_sentence(tmp_path: Path) -> None:
+    r = check(write(tmp_path, f"""agents:
+  - id: a
+    token_sha256: ["{HASH}"]
+    policies: [github]
+policies:
+  github:
+  allow:
+    - host: github.com
+"""))
+    assert r.returncode == 1
+    assert "None is not of type" not in r.stderr
+    assert "rules.yaml:6: policies.github is empty, but it must be a mapping" in r.stderr
+    assert "indent them further" in r.stderr
+    assert "rules.yaml:7: 'allow' is at the level of policy names" in r.stderr
+
+
+def test_duplicate_key_does_not_hide_other_errors(tmp_path: Path) -> None:
+    write(tmp_path, f"""agents:
+  - id: a
+    token_sha256: ["{HASH}"]
+    policies: [p]
+    policies: [q]
+policies:
+  p:
+    allow:
+      - host: "*.com"
+""")
+    write(tmp_path, "settings:\n  private_networks: maybe\n", "other.yaml")
+    r = check(tmp_path)
+    assert r.returncode == 1
+    assert "rules.yaml:5: duplicate key 'policies' (first at line 4)" in r.stderr
+    assert "rules.yaml:9:" in r.stderr and "public suffix" in r.stderr
+    assert "other.yaml:2:" in r.stderr
+
+
+LINT_RULES = f"""agents:
+  - id: coder
+    token_sha256: ["{HASH}"]
+    policies: [p]
+  - id: pilot
+    token_sha256: ["{HASH[::-1]}"]
+    policies: [p]
+    mode: report
+policies:
+  p:
+    allow:
+      - id: pages
+        host: "*.github.io"
+      - id: buckets
+        domain: s3.amazonaws.com
+      - id: api
+        host: api.example.com
+      - id: ok-site
+        host: acme.github.io
+    credentials:
+      - id: bound
+        host: api.example.com
+        inject: {{Authorization: "Bearer ${{secret:T}}"}}
+      - id: stranded
+        host: api.other.example
+        inject: {{Authorization: "Bearer ${{secret:T}}"}}
+    mcp:
+      - server: crm
+        tools: ["*"]
+mcp_servers:
+  - id: crm
+    url: https://mcp.crm.example/mcp
+deny:
+  - id: no-pages
+    host: "*.pages.dev"
+"""
+
+
+def test_warnings_exit_zero_unless_strict(tmp_path: Path) -> None:
+    rules = write(tmp_path, LINT_RULES)
+    r = check(rules, "--offline")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "rules.yaml:12: warning: allow rule 'pages' (host: '*.github.io')" in out
+    assert "rules.yaml:14: warning: allow rule 'buckets' (domain: s3.amazonaws.com)" in out
+    assert "warning: credential 'stranded' on api.other.example is never injected for agent(s) coder" in out
+    assert "warning: MCP server 'crm' (mcp.crm.example:443) is unreachable for agent(s) coder" in out
+    # Neither the bound credential, the exact site, the report-mode agent nor a deny rule is flagged.
+    assert "'bound'" not in out and "ok-site" not in out and "pilot" not in out and "pages.dev" not in out
+    assert out.count("warning:") == 4
+    strict = check(rules, "--offline", "--strict")
+    assert strict.returncode == 1 and "4 warning(s) and --strict" in strict.stderr
+
+
+def test_clean_rules_pass_strict(tmp_path: Path) -> None:
+    rules = write(tmp_path, f"agents:\n  - id: a\n    token_sha256: [\"{HASH}\"]\n    policies: [p]\n"
+                            "policies:\n  p:\n    allow: [{host: acme.github.io}]\n")
+    r = check(rules, "--strict")
+    assert r.returncode == 0 and "warning" not in r.stdout, r.stdout + r.stderr
