@@ -519,7 +519,13 @@ class WsOrigin:
                     if isinstance(event, Request):
                         with self.lock:
                             self.upgrades.append(event.target)
-                        conn.sendall(ws.send(AcceptConnection()))
+                        offered = [e for e in event.extensions if "permessage-deflate" in str(e)]
+                        extensions: list[Any] = []
+                        if offered:
+                            from wsproto.extensions import PerMessageDeflate
+
+                            extensions = [PerMessageDeflate()]
+                        conn.sendall(ws.send(AcceptConnection(extensions=extensions)))
                     elif isinstance(event, Message):
                         with self.lock:
                             self.messages.append(event.data)
@@ -555,14 +561,19 @@ def run_ws_origin(ca: trustme.CA, secret: str) -> Iterator[WsOrigin]:
 class WsClient:
     """A WebSocket client (wsproto) over an established Warden tunnel."""
 
-    def __init__(self, sock: socket.socket, host: str, target: str = "/ws") -> None:
+    def __init__(self, sock: socket.socket, host: str, target: str = "/ws", deflate: bool = False) -> None:
         from wsproto import ConnectionType, WSConnection
         from wsproto.events import Request
 
         self.sock = sock
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.pending: list[Any] = []
-        sock.sendall(self.ws.send(Request(host=host, target=target)))
+        extensions: list[Any] = []
+        if deflate:
+            from wsproto.extensions import PerMessageDeflate
+
+            extensions = [PerMessageDeflate()]
+        sock.sendall(self.ws.send(Request(host=host, target=target, extensions=extensions)))
         self.accepted: Any = None
         self.rejected: Any = None
         self.reject_body = b""

@@ -583,13 +583,13 @@ def _ws_texts(events: list[Any]) -> list[str]:
     return [e.data for e in events if isinstance(e, TextMessage)]
 
 
-def _ws_open(w: Warden, host: str, port: int) -> Any:
+def _ws_open(w: Warden, host: str, port: int, deflate: bool = False) -> Any:
     from wsproto.events import AcceptConnection, RejectConnection
 
     from .bypass_helpers import WsClient
 
     sock = open_tunnel(w, "coder", host, port)
-    client = WsClient(sock, f"{host}:{port}", "/ws")
+    client = WsClient(sock, f"{host}:{port}", "/ws", deflate=deflate)
     events = client.events(lambda evs: any(isinstance(e, (AcceptConnection, RejectConnection)) for e in evs))
     client.accepted = next((e for e in events if isinstance(e, AcceptConnection)), None)
     client.rejected = next((e for e in events if isinstance(e, RejectConnection)), None)
@@ -642,14 +642,18 @@ def test_websocket_echoed_secret_is_redacted_and_messages_counted(ws_env: dict[s
     assert rec["credential_ids"] == ["github"] and rec["decision"] == "allow"
 
 
-@pytest.mark.parametrize("leak", [SECRET, PLACEHOLDER, base64.b64encode(f"x:{SECRET}".encode()).decode()],
-                         ids=["secret", "placeholder", "base64"])
-def test_websocket_message_with_a_secret_is_dropped(ws_env: dict[str, Any], leak: str) -> None:
+@pytest.mark.parametrize("leak,deflate", [(SECRET, False), (PLACEHOLDER, False),
+                                          (base64.b64encode(f"x:{SECRET}".encode()).decode(), False),
+                                          (SECRET, True)],
+                         ids=["secret", "placeholder", "base64", "secret-permessage-deflate"])
+def test_websocket_message_with_a_secret_is_dropped(ws_env: dict[str, Any], leak: str, deflate: bool) -> None:
     from wsproto.events import BytesMessage, TextMessage
 
     w, ws = ws_env["warden"], ws_env["ws"]
-    client = _ws_open(w, "leak.test", ws.port)
+    client = _ws_open(w, "leak.test", ws.port, deflate=deflate)
     assert client.accepted is not None
+    if deflate:  # compressed frames on the wire: Warden scans the decompressed message
+        assert any(getattr(e, "name", "") == "permessage-deflate" for e in client.accepted.extensions)
     mine = _by_client_port(client.sock)
     client.send(TextMessage(data="hello"))
     assert _ws_texts(client.events(lambda evs: len(_ws_texts(evs)) >= 1)) == ["hello"]
