@@ -1026,3 +1026,28 @@ def test_mcp_message_in_another_wrapping_is_still_decided(mcp_env: dict[str, Any
         assert resp.status in (400, 403, 406, 415), resp
     audit_where(w, lambda r: r.get("event") in ("mcp", "request") and r.get("decision") == "deny"
                 and r.get("port") == port and r.get("path") == "/mcp")
+
+
+def test_plain_http_proxy_connection_carries_only_decided_requests(w: Warden, plain_origin: LoggingOrigin) -> None:
+    """The explicit proxy's own connection: a split first write and junk after a request are
+    decided or refused, never relayed."""
+    from .bypass_helpers import proxy_auth
+
+    port = plain_origin.port
+    auth = proxy_auth("coder", TOKEN)
+    with socket.create_connection(("127.0.0.1", w.port), timeout=15) as s:
+        s.sendall(b"G")
+        time.sleep(PAUSE)
+        s.sendall(f"ET http://api.test:{port}/forbidden HTTP/1.1\r\nHost: api.test:{port}\r\n"
+                  f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        resp = read_response(s)
+        assert resp.status == 403 and resp.headers["x-warden-reason"] == "path_not_allowed", resp
+        s.sendall(f"GET http://api.test:{port}/ok/plain HTTP/1.1\r\nHost: api.test:{port}\r\n"
+                  f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        assert read_response(s).status == 200
+        s.sendall(b"\x00\x01\x02 junk that is not HTTP\r\n\r\n")
+        answer = closed_without_answer(s)
+        assert answer is None or answer.startswith(b"HTTP/1.1 400"), answer
+    assert [(r.method, r.target) for r in plain_origin.requests] == [("GET", "/ok/plain")]
+    for conn in plain_origin.connections:
+        assert conn.leftover == b""
