@@ -341,7 +341,7 @@ class Response:
 
 
 def read_response(sock: socket.socket, method: str = "GET") -> Response:
-    resp = http.client.HTTPResponse(sock, method=method)  # type: ignore[arg-type]
+    resp = http.client.HTTPResponse(sock, method=method)
     resp.begin()
     body = resp.read()
     return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
@@ -372,7 +372,8 @@ def request_bytes(method: str, target: str, host: str, headers: dict[str, str] |
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def audit_where(warden: Warden, pred: Callable[[dict], bool], timeout: float = 10) -> list[dict]:
+def audit_where(warden: Warden, pred: Callable[[dict[str, Any]], bool],
+                timeout: float = 10) -> list[dict[str, Any]]:
     """Audit records matching `pred`, waiting (bounded) until at least one exists."""
     records = warden.audit_records(lambda rs: any(pred(r) for r in rs), timeout=timeout)
     return [r for r in records if pred(r)]
@@ -518,7 +519,13 @@ class WsOrigin:
                     if isinstance(event, Request):
                         with self.lock:
                             self.upgrades.append(event.target)
-                        conn.sendall(ws.send(AcceptConnection()))
+                        offered = [e for e in event.extensions if "permessage-deflate" in str(e)]
+                        extensions: list[Any] = []
+                        if offered:
+                            from wsproto.extensions import PerMessageDeflate
+
+                            extensions = [PerMessageDeflate()]
+                        conn.sendall(ws.send(AcceptConnection(extensions=extensions)))
                     elif isinstance(event, Message):
                         with self.lock:
                             self.messages.append(event.data)
@@ -554,14 +561,19 @@ def run_ws_origin(ca: trustme.CA, secret: str) -> Iterator[WsOrigin]:
 class WsClient:
     """A WebSocket client (wsproto) over an established Warden tunnel."""
 
-    def __init__(self, sock: socket.socket, host: str, target: str = "/ws") -> None:
+    def __init__(self, sock: socket.socket, host: str, target: str = "/ws", deflate: bool = False) -> None:
         from wsproto import ConnectionType, WSConnection
         from wsproto.events import Request
 
         self.sock = sock
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.pending: list[Any] = []
-        sock.sendall(self.ws.send(Request(host=host, target=target)))
+        extensions: list[Any] = []
+        if deflate:
+            from wsproto.extensions import PerMessageDeflate
+
+            extensions = [PerMessageDeflate()]
+        sock.sendall(self.ws.send(Request(host=host, target=target, extensions=extensions)))
         self.accepted: Any = None
         self.rejected: Any = None
         self.reject_body = b""
@@ -787,7 +799,7 @@ class SplitHelloTLS:
 
 
 # -- an HTTP/2 client over an established TLS socket --------------------------------------------------
-def h2_get(sock: ssl.SSLSocket, authority: str, path: str, timeout: float = 10) -> int | None:
+def h2_get(sock: socket.socket, authority: str, path: str, timeout: float = 10) -> int | None:
     """One HTTP/2 GET; its status, or None when the peer closed or reset the stream first."""
     import h2.config
     import h2.connection

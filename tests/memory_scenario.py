@@ -10,7 +10,7 @@ uploads. Memory is Warden's peak resident set (VmHWM in /proc/PID/status) before
 from __future__ import annotations
 
 import http.client
-import ssl
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +84,9 @@ class MemoryResult:
         return (self.after_upload_hwm_kib - self.after_download_hwm_kib) / 1024
 
 
-def _read_download(sock: ssl.SSLSocket, port: int, size: int) -> tuple[int, int, bool]:
+def _read_download(sock: socket.socket, port: int, size: int) -> tuple[int, int, bool]:
     sock.sendall(f"GET /download/{size} HTTP/1.1\r\nHost: cred.test:{port}\r\n\r\n".encode())
-    resp = http.client.HTTPResponse(sock, method="GET")  # type: ignore[arg-type]
+    resp = http.client.HTTPResponse(sock, method="GET")
     resp.begin()
     assert resp.status == 200, resp.status
     total = redactions = 0
@@ -106,7 +106,7 @@ def _read_download(sock: ssl.SSLSocket, port: int, size: int) -> tuple[int, int,
     return total, redactions, leaked
 
 
-def _upload(sock: ssl.SSLSocket, port: int, size: int, plant: bytes | None) -> int:
+def _upload(sock: socket.socket, port: int, size: int, plant: bytes | None) -> int:
     sock.sendall(f"POST /upload HTTP/1.1\r\nHost: cred.test:{port}\r\nTransfer-Encoding: chunked\r\n"
                  "Content-Type: application/octet-stream\r\n\r\n".encode())
     piece = b"u" * (256 * 1024)

@@ -104,7 +104,8 @@ def env(origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path,
 
 @pytest.fixture
 def w(env: dict[str, Any]) -> Warden:
-    return env["warden"]
+    warden: Warden = env["warden"]
+    return warden
 
 
 @pytest.fixture
@@ -121,7 +122,7 @@ def plain_origin(env: dict[str, Any]) -> LoggingOrigin:
     return origin
 
 
-def _by_client_port(sock: socket.socket) -> Callable[[dict], bool]:
+def _by_client_port(sock: socket.socket) -> Callable[[dict[str, Any]], bool]:
     port = sock.getsockname()[1]
     return lambda r: r.get("client_port") == port
 
@@ -429,7 +430,7 @@ def _denied_in_protocol(r: Any) -> None:
     assert "deleted everything" not in r.text
 
 
-def _mcp_audit(w: Warden, tool: str, host: str = "mcp.test", path: str | None = None) -> dict:
+def _mcp_audit(w: Warden, tool: str, host: str = "mcp.test", path: str | None = None) -> dict[str, Any]:
     recs = audit_where(w, lambda r: r.get("event") == "mcp" and r.get("mcp_tool") == tool and r.get("host") == host
                        and (path is None or r.get("path") == path))
     assert recs[-1]["decision"] == "deny" and recs[-1]["mcp_server"] == "logged", recs[-1]
@@ -582,13 +583,13 @@ def _ws_texts(events: list[Any]) -> list[str]:
     return [e.data for e in events if isinstance(e, TextMessage)]
 
 
-def _ws_open(w: Warden, host: str, port: int) -> Any:
+def _ws_open(w: Warden, host: str, port: int, deflate: bool = False) -> Any:
     from wsproto.events import AcceptConnection, RejectConnection
 
     from .bypass_helpers import WsClient
 
     sock = open_tunnel(w, "coder", host, port)
-    client = WsClient(sock, f"{host}:{port}", "/ws")
+    client = WsClient(sock, f"{host}:{port}", "/ws", deflate=deflate)
     events = client.events(lambda evs: any(isinstance(e, (AcceptConnection, RejectConnection)) for e in evs))
     client.accepted = next((e for e in events if isinstance(e, AcceptConnection)), None)
     client.rejected = next((e for e in events if isinstance(e, RejectConnection)), None)
@@ -641,14 +642,18 @@ def test_websocket_echoed_secret_is_redacted_and_messages_counted(ws_env: dict[s
     assert rec["credential_ids"] == ["github"] and rec["decision"] == "allow"
 
 
-@pytest.mark.parametrize("leak", [SECRET, PLACEHOLDER, base64.b64encode(f"x:{SECRET}".encode()).decode()],
-                         ids=["secret", "placeholder", "base64"])
-def test_websocket_message_with_a_secret_is_dropped(ws_env: dict[str, Any], leak: str) -> None:
+@pytest.mark.parametrize("leak,deflate", [(SECRET, False), (PLACEHOLDER, False),
+                                          (base64.b64encode(f"x:{SECRET}".encode()).decode(), False),
+                                          (SECRET, True)],
+                         ids=["secret", "placeholder", "base64", "secret-permessage-deflate"])
+def test_websocket_message_with_a_secret_is_dropped(ws_env: dict[str, Any], leak: str, deflate: bool) -> None:
     from wsproto.events import BytesMessage, TextMessage
 
     w, ws = ws_env["warden"], ws_env["ws"]
-    client = _ws_open(w, "leak.test", ws.port)
+    client = _ws_open(w, "leak.test", ws.port, deflate=deflate)
     assert client.accepted is not None
+    if deflate:  # compressed frames on the wire: Warden scans the decompressed message
+        assert any(getattr(e, "name", "") == "permessage-deflate" for e in client.accepted.extensions)
     mine = _by_client_port(client.sock)
     client.send(TextMessage(data="hello"))
     assert _ws_texts(client.events(lambda evs: len(_ws_texts(evs)) >= 1)) == ["hello"]
@@ -790,6 +795,7 @@ def _h2(alpn: list[str]) -> Drive:
 
         with open_tunnel(w, "coder", "api.test", port, alpn=alpn) as s:
             client_port = s.getsockname()[1]
+            assert isinstance(s, ssl.SSLSocket)
             if s.selected_alpn_protocol() == "h2":
                 return [h2_get(s, f"api.test:{port}", "/ok/inv-h2"),
                         ], [client_port]
@@ -866,7 +872,7 @@ def test_invariant_origin_sees_only_decided_and_audited_requests(w: Warden, tls_
     outcomes, client_ports = INVARIANT_CASES[case](w, tls_origin.port)
     assert outcomes, case
 
-    def mine(r: dict) -> bool:
+    def mine(r: dict[str, Any]) -> bool:
         return r.get("client_port") in client_ports and r.get("event") in ("request", "tunnel_refused")
 
     # Every answer the agent got, and every close, was recorded: wait for as many records.
@@ -970,7 +976,7 @@ def test_http2_authority_must_name_the_tunnel_host(mcp_env: dict[str, Any]) -> N
     w, h2srv = mcp_env["warden"], mcp_env["h2"]
     before = len(h2srv.requests)
     with open_tunnel(w, "coder", "mcp.test", h2srv.port, alpn=["h2"]) as s:
-        assert s.selected_alpn_protocol() == "h2"
+        assert isinstance(s, ssl.SSLSocket) and s.selected_alpn_protocol() == "h2"
         assert h2_get(s, "evil.test", "/steal") == 403
     assert len(h2srv.requests) == before
     audit_where(w, lambda r: r.get("event") == "request" and r.get("reason") == "host_mismatch"
@@ -992,3 +998,56 @@ def test_secret_disguised_in_a_body_syntax_is_a_leak(w: Warden, tls_origin: Logg
                                 body.encode()))
         resp = read_response(s)
     assert resp.status == 403 and resp.headers["x-warden-reason"] == "secret_leak", resp
+
+
+@pytest.mark.parametrize("variant", ["gzip", "text-plain", "no-content-type", "batch-in-gzip"])
+def test_mcp_message_in_another_wrapping_is_still_decided(mcp_env: dict[str, Any], variant: str) -> None:
+    """A denied call compressed, or labelled as something other than JSON, is still decided as MCP
+    (or refused): a server that decodes or ignores the label must never run it."""
+    srv, w, port = mcp_env["srv"], mcp_env["warden"], mcp_env["port"]
+    srv.calls.clear()
+    message: Any = [_call("delete_all", 41)] if variant == "batch-in-gzip" else _call("delete_all", 41)
+    body = json.dumps(message).encode()
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    if variant in ("gzip", "batch-in-gzip"):
+        body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+    elif variant == "text-plain":
+        headers["Content-Type"] = "text/plain"
+    else:
+        del headers["Content-Type"]
+    resp = _raw_mcp(mcp_env, request_bytes("POST", "/mcp", f"mcp.test:{port}", headers, body))
+    assert "deleted everything" not in resp.text
+    assert "delete_all" not in srv.calls
+    if resp.status == 200:
+        data = json.loads(gzip.decompress(resp.body) if resp.headers.get("content-encoding") == "gzip" else resp.body)
+        items = data if isinstance(data, list) else [data]
+        assert all("error" in i or i.get("result", {}).get("isError") for i in items), data
+    else:
+        assert resp.status in (400, 403, 406, 415), resp
+    audit_where(w, lambda r: r.get("event") in ("mcp", "request") and r.get("decision") == "deny"
+                and r.get("port") == port and r.get("path") == "/mcp")
+
+
+def test_plain_http_proxy_connection_carries_only_decided_requests(w: Warden, plain_origin: LoggingOrigin) -> None:
+    """The explicit proxy's own connection: a split first write and junk after a request are
+    decided or refused, never relayed."""
+    from .bypass_helpers import proxy_auth
+
+    port = plain_origin.port
+    auth = proxy_auth("coder", TOKEN)
+    with socket.create_connection(("127.0.0.1", w.port), timeout=15) as s:
+        s.sendall(b"G")
+        time.sleep(PAUSE)
+        s.sendall(f"ET http://api.test:{port}/forbidden HTTP/1.1\r\nHost: api.test:{port}\r\n"
+                  f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        resp = read_response(s)
+        assert resp.status == 403 and resp.headers["x-warden-reason"] == "path_not_allowed", resp
+        s.sendall(f"GET http://api.test:{port}/ok/plain HTTP/1.1\r\nHost: api.test:{port}\r\n"
+                  f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        assert read_response(s).status == 200
+        s.sendall(b"\x00\x01\x02 junk that is not HTTP\r\n\r\n")
+        answer = closed_without_answer(s)
+        assert answer is None or answer.startswith(b"HTTP/1.1 400"), answer
+    assert [(r.method, r.target) for r in plain_origin.requests] == [("GET", "/ok/plain")]
+    for conn in plain_origin.connections:
+        assert conn.leftover == b""

@@ -52,7 +52,8 @@ def env(origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path,
 
 @pytest.fixture
 def w(env: dict[str, Any]) -> Warden:
-    return env["warden"]
+    warden: Warden = env["warden"]
+    return warden
 
 
 @pytest.fixture
@@ -189,3 +190,27 @@ await agent.close();
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["status"] == 403 and out["reason"] == "no_matching_rule" and READABLE in out["body"], out
+
+
+# -- an explaining tunnel never becomes a way out -----------------------------------------------------
+@pytest.mark.parametrize("alpn,sni", [(None, "allowed.test"), (["h2"], "denied.test"), (None, None)],
+                         ids=["sni-of-an-allowed-host", "alpn-h2", "no-sni"])
+def test_explaining_tunnel_answers_only_refusals(w: Warden, denied: LoggingOrigin, alpn: list[str] | None,
+                                                 sni: str | None) -> None:
+    """A refused CONNECT accepted to explain itself: whatever SNI, ALPN or Host the agent then sends
+    (even an allowed host's), every request gets the 403 and no upstream is ever contacted."""
+    from .bypass_helpers import client_tls, h2_get, read_response
+
+    sock, status, head = connect_raw(w, "coder", f"denied.test:{denied.port}")
+    assert status == 200, head
+    ctx = client_tls(w, alpn)
+    if sni is None:
+        ctx.check_hostname = False
+    with ctx.wrap_socket(sock, server_hostname=sni) as s:
+        if s.selected_alpn_protocol() == "h2":
+            assert h2_get(s, f"allowed.test:{denied.port}", "/x") == 403
+        else:
+            s.sendall(f"GET /x HTTP/1.1\r\nHost: allowed.test:{denied.port}\r\n\r\n".encode())
+            assert read_response(s).status == 403
+            s.sendall(f"GET https://allowed.test:{denied.port}/y HTTP/1.1\r\nHost: allowed.test\r\n\r\n".encode())
+            assert read_response(s).status == 403
