@@ -140,7 +140,7 @@ class Audit:
             try:
                 signer = signer_for(rules)
             except (SecretError, KeyError_) as e:
-                raise exceptions.OptionsError(  # type: ignore[no-untyped-call]
+                raise exceptions.OptionsError(
                     f"warden: settings.audit.signing_key: {e}") from None
             with contextlib.suppress(RuntimeError):
                 self._loop = asyncio.get_running_loop()

@@ -155,7 +155,7 @@ class Metrics:
                 try:
                     self.server = ProbeServer(_split_listen(listen), self.routes())
                 except (OSError, ValueError) as e:
-                    raise exceptions.OptionsError(f"warden: cannot listen for metrics on {listen}: {e}") from None  # type: ignore[no-untyped-call]
+                    raise exceptions.OptionsError(f"warden: cannot listen for metrics on {listen}: {e}") from None
                 self.server.start("warden-metrics")
                 if ctx.options.warden_metrics_port_file:
                     Path(ctx.options.warden_metrics_port_file).write_text(str(self.server.server_address[1]))

@@ -69,7 +69,7 @@ class RefusedOptions:
         opts = ctx.options
         for name in sorted(updated & self.names):
             if getattr(opts, name) != opts.default(name):
-                raise exceptions.OptionsError(  # type: ignore[no-untyped-call]
+                raise exceptions.OptionsError(
                     f"warden run does not support the mitmproxy option {name!r}: the addon that implements it "
                     f"is not loaded, because it would record or rewrite traffic behind the policy's back")
 
@@ -131,7 +131,7 @@ class StartupErrorCheck(errorcheck.ErrorCheck):
     """
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.logger.addFilter(lambda record: not getattr(record, RUNTIME_CONDITION, False))
 
 
@@ -139,13 +139,13 @@ class WardenMaster(master.Master):
     def __init__(self, opts: options.Options, loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(opts, event_loop=loop, with_termlog=False)
         self._termlog_addon = termlog.TermLog(out=sys.stderr)  # stdout may be the audit stream
-        self.addons.add(self._termlog_addon)  # type: ignore[no-untyped-call]
-        defaults = addons.default_addons()  # type: ignore[no-untyped-call]
+        self.addons.add(self._termlog_addon)
+        defaults = addons.default_addons()
         kept = [a for a in defaults if isinstance(a, NEEDED)]
         refused = RefusedOptions([a for a in defaults if not isinstance(a, NEEDED)])
         at = next(i for i, a in enumerate(kept) if isinstance(a, script.ScriptLoader)) + 1
         chain = build_addon()
-        self.addons.add(LogLevel(self._termlog_addon), *kept[:at], chain, *kept[at:],  # type: ignore[no-untyped-call]
+        self.addons.add(LogLevel(self._termlog_addon), *kept[:at], chain, *kept[at:],
                         refused)
         # StartupLine last: its running() comes after the port is bound and the error check passed.
         self.addons.add(StartupErrorCheck(), StartupLine(chain))

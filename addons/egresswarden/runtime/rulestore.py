@@ -92,7 +92,7 @@ class RuleStore:
             try:
                 self.replace(self._load(rules_dir), initial=True)
             except WardenError as e:
-                raise exceptions.OptionsError(f"warden: refusing to start: {e}") from None  # type: ignore[no-untyped-call]
+                raise exceptions.OptionsError(f"warden: refusing to start: {e}") from None
             self._rules_dir = rules_dir
 
     def running(self) -> None:

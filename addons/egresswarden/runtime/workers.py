@@ -175,7 +175,7 @@ class _Supervisor:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self.state_dir / "metrics"))  # type: ignore[no-untyped-call]
+        MultiProcessCollector(registry, path=str(self.state_dir / "metrics"))
         return generate_latest(registry)
 
     def serve(self) -> ProbeServer | None:
@@ -217,7 +217,7 @@ class _Supervisor:
                     code = w.proc.poll()
                     if code is None:
                         continue
-                    mark_process_dead(w.proc.pid, str(self.state_dir / "metrics"))  # type: ignore[no-untyped-call]
+                    mark_process_dead(w.proc.pid, str(self.state_dir / "metrics"))
                     if time.monotonic() - w.started < 1.0:
                         time.sleep(1.0)  # crash loop: at most one restart per second
                     print(f"warden: worker {w.index} (pid {w.proc.pid}) exited with {code}; restarting",
