@@ -23,7 +23,7 @@ BUNDLE = $(CONFDIR)/agent/warden-ca-bundle.pem
 AGENT_PROXY = $(subst 0.0.0.0:,127.0.0.1:,$(LISTEN))
 PYTEST_ARGS ?=
 
-.PHONY: run test lint check bench bench-quick bench-engine clean system-deps
+.PHONY: run test lint check bench bench-quick bench-engine clean system-deps js-test-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { py=$$(.ci/find-python) && echo "using $$py" && "$$py" -m venv $(VENV); }
@@ -54,19 +54,27 @@ run: $(STAMP)
 	echo "  eval \"\$$($(abspath $(BIN))/warden agent-env --agent coder --token example-coder-token --proxy $(AGENT_PROXY) --ca-bundle $(abspath $(BUNDLE)))\""; \
 	wait $$pid
 
-# Debian packages some tests drive (promtool for the alert rules, nginx/squid only for bench).
+# Debian packages some tests drive (promtool for the alert rules, bubblewrap for `warden sandbox`,
+# nginx/squid only for bench).
 # Best effort: without root or apt the dependent tests skip and say why.
 system-deps:
 	@missing=""; command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v unshare >/dev/null || missing="$$missing util-linux"; \
 	command -v git >/dev/null || missing="$$missing git"; command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing:$$missing"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null 2>&1 || echo "apt-get failed; dependent tests will skip"; fi
 
+# The TypeScript MCP SDK for tests/test_mcp_stdio_js.py (pinned in tests/js/package-lock.json).
+js-test-deps: system-deps
+	cd tests/js && npm ci --no-audit --no-fund --silent
+
 test: $(STAMP) system-deps
 	$(BIN)/ruff check addons tests bench
+	$(BIN)/warden test rules policy-tests/
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -39,8 +39,8 @@ def get_json(port: int, path: str, timeout: float = 5.0) -> tuple[int, dict[str,
 class Load:
     """Background requests through Warden until stopped: counts successes and failures."""
 
-    def __init__(self, warden: Warden, agent: str, url: str, streams: int = 2) -> None:
-        self.warden, self.agent, self.url = warden, agent, url
+    def __init__(self, warden: Warden, agent: str, url: str, streams: int = 2, verify: str | bool = True) -> None:
+        self.warden, self.agent, self.url, self.verify = warden, agent, url, verify
         self.ok = 0
         self.failed: list[str] = []
         self._stop = threading.Event()
@@ -52,7 +52,7 @@ class Load:
             proxies = {"http": self.warden.proxy_url(self.agent), "https": self.warden.proxy_url(self.agent)}
             while not self._stop.is_set():
                 try:
-                    r = s.get(self.url, proxies=proxies, timeout=10)
+                    r = s.get(self.url, proxies=proxies, timeout=10, verify=self.verify)
                     if r.status_code == 200:
                         self.ok += 1
                     else:
@@ -110,3 +110,32 @@ def proxied_get(warden: Warden, agent: str, url: str, **kwargs: Any) -> requests
         s.trust_env = False
         return s.get(url, proxies={"http": warden.proxy_url(agent), "https": warden.proxy_url(agent)},
                      timeout=15, **kwargs)
+
+
+class _AlertHandler(BaseHTTPRequestHandler):
+    server: Any
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def alert_receiver() -> Iterator[ThreadingHTTPServer]:
+    """A webhook sink on 127.0.0.1 that keeps every payload in `.received`."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AlertHandler)
+    server.daemon_threads = True
+    server.received = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -461,3 +461,29 @@ def test_warden_cli_ca_and_warden_run_intercept_with_it(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa", "rsa"])
+def test_key_type_is_the_leaf_key_type(tmp_path: Path, key_type: str) -> None:
+    """mitmproxy gives every leaf the CA's key: an ECDSA CA means ECDSA handshakes (issue 17)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from mitmproxy.certs import CertStore
+
+    confdir = tmp_path / "certs"
+    args = ["ca", "init", "--confdir", str(confdir)] + (["--key-type", key_type] if key_type != "ecdsa" else [])
+    r = run_cli(*args)
+    assert r.returncode == 0 and f"created {key_type} CA" in r.stdout, r.stderr
+    for name in ca.SECRET_FILES:
+        assert stat.S_IMODE((confdir / name).stat().st_mode) == 0o600, name
+    expected = ec.EllipticCurvePublicKey if key_type == "ecdsa" else rsa.RSAPublicKey
+    assert isinstance(ca.load_cert(ca.ca_cert_path(confdir)).public_key(), expected)
+    store = CertStore.from_files(confdir / "mitmproxy-ca.pem", confdir / "mitmproxy-dhparam.pem")
+    leaf = store.get_cert("intercept.test", [x509.DNSName("intercept.test")]).cert.to_cryptography()
+    assert isinstance(leaf.public_key(), expected)
+    leaf.verify_directly_issued_by(ca.load_cert(ca.ca_cert_path(confdir)))
+    # rotation may change the key type; an unknown one is refused before anything is written
+    assert ca.main(["ca", "rotate", "--confdir", str(confdir), "--key-type", "rsa"]) == 0
+    assert isinstance(ca.load_cert(ca.ca_cert_path(confdir)).public_key(), rsa.RSAPublicKey)
+    with pytest.raises(ca.CAError):
+        ca.init_ca(tmp_path / "other", key_type="dsa")
+    assert not (tmp_path / "other").exists()

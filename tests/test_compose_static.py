@@ -7,6 +7,7 @@ secret committed inline. Each test below pins one of those.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
@@ -42,7 +43,7 @@ PROMTOOL_REASON = "promtool not installed (Debian package: prometheus; `apt-get 
 
 WARDEN_COMMAND = [
     "warden", "run", "--rules", "/rules",
-    "--listen", f"0.0.0.0:{PROXY_PORT}", "--metrics-listen", f"0.0.0.0:{METRICS_PORT}",
+    "--listen", f"0.0.0.0:{PROXY_PORT}", "--metrics-listen", f"172.31.94.10:{METRICS_PORT}",
     "--audit-log", "/var/log/warden/audit.jsonl", "--confdir", "/certs",
 ]  # fmt: skip
 CA_TRUST_VARS = (
@@ -272,7 +273,12 @@ def test_warden_service_command_ports_and_healthcheck() -> None:
     assert {str(p) for p in w.get("expose", [])} == {str(PROXY_PORT), str(METRICS_PORT)}
     hc = w["healthcheck"]["test"]
     assert hc[0] == "CMD" and hc[1] == "python", "slim image: no curl, use the interpreter"
-    assert f"http://127.0.0.1:{METRICS_PORT}/healthz" in " ".join(hc) and "urllib" in " ".join(hc)
+    assert f"http://172.31.94.10:{METRICS_PORT}/readyz" in " ".join(hc) and "urllib" in " ".join(hc)
+    # metrics only on the monitoring network: the address bound is Warden's address there
+    assert w["networks"]["monitoring"]["ipv4_address"] == "172.31.94.10"
+    subnet = c["networks"]["monitoring"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address("172.31.94.10") in ipaddress.ip_network(subnet)
+    assert "agent" not in {s for s, svc in c["services"].items() if "monitoring" in service_networks(svc)}
     m = mounts(w)
     assert (
         m["/rules"] == "../rules"
@@ -586,11 +592,12 @@ def test_k8s_deployment() -> None:
     args = dict(zip(cmd[2::2], cmd[3::2], strict=True))
     assert (
         args["--listen"] == f"0.0.0.0:{PROXY_PORT}" and args["--metrics-listen"] == f"0.0.0.0:{METRICS_PORT}"
+        # (a pod has one network; NetworkPolicy warden-ingress keeps agents off the metrics port)
     )
     assert args["--audit-log"] == "-", "audit to stdout for the node log collector"
     assert {p["containerPort"] for p in c["ports"]} == {PROXY_PORT, METRICS_PORT}
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"]["path"] == "/healthz"
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
+        assert c[probe]["httpGet"]["path"] == path
         port = c[probe]["httpGet"]["port"]
         assert port in (METRICS_PORT, "metrics")
     assert c["securityContext"]["readOnlyRootFilesystem"] is True

@@ -153,6 +153,8 @@ def test_one_alert_per_event_dedup_by_destination_and_readable_text(
                            headers={"Accept": "application/json, text/event-stream"})
             assert r.status_code == 200 and r.json()["result"]["isError"] is True
             assert wait_until(lambda: any(a["kind"] == "mcp_deny" for a in received))
+            # item 8: the MCP stage's engine time is recorded (it was documented but never observed)
+            assert _metric(w.metrics_text(), 'warden_decision_duration_seconds_count{stage="mcp"}') >= 1
             # a broken rule change: reload_failed says what failed and where
             (w.rules_dir / "broken.yaml").write_text("policies:\n  q:\n    allow:\n      - host: '*.com'\n")
             assert wait_until(lambda: any(a["kind"] == "reload_failed" for a in received), timeout=10)

@@ -17,12 +17,13 @@ import shlex
 import shutil
 import signal
 import subprocess
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
-from .control_helpers import get_json, wait_until
+from .control_helpers import alert_receiver, get_json, wait_until
 from .harness import WARDEN, Origin, free_port, hosts_file, sha256_hex, wait_for_port
 
 pytestmark = pytest.mark.e2e
@@ -47,6 +48,11 @@ def _fill(directory: Path) -> Path:
 
 @needs_root
 def test_disk_full_mid_run_loses_and_duplicates_nothing(tmp_path: Path, plain_origin: Origin) -> None:
+    with alert_receiver() as receiver:
+        _disk_full(tmp_path, plain_origin, receiver)
+
+
+def _disk_full(tmp_path: Path, plain_origin: Origin, receiver: ThreadingHTTPServer) -> None:
     keys = tmp_path / "keys"
     subprocess.run([WARDEN, "audit", "keygen", "--out-dir", str(keys)], check=True, capture_output=True, timeout=60)
     secrets = tmp_path / "secrets"
@@ -58,7 +64,9 @@ def test_disk_full_mid_run_loses_and_duplicates_nothing(tmp_path: Path, plain_or
              "policies": {"p": {"allow": [{"host": "allowed.test", "ports": [plain_origin.port]},
                                           {"cidr": "127.0.0.1/32", "ports": [plain_origin.port]}]}},
              "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts")), "secrets_dir": str(secrets),
-                          "audit": {"signing_key": "${secret:AUDIT_SIGNING_KEY}", "checkpoint_records": 20}}}
+                          "audit": {"signing_key": "${secret:AUDIT_SIGNING_KEY}", "checkpoint_records": 20},
+                          "alerts": [{"id": "ops", "url": f"http://127.0.0.1:{receiver.server_address[1]}/",
+                                      "events": ["audit_failure"]}]}}
     (rules_dir / "rules.yaml").write_text(json.dumps(rules))
     fs = tmp_path / "auditfs"
     fs.mkdir()
@@ -133,3 +141,9 @@ def test_disk_full_mid_run_loses_and_duplicates_nothing(tmp_path: Path, plain_or
     failures = [r for r in records if r["event"] == "chain_start" and r.get("reason") == "write_failure"]
     assert failures and "space" in failures[0]["error"].lower()
     assert "AUDIT FAILURE" in (tmp_path / "stderr").read_text()
+    # item 9: the failure raised exactly one alert, on the event loop, and nothing recursed
+    alerts = receiver.received  # type: ignore[attr-defined]
+    assert [a["kind"] for a in alerts] == ["audit_failure"], alerts
+    assert "No space left on device" in alerts[0]["text"]
+    alert_records = [r for r in records if r.get("event") == "alert"]
+    assert len(alert_records) == 1 and alert_records[0]["kind"] == "audit_failure"

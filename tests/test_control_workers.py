@@ -75,3 +75,32 @@ def test_supervisor_survives_signals_reloads_workers_and_takes_them_down(tmp_pat
         for pid in worker_pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_share_stdout_as_whole_audit_lines(tmp_path: Path, plain_origin: Origin) -> None:
+    import subprocess
+
+    import requests
+
+    from .harness import WARDEN
+
+    rules = {"agents": [{"id": "w", "token_sha256": [sha256_hex(TOKEN)], "policies": ["p"]}],
+             "policies": {"p": {"allow": [{"host": "allowed.test", "ports": [plain_origin.port]},
+                                          {"cidr": "127.0.0.1/32", "ports": [plain_origin.port]}]}},
+             "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts"))}}
+    w = start_warden(tmp_path, rules, extra_args=["--workers", "2"], audit_log="-", agents={"w": TOKEN})
+    try:
+        assert wait_until(lambda: get_json(w.metrics_port, "/readyz")[0] == 200, timeout=40)
+        for _ in range(30):  # new connections: both workers serve some
+            with requests.Session() as s:
+                s.trust_env = False
+                assert s.get(f"http://allowed.test:{plain_origin.port}/", timeout=10,
+                             proxies={"http": w.proxy_url("w")}).status_code == 200
+    finally:
+        w.stop()
+    out = w.stdout_path.read_bytes()
+    records = [json.loads(line) for line in out.splitlines()]  # whole JSON lines only
+    assert sum(r["event"] == "chain_start" for r in records) == 2
+    assert sum(r["event"] == "request" for r in records) == 30
+    result = subprocess.run([WARDEN, "audit", "verify", "-"], input=out, capture_output=True, timeout=60)
+    assert result.returncode == 0 and b"2 interleaved chains" in result.stdout, result.stdout

@@ -161,8 +161,29 @@ def test_captured_stream_with_restarts_verifies(tmp_path: Path) -> None:
     first = chunks[0].splitlines(keepends=True)
     cut = b"".join(first[:-2]) + chunks[1]
     result = verify_sources([("<stdin>", cut.splitlines(keepends=True), False)], _pub())
-    assert not result.ok and "before a new chain starts" in result.message
+    assert not result.ok and "truncated" in result.message and result.line == len(first) - 2, result
 
+
+def test_interleaved_worker_streams_verify_chain_by_chain() -> None:
+    """`--workers 2 --audit-log -`: two chains, line by line, on one stdout."""
+    import io
+    import itertools
+
+    outputs = []
+    for _ in range(2):
+        out = io.BytesIO()
+        w = AuditWriter("-", stdout=out, signer=load_signing_key(KEY[0].decode()), checkpoint_records=3)
+        w.start()
+        for i in range(10):
+            w.submit({"event": "request", "i": i})
+        w.close()
+        outputs.append(out.getvalue().splitlines(keepends=True))
+    mixed = [line for pair in itertools.zip_longest(*outputs) for line in pair if line]
+    result = verify_sources([("<stdin>", mixed, False)], _pub())
+    assert result.ok and result.records == 20 and "2 interleaved chains" in result.message, result
+    cut = mixed[:7] + mixed[8:]
+    result = verify_sources([("<stdin>", cut, False)], _pub())
+    assert not result.ok and result.line == 9, result  # the line after the deleted one
 
 @pytest.mark.parametrize("garbage", [b"\n", b"not json\n", b'{"no":"chain"}\n'])
 def test_foreign_lines_are_rejected(tmp_path: Path, garbage: bytes) -> None:
@@ -180,3 +201,19 @@ def test_torn_last_line_from_a_crash_is_cut_before_appending(tmp_path: Path) -> 
     _write(path, 2, signed=False)
     assert verify_chain([path]).ok
     assert os.stat(path).st_size == len(b"".join(_lines(path)))
+
+
+def test_failure_notice_never_reenters_submit(tmp_path: Path) -> None:
+    """Queue full -> notify -> (an alert) -> submit -> queue full must not recurse."""
+    notices: list[str] = []
+    w = AuditWriter(str(tmp_path / "audit.jsonl"), queue_size=1)
+
+    def notify(message: str) -> None:
+        notices.append(message)
+        assert w.submit({"event": "alert", "kind": "audit_failure"}) is False  # still full: no new notice
+
+    w.notify = notify
+    assert w.submit({"event": "request"}) is True  # writer not started: the queue stays full
+    assert w.submit({"event": "request"}) is False
+    assert w.submit({"event": "request"}) is False
+    assert notices == ["audit queue full: the writer cannot keep up"] and not w.healthy

@@ -18,6 +18,14 @@ with the old CA while the new bundle (old + new CA) is pushed to agents; when
 Warden restarts it signs with the new CA, which agents already trust. After
 the overlap window the old cert drops out of the bundle.
 
+Key type (issue 17): mitmproxy signs every leaf certificate with the CA key and gives the
+leaf the CA's own public key, so the CA's key type is the key type of every intercepted
+handshake. An ECDSA P-256 key makes the signature in each TLS handshake far cheaper than
+RSA-2048 (the cost that dominates a new intercepted connection), so ``--key-type ecdsa`` is
+the default for new CAs. mitmproxy itself only generates RSA CAs, so Warden writes the EC
+store itself, in the same layout; an existing RSA CA keeps working unchanged (mitmproxy
+loads either), and ``--key-type rsa`` still creates one for clients that need it.
+
 The owner's ``addons/cli.py`` calls :func:`add_cli`; ``python -m addons.ca``
 works standalone (used by tests and before the main CLI exists).
 """
@@ -39,11 +47,17 @@ from typing import Any
 
 import certifi
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from mitmproxy import certs
 from mitmproxy.certs import CertStore
 
 BASENAME = "mitmproxy"  # mitmproxy's fixed file prefix; it only looks for these names
-KEY_SIZE = 2048
+KEY_SIZE = 2048  # RSA CAs
+KEY_TYPES = ("ecdsa", "rsa")
+DEFAULT_KEY_TYPE = "ecdsa"  # measured: see README "Performance" (intercepted, new connection)
 DEFAULT_CONFDIR = "certs"
 DEFAULT_OVERLAP_DAYS = 14
 ROTATION_FILE = "warden-ca-rotation.json"
@@ -93,15 +107,70 @@ def _unique_cn() -> str:
     return f"Warden interception CA {_now():%Y-%m-%d} {secrets.token_hex(3)}"
 
 
-def _generate_into(confdir: Path) -> x509.Certificate:
+def key_type_of(cert: x509.Certificate) -> str:
+    """"ecdsa" or "rsa" (or the key class name for anything else)."""
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "ecdsa"
+    if isinstance(key, rsa.RSAPublicKey):
+        return "rsa"
+    return type(key).__name__
+
+
+def _create_ec_store(path: Path, cn: str) -> None:
+    """mitmproxy's `CertStore.create_store` layout and CA extensions, with an ECDSA P-256 key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)])
+    cert = (
+        x509.CertificateBuilder()
+        .serial_number(x509.random_serial_number())
+        .subject_name(name)
+        .issuer_name(name)
+        .not_valid_before(now + certs.CERT_VALIDITY_OFFSET)
+        .not_valid_after(now + certs.CERT_VALIDITY_OFFSET + certs.CA_EXPIRY)
+        .public_key(key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(private_key=key, algorithm=hashes.SHA256())
+    )
+    pem_cert = cert.public_bytes(serialization.Encoding.PEM)
+    with CertStore.umask_secret():
+        (path / f"{BASENAME}-ca.pem").write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                              serialization.NoEncryption()) + pem_cert)
+        (path / f"{BASENAME}-ca.p12").write_bytes(pkcs12.serialize_key_and_certificates(
+            BASENAME.encode(), key, cert, None, serialization.NoEncryption()))
+    (path / f"{BASENAME}-ca-cert.pem").write_bytes(pem_cert)
+    (path / f"{BASENAME}-ca-cert.cer").write_bytes(pem_cert)
+    (path / f"{BASENAME}-ca-cert.p12").write_bytes(pkcs12.serialize_key_and_certificates(
+        BASENAME.encode(), None, cert, None, serialization.NoEncryption()))
+    (path / f"{BASENAME}-dhparam.pem").write_bytes(certs.DEFAULT_DHPARAM)
+
+
+def _check_key_type(key_type: str) -> None:
+    if key_type not in KEY_TYPES:
+        raise CAError(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
+
+
+def _generate_into(confdir: Path, key_type: str = DEFAULT_KEY_TYPE) -> x509.Certificate:
     """Create a fresh CA in a staging dir, then move it into confdir.
 
     Staging in the same directory keeps os.replace atomic per file, so a crash
     never leaves mitmproxy-ca.pem half-written (mitmproxy would fail to start).
     """
+    _check_key_type(key_type)
     staging = Path(tempfile.mkdtemp(prefix=".ca-staging-", dir=confdir))
     try:
-        CertStore.create_store(staging, BASENAME, KEY_SIZE, organization=ORGANIZATION, cn=_unique_cn())
+        if key_type == "rsa":
+            CertStore.create_store(staging, BASENAME, KEY_SIZE, organization=ORGANIZATION, cn=_unique_cn())
+        else:
+            _create_ec_store(staging, _unique_cn())
         for name in SECRET_FILES:
             os.chmod(staging / name, 0o600)  # explicit, independent of the caller's umask
         for name in STORE_FILES:
@@ -117,11 +186,12 @@ def _ensure_confdir(confdir: Path) -> None:
         os.chmod(confdir, 0o700)  # holds the CA key; only the Warden user needs it
 
 
-def init_ca(confdir: Path, force: bool = False) -> x509.Certificate:
+def init_ca(confdir: Path, force: bool = False, key_type: str = DEFAULT_KEY_TYPE) -> x509.Certificate:
+    _check_key_type(key_type)  # before anything is created
     _ensure_confdir(confdir)
     if ca_key_path(confdir).exists() and not force:
         raise CAError(f"a CA already exists in {confdir} (use --force to replace it, or 'warden ca rotate')")
-    return _generate_into(confdir)
+    return _generate_into(confdir, key_type)
 
 
 def _read_rotation(confdir: Path) -> dict[str, Any]:
@@ -139,8 +209,10 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def rotate_ca(confdir: Path, overlap_days: int) -> tuple[x509.Certificate, x509.Certificate]:
+def rotate_ca(confdir: Path, overlap_days: int,
+              key_type: str = DEFAULT_KEY_TYPE) -> tuple[x509.Certificate, x509.Certificate]:
     """Replace the CA; keep the old public cert trusted for ``overlap_days``. Returns (old, new)."""
+    _check_key_type(key_type)  # before the previous cert is moved aside
     if overlap_days < 0:
         raise CAError("--overlap-days must be >= 0")
     if not ca_key_path(confdir).exists():
@@ -168,7 +240,7 @@ def rotate_ca(confdir: Path, overlap_days: int) -> tuple[x509.Certificate, x509.
             "overlap_until": overlap_until.isoformat(),
         }
     )
-    new = _generate_into(confdir)
+    new = _generate_into(confdir, key_type)
     data["current_fingerprint_sha256"] = fingerprint(new)
     _write_json_atomic(confdir / ROTATION_FILE, data)
     return old, new
@@ -301,11 +373,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
         print(f"CA already present in {confdir}; leaving it unchanged")
         return 0
     try:
-        cert = init_ca(confdir, force=args.force)
+        cert = init_ca(confdir, force=args.force, key_type=args.key_type)
     except CAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"created CA {cert.subject.rfc4514_string()} sha256={fingerprint(cert)} in {confdir}")
+    print(f"created {key_type_of(cert)} CA {cert.subject.rfc4514_string()} sha256={fingerprint(cert)} in {confdir}")
     print(f"distribute {ca_cert_path(confdir)} or the output of 'warden ca bundle' to agents")
     return 0
 
@@ -333,7 +405,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
 def _cmd_rotate(args: argparse.Namespace) -> int:
     confdir = Path(args.confdir)
     try:
-        old, new = rotate_ca(confdir, args.overlap_days)
+        old, new = rotate_ca(confdir, args.overlap_days, key_type=args.key_type)
     except CAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -359,8 +431,18 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             help=f"mitmproxy confdir holding the CA (default: {DEFAULT_CONFDIR}/)",
         )
 
+    def key_type(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--key-type",
+            choices=KEY_TYPES,
+            default=DEFAULT_KEY_TYPE,
+            help=f"CA (and so leaf certificate) key: ecdsa = P-256, cheaper handshakes; rsa = 2048 bit "
+            f"(default: {DEFAULT_KEY_TYPE})",
+        )
+
     p_init = sub.add_parser("init", help="create the interception CA (refuses to overwrite)")
     common(p_init)
+    key_type(p_init)
     p_init.add_argument("--force", action="store_true", help="replace an existing CA (agents must re-trust)")
     p_init.add_argument(
         "--exist-ok",
@@ -397,6 +479,7 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
     p_rotate = sub.add_parser("rotate", help="new CA; keep the previous cert in the bundle during an overlap")
     common(p_rotate)
+    key_type(p_rotate)
     p_rotate.add_argument(
         "--overlap-days",
         type=int,

@@ -26,10 +26,11 @@ def format_listen(value: tuple[str, int] | None) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def load_or_report(rules: str) -> RuleSet | None:
-    """Load a rules directory; on failure print every problem (file:line) and return None."""
+def load_or_report(rules: str, secrets: bool = True) -> RuleSet | None:
+    """Load a rules directory; on failure print every problem (file:line) and return None.
+    `secrets=False` loads offline (no secret is read; see `core.compiler.compile_model`)."""
     try:
-        return load_ruleset(Path(rules))
+        return load_ruleset(Path(rules), secrets)
     except WardenError as e:
         print(f"warden: {e}", file=sys.stderr)
         return None

@@ -1,28 +1,55 @@
 """The `warden` command. Each subcommand lives in a module of its own with an `add_cli(sub)`
-that registers its parser; this module only puts them together, in the order `--help` shows."""
+that registers its parser; this module only puts them together, in the order `--help` shows.
+
+`warden sandbox` takes a fast path: it wraps every sandboxed command (and every sandboxed
+MCP server), so it must not pay for importing the other subcommands (the rule engine,
+cryptography, ...: ~0.5-0.8 s). Its module and the launcher import only the standard
+library and the rule model.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from types import ModuleType
 
 from egresswarden import __version__
-from egresswarden.cli import agent_env, audit, ca, check, explain, mcp, run, token
+from egresswarden.cli import sandbox
 
-COMMANDS = (run, check, explain, token, agent_env, audit, ca, mcp)
+FAST_COMMANDS: dict[str, ModuleType] = {"sandbox": sandbox}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def commands() -> tuple[ModuleType, ...]:
+    from egresswarden.cli import (
+        agent_env,
+        audit,
+        ca,
+        check,
+        explain,
+        log,
+        mcp,
+        policytest,
+        replay,
+        run,
+        token,
+    )
+
+    return (run, check, explain, policytest, replay, log, token, agent_env, audit, ca, mcp, sandbox)
+
+
+def build_parser(only: tuple[ModuleType, ...] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warden", description="Egress governance proxy for AI agents.")
     parser.add_argument("--version", action="version", version=f"warden {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in COMMANDS:
+    for command in only or commands():
         command.add_cli(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    fast = FAST_COMMANDS.get(argv[0]) if argv else None
+    parser = build_parser((fast,) if fast is not None else None)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

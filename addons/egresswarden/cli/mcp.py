@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from egresswarden.cli import mcp_pin
+from egresswarden.cli import mcp_pin, mcp_stdio
 
 
 def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = sub.add_parser("mcp", help="MCP governance tools")
     mcp_sub = group.add_subparsers(dest="mcp_command", required=True)
-    for command in (mcp_pin,):
+    for command in (mcp_pin, mcp_stdio):
         command.add_cli(mcp_sub)

@@ -35,10 +35,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if load_or_report(args.rules) is None:
         print("warden: refusing to start with invalid rules", file=sys.stderr)
         return 2
+    if args.admin_socket and args.workers > 1:
+        print("warden: --admin-socket (warden sandbox --attach) needs --workers 1", file=sys.stderr)
+        return 2
     if args.worker_index is None and args.listen[1] != 0 and address_in_use(*args.listen):
         print(f"warden: {format_listen(args.listen)} is already in use (another Warden?); "
               "pick another with --listen", file=sys.stderr)
         return 1
+    if args.worker_index is None:
+        from egresswarden.cli.ca import ca_key_path, init_ca
+
+        if not ca_key_path(Path(args.confdir)).exists():
+            # Here, once, before any worker starts: mitmproxy would create an RSA-2048 CA in
+            # each process; Warden's default is ECDSA P-256 (cheaper handshakes, issue 17).
+            init_ca(Path(args.confdir))
     if args.workers > 1 and args.worker_index is None:
         from egresswarden.runtime.workers import run_workers
 
@@ -57,6 +67,8 @@ def mitmproxy_arguments(args: argparse.Namespace) -> list[str]:
         "--set", "termlog_verbosity=warn" if not args.verbose else "termlog_verbosity=info",
         "--set", f"warden_log_format={args.log_format}",
     ]
+    if args.admin_socket:
+        margs += ["--set", f"warden_admin_socket={args.admin_socket}"]
     for item in args.set or []:
         margs += ["--set", item]
     return margs
@@ -86,6 +98,13 @@ def run_proxy(args: argparse.Namespace) -> int:
         from egresswarden.record.journal import claim_stdout
 
         claim_stdout()  # stdout carries audit records only; every other line goes to stderr
+    from egresswarden.runtime.eventloop import EventLoopError, install
+
+    try:
+        install()  # WARDEN_EVENT_LOOP (asyncio or uvloop); before mitmproxy starts its loop
+    except EventLoopError as e:
+        print(f"warden: {e}", file=sys.stderr)
+        return 2
     Path(args.confdir).mkdir(parents=True, exist_ok=True)
     main.run(WardenMaster, cmdline.mitmdump, mitmproxy_arguments(args))
     return 0
@@ -106,6 +125,8 @@ def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="run N proxy processes on one port (SO_REUSEPORT); metrics merged, one audit chain "
                           "per worker in <audit>.w<i>.jsonl (default: 1)")
     run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--admin-socket", metavar="PATH", default="",
+                     help="unix socket for `warden sandbox --attach` (0600, in a 0700 directory; default: off)")
     run.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a mitmproxy option (repeatable)")
     run.add_argument("--log-format", choices=("text", "json"), default="text",
                      help="operational log format on stderr (default: text); audit records are separate")

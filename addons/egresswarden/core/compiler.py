@@ -112,6 +112,8 @@ class _Compiler:
             if compiled_cred is not None:
                 creds.add(cred.target.kind, cred.target.value, compiled_cred)
                 self.credentials.setdefault(compiled_cred.id, compiled_cred)
+        for index in (hosts, cidrs, creds):
+            index.freeze()  # here, in the loading thread, not on the first decision
         return PolicyIndex(policy.name, hosts, cidrs, creds, tuple(h.lower() for h in policy.strip), policy.mcp)
 
     def hosts_file(self) -> dict[str, tuple[IPAddress, ...]]:
@@ -128,6 +130,17 @@ class _Compiler:
         except RuleError as e:
             self.problems.append(e.problem)
             return {}
+
+    def check_sandbox_env(self) -> None:
+        """A sandbox profile's env may carry a credential's placeholder, never a real secret value."""
+        for profile in self.model.sandbox_profiles.values():
+            for key, value in profile.env:
+                leaked = next((s for s in self.secrets if len(s.value) >= 8 and s.value in value), None)
+                if leaked is not None and profile.origin is not None:
+                    self.problems.append(RuleProblem(
+                        profile.origin.file, profile.origin.line,
+                        f"sandbox profile {profile.id!r}: env {key} holds the value of secret {leaked.name!r}",
+                        "set the credential's placeholder instead; Warden injects the secret at the bound host"))
 
     def compile(self) -> RuleSet:
         model = self.model
@@ -150,10 +163,15 @@ class _Compiler:
                 deny_cidrs.add(rule.target.network, compiled_rule)
             else:
                 deny_hosts.add(rule.target.kind, rule.target.value, compiled_rule)
+        for index in (source_agents, deny_hosts, deny_cidrs):
+            index.freeze()
         servers: dict[tuple[str, int], list[McpServer]] = {}
         for server in model.mcp_servers:
+            if server.stdio is not None:  # local servers have no network address to match
+                continue
             servers.setdefault((server.host, server.port), []).append(server)
         hosts = self.hosts_file()
+        self.check_sandbox_env()
         if self.problems:
             raise RuleSetError(self.problems)
         rule_count = sum(len(p.allow) for p in model.policies.values()) + len(model.deny)

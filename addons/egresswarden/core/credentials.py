@@ -23,7 +23,7 @@ import base64
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote_plus
 
 import ahocorasick
 
@@ -120,6 +120,7 @@ class Scanner:
                     table[form] = ("placeholder", "raw", set(), False)
                 table[form][2].add(cred.id)
         self.automaton: ahocorasick.Automaton | None = None
+        self.folded: ahocorasick.Automaton | None = None
         self.max_len = 0
         if not table:
             return
@@ -130,6 +131,17 @@ class Scanner:
             self.max_len = max(self.max_len, len(key))
         automaton.make_automaton()
         self.automaton = automaton
+        # For Warden's own records only (`scrub`): the raw secrets and placeholders, ASCII-lowercased.
+        # Host names are lowercased before they are recorded, so a secret used as a CONNECT host
+        # (`CONNECT <secret>.example:443`) would otherwise land in the audit case-folded, which
+        # costs an attacker who reads the audit one bit per letter to undo.
+        folded = ahocorasick.Automaton()
+        for form, (_kind, enc, _owners, _redact) in table.items():
+            if enc == "raw":
+                key = _fold(form.decode("latin-1"))
+                folded.add_word(key, len(key))
+        folded.make_automaton()
+        self.folded = folded
 
     # -- leaks ----------------------------------------------------------------------------
     def find_leak(self, data: bytes | str, bound: frozenset[str], where: str) -> Leak | None:
@@ -208,8 +220,11 @@ class Scanner:
         if self.automaton is None or not text:
             return text, 0
         spans = self._spans(text, None, force=True, placeholders=True)
+        assert self.folded is not None
+        spans += [(end - length + 1, end + 1) for end, length in self.folded.iter(_fold(text))]
         if not spans:
             return text, 0
+        spans = _merge(spans)
         out, last = [], 0
         for s, e in spans:
             out.append(text[last:s])
@@ -221,6 +236,22 @@ class Scanner:
     def redact_str(self, value: str, only: frozenset[str] | None = None, force: bool = False) -> tuple[str, int]:
         data, n = self.redact(value.encode("utf-8", "surrogateescape"), only, force)
         return (data.decode("utf-8", "surrogateescape") if n else value), n
+
+
+def _fold(text: str) -> str:
+    """ASCII lowercase, length-preserving (str.lower() is not, for a few characters)."""
+    return text.encode("latin-1", "replace").lower().decode("latin-1")
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    spans = sorted(spans)
+    merged = [spans[0]]
+    for s, e in spans[1:]:
+        if s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
 
 
 @derived
@@ -256,9 +287,23 @@ def strip_names(agent: CompiledAgent, bound: Sequence[CompiledCredential]) -> fr
     return frozenset(names)
 
 
+def decoded_url(path: str) -> str | None:
+    """`path` with every %XX (and `+` as space) decoded, byte for byte (latin-1, as the automaton
+    sees bytes); None when nothing is encoded. Servers decode URLs, so `%67hp_...` is the secret
+    `ghp_...` to them, though no single encoding the scanner knows spells it that way."""
+    if "%" not in path and "+" not in path:
+        return None
+    decoded = unquote_plus(path, encoding="latin-1")
+    return decoded if decoded != path else None
+
+
 def headers_text(host: str, path: str, headers: Iterable[tuple[str, str]]) -> str:
-    """The text scanned for a request's headers and URL (one string: one automaton pass)."""
+    """The text scanned for a request's headers and URL (one string: one automaton pass). The
+    URL is scanned as sent and percent-decoded."""
     parts = [host, path]
+    decoded = decoded_url(path)
+    if decoded is not None:
+        parts.append(decoded)
     parts.extend(f"{k}: {v}" for k, v in headers)
     return "\n".join(parts)
 

@@ -38,7 +38,7 @@ from .facts import RequestFacts
 from .hostnames import HostError, IPAddress, normalize_host, parse_ip
 from .netaddr import is_private_address
 from .paths import PathError, canonical_path
-from .ruleset import CompiledAgent, CompiledRule, RuleSet
+from .ruleset import CompiledAgent, CompiledRule, RuleSet, default_port
 
 
 def _policy_denial(agent: CompiledAgent, reason: Reason, message: str, version: str,
@@ -56,13 +56,15 @@ def _port_list(rules: Sequence[CompiledRule]) -> str:
     return ", ".join(listed)
 
 
-def _allowed(rules: RuleSet, rule_id: str, intercept: bool) -> Decision:
-    key = (rule_id, intercept)
-    decision = rules.allow_memo.get(key)
-    if decision is None:
-        decision = Decision(Verdict.ALLOW, Reason.ALLOWED, rule_id, f"allowed by rule {rule_id}", rules.version,
+def _allowed(rules: RuleSet, rule: CompiledRule, intercept: bool) -> Decision:
+    # Memoised on the rule itself (see CompiledRule.allow_decision); the version check keeps
+    # a rule object that outlived its rule set from answering with a stale version.
+    decision = rule.allow_intercept_decision if intercept else rule.allow_decision
+    if decision is None or decision.policy_version != rules.version:
+        decision = Decision(Verdict.ALLOW, Reason.ALLOWED, rule.id, f"allowed by rule {rule.id}", rules.version,
                             intercept=intercept)
-        rules.allow_memo[key] = decision
+        # CompiledRule is frozen for everyone else; this cache is the one field decide fills.
+        object.__setattr__(rule, "allow_intercept_decision" if intercept else "allow_decision", decision)
     return decision
 
 
@@ -102,12 +104,13 @@ def decide(rules: RuleSet, facts: RequestFacts) -> Decision:
     port = facts.port
 
     l7_deny = False
-    deny_rules: Sequence[CompiledRule]
+    # Hot path (issue 17): index `match()` returns stored tuples, `.size` instead of bool(),
+    # port/method checks inline; same order and same answers as the CompiledRule methods.
     if ip is not None:
-        deny_rules = rules.deny_cidrs.lookup(ip) if rules.deny_cidrs else ()
+        deny_matches = rules.deny_cidrs.match(ip) if rules.deny_cidrs.size else ()
     else:
-        deny_rules = rules.deny_hosts.lookup(host) if rules.deny_hosts else ()
-    for rule in deny_rules:
+        deny_matches = rules.deny_hosts.match(host) if rules.deny_hosts.size else ()
+    for rule in deny_matches:
         if not _deny_rule_matches(rule, port):
             continue
         if not rule.has_l7:
@@ -117,35 +120,40 @@ def decide(rules: RuleSet, facts: RequestFacts) -> Decision:
         elif rule.method_ok(method) and rule.path_ok(path):
             return deny(Reason.DENY_LISTED, f"{method} {host}{path} is on the global deny list", version, rule.id)
 
-    if ip is not None:
-        candidates = [r for p in agent.policies if p.cidrs for r in p.cidrs.lookup(ip)]
-    else:
-        candidates = [r for p in agent.policies if p.hosts for r in p.hosts.lookup(host)]
+    candidates: tuple[CompiledRule, ...] = ()
+    for policy in agent.policies:
+        found = policy.cidrs.match(ip) if ip is not None else policy.hosts.match(host)
+        if found:
+            candidates = candidates + found if candidates else found
     if not candidates:
         what = "IP address" if ip is not None else "host"
         return _policy_denial(agent, Reason.NO_MATCHING_RULE,
                               f"no rule allows agent '{agent.id}' to reach the {what} {host}", version)
-    usable = [r for r in candidates if r.port_ok(port, facts.scheme)]
+    scheme_port = default_port(facts.scheme)
+    usable = [r for r in candidates if (port == scheme_port if r.ports is None else port in r.ports)]
     if not usable:
         return _policy_denial(agent, Reason.PORT_NOT_ALLOWED,
                               f"{host} is allowed, but not on port {port}; allowed ports: {_port_list(candidates)}",
                               version, candidates[0].id)
 
     if method is None or path is None:
-        unconstrained = next((r for r in usable if not r.has_l7), None)
-        rule = unconstrained or usable[0]
+        unconstrained = None
+        for r in usable:
+            if r.methods is None and r.globs is None:
+                unconstrained = r
+                break
         intercept = (
             unconstrained is None
             or l7_deny
             or rules.settings.tls_intercept == "always"
-            or bool(rules.credentials_for(agent, host))
+            or rules.has_credentials_for(agent, host)
             or bool(rules.mcp_servers_at(host, port))
         )
-        return _allowed(rules, rule.id, intercept)
+        return _allowed(rules, unconstrained or usable[0], intercept)
 
     for rule in usable:
         if rule.method_ok(method) and rule.path_ok(path):
-            return _allowed(rules, rule.id, False)
+            return _allowed(rules, rule, False)
     path_matches = [r for r in usable if r.path_ok(path)]
     if path_matches:
         return _policy_denial(agent, Reason.METHOD_NOT_ALLOWED,

@@ -59,6 +59,8 @@ class Reason(StrEnum):
     MCP_PROMPT_NOT_ALLOWED = "mcp_prompt_not_allowed"
     MCP_HEADER_MISMATCH = "mcp_header_mismatch"
     MCP_NO_POLICY = "mcp_no_policy"
+    MCP_TOOL_UNPINNED = "mcp_tool_unpinned"
+    MCP_SERVER_FAILED = "mcp_server_failed"
     MCP_INVALID_MESSAGE = "mcp_invalid_message"  # a body to an MCP endpoint that is not JSON-RPC
     LENGTH_REQUIRED = "length_required"  # a body of unknown length to an MCP endpoint (cannot be bounded)
     NOT_HTTP = "not_http"  # bytes in an intercepted tunnel that are not HTTP Warden parsed: connection closed

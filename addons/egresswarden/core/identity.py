@@ -37,6 +37,7 @@ class IdentityMethod(StrEnum):
     TOKEN = "token"
     SOURCE = "source"
     ANONYMOUS = "anonymous"
+    SANDBOX = "sandbox"  # a `warden sandbox` session token (runtime/admin.py)
 
 
 @dataclass(frozen=True, slots=True)

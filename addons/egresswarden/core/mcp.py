@@ -11,7 +11,8 @@ the benchmark share one implementation.
 - `decide_message(...)` -> `MessageDecision` for one message.
 - `filter_result(...)` removes what an agent may not see from tools/prompts/resources lists.
 - `PinStore` keeps the canonical hash of every tool definition seen per server (seeded by
-  `mcp_pins` from the rules) and blocks tools whose definition changed.
+  `mcp_pins` from the rules, learned ones kept by a `PinBackend`) and blocks tools whose
+  definition changed, or, with `settings.mcp_unpinned: refuse`, tools that have no pin.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import Any, Protocol
 
 import jsonschema
 
@@ -175,40 +177,138 @@ def mcp_policies_for(rules: RuleSet) -> McpPolicies:
     return McpPolicies(rules)
 
 
-class PinStore:
-    """Tool definition pins per server: from rules (`mcp_pins`) or learned on first sight (memory).
+class PinStatus(StrEnum):
+    """What `PinStore.observe_status` concluded about one tool definition."""
 
-    A tool whose latest seen definition differs from its pin is blocked until the pin is
-    updated (rules reload with the new hash). Thread-safe: SSE filters may run off the loop.
-    """
+    PINNED = "pinned"  # matches its pin (from the rules or learned earlier)
+    LEARNED = "learned"  # first sight in learn mode: this definition is now the pin
+    CHANGED = "changed"  # differs from its pin: a rug pull until an operator re-pins it
+    UNPINNED = "unpinned"  # no pin, and settings.mcp_unpinned is refuse (or the store failed)
+
+
+UNPINNED_MODES = ("learn", "refuse")
+
+
+class PinBackend(Protocol):
+    """Where learned pins live. `MemoryPins` here; `runtime.pinstore.SqlitePins` on disk."""
+
+    def learned(self, server: str, tool: str) -> str | None:
+        """The learned pin of server/tool, or None."""
+        ...
+
+    def learn(self, server: str, tool: str, digest: str, definition: dict[str, Any]) -> str:
+        """Make `digest` the pin of server/tool unless one exists (atomically); return the pin now stored."""
+        ...
+
+    def remember(self, server: str, tool: str, digest: str, definition: dict[str, Any]) -> None:
+        """Keep a definition seen (for `warden mcp pin` diffs); best effort."""
+        ...
+
+
+class MemoryPins:
+    """Learned pins in this process only (lost on restart): the backend when no store is configured."""
 
     def __init__(self) -> None:
+        self.pins: dict[tuple[str, str], str] = {}
+        self.definitions: dict[str, dict[str, Any]] = {}
+
+    def learned(self, server: str, tool: str) -> str | None:
+        return self.pins.get((server, tool))
+
+    def learn(self, server: str, tool: str, digest: str, definition: dict[str, Any]) -> str:
+        self.remember(server, tool, digest, definition)
+        return self.pins.setdefault((server, tool), digest)
+
+    def remember(self, server: str, tool: str, digest: str, definition: dict[str, Any]) -> None:
+        if len(self.definitions) < 10_000:
+            self.definitions.setdefault(digest, definition)
+
+
+def pinned_definition(tool: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a tool definition that pins cover (what `tool_hash` hashes)."""
+    return {k: tool.get(k) for k in PINNED_FIELDS}
+
+
+class PinStore:
+    """Tool definition pins per server: from rules (`mcp_pins`, always first) or learned.
+
+    Learned pins come from a `PinBackend` (durable with `runtime.pinstore`); a learned pin
+    never changes once written, so it is cached here after the first read. A tool whose
+    latest seen definition differs from its pin is blocked until the pin is updated (rules
+    reload with the new hash). With `unpinned="refuse"` nothing is learned: a tool without
+    a rule pin is hidden and refused. A backend that fails counts as "no pin" and is never
+    learned from (fail closed); `errors` counts such failures. Thread-safe: SSE filters may
+    run off the loop.
+    """
+
+    def __init__(self, backend: PinBackend | None = None, unpinned: str = "learn") -> None:
         self._lock = threading.Lock()
-        self.learned: dict[str, dict[str, str]] = {}
+        self.backend: PinBackend = backend if backend is not None else MemoryPins()
+        self.unpinned_mode = unpinned
+        self.learned: dict[str, dict[str, str]] = {}  # cache of the backend's pins
         self.observed: dict[str, dict[str, str]] = {}
         self.rule_pins: dict[str, dict[str, str]] = {}
+        self.errors = 0
+        self.last_error: str | None = None
 
     def set_rule_pins(self, pins: dict[str, dict[str, str]]) -> None:
         with self._lock:
             self.rule_pins = {s: dict(t) for s, t in (pins or {}).items()}
 
+    def set_unpinned(self, mode: str) -> None:
+        self.unpinned_mode = mode if mode in UNPINNED_MODES else "refuse"
+
+    def _failed(self, exc: Exception) -> None:
+        self.errors += 1
+        self.last_error = f"{exc.__class__.__name__}: {short(exc, 200)}"
+
     def pin_of(self, server: str, tool: str) -> str | None:
         pinned = self.rule_pins.get(server, {}).get(tool)
-        return pinned if pinned is not None else self.learned.get(server, {}).get(tool)
+        if pinned is not None:
+            return pinned
+        cached = self.learned.get(server, {}).get(tool)
+        if cached is not None or self.unpinned_mode != "learn":
+            return cached
+        try:
+            stored = self.backend.learned(server, tool)
+        except Exception as exc:  # an unreadable store is "no pin known": nothing learned from it
+            self._failed(exc)
+            return None
+        if stored is not None:
+            self.learned.setdefault(server, {})[tool] = stored
+        return stored
 
-    def observe(self, server: str, tool: dict[str, Any]) -> bool:
-        """Record a tool definition from a tools/list; True if it matches its pin (or is new)."""
+    def observe_status(self, server: str, tool: dict[str, Any]) -> PinStatus:
+        """Record a tool definition from a tools/list and compare it with its pin."""
         name = tool.get("name")
         if not isinstance(name, str):
-            return False
+            return PinStatus.UNPINNED
         h = tool_hash(tool)
         with self._lock:
-            self.observed.setdefault(server, {})[name] = h
+            previous = self.observed.setdefault(server, {}).get(name)
+            self.observed[server][name] = h
             pinned = self.pin_of(server, name)
+            if pinned is None and self.unpinned_mode == "learn":
+                try:
+                    pinned = self.backend.learn(server, name, h, pinned_definition(tool))
+                except Exception as exc:
+                    self._failed(exc)
+                    return PinStatus.UNPINNED
+                self.learned.setdefault(server, {})[name] = pinned
+                if pinned == h:
+                    return PinStatus.LEARNED
+            elif previous != h:
+                try:
+                    self.backend.remember(server, name, h, pinned_definition(tool))
+                except Exception as exc:  # only diffs need it; the decision does not
+                    self._failed(exc)
             if pinned is None:
-                self.learned.setdefault(server, {})[name] = h
-                return True
-            return pinned == h
+                return PinStatus.UNPINNED
+            return PinStatus.PINNED if pinned == h else PinStatus.CHANGED
+
+    def observe(self, server: str, tool: dict[str, Any]) -> bool:
+        """True if the definition matches its pin (or was just learned)."""
+        return self.observe_status(server, tool) in (PinStatus.PINNED, PinStatus.LEARNED)
 
     def changed(self, server: str, tool: str) -> bool:
         seen = self.observed.get(server, {}).get(tool)
@@ -216,6 +316,12 @@ class PinStore:
             return False
         pinned = self.pin_of(server, tool)
         return pinned is not None and pinned != seen
+
+    def unpinned(self, server: str, tool: str) -> bool:
+        """True when the tool has no pin and may not be used without one."""
+        if self.unpinned_mode == "learn" and self.observed.get(server, {}).get(tool) is None:
+            return False  # learned on first sight: nothing seen yet, nothing to compare
+        return self.pin_of(server, tool) is None
 
     def names(self, server: str) -> set[str]:
         return set(self.observed.get(server, {}))
@@ -249,13 +355,15 @@ def protocol_version(msg: dict[str, Any], header: str | None) -> str | None:
     params = msg.get("params")
     if isinstance(params, dict):
         meta = params.get("_meta")
-        if isinstance(meta, dict) and isinstance(meta.get(PROTOCOL_META_KEY), str):
-            return meta[PROTOCOL_META_KEY]
+        if isinstance(meta, dict):
+            value = meta.get(PROTOCOL_META_KEY)
+            if isinstance(value, str):
+                return value
     return header
 
 
 def is_modern(version: str | None) -> bool:
-    return bool(version) and version >= MODERN_VERSION  # ISO dates compare as strings
+    return version is not None and version >= MODERN_VERSION  # ISO dates compare as strings
 
 
 def message_name(msg: dict[str, Any]) -> str | None:
@@ -263,8 +371,9 @@ def message_name(msg: dict[str, Any]) -> str | None:
     params = msg.get("params")
     if isinstance(params, dict):
         for key in ("name", "uri"):
-            if isinstance(params.get(key), str):
-                return params[key]
+            value = params.get(key)
+            if isinstance(value, str):
+                return value
     return None
 
 
@@ -316,7 +425,8 @@ def decide_message(policies: McpPolicies, pins: PinStore, agent: str, server: Mc
         return MessageDecision(d, method, text=f"Warden: agent '{agent}' may not use MCP server '{server.id}' "
                                f"(no mcp rule); only initialize/ping are allowed. Ask the operator for access.",
                                event="mcp_deny")
-    params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+    raw_params = msg.get("params")
+    params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
     if method in PLAIN_METHODS:
         return MessageDecision(_allow(policy, version, f"{method} allowed"), method)
     if method == "tools/call":
@@ -341,7 +451,8 @@ def decide_message(policies: McpPolicies, pins: PinStore, agent: str, server: Mc
                                f"agent '{agent}'. Allowed prompts: {', '.join(sorted(policy.prompts)) or 'none'}.",
                                error_code=JSONRPC_INVALID_PARAMS, event="mcp_deny")
     if method == "completion/complete":
-        ref = params.get("ref") if isinstance(params.get("ref"), dict) else {}
+        raw_ref = params.get("ref")
+        ref: dict[str, Any] = raw_ref if isinstance(raw_ref, dict) else {}
         ok = (ref.get("type") == "ref/prompt" and ref.get("name") in policy.prompts) or (
             ref.get("type") == "ref/resource" and isinstance(ref.get("uri"), str) and policy.resource_ok(ref["uri"]))
         if ok:
@@ -361,33 +472,38 @@ def _decide_tool_call(policies: McpPolicies, pins: PinStore, policy: ServerPolic
     arguments = params.get("arguments")
     keys = tuple(sorted(str(k) for k in arguments)) if isinstance(arguments, dict) else ()
     tool = short(name, 256) if isinstance(name, str) else None
-    base = dict(method="tools/call", tool=tool, argument_keys=keys)
-    if isinstance(name, str) and name in policy.log_values and isinstance(arguments, dict):
-        base["argument_values"] = arguments
+    values = arguments if isinstance(name, str) and name in policy.log_values and isinstance(arguments, dict) else None
+
+    def answer(d: Decision, text: str = "", event: str | None = None) -> MessageDecision:
+        return MessageDecision(d, "tools/call", tool=tool, argument_keys=keys, argument_values=values, text=text,
+                               event=event)
+
     catalog = "all tools" if policy.all_tools else (", ".join(sorted(policy.tools - policy.deny_tools)) or "none")
     if not isinstance(name, str):
         d = deny(Reason.MCP_BAD_ARGUMENTS, "tools/call without a tool name", version, policy.rule_id)
-        return MessageDecision(d, **base, text="Warden: tools/call needs params.name.", event="mcp_deny")
+        return answer(d, "Warden: tools/call needs params.name.", "mcp_deny")
     if name in policy.deny_tools:
         d = deny(Reason.MCP_TOOL_DENIED, f"tool {tool!r} is on the deny list", version, policy.rule_id)
-        return MessageDecision(d, **base, event="mcp_deny",
-                               text=f"Warden refused tool '{tool}' on server '{server.id}': this tool is explicitly "
-                               f"denied for this agent. Do not retry; use one of: {catalog}.")
+        return answer(d, f"Warden refused tool '{tool}' on server '{server.id}': this tool is explicitly "
+                      f"denied for this agent. Do not retry; use one of: {catalog}.", "mcp_deny")
     if not (policy.all_tools or name in policy.tools):
         d = deny(Reason.MCP_TOOL_NOT_ALLOWED, f"tool {tool!r} is not in the agent's catalog", version, policy.rule_id)
-        return MessageDecision(d, **base, event="mcp_deny",
-                               text=f"Warden refused tool '{tool}' on server '{server.id}': it is not in this "
-                               f"agent's tool catalog. Allowed tools: {catalog}.")
+        return answer(d, f"Warden refused tool '{tool}' on server '{server.id}': it is not in this "
+                      f"agent's tool catalog. Allowed tools: {catalog}.", "mcp_deny")
     if pins.changed(server.id, name):
         d = deny(Reason.MCP_TOOL_CHANGED, f"tool {tool!r} changed its definition since it was pinned", version,
                  policy.rule_id)
-        return MessageDecision(d, **base, event="tool_changed",
-                               text=f"Warden refused tool '{tool}' on server '{server.id}': the server changed this "
-                               f"tool's definition after it was approved. It stays blocked until an operator "
-                               f"re-pins it (`warden mcp pin`).")
+        return answer(d, f"Warden refused tool '{tool}' on server '{server.id}': the server changed this "
+                      f"tool's definition after it was approved. It stays blocked until an operator "
+                      f"re-pins it (`warden mcp pin`).", "tool_changed")
+    if pins.unpinned(server.id, name):
+        d = deny(Reason.MCP_TOOL_UNPINNED, f"tool {tool!r} has no approved definition (pin)", version,
+                 policy.rule_id)
+        return answer(d, f"Warden refused tool '{tool}' on server '{server.id}': its definition has not been "
+                      f"approved yet. An operator approves it with `warden mcp pin`.", "mcp_deny")
     if arguments is not None and not isinstance(arguments, dict):
         d = deny(Reason.MCP_BAD_ARGUMENTS, "arguments must be an object", version, policy.rule_id)
-        return MessageDecision(d, **base, event="mcp_deny", text="Warden: tool arguments must be a JSON object.")
+        return answer(d, "Warden: tool arguments must be a JSON object.", "mcp_deny")
     for validator in policy.validators.get(name, ()):
         error = jsonschema.exceptions.best_match(validator.iter_errors(arguments or {}))
         if error is not None:
@@ -396,11 +512,11 @@ def _decide_tool_call(policies: McpPolicies, pins: PinStore, policy: ServerPolic
                      f"({error.validator})", version, policy.rule_id)
             # Never echo argument values (they may carry secrets); name the constraint instead.
             constraint = short(json.dumps(error.validator_value, ensure_ascii=False, default=str), 120)
-            return MessageDecision(d, **base, event="mcp_deny",
-                                   text=f"Warden refused tool '{tool}' on server '{server.id}': the arguments do not "
-                                   f"satisfy the operator's constraints at {short(where, 80)}: "
-                                   f"'{error.validator}' must hold ({constraint}). Fix the arguments and call again.")
-    return MessageDecision(_allow(policy, version, f"tool {tool} allowed"), **base)
+            return answer(d, f"Warden refused tool '{tool}' on server '{server.id}': the arguments do not "
+                          f"satisfy the operator's constraints at {short(where, 80)}: "
+                          f"'{error.validator}' must hold ({constraint}). Fix the arguments and call again.",
+                          "mcp_deny")
+    return answer(_allow(policy, version, f"tool {tool} allowed"))
 
 
 def denial_answer(msg: dict[str, Any], md: MessageDecision, modern: bool) -> dict[str, Any] | None:
@@ -422,6 +538,7 @@ def denial_answer(msg: dict[str, Any], md: MessageDecision, modern: bool) -> dic
 class FilterReport:
     hidden: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    unpinned: list[str] = field(default_factory=list)  # hidden: no pin and settings.mcp_unpinned: refuse
     collisions: list[str] = field(default_factory=list)
     modified: bool = False
 
@@ -442,8 +559,13 @@ def filter_result(policies: McpPolicies, pins: PinStore, agent: str, server: str
                 report.hidden.append("?")
                 continue
             name = tool["name"]
-            if not pins.observe(server, tool):
-                report.changed.append(name)
+            status = pins.observe_status(server, tool)
+            if status is PinStatus.CHANGED or status is PinStatus.UNPINNED:
+                if status is PinStatus.CHANGED:
+                    report.changed.append(name)
+                else:
+                    report.unpinned.append(name)
+                    report.hidden.append(name)
                 if not report_mode:
                     continue
             if policy is None or not policy.tool_visible(name):

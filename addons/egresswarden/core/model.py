@@ -116,6 +116,7 @@ class Agent:
     policies: tuple[str, ...]
     mode: AgentMode
     origin: Origin
+    sandbox_profile: str | None = None  # None: the profile named DEFAULT_SANDBOX_PROFILE
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +156,25 @@ class Settings:
     explain_denials: str = "in_band"
     audit: AuditSettings = field(default_factory=AuditSettings)
     alerts: tuple[AlertSink, ...] = ()
+    mcp_unpinned: str = "learn"  # "learn" | "refuse": what happens to an MCP tool with no pin
+    mcp_pin_store: str | None = None  # learned pins (SQLite); None: the per-user state directory
+
+
+@dataclass(frozen=True, slots=True)
+class StdioCommand:
+    """How `warden mcp stdio` starts a local (stdio) MCP server."""
+
+    command: str
+    args: tuple[str, ...] = ()
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()  # (name, template); templates may hold ${secret:NAME}
+    sandbox_profile: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class McpServer:
+    """A declared MCP server: an HTTP endpoint (url) or a local process (stdio; url "", port 0)."""
+
     id: str
     url: str
     scheme: str
@@ -168,6 +184,51 @@ class McpServer:
     credential: str | None
     legacy_sse_messages_path: str | None
     origin: Origin
+    stdio: StdioCommand | None = None
+
+
+DEFAULT_SANDBOX_PROFILE = "default"
+
+# Where credentials live on a developer machine: denied in every profile unless it sets
+# deny_defaults: false. "~/" is the invoking user's home, "./" the sandbox's workdir.
+DEFAULT_SANDBOX_DENY: tuple[str, ...] = (
+    "~/.ssh", "~/.aws", "~/.config/gcloud", "~/.azure", "~/.kube", "~/.docker/config.json", "~/.gnupg",
+    "~/.netrc", "~/.git-credentials", "~/.npmrc", "~/.pypirc", "./**/.env",
+)
+
+# The built-in default profile's denied commands (a profile that sets deny_commands replaces them).
+DEFAULT_SANDBOX_DENY_COMMANDS: tuple[str, ...] = (
+    "ssh", "scp", "sftp", "nc", "ncat", "netcat", "socat", "telnet", "sudo", "su", "doas", "pkexec",
+)
+
+
+# Set by `warden sandbox` itself (bridge, CA trust, identity): a profile cannot override them.
+SANDBOX_RESERVED_ENV: frozenset[str] = frozenset({
+    "HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy",
+    "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "NODE_EXTRA_CA_CERTS", "PIP_CERT",
+    "NODE_USE_ENV_PROXY", "WARDEN_SANDBOX_ID", "WARDEN_AGENT", "HOME", "TMPDIR",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxLimits:
+    memory_mb: int | None = None
+    max_processes: int | None = None
+    cpu_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxProfile:
+    """A `warden sandbox` profile: what the sandboxed agent sees, runs and may use."""
+
+    id: str
+    read_write: tuple[str, ...] = ()
+    deny: tuple[str, ...] = DEFAULT_SANDBOX_DENY  # already includes the defaults unless deny_defaults: false
+    env: tuple[tuple[str, str], ...] = ()
+    env_inherit: tuple[str, ...] = ()
+    deny_commands: tuple[str, ...] = DEFAULT_SANDBOX_DENY_COMMANDS
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    origin: Origin | None = None  # None: the built-in default
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,3 +244,5 @@ class RuleModel:
     files: tuple[str, ...]
     version: str
     rules_dir: str
+    # Always holds DEFAULT_SANDBOX_PROFILE (built in unless the rule files define it).
+    sandbox_profiles: dict[str, SandboxProfile] = field(default_factory=dict)

@@ -25,6 +25,9 @@ from .fastschema import compile_schema
 from .hostnames import HostError, is_public_suffix, normalize_host, parse_ip
 from .model import (
     ANONYMOUS_AGENT,
+    DEFAULT_SANDBOX_DENY,
+    DEFAULT_SANDBOX_PROFILE,
+    SANDBOX_RESERVED_ENV,
     Agent,
     AgentMode,
     AlertSink,
@@ -37,7 +40,10 @@ from .model import (
     Policy,
     Rule,
     RuleModel,
+    SandboxLimits,
+    SandboxProfile,
     Settings,
+    StdioCommand,
     Target,
     TargetKind,
 )
@@ -324,11 +330,56 @@ def _parse_agent(item: dict[str, Any], path: tuple[str | int, ...], lines: LineM
     if item["id"] == ANONYMOUS_AGENT and tokens:
         raise lines.error((*path, "token_sha256"), "the anonymous agent takes no tokens",
                           "it serves clients that send no credentials; restrict it with sources:")
-    if item["id"] != ANONYMOUS_AGENT and not tokens and not sources:
+    # An agent with a sandbox_profile can be identified by `warden sandbox` sessions alone.
+    if item["id"] != ANONYMOUS_AGENT and not tokens and not sources and "sandbox_profile" not in item:
         raise lines.error(path, f"agent {item['id']!r} has neither token_sha256 nor sources, so nobody can be it",
-                          "add token_sha256 (see `warden token`) or sources")
+                          "add token_sha256 (see `warden token`), sources, or sandbox_profile (`warden sandbox`)")
+    if item["id"] == ANONYMOUS_AGENT and "sandbox_profile" in item:
+        raise lines.error((*path, "sandbox_profile"), "the anonymous agent cannot be sandboxed",
+                          "sandboxes identify their agent; give the sandboxed agent an id of its own")
     return Agent(item["id"], tokens, sources, tuple(item["policies"]), AgentMode(item.get("mode", "enforce")),
-                 Origin(lines.file, lines.line_of(path)))
+                 Origin(lines.file, lines.line_of(path)), item.get("sandbox_profile"))
+
+
+def _check_sandbox_path(glob: str, path: tuple[str | int, ...], lines: LineMap) -> str:
+    parts = glob.split("/")
+    if ".." in parts or "." in parts[1:]:
+        raise lines.error(path, f"sandbox path {glob!r} has '.' or '..' segments", "write the path it means")
+    if glob.startswith("./") and glob.rstrip("/") == ".":
+        raise lines.error(path, "'./' is the workdir itself", "the workdir is always read-write")
+    if "\0" in glob or "\n" in glob:
+        raise lines.error(path, f"sandbox path {glob!r} has control characters")
+    return glob.rstrip("/") if len(glob) > 1 else glob
+
+
+def _parse_sandbox_profile(name: str, body: dict[str, Any], path: tuple[str | int, ...],
+                           lines: LineMap) -> SandboxProfile:
+    env = body.get("env", {})
+    for key, value in env.items():
+        if key in SANDBOX_RESERVED_ENV:
+            raise lines.error((*path, "env", key), f"{key} is set by `warden sandbox` itself",
+                              "the bridge, CA trust and identity variables cannot be overridden")
+        if _ANY_REF.search(value):
+            raise lines.error((*path, "env", key), f"{key}: a sandbox profile never holds a real secret",
+                              "set the credential's placeholder here; Warden injects the secret at the bound host")
+    for i, key in enumerate(body.get("env_inherit", [])):
+        if key in SANDBOX_RESERVED_ENV:
+            raise lines.error((*path, "env_inherit", i), f"{key} is set by `warden sandbox` itself")
+    read_write = tuple(_check_sandbox_path(g, (*path, "read_write", i), lines)
+                       for i, g in enumerate(body.get("read_write", [])))
+    own_deny = tuple(_check_sandbox_path(g, (*path, "deny", i), lines) for i, g in enumerate(body.get("deny", [])))
+    defaults = DEFAULT_SANDBOX_DENY if body.get("deny_defaults", True) else ()
+    limits = body.get("limits", {})
+    return SandboxProfile(
+        id=name,
+        read_write=read_write,
+        deny=tuple(dict.fromkeys(defaults + own_deny)),
+        env=tuple(env.items()),
+        env_inherit=tuple(body.get("env_inherit", ())),
+        deny_commands=tuple(body.get("deny_commands", ())),
+        limits=SandboxLimits(limits.get("memory_mb"), limits.get("max_processes"), limits.get("cpu_seconds")),
+        origin=Origin(lines.file, lines.line_of(path)),
+    )
 
 
 def _parse_alert_sink(item: dict[str, Any], index: int, path: tuple[str | int, ...], lines: LineMap) -> AlertSink:
@@ -339,7 +390,8 @@ def _parse_alert_sink(item: dict[str, Any], index: int, path: tuple[str | int, .
         url=item["url"],
         headers=tuple(headers.items()),
         events=frozenset(item.get("events", ["deny", "secret_leak", "ssrf", "auth_failure", "reload_failed",
-                                              "mcp_deny", "tool_changed", "audit_failure"])),
+                                              "mcp_deny", "tool_changed", "audit_failure",
+                                              "sandbox_refused"])),
         dedup_window_seconds=float(item.get("dedup_window_seconds", 300)),
         max_per_minute=int(item.get("max_per_minute", 60)),
         timeout_seconds=float(item.get("timeout_seconds", 5)),
@@ -348,7 +400,26 @@ def _parse_alert_sink(item: dict[str, Any], index: int, path: tuple[str | int, .
     )
 
 
+def _parse_stdio_server(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMap) -> McpServer:
+    for key in ("credential", "legacy_sse_messages_path"):
+        if key in item:
+            raise lines.error((*path, key), f"{key} applies to HTTP MCP servers (url), not to stdio servers (command)")
+    env = item.get("env", {})
+    _check_templates(env, (*path, "env"), lines)
+    stdio = StdioCommand(item["command"], tuple(item.get("args", ())), item.get("cwd"), tuple(env.items()),
+                         item.get("sandbox_profile"))
+    return McpServer(item["id"], "", "stdio", "", 0, "", None, None, Origin(lines.file, lines.line_of(path)), stdio)
+
+
 def _parse_mcp_server(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMap) -> McpServer:
+    if ("url" in item) == ("command" in item):
+        raise lines.error(path, f"mcp server {item['id']!r} needs exactly one of url (HTTP) and command (stdio)",
+                          "url: https://host/mcp for a remote server; command: + args: for a local one")
+    if "command" in item:
+        return _parse_stdio_server(item, path, lines)
+    for key in ("args", "cwd", "env", "sandbox_profile"):
+        if key in item:
+            raise lines.error((*path, key), f"{key} applies to stdio MCP servers (command), not to url servers")
     parts = urlsplit(item["url"])
     try:
         host = normalize_host(parts.hostname or "")
@@ -373,6 +444,7 @@ class _FileContent:
         self.settings: dict[str, Any] = {}
         self.mcp_servers: list[McpServer] = []
         self.mcp_pins: dict[str, dict[str, str]] = {}
+        self.sandbox_profiles: dict[str, SandboxProfile] = {}
 
 
 def _parse_file(doc: dict[str, Any], lines: LineMap, out: _Collector) -> _FileContent:
@@ -413,6 +485,13 @@ def _parse_file(doc: dict[str, Any], lines: LineMap, out: _Collector) -> _FileCo
             content.mcp_servers.append(_parse_mcp_server(item, ("mcp_servers", i), lines))
         except RuleError as e:
             out.add(e)
+    for name, body in doc.get("sandbox_profiles", {}).items():
+        try:
+            content.sandbox_profiles[name] = _parse_sandbox_profile(name, body, ("sandbox_profiles", name), lines)
+        except RuleError as e:
+            out.add(e)
+            # Keep the name known, so agents naming it do not get a second, misleading error.
+            content.sandbox_profiles[name] = SandboxProfile(name, origin=Origin(lines.file, e.problem.line))
     content.settings = doc.get("settings", {})
     content.mcp_pins = doc.get("mcp_pins", {})
     return content
@@ -446,6 +525,8 @@ def _build_settings(raw: dict[str, Any], lines_of: dict[str, LineMap], out: _Col
             keep_query_values=frozenset(audit.get("keep_query_values", ())),
         ),
         alerts=tuple(alerts),
+        mcp_unpinned=raw.get("mcp_unpinned", "learn"),
+        mcp_pin_store=raw.get("mcp_pin_store"),
     )
 
 
@@ -493,6 +574,13 @@ def _cross_checks(files: list[_FileContent], model_parts: dict[str, Any], out: _
         if server.credential and server.credential not in credential_ids:
             out.add(RuleError(server.origin.file, server.origin.line,
                               f"mcp server {server.id!r} names unknown credential {server.credential!r}"))
+    profiles: dict[str, SandboxProfile] = model_parts["sandbox_profiles"]
+    for agent in agents:
+        if agent.sandbox_profile is not None and agent.sandbox_profile not in profiles:
+            known = ", ".join(sorted(profiles))
+            out.add(RuleError(agent.origin.file, agent.origin.line,
+                              f"agent {agent.id!r} uses unknown sandbox profile {agent.sandbox_profile!r}",
+                              f"known sandbox profiles: {known}"))
 
 
 def _check_kept_query_values(settings: Settings, parts: dict[str, Any], out: _Collector) -> None:
@@ -517,7 +605,16 @@ def _merge(files: list[_FileContent], out: _Collector) -> dict[str, Any]:
     settings_lines: dict[str, LineMap] = {}
     servers: list[McpServer] = []
     pins: dict[str, dict[str, str]] = {}
+    profiles: dict[str, SandboxProfile] = {}
     for content in files:
+        for name, profile in content.sandbox_profiles.items():
+            if name in profiles:
+                first = profiles[name].origin
+                out.add(content.lines.error(("sandbox_profiles", name),
+                                            f"duplicate sandbox profile {name!r} (first at {first})",
+                                            "a sandbox profile is defined in one file"))
+            else:
+                profiles[name] = profile
         agents += content.agents
         deny += content.deny
         servers += content.mcp_servers
@@ -538,7 +635,9 @@ def _merge(files: list[_FileContent], out: _Collector) -> dict[str, Any]:
         for server, tools in content.mcp_pins.items():
             pins.setdefault(server, {}).update(tools)
     return {"agents": agents, "policies": policies, "deny": deny, "settings": settings,
-            "settings_lines": settings_lines, "mcp_servers": servers, "mcp_pins": pins}
+            "settings_lines": settings_lines, "mcp_servers": servers, "mcp_pins": pins,
+            # The built-in default profile unless the rule files define their own.
+            "sandbox_profiles": {DEFAULT_SANDBOX_PROFILE: SandboxProfile(DEFAULT_SANDBOX_PROFILE)} | profiles}
 
 
 def content_version(paths: list[Path], base: Path) -> str:
@@ -590,4 +689,5 @@ def load_model(rules_dir: Path) -> RuleModel:
         files=tuple(str(p) for p in paths),
         version=content_version(paths, rules_dir),
         rules_dir=str(rules_dir),
+        sandbox_profiles=parts["sandbox_profiles"],
     )

@@ -52,3 +52,20 @@ MCP_TOOL_COLLISIONS = "mcp_tool_collisions"
 MCP_SUBSTITUTED = "mcp_substituted"
 REVOCATION = "revocation"
 REVOKE_MS = "revoke_ms"
+
+# `warden sandbox` lifecycle records (runtime/admin.py): sandbox_start / sandbox_refused /
+# sandbox_exit. SANDBOX_ID above is on these and on the traffic records of sandboxed agents.
+PROFILE = "profile"
+COMMAND = "command"
+WORKDIR = "workdir"
+LIMITS = "limits"
+LIMITS_BACKEND = "limits_backend"
+EXIT_STATUS = "exit_status"
+SIGNAL = "signal"
+LIMIT_HIT = "limit_hit"
+LAUNCHER_PID = "launcher_pid"
+
+MCP_UNPINNED_TOOLS = "mcp_unpinned_tools"
+MCP_SESSION = "mcp_session"  # stdio: one id per `warden mcp stdio` process
+MCP_DIRECTION = "mcp_direction"  # stdio: client | server | warden
+MCP_REDACTED = "mcp_redacted"  # stdio: secrets redacted from the answer

@@ -578,10 +578,65 @@ def verify_sources(sources: Iterable[tuple[str, Iterable[bytes], bool]],
     checks every checkpoint signature when public keys are given, and requires the input to
     end with a shutdown or rotate checkpoint once the log has checkpoints (`live`: the last
     source may end with records written after its last checkpoint, e.g. a running Warden).
+
+    A captured stream may interleave several chains (`--workers N --audit-log -`: each
+    worker writes its own, line by line). Such a stream is split by following the hash
+    links (each line names the hash of its predecessor; a chain begins at a `chain_start`
+    from 64 zeros) and each chain is checked on its own; a line that continues no chain
+    is reported where it is.
     """
     keys = {key_id(k): k for k in public_keys}
-    signed = bool(keys)
     entries = list(_entries(sources))
+    if not entries:
+        return VerifyResult(False, 0, "no records", None, None)
+    groups = _split_chains(entries)
+    total = checkpoints = 0
+    notes: list[str] = []
+    for group in groups:
+        result = _verify_entries(group, keys, live, must_start=len(groups) > 1)
+        if not result.ok:
+            return result
+        total += result.records
+        checkpoints += result.checkpoints
+        notes.extend(result.notes)
+    if len(groups) == 1:
+        return _verify_entries(entries, keys, live)
+    what = f"ok: {total} records in {len(groups)} interleaved chains, each intact"
+    if checkpoints:
+        what += f", {checkpoints} checkpoints" + (" (signatures valid)" if keys else " (signatures NOT checked: "
+                                                                                     "no --public-key)")
+    return VerifyResult(True, total, what, checkpoints=checkpoints, signed=bool(keys), notes=tuple(notes))
+
+
+def _split_chains(entries: list[_Entry]) -> list[list[_Entry]]:
+    """Interleaved chains of a stream, by hash links (files and single chains: one group)."""
+    starts = sum(1 for e in entries if not e.is_file and e.record is not None
+                 and e.record.get("event") == "chain_start" and e.record.get("prev_hash") == GENESIS)
+    if starts < 2 or any(e.is_file or e.record is None for e in entries):
+        return [entries]
+    chains: list[list[_Entry]] = []
+    heads: dict[str, int] = {}  # hash of a chain's last line -> the chain
+    for e in entries:
+        rec = e.record
+        assert rec is not None
+        prev = rec.get("prev_hash")
+        if rec.get("event") == "chain_start" and prev == GENESIS:
+            index = len(chains)
+            chains.append([e])
+        elif isinstance(prev, str) and prev in heads:
+            index = heads.pop(prev)
+            chains[index].append(e)
+        else:  # continues no chain (its predecessor was edited or deleted): an orphan group
+            index = len(chains)
+            chains.append([e])
+        heads[hashlib.sha256(e.raw).hexdigest()] = index
+    # orphans first: the line that continues nothing is the precise finding
+    return sorted(chains, key=lambda c: c[0].record is not None and c[0].record.get("event") == "chain_start")
+
+
+def _verify_entries(entries: list[_Entry], keys: dict[str, Ed25519PublicKey], live: bool,
+                    must_start: bool = False) -> VerifyResult:
+    signed = bool(keys)
     count = checkpoints = 0
     notes: list[str] = []
     last_checkpoint: _Entry | None = None
@@ -591,6 +646,9 @@ def verify_sources(sources: Iterable[tuple[str, Iterable[bytes], bool]],
     def fail(entry: _Entry, message: str) -> VerifyResult:
         return VerifyResult(False, count, message, entry.source, entry.lineno, checkpoints, signed, tuple(notes))
 
+    if must_start and entries[0].record is not None and entries[0].record.get("event") != "chain_start":
+        return fail(entries[0], "this line continues no chain in the stream: the line before it in its chain "
+                                "was edited or deleted")
     for i, entry in enumerate(entries):
         rec = entry.record
         if rec is None:
@@ -656,8 +714,6 @@ def verify_sources(sources: Iterable[tuple[str, Iterable[bytes], bool]],
             since_checkpoint += 1
             if event not in ("chain_start",):
                 count += 1
-    if not entries:
-        return VerifyResult(False, 0, "no records", None, None)
     last = entries[-1]
     expect_checkpoints = signed or checkpoints > 0 or seen_signed_start
     if expect_checkpoints:

@@ -57,6 +57,10 @@ class McpFields:
     tool_collisions: tuple[str, ...] = ()
     substituted: str | None = None
     transport: str = "http"
+    unpinned_tools: tuple[str, ...] = ()  # hidden for want of a pin (settings.mcp_unpinned: refuse)
+    session: str | None = None  # stdio only, like the two below
+    direction: str | None = None
+    redacted: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

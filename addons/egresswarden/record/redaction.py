@@ -17,15 +17,27 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from egresswarden.core.credentials import Scanner, scanner_for
+from egresswarden.core.credentials import Scanner, decoded_url, scanner_for
 from egresswarden.core.ruleset import RuleSet
+
+
+def _scrub_probe(scanner: Scanner, probe: str) -> tuple[str, int]:
+    """Scrub a latin-1 view; a partly percent-encoded secret (`%67hp_...`, as in a refused URL)
+    is found in the decoded text, and then the decoded, scrubbed text replaces the value."""
+    scrubbed, n = scanner.scrub(probe)
+    decoded = decoded_url(scrubbed)
+    if decoded is not None:
+        clean, m = scanner.scrub(decoded)
+        if m:
+            return clean, n + m
+    return scrubbed, n
 
 
 def _scrub_text(scanner: Scanner, value: str) -> str:
     # The automaton is keyed on latin-1 views of UTF-8 bytes.
     probe = value.encode("utf-8", "surrogateescape").decode("latin-1")
-    scrubbed, n = scanner.scrub(probe)
-    return scrubbed.encode("latin-1").decode("utf-8", "surrogateescape") if n else value
+    scrubbed, n = _scrub_probe(scanner, probe)
+    return scrubbed.encode("latin-1", "replace").decode("utf-8", "surrogateescape") if n else value
 
 
 def _walk(scanner: Scanner, value: Any) -> Any:
@@ -46,7 +58,7 @@ def scrub_record(rules: RuleSet | None, record: dict[str, Any]) -> dict[str, Any
     if scanner.automaton is None:
         return record
     text = json.dumps(record, ensure_ascii=False, default=str)
-    if not scanner.scrub(text.encode("utf-8", "surrogateescape").decode("latin-1"))[1]:
+    if not _scrub_probe(scanner, text.encode("utf-8", "surrogateescape").decode("latin-1"))[1]:
         return record
     scrubbed = _walk(scanner, record)
     assert isinstance(scrubbed, dict)

@@ -12,8 +12,10 @@ audit destination, so `--audit-log -` keeps stdout pure JSON Lines.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,10 @@ class StartupLine:
         # endpoint: their own address would only mislead.
         listen = opts.warden_metrics_listen
         metrics = f" (metrics {listen})" if listen and not listen.endswith(":0") else ""
-        print(f"warden {__version__} listening on {_address(opts.listen_host, opts.listen_port)}{metrics}; "
-              f"rules {Path(opts.warden_rules).resolve()} ({loaded}); CA sha256 {ca_fingerprint(opts.confdir)}; "
-              f"audit {audit_shown}", file=sys.stderr, flush=True)
+        line = (f"warden {__version__} listening on {_address(opts.listen_host, opts.listen_port)}{metrics}; "
+                f"rules {Path(opts.warden_rules).resolve()} ({loaded}); CA sha256 {ca_fingerprint(opts.confdir)}; "
+                f"audit {audit_shown}")
+        if getattr(opts, "warden_log_format", "text") == "json":  # stderr stays one JSON object per line
+            line = json.dumps({"time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                               "level": "info", "logger": "warden", "message": line})
+        print(line, file=sys.stderr, flush=True)

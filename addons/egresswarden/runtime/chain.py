@@ -21,6 +21,8 @@
     Metrics        Prometheus + /healthz (an Outcome sink)
     Alerts         webhook alerts, off the traffic path (an Outcome sink)
     Revocation     on reload, re-decides open passthrough tunnels and cuts the denied ones
+    Admin          the `warden sandbox` admin socket: sandbox sessions (read by Identity through
+                   runtime/admin.SESSIONS) and the sandbox_* audit records
 
 Stages share state only through the flow's FlowRecord and the connection's ConnState
 (runtime.context); a stage returns early when an earlier one answered the flow and never
@@ -52,6 +54,7 @@ from egresswarden.record.alerts import Alerts
 from egresswarden.record.audit import Audit, AuditGate
 from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
+from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
 from egresswarden.runtime.revocation import Revocation
@@ -94,6 +97,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
         metrics,
         alerts,
         Revocation(store, connections, outcomes.emit),  # no hooks: a reload listener (after audit's)
+        Admin(store, audit, alerts),
     ]
     return parts, metrics.hook_error
 

@@ -39,6 +39,7 @@ from mitmproxy import connection, http
 from egresswarden.core.bodyplan import BodyPlan
 from egresswarden.core.decision import Decision, Interception, Reason
 from egresswarden.core.hostnames import IPAddress
+from egresswarden.core.plan import Governed
 from egresswarden.core.ruleset import RuleSet
 
 if TYPE_CHECKING:  # typed references to the stages' own state; no import cycle at run time
@@ -159,8 +160,8 @@ class ConnState:
     tunnel: Tunnel | None = None
     refusal: tuple[Reason, str] | None = None  # set when Interception closed the connection
     refusal_audited: bool = False
-    # (host, port) reached at a declared MCP server's address under another name -> that server's id
-    governed_mcp: dict[tuple[str, int], str] = field(default_factory=dict)
+    # (host, port) that reached a governed destination's address under another name -> that destination
+    governed: dict[tuple[str, int], Governed] = field(default_factory=dict)
     # upstream (host, port) -> the checked address the connection must use
     pinned: dict[tuple[str, int], IPAddress] = field(default_factory=dict)
 

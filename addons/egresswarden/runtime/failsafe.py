@@ -75,8 +75,14 @@ def refusal_response(decision: Decision, agent: str | None, *, mcp: bool = False
 
         headers["Content-Type"] = "application/json"
         body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": text}}).encode()
-        return http.Response.make(decision.reason.status, body, headers)
-    return http.Response.make(decision.reason.status, text, headers)
+        response = http.Response.make(decision.reason.status, body, headers)
+    else:
+        response = http.Response.make(decision.reason.status, text, headers)
+    # The HTTP/1 reason phrase names the reason code: clients that show only the status line
+    # (pip: "403 Client Error: <reason> for url", requests' raise_for_status) then still tell
+    # the agent why. Only the code (fixed ASCII), never the message, which quotes what the agent sent.
+    response.reason = f"Refused by Warden: {decision.reason.value}"
+    return response
 
 
 def fail_closed(hook: Callable[..., Any], on_error: HookErrorCallback | None = None,

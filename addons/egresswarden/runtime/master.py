@@ -35,9 +35,11 @@ from mitmproxy.addons import (
     tlsconfig,
     upstream_auth,
 )
+from mitmproxy.proxy import layer
 
 from egresswarden.runtime.banner import StartupLine
 from egresswarden.runtime.chain import build_addon
+from egresswarden.stages.interception import is_first_layer
 
 NEEDED: tuple[type, ...] = (
     core.Core,
@@ -135,13 +137,30 @@ class StartupErrorCheck(errorcheck.ErrorCheck):
         self.logger.addFilter(lambda record: not getattr(record, RUNTIME_CONDITION, False))
 
 
+class FirstLayerOnly(next_layer.NextLayer):
+    """mitmproxy's layer chooser, restricted to the explicit proxy's own first layer.
+
+    Warden's Interception stage decides every other layer (see stages/interception.py). It
+    runs before this addon in the same hook, and when it leaves the decision open ("wait for
+    a whole ClientHello or request line") mitmproxy's chooser would otherwise decide at once
+    from the few bytes there are: `G` became an HttpLayer that no tunnel mode governs, or,
+    with rawtcp, a raw relay past every rule."""
+
+    first_layer_only = True  # stages.interception checks this under plain mitmdump -s
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        if is_first_layer(nextlayer.context):
+            super().next_layer(nextlayer)
+
+
 class WardenMaster(master.Master):
     def __init__(self, opts: options.Options, loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(opts, event_loop=loop, with_termlog=False)
         self._termlog_addon = termlog.TermLog(out=sys.stderr)  # stdout may be the audit stream
         self.addons.add(self._termlog_addon)
         defaults = addons.default_addons()
-        kept = [a for a in defaults if isinstance(a, NEEDED)]
+        kept = [FirstLayerOnly() if isinstance(a, next_layer.NextLayer) else a
+                for a in defaults if isinstance(a, NEEDED)]
         refused = RefusedOptions([a for a in defaults if not isinstance(a, NEEDED)])
         at = next(i for i, a in enumerate(kept) if isinstance(a, script.ScriptLoader)) + 1
         chain = build_addon()

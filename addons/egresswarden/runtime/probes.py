@@ -27,8 +27,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MAX_CONNECTIONS = 8
-TIMEOUT_SECONDS = 5.0
+MAX_CONNECTIONS = 16
+TIMEOUT_SECONDS = 3.0
 
 Response = tuple[int, bytes, str]  # status, body, content type
 Route = Callable[[], Response]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass
 
 from egresswarden.core.hostnames import IPAddress, parse_ip
+from egresswarden.core.plan import Governed, governed_destinations
 from egresswarden.core.ruleset import RuleSet
 
 
@@ -50,15 +50,6 @@ async def resolve(rules: RuleSet, host: str, port: int) -> list[IPAddress]:
 GOVERNED_TTL_SECONDS = 60.0
 
 
-@dataclass(frozen=True, slots=True)
-class Governed:
-    """A destination whose traffic Warden governs beyond host rules, found at an address."""
-
-    host: str  # its declared name
-    what: str  # e.g. "MCP server crm", "credential github"
-    mcp_server: str | None = None  # the MCP server's id, when it is one
-
-
 class GovernedAddresses:
     """The addresses of declared MCP servers and exact-host credential destinations.
 
@@ -78,19 +69,6 @@ class GovernedAddresses:
         self._owners: dict[tuple[IPAddress, int], Governed] = {}
         self._lock = asyncio.Lock()
 
-    @staticmethod
-    def destinations(rules: RuleSet) -> dict[tuple[str, int], Governed]:
-        out: dict[tuple[str, int], Governed] = {}
-        for (host, port), servers in rules.mcp_servers.items():
-            out[(host, port)] = Governed(host, f"MCP server {servers[0].id}", servers[0].id)
-        for cred in rules.credentials_by_id.values():
-            target = cred.rule.target
-            if target.startswith("*."):
-                continue  # a wildcard names no address of its own
-            for port in cred.rule.ports or (443,):
-                out.setdefault((target, port), Governed(target, f"credential {cred.id}"))
-        return out
-
     async def owners(self, rules: RuleSet) -> dict[tuple[IPAddress, int], Governed]:
         loop = asyncio.get_running_loop()
         if self._version == rules.version and loop.time() < self._expires:
@@ -99,7 +77,7 @@ class GovernedAddresses:
             if self._version == rules.version and loop.time() < self._expires:
                 return self._owners
             owners: dict[tuple[IPAddress, int], Governed] = {}
-            for (host, port), governed in self.destinations(rules).items():
+            for (host, port), governed in governed_destinations(rules).items():
                 try:
                     for ip in await resolve(rules, host, port):
                         owners.setdefault((ip, port), governed)

@@ -34,7 +34,7 @@ from egresswarden.core.decision import Decision, Interception
 from egresswarden.core.facts import RequestFacts
 from egresswarden.record.journal import utc_now
 from egresswarden.record.outcome import Outcome
-from egresswarden.runtime.context import Connections, ConnState, Tunnel
+from egresswarden.runtime.context import Connections, ConnState, Tunnel, TunnelMode
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 
 logger = logging.getLogger("warden")
@@ -71,8 +71,9 @@ class Revocation:
         if rules is None:
             return
         for client, state, tunnel in self.connections.open_tunnels():
-            if tunnel.intercept:
-                continue  # every request inside is decided with the new rules anyway
+            if tunnel.intercept or tunnel.mode not in (TunnelMode.PASSTHROUGH, TunnelMode.UNDECIDED) \
+                    or not tunnel.decision.allowed:
+                continue  # every request inside is decided (or refused) with the new rules anyway
             try:
                 decision, cause = redecide(rules, tunnel)
             except Exception as e:  # cannot decide: fail closed, cut it

@@ -125,10 +125,18 @@ class RuleStore:
             self.listeners.append(listener)
 
     def _load(self, rules_dir: Path) -> RuleSet:
-        rules = load_ruleset(rules_dir)
-        # Taken after the load, with the new rules' hosts file and secrets dir. A change that
-        # lands while loading is still caught by the content check (~10 s) at worst.
-        self._fingerprint = (self._fingerprint_of(rules_dir), self._extra_fingerprint(rules))
+        # Rule files are fingerprinted before they are read (a change during the load is seen
+        # next poll); the hosts file and secrets after, with the new rules' paths (a change
+        # that lands while loading is caught by the content check, ~10 s, at worst). A load
+        # that fails records the fingerprint too, so a broken file is reported once, not
+        # on every poll.
+        rule_stats = self._fingerprint_of(rules_dir)
+        try:
+            rules = load_ruleset(rules_dir)
+        except WardenError:
+            self._fingerprint = (rule_stats, self._extra_fingerprint())
+            raise
+        self._fingerprint = (rule_stats, self._extra_fingerprint(rules))
         return rules
 
     def replace(self, rules: RuleSet, initial: bool = False, duration: float = 0.0, trigger: str = "watch") -> None:

@@ -84,6 +84,31 @@ def enable_reuse_port() -> None:
         asyncio.start_server = wrapped
 
 
+class _LineRelay:
+    """`--audit-log -` with workers: each worker's stdout (its own audit chain) is copied to
+    the supervisor's stdout one whole line at a time, so records of two workers never tear
+    each other (a pipe write above PIPE_BUF is not atomic). `warden audit verify -` splits
+    the interleaved chains again by their hash links."""
+
+    def __init__(self) -> None:
+        from egresswarden.record.journal import claim_stdout
+
+        self.out = claim_stdout()
+        self.lock = threading.Lock()
+
+    def follow(self, stream: Any, index: int) -> None:
+        threading.Thread(target=self._copy, args=(stream,), name=f"warden-audit-relay-{index}", daemon=True).start()
+
+    def _copy(self, stream: Any) -> None:
+        with stream:
+            for line in iter(stream.readline, b""):
+                with self.lock:
+                    try:
+                        self.out.write(line)
+                    except (OSError, ValueError):
+                        return  # stdout gone: the worker will see EPIPE and fail closed
+
+
 class _Worker:
     def __init__(self, index: int, argv: list[str], env: dict[str, str], state_dir: Path) -> None:
         self.index = index
@@ -93,10 +118,15 @@ class _Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
 
-    def start(self) -> None:
+    def start(self, relay: _LineRelay | None = None) -> None:
         self.port_file.unlink(missing_ok=True)
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, env=self.env)
+        if relay is None:
+            self.proc = subprocess.Popen(self.argv, env=self.env)
+            return
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        relay.follow(self.proc.stdout, self.index)
 
     def metrics_port(self) -> int | None:
         try:
@@ -117,6 +147,7 @@ class _Supervisor:
                VERSION_KEY_ENV: VERSION_KEY.hex()}
         (state_dir / "metrics").mkdir()
         self.workers = [_Worker(i, self._worker_argv(i), env, state_dir) for i in range(args.workers)]
+        self.relay = _LineRelay() if args.audit_log == "-" else None
 
     def _worker_argv(self, index: int) -> list[str]:
         a = self.args
@@ -207,7 +238,7 @@ class _Supervisor:
         from prometheus_client.multiprocess import mark_process_dead
 
         for w in self.workers:
-            w.start()
+            w.start(self.relay)
         server = self.serve()
         try:
             while not self.stopping.wait(0.2):
@@ -222,7 +253,7 @@ class _Supervisor:
                         time.sleep(1.0)  # crash loop: at most one restart per second
                     print(f"warden: worker {w.index} (pid {w.proc.pid}) exited with {code}; restarting",
                           file=sys.stderr, flush=True)
-                    w.start()
+                    w.start(self.relay)
         finally:
             for w in self.workers:
                 if w.proc is not None and w.proc.poll() is None:

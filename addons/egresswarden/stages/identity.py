@@ -14,6 +14,7 @@ from mitmproxy import http
 
 from egresswarden.core.decision import Reason, deny
 from egresswarden.core.identity import AgentIdentity, AuthFailure, identify, parse_basic
+from egresswarden.runtime.admin import SESSIONS
 from egresswarden.runtime.context import Connections, FlowRecord, record_of
 from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.rulestore import RuleStore
@@ -55,7 +56,10 @@ class Identity:
             record.decision = deny(Reason.RULES_UNAVAILABLE, "no rules are loaded", "none")
             flow.response = refusal_response(record.decision, None)
             return None
-        result = identify(rules, header, state.client_ip)
+        # `warden sandbox` sessions first (runtime/admin.py): token + announced bridge port.
+        session = SESSIONS.identify(rules, header, state.client_ip, state.client_port)
+        result = session[0] if session else identify(rules, header, state.client_ip)
+        record.sandbox_id = session[1] if session else None
         if isinstance(result, AuthFailure):
             reason = {AuthFailure.MISSING: Reason.AUTH_REQUIRED,
                       AuthFailure.WRONG_SOURCE: Reason.SOURCE_NOT_ALLOWED}.get(result, Reason.AUTH_FAILED)
@@ -86,5 +90,6 @@ class Identity:
             record.agent = state.tunnel.agent
             record.identity_method = state.identity_method
             record.request_id = state.tunnel.request_id
+            record.sandbox_id = state.tunnel.sandbox_id  # Policy copied it from the CONNECT's record
             return
         self._identify(flow, record)

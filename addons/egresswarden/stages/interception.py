@@ -89,8 +89,10 @@ class Interception:
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
         # mitmproxy's raw-TCP fallbacks (NextLayer's "probably not HTTP", HTTP 101 to an unknown
-        # protocol) would relay bytes no stage decided.
-        if "rawtcp" in updated and opts.rawtcp:
+        # protocol) would relay bytes no stage decided. Checked on every configure, not only when
+        # "rawtcp" is in `updated`: mitmdump configures only the options the command line set, so
+        # the default (on) would never be seen.
+        if opts.rawtcp:
             opts.update(rawtcp=False)
         if "ssl_insecure" in updated and opts.ssl_insecure:
             raise exceptions.OptionsError(
@@ -101,6 +103,22 @@ class Interception:
                 "warden: stream_large_bodies would stream bodies past Warden's body plan (unscanned); Warden "
                 "streams large bodies itself (settings.body_scan.max_buffered_bytes)")
 
+    def running(self) -> None:
+        """Under plain `mitmdump -s`, mitmproxy's own NextLayer addon runs after this stage in
+        the same hook: when Warden leaves a decision open (waiting for a whole ClientHello or
+        request line), it would decide at once from the few bytes there are. Restrict it to the
+        explicit proxy's first layer, as `warden run` does with runtime.master.FirstLayerOnly."""
+        addon = ctx.master.addons.get("nextlayer")
+        if addon is None or getattr(addon, "first_layer_only", False):
+            return
+        original = addon.next_layer
+
+        def first_layer_only(nextlayer: layer.NextLayer) -> None:
+            if is_first_layer(nextlayer.context):
+                original(nextlayer)
+        addon.next_layer = first_layer_only
+        addon.first_layer_only = True
+
     # -- the layer decision ------------------------------------------------------------------
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer is not None:
@@ -109,7 +127,7 @@ class Interception:
         state = self.connections.peek(ctxt.client)
         tunnel = state.tunnel if state is not None else None
         if tunnel is None:
-            if len(ctxt.layers) == 1 and isinstance(ctxt.layers[0], (modes.HttpProxy, modes.HttpUpstreamProxy)):
+            if is_first_layer(ctxt):
                 return  # the explicit proxy's own first layer: mitmproxy's HTTP proxy setup
             self._refuse(nextlayer, state, None, "a protocol switch outside a tunnel")
             return
@@ -233,6 +251,11 @@ def _could_become_request_line(data: bytes) -> bool:
     if len(parts) < 3:
         return len(parts) == 1 or b"\r" not in parts[1]
     return parts[1] != b"" and _VERSION_PREFIX.fullmatch(parts[2]) is not None
+
+
+def is_first_layer(ctxt: context.Context) -> bool:
+    """The explicit proxy's own first layer decision (the only one mitmproxy may make)."""
+    return len(ctxt.layers) == 1 and isinstance(ctxt.layers[0], (modes.HttpProxy, modes.HttpUpstreamProxy))
 
 
 def _has_http_layer(ctxt: context.Context) -> bool:

@@ -32,9 +32,11 @@ from egresswarden.core import mcp as E
 from egresswarden.core.bodyplan import BodyPlan, DecodeLimit, UnsupportedCoding, decode_for_scan
 from egresswarden.core.decision import Decision, Reason, Verdict, deny
 from egresswarden.core.model import McpServer
+from egresswarden.core.plan import decide_mcp
 from egresswarden.core.ruleset import RuleSet
 from egresswarden.record.journal import utc_now
 from egresswarden.record.outcome import McpFields, Outcome, Outcomes, redact_query
+from egresswarden.runtime import pinstore
 from egresswarden.runtime.context import record_of
 from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.rulestore import RuleStore
@@ -200,7 +202,7 @@ class Mcp:
     def policies(self, rules: RuleSet) -> E.McpPolicies:
         policies = E.mcp_policies_for(rules)  # compiled with the rule set, off the event loop
         if self._pins_version is not rules:
-            self.pins.set_rule_pins(rules.model.mcp_pins)
+            pinstore.attach(self.pins, rules)  # rule pins, settings.mcp_unpinned, the durable store
             self._pins_version = rules
         return policies
 
@@ -268,7 +270,6 @@ class Mcp:
         header_version = flow.request.headers.get("MCP-Protocol-Version")
         mcp_method = flow.request.headers.get("Mcp-Method")
         mcp_name = flow.request.headers.get("Mcp-Name")
-        report_mode = state.policies.report_mode(state.agent)
         forward: list[dict[str, Any]] = []
         answers: list[dict[str, Any]] = []
         first_denial: Decision | None = None
@@ -285,9 +286,7 @@ class Mcp:
                                        E.short(msg.get("method"), 80), text=f"Warden refused this request: {problem}.",
                                        error_code=E.JSONRPC_HEADER_MISMATCH, event="mcp_deny")
             else:
-                md = E.decide_message(state.policies, self.pins, state.agent, state.server, msg)
-            if not md.allowed and report_mode and md.decision.reason is not Reason.MCP_HEADER_MISMATCH:
-                md.decision = md.decision.with_verdict(Verdict.REPORT)
+                md = decide_mcp(state.policies, self.pins, state.agent, state.server, msg)  # report mode applied
             audit = CallAudit(md, msg.get("id"), batch=batch, protocol_version=version)
             if md.event and md.decision.verdict is not Verdict.ALLOW:
                 audit.events.append(md.event)

@@ -31,12 +31,17 @@ from dataclasses import replace
 
 from mitmproxy import http
 
-from egresswarden.core.decide import decide, decide_addresses
 from egresswarden.core.decision import Decision, Interception, Reason, deny
 from egresswarden.core.facts import RequestFacts
 from egresswarden.core.hostnames import HostError, IPAddress, authority_names, normalize_host, parse_ip
-from egresswarden.core.mcp import mcp_policies_for
 from egresswarden.core.paths import PathError, canonical_path
+from egresswarden.core.plan import (
+    EXPLAINABLE,
+    check_addresses,
+    mcp_server_for,
+    plan_connect,
+    plan_request,
+)
 from egresswarden.core.ruleset import RuleSet
 from egresswarden.runtime.context import (
     Connections,
@@ -50,13 +55,6 @@ from egresswarden.runtime.context import (
 from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.resolver import GovernedAddresses, ResolveError, resolve
 from egresswarden.runtime.rulestore import RuleStore
-
-# Refusals an in-band explanation may carry: the agent is identified and the answer is policy.
-# (Identity failures stay 407 so clients can authenticate; 503s stay retryable statuses.)
-EXPLAINABLE = frozenset({
-    Reason.NO_MATCHING_RULE, Reason.PORT_NOT_ALLOWED, Reason.DENY_LISTED, Reason.PRIVATE_ADDRESS,
-    Reason.RESOLVE_FAILED,
-})
 
 
 def _canonical_or_raw(host: str) -> str:
@@ -94,8 +92,7 @@ class Policy:
         except ResolveError as e:
             return deny(Reason.RESOLVE_FAILED, str(e), rules.version)
         started = time.perf_counter()
-        checked = decide_addresses(rules, RequestFacts(facts.agent, host, facts.port, facts.scheme), addresses,
-                                   decision)
+        checked = check_addresses(rules, facts.agent, facts.scheme, host, facts.port, addresses, decision)
         record.engine_seconds += time.perf_counter() - started
         if checked.allowed:
             checked = await self._check_governed(rules, host, facts.port, addresses, checked, state)
@@ -113,8 +110,7 @@ class Policy:
         for ip in addresses:
             governed = owners.get((ip, port))
             if governed is not None and governed.host != host:
-                if governed.mcp_server is not None:
-                    state.governed_mcp[(host, port)] = governed.mcp_server
+                state.governed[(host, port)] = governed
                 return replace(decision, intercept=True)
         return decision
 
@@ -129,7 +125,7 @@ class Policy:
         facts = RequestFacts(record.agent, flow.request.host, flow.request.port, "https")
         record.host, record.port, record.scheme = _canonical_or_raw(flow.request.host), flow.request.port, "https"
         started = time.perf_counter()
-        decision = decide(rules, facts)
+        decision = plan_connect(rules, record.agent, flow.request.host, flow.request.port)
         record.engine_seconds += time.perf_counter() - started
         if decision.allowed:
             decision = await self._check_addresses(rules, facts, decision, state, record)
@@ -206,16 +202,8 @@ class Policy:
                 path: str) -> None:
         """Decide the canonical target and the MCP server it addresses, once for every stage: by
         name, or by address when the name (or IP literal) resolved to a declared server's address."""
-        canonical = _canonical_path_or_none(path)
-        record.target = Target(host, port, scheme, canonical)
-        if canonical is None or not rules.mcp_servers:
-            return
-        policies = mcp_policies_for(rules)
-        server = policies.server_for(host, port, canonical)
-        by_address = state.governed_mcp.get((host, port))
-        if server is None and by_address is not None:
-            declared = next(s for s in rules.model.mcp_servers if s.id == by_address)
-            server = policies.server_for(declared.host, declared.port, canonical)
+        record.target = Target(host, port, scheme, _canonical_path_or_none(path))
+        server = mcp_server_for(rules, host, port, path, state.governed.get((host, port)))
         record.mcp_server = server.id if server is not None else None
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -266,7 +254,7 @@ class Policy:
             facts = RequestFacts(record.agent, request.host, request.port, request.scheme, request.method,
                                  request.path)
         started = time.perf_counter()
-        decision = decide(rules, facts)
+        decision = plan_request(rules, facts.agent, facts.scheme, facts.host, facts.port, request.method, request.path)
         record.engine_seconds += time.perf_counter() - started
         record.host = _canonical_or_raw(record.host or "")
         decision = self._upgrade(flow, record, rules, decision)

@@ -1,0 +1,169 @@
+"""Kernel-side relay for tunnels Warden has decided to pass through (issue 17).
+
+Once a tunnel is decided (passthrough: the bytes are TLS Warden does not read), copying them
+through Python costs a read into a bytes object, a write out of it and an event-loop wake-up
+per chunk in each direction. `SpliceRelay` moves them inside the kernel instead:
+`os.splice(socket -> pipe)` then `os.splice(pipe -> socket)`, one pipe per direction, driven
+by the asyncio loop's readiness callbacks, so Python only sees "n bytes moved".
+
+How it works, per direction (src -> dst):
+* src readable: splice up to `chunk` bytes from src into the pipe (non-blocking), then flush.
+* flush: splice what is in the pipe into dst. If dst cannot take it all, stop reading src
+  (backpressure: the pipe holds at most what was read) and wait for dst to be writable.
+* src EOF: once the pipe is empty, `shutdown(dst, SHUT_WR)` (half-close, as TCP relays must),
+  and the direction is finished. Both finished, or an error on either socket: the relay ends.
+
+Byte counts are exact: `bytes_up` / `bytes_down` count bytes delivered to the other side
+(what a tunnel_close audit record reports). `close()` stops the relay at once and shuts both
+sockets down: this is how a tunnel is revoked (rule reload, `control`). The sockets stay
+owned by the caller, which closes them.
+
+Linux only (`os.splice`, Python 3.10+); `available()` says whether it can be used, and a
+caller falls back to its ordinary relay when it is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+
+CHUNK = 1 << 16  # a default pipe holds 64 KiB
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+def available() -> bool:
+    return sys.platform == "linux" and hasattr(os, "splice")
+
+
+class _Direction:
+    def __init__(self, relay: SpliceRelay, src: socket.socket, dst: socket.socket) -> None:
+        self.relay, self.src, self.dst = relay, src, dst
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.in_pipe = 0
+        self.moved = 0
+        self.eof = False
+        self.finished = False
+        self.reading = False
+        self.writing = False
+
+    def start(self) -> None:
+        self._read_on()
+
+    def _read_on(self) -> None:
+        if not self.reading:
+            self.relay.loop.add_reader(self.src.fileno(), self.on_readable)
+            self.reading = True
+
+    def _read_off(self) -> None:
+        if self.reading:
+            self.relay.loop.remove_reader(self.src.fileno())
+            self.reading = False
+
+    def on_readable(self) -> None:
+        try:
+            n = os.splice(self.src.fileno(), self.pipe_w, CHUNK, flags=_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.relay.fail(e)
+            return
+        if n == 0:
+            self.eof = True
+            self._read_off()
+        self.in_pipe += n
+        self.flush()
+
+    def flush(self) -> None:
+        while self.in_pipe:
+            try:
+                m = os.splice(self.pipe_r, self.dst.fileno(), self.in_pipe, flags=_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self.relay.fail(e)
+                return
+            self.in_pipe -= m
+            self.moved += m
+        if self.in_pipe:
+            self._read_off()  # backpressure: read no more until dst took what we hold
+            if not self.writing:
+                self.relay.loop.add_writer(self.dst.fileno(), self.flush)
+                self.writing = True
+            return
+        if self.writing:
+            self.relay.loop.remove_writer(self.dst.fileno())
+            self.writing = False
+        if self.eof:
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+            self.finished = True
+            self.relay.direction_finished()
+        else:
+            self._read_on()
+
+    def stop(self) -> None:
+        self._read_off()
+        if self.writing:
+            self.relay.loop.remove_writer(self.dst.fileno())
+            self.writing = False
+        for fd in (self.pipe_r, self.pipe_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class SpliceRelay:
+    """Relay two connected sockets (client, server) in the kernel until both sides are done.
+
+    `await relay.run()` returns (bytes_up, bytes_down): client->server, server->client.
+    """
+
+    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+        self.loop = asyncio.get_running_loop()
+        for s in (client, server):
+            s.setblocking(False)
+        self.error: OSError | None = None
+        self._done: asyncio.Future[None] = self.loop.create_future()
+        self._up = _Direction(self, client, server)
+        self._down = _Direction(self, server, client)
+        self._sockets = (client, server)
+
+    @property
+    def bytes_up(self) -> int:
+        return self._up.moved
+
+    @property
+    def bytes_down(self) -> int:
+        return self._down.moved
+
+    async def run(self) -> tuple[int, int]:
+        self._up.start()
+        self._down.start()
+        try:
+            await self._done
+        finally:
+            self._stop()
+        return self.bytes_up, self.bytes_down
+
+    def direction_finished(self) -> None:
+        if self._up.finished and self._down.finished and not self._done.done():
+            self._done.set_result(None)
+
+    def fail(self, error: OSError) -> None:
+        self.error = error
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def close(self) -> None:
+        """Revoke the tunnel: stop relaying now and shut both sockets down."""
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def _stop(self) -> None:
+        self._up.stop()
+        self._down.stop()
