@@ -176,7 +176,13 @@ def test_python_and_git_inside_go_through_warden(env):
 
 def test_no_way_around_the_proxy(env):
     w, plain = env["warden"], env["plain"]
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
+    udp_port = udp.getsockname()[1]
     script = "\n".join([
+        f"{PY} -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"s.sendto(b'LEAK-udp', ('127.0.0.1', {udp_port}))\"",
         f"env -u HTTPS_PROXY -u https_proxy -u ALL_PROXY -u all_proxy curl -sS --max-time 5 "
         f"https://allowed.test:{env['origin'].port}/direct && echo LEAK-unset",
         f"curl -sS --noproxy '*' --max-time 5 http://127.0.0.1:{plain.port}/direct && echo LEAK-origin",
@@ -188,6 +194,10 @@ def test_no_way_around_the_proxy(env):
     assert "LEAK" not in r.stdout, r.stdout
     assert r.stdout.split() == ["lo"], r.stdout
     assert not any(s["path"] == "/direct" for s in plain.seen)
+    # Loopback delivery is synchronous: had the datagram reached the host, it would be queued now.
+    with pytest.raises(BlockingIOError):
+        udp.recv(100)
+    udp.close()
 
 
 def test_session_token_is_useless_outside_the_sandbox(env):

@@ -66,6 +66,10 @@ class _Handler(BaseHTTPRequestHandler):
 class ProbeServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default listen backlog is 5: connections beyond it wait in the kernel,
+    # neither served nor refused, until the scrape that follows them times out. With room for
+    # a burst, each is accepted and then served or (over MAX_CONNECTIONS) closed and counted.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], routes: dict[str, Route]) -> None:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
