@@ -74,11 +74,13 @@ js-test-deps: system-deps
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check addons tests bench
+	$(BIN)/mypy
 	$(BIN)/warden test rules policy-tests/
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check addons tests bench
+	$(BIN)/mypy
 
 check: $(STAMP)
 	$(BIN)/warden check $(RULES)

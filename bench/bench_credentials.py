@@ -1,6 +1,6 @@
 """Benchmark: credential binding + injection planning + leak scan per request, with 50 credentials.
 
-Calls the pure engine (addons/engine/credentials.py) directly; not a timed test.
+Calls the pure engine (core/credentials.py) directly; not a timed test.
 Run: .venv/bin/python bench/bench_credentials.py
 Targets: < 20 us per request without a body, < 250 us with a 64 KiB body.
 """

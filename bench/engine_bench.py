@@ -6,8 +6,7 @@ time, memory and reload time for 100,000 rules.
     .venv/bin/python bench/engine_bench.py [--sizes 10,1000,100000] [--seconds 1.0]
 
 Rule files are generated into a temp dir. The engine is called through
-`decide_one()` / `load()` only, so if the engine's names change, those two
-small functions are the only thing to adjust.
+`decide_one()` / `load()` only.
 
 Targets: p50 <= 5 us and p99 <= 20 us at 100k rules; 100k-rule p50 and
 decisions/s within 1.3x of the 10-rule figures; 100k rules load < 2 s and
@@ -28,7 +27,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,11 @@ from typing import Any
 from benchlib.procs import tree_rss_mib
 from benchlib.report import f, ok, table
 from benchlib.results import write_results
+from egresswarden.core.decide import decide
+from egresswarden.core.decision import Decision
+from egresswarden.core.facts import RequestFacts
+from egresswarden.core.loader import load_ruleset
+from egresswarden.core.ruleset import RuleSet
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,36 +47,17 @@ AGENT = "bench"
 HARD_LIMIT_S = 600  # the whole script, however slow the engine is
 
 
-def import_engine() -> tuple[Callable[[Path], Any], Callable[..., Any], type]:
-    """(load_ruleset, decide, RequestFacts), or exit with a clear message."""
-    try:
-        from egresswarden.core.decide import decide
-        from egresswarden.core.facts import RequestFacts
-        from egresswarden.core.loader import load_ruleset
-    except ImportError as e:
-        sys.exit(f"engine_bench: the policy engine is not importable yet ({e}).\n"
-                 "It needs addons.engine.loader.load_ruleset, addons.engine.decide.decide and "
-                 "addons.engine.facts.RequestFacts; run this again once the engine has landed.")
-    return load_ruleset, decide, RequestFacts
+def load(rules_dir: Path) -> RuleSet:
+    return load_ruleset(rules_dir)
 
 
-LOAD_RULESET, DECIDE, REQUEST_FACTS = None, None, None  # set in main()
-
-
-def load(rules_dir: Path) -> Any:
-    assert LOAD_RULESET is not None
-    return LOAD_RULESET(rules_dir)
-
-
-def make_facts(host: str, port: int, method: str | None, path: str | None) -> Any:
-    assert REQUEST_FACTS is not None
+def make_facts(host: str, port: int, method: str | None, path: str | None) -> RequestFacts:
     scheme = "https" if port == 443 else "http"
-    return REQUEST_FACTS(agent=AGENT, host=host, port=port, scheme=scheme, method=method, path=path)
+    return RequestFacts(agent=AGENT, host=host, port=port, scheme=scheme, method=method, path=path)
 
 
-def decide_one(ruleset: Any, facts: Any) -> Any:
-    assert DECIDE is not None
-    return DECIDE(ruleset, facts)
+def decide_one(ruleset: RuleSet, facts: RequestFacts) -> Decision:
+    return decide(ruleset, facts)
 
 
 def is_rule_hit(decision: Any) -> bool:
@@ -280,12 +264,10 @@ def render(results: list[SizeResult]) -> str:
 
 
 def main() -> int:
-    global LOAD_RULESET, DECIDE, REQUEST_FACTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10,1000,100000")
     p.add_argument("--seconds", type=float, default=1.0, help="throughput window per size")
     args = p.parse_args()
-    LOAD_RULESET, DECIDE, REQUEST_FACTS = import_engine()
     def too_slow(_signum: int, _frame: object) -> None:
         raise SystemExit(f"engine_bench: gave up after {HARD_LIMIT_S} s")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -158,7 +157,3 @@ def wait_until(pred: Any, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def client_context(ca_file: str) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=ca_file)

@@ -1,4 +1,4 @@
-"""CA lifecycle (addons/ca.py) against real files and a real mitmdump.
+"""CA lifecycle (cli/ca.py) against real files and a real mitmdump.
 
 The end-to-end tests prove the point of the CA: a stock mitmdump pointed at
 the confdir we created signs intercepted hosts with *our* CA, and an agent

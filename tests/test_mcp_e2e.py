@@ -335,7 +335,7 @@ def test_non_jsonrpc_post_to_mcp_endpoint_is_refused(env: dict[str, Any]) -> Non
 
 
 def test_server_credential_injected_agent_token_stripped(env: dict[str, Any]) -> None:
-    """McpServer.credential names a credential; addons/credentials.py injects it and strips the agent's own."""
+    """McpServer.credential names a credential; stages/credentials.py injects it and strips the agent's own."""
     accept = {"Accept": "application/json, text/event-stream", "Authorization": "Bearer agent-own-token"}
     with http(env) as client:
         init = client.post(env["url"], headers=accept, json={"jsonrpc": "2.0", "id": 1, "method": "initialize",

@@ -1,4 +1,4 @@
-"""The MCP policy engine (addons/engine/mcp.py) on rules loaded from YAML, without a proxy."""
+"""The MCP policy engine (core/mcp.py) on rules loaded from YAML, without a proxy."""
 
 from __future__ import annotations
 

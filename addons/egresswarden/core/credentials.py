@@ -1,6 +1,6 @@
 """Credential binding, injection planning, leak scanning and response redaction (pure).
 
-No mitmproxy imports: the addon (`addons/credentials.py`) adapts flows to these functions,
+No mitmproxy imports: the addon (`stages/credentials.py`) adapts flows to these functions,
 the benchmark and unit tests call them directly.
 
 Binding: a credential applies to a request only when one of the agent's policies holds it,

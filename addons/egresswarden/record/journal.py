@@ -55,6 +55,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from egresswarden.record import fields as F
+
 logger = logging.getLogger("warden")
 GENESIS = "0" * 64
 RETRY_SECONDS = 0.5
@@ -211,7 +213,6 @@ Notify = Callable[[str], None]
 class WriterStats:
     written: int = 0  # records (not counting chain_start/checkpoint lines)
     write_failures: int = 0
-    dropped: int = 0
     checkpoints: int = 0
     segments: int = 0
 
@@ -314,7 +315,6 @@ class AuditWriter:
             self.queue.put_nowait(record)
             return True
         except queue.Full:
-            self.stats.dropped += 1
             self._set_unhealthy("audit queue full: the writer cannot keep up")
             return False
 
@@ -392,8 +392,8 @@ class AuditWriter:
 
     def _line(self, record: dict[str, Any], is_record: bool = True) -> _Line:
         self._seq += 1
-        record["seq"] = self._seq
-        record["prev_hash"] = self._last_hash
+        record[F.SEQ] = self._seq
+        record[F.PREV_HASH] = self._last_hash
         data = _dumps(record)
         self._last_hash = hashlib.sha256(data).hexdigest()
         self._size += len(data) + 1

@@ -360,7 +360,7 @@ class Admin:
 
     @staticmethod
     def _proxy_address() -> list[Any]:
-        server = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]
+        server = ctx.master.addons.get("proxyserver")
         for host, port, *_ in server.listen_addrs():
             # Warden listens on 0.0.0.0 or :: in some deployments: the bridge uses loopback.
             if host in ("0.0.0.0", "", "::"):

@@ -87,7 +87,7 @@ class Revocation:
 
     @staticmethod
     def _close(client: connection.Client) -> bool:
-        proxyserver = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]
+        proxyserver = ctx.master.addons.get("proxyserver")
         handlers = getattr(proxyserver, "connections", {})
         handler = handlers.get(client.id)
         if handler is None:  # keyed differently (e.g. UDP): find it by its client

@@ -33,7 +33,8 @@ def byte_counter(record: FlowRecord, upstream: bool) -> Callable[[bytes], bytes]
 
 
 def _is_sse(response: http.Response) -> bool:
-    return response.headers.get("content-type", "").split(";")[0].strip().lower() == "text/event-stream"
+    content_type: str = response.headers.get("content-type", "")
+    return content_type.split(";")[0].strip().lower() == "text/event-stream"
 
 
 class BodyPlanner:

@@ -68,7 +68,8 @@ class CountingTCPLayer(tcp.TCPLayer):
                 self.tunnel.bytes_up += len(event.data)
             else:
                 self.tunnel.bytes_down += len(event.data)
-        return super().relay_messages(event)
+        relayed: layer.CommandGenerator[None] = super().relay_messages(event)  # mitmproxy's @expect is untyped
+        return relayed
 
 
 class RefusedLayer(layer.Layer):
