@@ -184,16 +184,7 @@ class Scanner:
             if only is not None and pattern.owners.isdisjoint(only):
                 continue
             spans.append((end - pattern.length + 1, end + 1))
-        if not spans:
-            return spans
-        spans.sort()
-        merged = [spans[0]]
-        for s, e in spans[1:]:
-            if s <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-            else:
-                merged.append((s, e))
-        return merged
+        return _merge(spans) if spans else spans
 
     def redact(self, data: bytes, only: frozenset[str] | None = None, force: bool = False) -> tuple[bytes, int]:
         """`data` with every secret (any encoding) replaced; and how many were replaced.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 
 import tldextract
@@ -95,8 +96,29 @@ def _ascii(name: str) -> str:
         return name
 
 
+SuffixRules = tuple[frozenset[str], frozenset[str], frozenset[str]]  # (exact, wildcard parents, exceptions)
+
+
+def _suffix_rules(tlds: Iterable[str]) -> SuffixRules:
+    entries = [_ascii(t) for t in tlds]
+    exact = frozenset(t for t in entries if not t.startswith(("*.", "!")))
+    wild = frozenset(t[2:] for t in entries if t.startswith("*."))
+    exceptions = frozenset(t[1:] for t in entries if t.startswith("!"))
+    return exact, wild, exceptions
+
+
+def _in_suffix_rules(rules: SuffixRules, name: str) -> bool:
+    exact, wild, exceptions = rules
+    if name in exceptions:
+        return False
+    if name in exact:
+        return True
+    parent = name.partition(".")[2]
+    return bool(parent) and parent in wild
+
+
 @lru_cache(maxsize=1)
-def _icann_rules() -> tuple[frozenset[str], frozenset[str], frozenset[str]] | None:
+def _icann_rules() -> SuffixRules | None:
     """(exact suffixes, wildcard parents, exceptions) from tldextract's bundled snapshot, so
     that checking 100,000 rule hosts is three set lookups each instead of an extract() call.
     None if this tldextract does not expose its list (then extract() is used)."""
@@ -104,10 +126,15 @@ def _icann_rules() -> tuple[frozenset[str], frozenset[str], frozenset[str]] | No
         tlds = _extractor()._get_tld_extractor().tlds_excl_private
     except AttributeError:
         return None
-    exact = frozenset(_ascii(t) for t in tlds if not t.startswith(("*.", "!")))
-    wild = frozenset(_ascii(t[2:]) for t in tlds if t.startswith("*."))
-    exceptions = frozenset(_ascii(t[1:]) for t in tlds if t.startswith("!"))
-    return exact, wild, exceptions
+    return _suffix_rules(tlds)
+
+
+@lru_cache(maxsize=1)
+def _private_suffix_rules() -> SuffixRules:
+    """The PSL's private section (`github.io`, `s3.amazonaws.com`), from the same snapshot."""
+    lists = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None,
+                                  include_psl_private_domains=True)._get_tld_extractor()
+    return _suffix_rules(set(lists.tlds_incl_private) - set(lists.tlds_excl_private))
 
 
 def is_public_suffix(name: str) -> bool:
@@ -116,13 +143,12 @@ def is_public_suffix(name: str) -> bool:
     if rules is None:
         ext = _extractor()(name)
         return not ext.domain and ext.suffix == name
-    exact, wild, exceptions = rules
-    if name in exceptions:
-        return False
-    if name in exact:
-        return True
-    parent = name.partition(".")[2]
-    return bool(parent) and parent in wild
+    return _in_suffix_rules(rules, name)
+
+
+def is_private_suffix(name: str) -> bool:
+    """True for a name listed in the private section of the Public Suffix List."""
+    return _in_suffix_rules(_private_suffix_rules(), name)
 
 
 def split_authority(value: str, default_port: int) -> tuple[str, int]:

@@ -19,39 +19,14 @@ rule sets written for the 0.1 meaning of cidr rules.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
-import tldextract
-
 from .errors import RuleProblem
+from .hostnames import is_private_suffix
 from .model import AgentMode, Origin, Target, TargetKind
 from .ruleset import CompiledAgent, RuleSet
 
 HTTPS_PORT = 443
 
 
-@lru_cache(maxsize=1)
-def _private_suffix_rules() -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
-    """(exact, wildcard parents, exceptions) of the PSL's private section, from the snapshot
-    bundled with tldextract (no download, no cache directory)."""
-    extractor = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None, include_psl_private_domains=True)
-    lists = extractor._get_tld_extractor()
-    private = set(lists.tlds_incl_private) - set(lists.tlds_excl_private)
-    exact = frozenset(t for t in private if not t.startswith(("*.", "!")))
-    wild = frozenset(t[2:] for t in private if t.startswith("*."))
-    exceptions = frozenset(t[1:] for t in private if t.startswith("!"))
-    return exact, wild, exceptions
-
-
-def is_private_suffix(name: str) -> bool:
-    """True for a name listed in the private section of the Public Suffix List."""
-    exact, wild, exceptions = _private_suffix_rules()
-    if name in exceptions:
-        return False
-    if name in exact:
-        return True
-    parent = name.partition(".")[2]
-    return bool(parent) and parent in wild
 
 
 def _reachable(agent: CompiledAgent, host: str, ports: frozenset[int] | None, default_port: int = HTTPS_PORT) -> bool:
