@@ -20,6 +20,7 @@ from egresswarden.core.credentials import (
     replace_placeholders,
     scanner_for,
     strip_names,
+    target_text,
 )
 from egresswarden.core.loader import load_ruleset
 
@@ -46,7 +47,7 @@ def per_request(rules, agent, scanner, host: str, headers: list[tuple[str, str]]
     ids = frozenset(c.id for c in bound)
     strip = strip_names(agent, bound)
     kept = [(k, v) for k, v in headers if k.lower() not in strip]
-    if scanner.find_leak(headers_text(host, "/v1/items?page=2", kept), ids, "headers") is not None:
+    if scanner.find_leak(headers_text(kept) + "\n" + target_text("GET", host, "/v1/items?page=2"), ids, "headers") is not None:
         raise AssertionError("unexpected leak")
     if body and scanner.find_leak(body, ids, "body") is not None:
         raise AssertionError("unexpected leak")

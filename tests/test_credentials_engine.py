@@ -122,7 +122,7 @@ def test_placeholder_and_other_agents_secret(tmp_path, monkeypatch):
     rules = _rules(tmp_path, monkeypatch)
     scanner = scanner_for(rules)
     assert scanner is scanner_for(rules)  # built once per RuleSet
-    leak = scanner.find_leak(headers_text("evil.test", "/x", [("X-T", PLACEHOLDER)]), frozenset(), "headers")
+    leak = scanner.find_leak(headers_text([("X-T", PLACEHOLDER)]), frozenset(), "headers")
     assert leak is not None and leak.kind == "placeholder"
     assert scanner.find_leak(f"k={OTHER}".encode(), frozenset({"github"}), "body").credentials == ("other",)
     assert scanner.find_leak(b"nothing to see here", frozenset(), "body") is None

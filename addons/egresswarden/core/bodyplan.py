@@ -59,13 +59,22 @@ def codings(header: str | None) -> list[str]:
     return out
 
 
-def _zlib(wbits: int) -> Callable[[bytes, int], bytes]:
+def _zlib(wbits: int, members: bool = False) -> Callable[[bytes, int], bytes]:
     def decode(data: bytes, limit: int) -> bytes:
-        d = zlib.decompressobj(wbits)
-        out = d.decompress(data, limit + 1)
-        if len(out) > limit or d.unconsumed_tail:
-            raise DecodeLimit
-        return out + d.flush()
+        out = b""
+        while True:
+            d = zlib.decompressobj(wbits)
+            out += d.decompress(data, limit + 1 - len(out))
+            if len(out) > limit or d.unconsumed_tail:
+                raise DecodeLimit
+            out += d.flush()
+            # gzip allows several members one after another (RFC 1952 2.2), and clients decode
+            # them all: so must the scanner, or a secret in the second member passes unseen.
+            data = d.unused_data
+            if not members or not data:
+                if data.strip(b"\0"):
+                    raise ValueError("data after the end of the compressed stream")
+                return out
     return decode
 
 
@@ -100,7 +109,7 @@ def _zstd(data: bytes, limit: int) -> bytes:
 
 
 DECODERS: dict[str, Callable[[bytes, int], bytes]] = {
-    "gzip": _zlib(zlib.MAX_WBITS | 16),
+    "gzip": _zlib(zlib.MAX_WBITS | 16, members=True),
     "deflate": _deflate,
     "br": _brotli,
     "zstd": _zstd,

@@ -144,18 +144,23 @@ class Scanner:
         self.folded = folded
 
     # -- leaks ----------------------------------------------------------------------------
-    def find_leak(self, data: bytes | str, bound: frozenset[str], where: str) -> Leak | None:
-        """The first secret/placeholder in `data` that belongs to no credential in `bound`."""
-        found = self.first_leak(data, bound, where)
+    def find_leak(self, data: bytes | str, bound: frozenset[str], where: str,
+                  placeholders_bound: bool = True) -> Leak | None:
+        """The first secret/placeholder in `data` that belongs to no credential in `bound`.
+        `placeholders_bound=False`: a placeholder is a leak even of a bound credential (it is
+        replaced only in headers, and in the URL with allow_secret_in_url)."""
+        found = self.first_leak(data, bound, where, placeholders_bound)
         return found[0] if found is not None else None
 
-    def first_leak(self, data: bytes | str, bound: frozenset[str], where: str) -> tuple[Leak, int] | None:
+    def first_leak(self, data: bytes | str, bound: frozenset[str], where: str,
+                   placeholders_bound: bool = True) -> tuple[Leak, int] | None:
         """(leak, index where the leaked value starts) of the first unbound hit, or None."""
         if self.automaton is None or not data:
             return None
         text = data.decode("latin-1") if isinstance(data, bytes) else data
         for end, pattern in self.automaton.iter(text):
-            if bound and not pattern.owners.isdisjoint(bound):
+            exempt = bound and not pattern.owners.isdisjoint(bound)
+            if exempt and (placeholders_bound or pattern.kind != "placeholder"):
                 continue
             leak = Leak(pattern.kind, pattern.encoding, tuple(sorted(pattern.owners)), where)
             return leak, end - pattern.length + 1
@@ -288,14 +293,17 @@ def decoded_url(path: str) -> str | None:
     return decoded if decoded != path else None
 
 
-def headers_text(host: str, path: str, headers: Iterable[tuple[str, str]]) -> str:
-    """The text scanned for a request's headers and URL (one string: one automaton pass). The
-    URL is scanned as sent and percent-decoded."""
-    parts = [host, path]
+def headers_text(headers: Iterable[tuple[str, str]]) -> str:
+    """The text scanned for a request's headers (one string: one automaton pass)."""
+    return "\n".join(f"{k}: {v}" for k, v in headers)
+
+
+def target_text(method: str, host: str, path: str) -> str:
+    """The text scanned for a request's method, host and URL; the URL as sent and percent-decoded."""
+    parts = [method, host, path]
     decoded = decoded_url(path)
     if decoded is not None:
         parts.append(decoded)
-    parts.extend(f"{k}: {v}" for k, v in headers)
     return "\n".join(parts)
 
 
@@ -346,7 +354,7 @@ class StreamScanner:
         if self.scanner.automaton is None:
             return chunk
         text = self.pending + chunk.decode("latin-1")
-        found = self.scanner.first_leak(text, self.bound, "body")
+        found = self.scanner.first_leak(text, self.bound, "body", placeholders_bound=False)
         if found is not None:
             self.leak, start = found
             self.pending = ""

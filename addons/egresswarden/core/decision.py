@@ -68,6 +68,7 @@ class Reason(StrEnum):
     UNSUPPORTED_ENCODING = "unsupported_encoding"  # a body coding Warden cannot decode, so cannot scan
     WEBSOCKET_NOT_ALLOWED = "websocket_not_allowed"
     UPGRADE_NOT_ALLOWED = "upgrade_not_allowed"  # HTTP Upgrade to anything but an allowed WebSocket
+    INVALID_HEADER = "invalid_header"  # obs-fold, CR/LF in a value, a transfer coding other than chunked
 
     @property
     def status(self) -> int:
@@ -87,6 +88,7 @@ _STATUS: dict[Reason, int] = {
     Reason.INTERNAL_ERROR: 500,
     Reason.MISSING_SECRET: 503,
     Reason.MCP_INVALID_MESSAGE: 400,
+    Reason.INVALID_HEADER: 400,
     Reason.LENGTH_REQUIRED: 411,
     Reason.UNSUPPORTED_ENCODING: 415,
 }

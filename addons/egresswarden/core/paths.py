@@ -26,8 +26,14 @@ class PathError(ValueError):
 
 
 def canonical_path(raw: str) -> str:
-    """Decoded path without query or fragment; raises PathError for ambiguous paths."""
-    path = raw.split("#", 1)[0].split("?", 1)[0]
+    """Decoded path without query; raises PathError for ambiguous paths.
+
+    A request target never carries a fragment (RFC 9112 3.2: clients strip it); one that does is
+    refused, because origins disagree about it (some treat '#' as a path byte and then merge the
+    dot segments after it: `/public/x#/../../private`)."""
+    if "#" in raw:
+        raise PathError("the request target contains '#' (a fragment is never sent to a server)")
+    path = raw.split("?", 1)[0]
     if path and _PLAIN.fullmatch(path):
         return path  # nothing to decode or refuse: the common case, one regex match
     if path == "*" or path == "":

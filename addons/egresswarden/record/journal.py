@@ -74,8 +74,15 @@ def line_hash(line: bytes) -> str:
     return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
 
 
+# Characters that some line readers (Python's str.splitlines, JavaScript, many log shippers)
+# treat as line ends: escaped so one record is always one line for every reader.
+# (json.dumps already escapes every control character below U+0020.)
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\u0085": "\\u0085"})
+
+
 def _dumps(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+    text = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
+    return text.translate(_LINE_BREAKS).encode("utf-8")
 
 
 # -- keys ------------------------------------------------------------------------------------

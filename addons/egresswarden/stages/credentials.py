@@ -41,6 +41,7 @@ from egresswarden.core.credentials import (
     replace_placeholders,
     scanner_for,
     strip_names,
+    target_text,
 )
 from egresswarden.core.decision import Decision, Interception, Reason, deny
 from egresswarden.core.hostnames import HostError, authority_names, normalize_host, parse_ip
@@ -169,9 +170,13 @@ class Credentials:
         for name in strip_names(agent, ctx.bound):
             if name in flow.request.headers:
                 del flow.request.headers[name]
-        leak = scanner.find_leak(headers_text(record.host or flow.request.host, flow.request.path,
-                                              flow.request.headers.items(multi=True)), ctx.bound_ids,
-                                 "URL or headers")
+        # Placeholders of bound credentials are replaced in headers; in the URL only where the
+        # credential allows secrets in URLs; anywhere else (method, host, body) they are leaks.
+        leak = scanner.find_leak(headers_text(flow.request.headers.items(multi=True)), ctx.bound_ids, "headers")
+        if leak is None:
+            leak = scanner.find_leak(target_text(flow.request.method, record.host or flow.request.host,
+                                                 flow.request.path), ctx.bound_ids, "method or URL",
+                                     placeholders_bound=any(c.allow_secret_in_url for c in ctx.bound))
         if leak is not None:
             self._deny_leak(flow, record, rules, leak)
             return
@@ -199,7 +204,7 @@ class Credentials:
             return
         body = flow.request.raw_content or b""
         if body and ctx.scanner.automaton is not None:
-            leak = ctx.scanner.find_leak(body, ctx.bound_ids, "body")
+            leak = ctx.scanner.find_leak(body, ctx.bound_ids, "body", placeholders_bound=False)
             encoding = flow.request.headers.get("content-encoding")
             if leak is None and encoding:
                 limit = ctx.rules.settings.body_scan_max_buffered_bytes * DECODE_LIMIT_FACTOR
@@ -220,7 +225,7 @@ class Credentials:
                                                   f"the body could not be decoded ({e}), so it cannot be checked "
                                                   f"for secrets", ctx.rules.version))
                     return
-                leak = ctx.scanner.find_leak(decoded, ctx.bound_ids, "body")
+                leak = ctx.scanner.find_leak(decoded, ctx.bound_ids, "body", placeholders_bound=False)
             if leak is not None:
                 self._deny_leak(flow, record, ctx.rules, leak)
                 return

@@ -182,6 +182,25 @@ class Policy:
                             f"{tunnel.host}:{tunnel.port}; open a tunnel to the host you mean", rules.version)
         return None
 
+    @staticmethod
+    def _header_framing(flow: http.HTTPFlow, rules: RuleSet) -> Decision | None:
+        """Headers every hop must read the same way, or a denial (RFC 9112 5.2, 6.1).
+
+        A folded or CR/LF-carrying value is read as one header here and as two by an origin
+        that unfolds it differently (a smuggling primitive); a transfer coding other than
+        chunked (`gzip, chunked`) would carry a body Warden's scanner sees still compressed."""
+        for name, value in flow.request.headers.items(multi=True):
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                return deny(Reason.INVALID_HEADER, f"header {name[:40]!r} is folded or holds a line break; "
+                            f"send each header on one line", rules.version)
+        te = flow.request.headers.get_all("transfer-encoding")
+        if te:
+            codings = [c.strip().lower() for value in te for c in value.split(",") if c.strip()]
+            if codings != ["chunked"]:
+                return deny(Reason.INVALID_HEADER, f"Transfer-Encoding {', '.join(codings)[:60]!r} is not allowed; "
+                            f"only chunked (use Content-Encoding for compression)", rules.version)
+        return None
+
     def _upgrade(self, flow: http.HTTPFlow, record: FlowRecord, rules: RuleSet, decision: Decision) -> Decision:
         """HTTP Upgrade: WebSocket where the deciding rule allows it, nothing else."""
         upgrade = flow.request.headers.get("upgrade")
@@ -217,6 +236,12 @@ class Policy:
         assert rules is not None and record.agent is not None
         request = flow.request
         record.method, record.path = request.method, request.path
+        framing = self._header_framing(flow, rules)
+        if framing is not None:
+            record.host = _canonical_or_raw(tunnel.host if tunnel is not None else request.host)
+            record.interception = Interception.INTERCEPT if tunnel is not None else Interception.PLAIN
+            self._refuse(flow, record, framing)
+            return
         if tunnel is not None:
             record.host, record.port, record.scheme = tunnel.host, tunnel.port, "https"
             record.upstream_address = str(tunnel.address) if tunnel.address else None
