@@ -369,7 +369,8 @@ def test_rug_pull_blocks_tool(env: dict[str, Any]) -> None:
     assert call.is_error and "changed this tool's definition" in text_of(call)
     warden: Warden = env["warden"]
     assert mcp_records(warden, lambda r: r.get("mcp_method") == "tools/list" and "tool_changed" in r.get("events", [])
-                       and r.get("mcp_changed_tools") == ["rugpull"])
+                       and r.get("mcp_changed_tools") == ["rugpull"]
+                       and r.get("mcp_changed_parts") == {"rugpull": ["description"]})  # which part changed
     assert mcp_records(warden, lambda r: r["reason"] == "mcp_tool_changed" and "tool_changed" in r["events"])
     assert wait_until(lambda: any("tool_changed" in r.get("events", []) and r["event"] == "request"
                                   for r in warden.audit_records()))

@@ -151,6 +151,8 @@ def test_list_changed_refilters_and_changed_tool_is_hidden_alerted_and_blocked(s
         assert _wait(lambda: any(a["kind"] == "tool_changed" for a in alerts))
         alert = next(a for a in alerts if a["kind"] == "tool_changed")
         assert alert["record"]["mcp_transport"] == "stdio" and "fix" in alert["text"] and "rugpull" in alert["text"]
+        assert "rugpull (description changed)" in alert["text"], alert["text"]  # which tool, and what part
+        assert changed_list[0]["mcp_changed_parts"] == {"rugpull": ["description"]}
         assert any(r.get("event") == "alert" and r["kind"] == "tool_changed" for r in setup.records())
 
 

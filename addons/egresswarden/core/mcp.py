@@ -204,6 +204,10 @@ class PinBackend(Protocol):
         """Keep a definition seen (for `warden mcp pin` diffs); best effort."""
         ...
 
+    def definition(self, digest: str) -> dict[str, Any] | None:
+        """A kept definition by its hash, or None (rule pins from `mcp_pins` are hashes only)."""
+        ...
+
 
 class MemoryPins:
     """Learned pins in this process only (lost on restart): the backend when no store is configured."""
@@ -222,6 +226,9 @@ class MemoryPins:
     def remember(self, server: str, tool: str, digest: str, definition: dict[str, Any]) -> None:
         if len(self.definitions) < 10_000:
             self.definitions.setdefault(digest, definition)
+
+    def definition(self, digest: str) -> dict[str, Any] | None:
+        return self.definitions.get(digest)
 
 
 def pinned_definition(tool: dict[str, Any]) -> dict[str, Any]:
@@ -309,6 +316,21 @@ class PinStore:
     def observe(self, server: str, tool: dict[str, Any]) -> bool:
         """True if the definition matches its pin (or was just learned)."""
         return self.observe_status(server, tool) in (PinStatus.PINNED, PinStatus.LEARNED)
+
+    def changed_parts(self, server: str, tool: dict[str, Any]) -> tuple[str, ...]:
+        """Which pinned fields of `tool` differ from its pinned definition (for alerts and the
+        audit); ("unknown",) when the pinned definition was not kept (a hash from mcp_pins)."""
+        name = tool.get("name")
+        pinned = self.pin_of(server, name) if isinstance(name, str) else None
+        try:
+            before = self.backend.definition(pinned) if pinned is not None else None
+        except Exception as exc:
+            self._failed(exc)
+            before = None
+        if before is None:
+            return ("unknown",)
+        now = pinned_definition(tool)
+        return tuple(k for k in PINNED_FIELDS if before.get(k) != now.get(k)) or ("unknown",)
 
     def changed(self, server: str, tool: str) -> bool:
         seen = self.observed.get(server, {}).get(tool)
@@ -538,6 +560,7 @@ def denial_answer(msg: dict[str, Any], md: MessageDecision, modern: bool) -> dic
 class FilterReport:
     hidden: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    changed_parts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tool -> fields that changed
     unpinned: list[str] = field(default_factory=list)  # hidden: no pin and settings.mcp_unpinned: refuse
     collisions: list[str] = field(default_factory=list)
     modified: bool = False
@@ -563,6 +586,7 @@ def filter_result(policies: McpPolicies, pins: PinStore, agent: str, server: str
             if status is PinStatus.CHANGED or status is PinStatus.UNPINNED:
                 if status is PinStatus.CHANGED:
                     report.changed.append(name)
+                    report.changed_parts[name] = pins.changed_parts(server, tool)
                 else:
                     report.unpinned.append(name)
                     report.hidden.append(name)

@@ -414,7 +414,8 @@ class Relay:
             argument_keys=md.argument_keys,
             argument_values=self.recorder.redact(md.argument_values) if md.argument_values is not None else None,
             is_error=is_error, protocol_version=E.short(version, 32) if version else None, batch=batch,
-            hidden=names(report.hidden), changed_tools=names(report.changed), tool_collisions=names(report.collisions),
+            hidden=names(report.hidden), changed_tools=names(report.changed),
+            changed_parts=tuple(sorted(report.changed_parts.items())[:100]), tool_collisions=names(report.collisions),
             transport="stdio", unpinned_tools=names(report.unpinned), session=self.recorder.session,
             direction=direction, redacted=redacted or None)
         duration = time.perf_counter() - started if started is not None else 0.0

@@ -120,10 +120,15 @@ def summary(kind: str, record: dict[str, Any]) -> str:
         target += f":{record['port']}"
     if kind == "tool_changed":
         tools = record.get("mcp_changed_tools") or ([record["mcp_tool"]] if record.get("mcp_tool") else [])
-        names = ", ".join(str(t) for t in tools[:10]) or "a tool"
+        parts = record.get("mcp_changed_parts") or {}
+
+        def described(tool: object) -> str:
+            changed = [p for p in parts.get(str(tool), ()) if p != "unknown"]
+            return f"{tool} ({', '.join(changed)} changed)" if changed else str(tool)
+        names = ", ".join(described(t) for t in tools[:10]) or "a tool"
         return (f"[warden] tool_changed: MCP server {record.get('mcp_server') or target} changed the definition of "
-                f"{names} since it was pinned (its name, description, input/output schema or annotations); seen by "
-                f"agent {who}. Calls are denied until it is reviewed and re-pinned with `warden mcp pin`.")
+                f"{names} since it was pinned (a pin covers name, description, input/output schema and annotations); "
+                f"seen by agent {who}. Calls are denied until it is reviewed and re-pinned with `warden mcp pin`.")
     what = " ".join(str(x) for x in (record.get("method"), target, record.get("path") or "") if x).strip()
     if record.get("mcp_server"):
         item = record.get("mcp_tool") or record.get("mcp_resource") or record.get("mcp_prompt") or ""

@@ -98,6 +98,7 @@ def mcp_fields(m: McpFields) -> dict[str, Any]:
         F.MCP_ARGUMENT_VALUES: m.argument_values, F.MCP_IS_ERROR: m.is_error,
         F.MCP_PROTOCOL_VERSION: m.protocol_version, F.MCP_BATCH: True if m.batch else None,
         F.MCP_HIDDEN: list(m.hidden) or None, F.MCP_CHANGED_TOOLS: list(m.changed_tools) or None,
+        F.MCP_CHANGED_PARTS: {tool: list(parts) for tool, parts in m.changed_parts} or None,
         F.MCP_TOOL_COLLISIONS: list(m.tool_collisions) or None, F.MCP_SUBSTITUTED: m.substituted,
         F.MCP_UNPINNED_TOOLS: list(m.unpinned_tools) or None, F.MCP_SESSION: m.session,
         F.MCP_DIRECTION: m.direction, F.MCP_REDACTED: m.redacted or None,

@@ -48,6 +48,7 @@ MCP_PROTOCOL_VERSION = "mcp_protocol_version"
 MCP_BATCH = "mcp_batch"
 MCP_HIDDEN = "mcp_hidden"
 MCP_CHANGED_TOOLS = "mcp_changed_tools"
+MCP_CHANGED_PARTS = "mcp_changed_parts"  # tool -> the pinned fields that changed
 MCP_TOOL_COLLISIONS = "mcp_tool_collisions"
 MCP_SUBSTITUTED = "mcp_substituted"
 REVOCATION = "revocation"

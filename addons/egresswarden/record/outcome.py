@@ -54,6 +54,7 @@ class McpFields:
     batch: bool = False
     hidden: tuple[str, ...] = ()
     changed_tools: tuple[str, ...] = ()
+    changed_parts: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (tool, fields that changed since its pin)
     tool_collisions: tuple[str, ...] = ()
     substituted: str | None = None
     transport: str = "http"

@@ -178,6 +178,9 @@ class UnavailablePins:
     def remember(self, server: str, tool: str, digest: str, definition: dict[str, Any]) -> None:
         raise OSError(f"MCP pin store {self.path} is unavailable: {self.error}")
 
+    def definition(self, digest: str) -> dict[str, Any] | None:
+        raise OSError(f"MCP pin store {self.path} is unavailable: {self.error}")
+
 
 def open_store(path: Path) -> SqlitePins | UnavailablePins:
     try:

@@ -467,6 +467,7 @@ class Mcp:
                 batch=call.batch, substituted=state.substituted,
                 hidden=tuple(sorted(set(report.hidden))[:100]) if lists else (),
                 changed_tools=tuple(sorted(set(report.changed))[:100]) if lists else (),
+                changed_parts=tuple(sorted(report.changed_parts.items())[:100]) if lists else (),
                 tool_collisions=tuple(sorted(set(report.collisions))[:100]) if lists else (),
             )
             self.outcomes.emit(Outcome(
