@@ -49,7 +49,6 @@ MAX_SSE_EVENT = 16 * 1024 * 1024  # an event larger than this is refused, not pa
 @dataclass(slots=True)
 class CallAudit:
     md: E.MessageDecision
-    jsonrpc_id: Any = None
     is_error: bool | None = None
     batch: bool = False
     protocol_version: str | None = None
@@ -287,7 +286,7 @@ class Mcp:
                                        error_code=E.JSONRPC_HEADER_MISMATCH, event="mcp_deny")
             else:
                 md = decide_mcp(state.policies, self.pins, state.agent, state.server, msg)  # report mode applied
-            audit = CallAudit(md, msg.get("id"), batch=batch, protocol_version=version)
+            audit = CallAudit(md, batch=batch, protocol_version=version)
             if md.event and md.decision.verdict is not Verdict.ALLOW:
                 audit.events.append(md.event)
                 record.add_event(md.event)
