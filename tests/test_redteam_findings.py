@@ -45,7 +45,7 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 @dataclass
 class RawOrigin:
     port: int = 0
-    received: list[bytes] = field(default_factory=list)  # one entry per connection, all bytes
+    received: list[bytearray] = field(default_factory=list)  # one entry per connection, all bytes
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def all_bytes(self) -> bytes:
@@ -68,7 +68,7 @@ def _answer(head: bytes) -> bytes:
             b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
 
-def _serve_conn(origin: RawOrigin, conn: socket.socket, ctx: ssl.SSLContext, index: int) -> None:
+def _serve_conn(origin: RawOrigin, conn: socket.socket, ctx: ssl.SSLContext, mine: bytearray) -> None:
     try:
         tls = ctx.wrap_socket(conn, server_side=True)
     except (OSError, ssl.SSLError):
@@ -82,7 +82,7 @@ def _serve_conn(origin: RawOrigin, conn: socket.socket, ctx: ssl.SSLContext, ind
             if not data:
                 break
             with origin.lock:
-                origin.received[index] += data
+                mine += data  # this connection's own buffer: clear() between tests only detaches it
             if websocket:
                 continue
             buf += data
@@ -108,7 +108,7 @@ def _serve_conn(origin: RawOrigin, conn: socket.socket, ctx: ssl.SSLContext, ind
                     if not more:
                         break
                     with origin.lock:
-                        origin.received[index] += more
+                        mine += more
                     buf += more
                 buf = buf[length:]
                 tls.sendall(_answer(head))
@@ -143,9 +143,9 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Warden, RawO
             except OSError:
                 return
             with origin.lock:
-                origin.received.append(b"")
-                index = len(origin.received) - 1
-            threading.Thread(target=_serve_conn, args=(origin, conn, ctx, index), daemon=True).start()
+                mine = bytearray()
+                origin.received.append(mine)
+            threading.Thread(target=_serve_conn, args=(origin, conn, ctx, mine), daemon=True).start()
 
     acceptor = threading.Thread(target=accept_loop, daemon=True)
     acceptor.start()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -150,6 +151,12 @@ def build_argv(bwrap: str, plan: PathPlan, files: HostFiles, deny_commands: tupl
     elif os.path.isdir("/var/run"):
         argv += ["--tmpfs", "/var/run"]
     argv += mount_operations(plan)
+    # The interpreter that runs inner.py (and the venv it may live in) must exist inside even
+    # when it lives under a directory the sandbox replaces (a checkout in /tmp): read-only.
+    for path in dict.fromkeys((sys.base_prefix, sys.prefix, os.path.dirname(python), inner_script)):
+        real = os.path.realpath(path)
+        if _replaced(real) and os.path.exists(real):
+            argv += ["--ro-bind", real, real]
     argv += [
         "--dir", SANDBOX_RUN,
         "--bind", files.bridge_socket, BRIDGE_SOCKET,
