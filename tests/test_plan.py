@@ -228,3 +228,14 @@ def test_offline_load_reads_no_secret(tmp_path: Path) -> None:
         load_ruleset(tmp_path)
     offline = load_ruleset(tmp_path, secrets=False)
     assert offline.secrets == () and offline.credentials_by_id["gh"].secrets == ()
+
+
+def test_governed_destinations_by_kind() -> None:
+    """MCP servers are governed under any other name; a credential host only under an IP literal
+    (credentials are bound to names, and CDNs put many names on one address)."""
+    from egresswarden.core.plan import Governed, governs
+
+    mcp = Governed("mcp.test", "MCP server tools", "tools")
+    cred = Governed("api.github.com", "credential github")
+    assert governs(mcp, "alias.test") and governs(mcp, "93.184.216.37") and not governs(mcp, "mcp.test")
+    assert governs(cred, "140.82.112.6") and not governs(cred, "github.com") and not governs(cred, "api.github.com")

@@ -298,6 +298,19 @@ def governed_destinations(rules: RuleSet) -> dict[tuple[str, int], Governed]:
     return out
 
 
+def governs(governed: Governed, host: str) -> bool:
+    """Does reaching `governed`'s address as `host` make the connection governed as it?
+
+    An MCP server: under any other name or an IP literal (its catalog must apply whatever the
+    agent calls it). A credential host: only under an IP literal. A credential is bound to its
+    name (never injected elsewhere), so another name sharing the address (other sites on the
+    same CDN address, github.com beside api.github.com) is just another destination and keeps
+    its passthrough; an IP literal is intercepted so the leak guard sees what is sent there."""
+    if governed.host == host:
+        return False
+    return governed.mcp_server is not None or parse_ip(host) is not None
+
+
 def governed_by_address(rules: RuleSet, host: str, port: int, addresses: Sequence[IPAddress]) -> Governed | None:
     """Stage 2b: the governed destination one of `addresses` belongs to, reached under another
     name or an IP literal (then the tunnel is intercepted and governed as that destination).
@@ -305,7 +318,7 @@ def governed_by_address(rules: RuleSet, host: str, port: int, addresses: Sequenc
     if not addresses:
         return None
     for (dest, dest_port), governed in governed_destinations(rules).items():
-        if dest_port != port or dest == host:
+        if dest_port != port or not governs(governed, host):
             continue
         ip = parse_ip(dest)
         owned = (ip,) if ip is not None else rules.hosts_file.get(dest, ())

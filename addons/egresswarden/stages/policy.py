@@ -38,6 +38,7 @@ from egresswarden.core.paths import PathError, canonical_path
 from egresswarden.core.plan import (
     EXPLAINABLE,
     check_addresses,
+    governs,
     mcp_server_for,
     plan_connect,
     plan_request,
@@ -102,14 +103,15 @@ class Policy:
 
     async def _check_governed(self, rules: RuleSet, host: str, port: int, addresses: list[IPAddress],
                               decision: Decision, state: ConnState) -> Decision:
-        """An MCP server's or credential host's address reached by an IP literal or another name is
-        governed as that destination: intercepted, and MCP endpoint paths decided as its MCP traffic."""
+        """An MCP server's address reached by an IP literal or another name (a credential host's:
+        by an IP literal, see core.plan.governs) is governed as that destination: intercepted,
+        and MCP endpoint paths decided as its MCP traffic."""
         if not rules.mcp_servers and not rules.credentials_by_id:
             return decision
         owners = await self.governed.owners(rules)
         for ip in addresses:
             governed = owners.get((ip, port))
-            if governed is not None and governed.host != host:
+            if governed is not None and governs(governed, host):
                 state.governed[(host, port)] = governed
                 return replace(decision, intercept=True)
         return decision
