@@ -128,6 +128,9 @@ deny:
 {extra_deny}settings:
   hosts_file: {hosts_file}
   private_networks: deny
+  # the denied scenario compares like with like: bare mitmdump answers the CONNECT with 403
+  # (Warden's default, in_band, accepts it and answers the first request instead)
+  explain_denials: status
 """
 
 
