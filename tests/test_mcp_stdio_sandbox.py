@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .mcp_stdio_helpers import Setup, sdk_client, text_of, write_rules
+from .mcp_stdio_helpers import FIXTURE, Setup, sdk_client, text_of, write_rules
 
 
 @pytest.fixture
@@ -32,9 +32,13 @@ def test_sandboxed_stdio_server_runs_in_the_sandbox_and_cannot_read_denied_paths
     secret_file = base / "private" / "key.pem"
     secret_file.parent.mkdir()
     secret_file.write_text("PRIVATE KEY")
-    setup: Setup = write_rules(base, server_extra={"cwd": str(work), "sandbox_profile": "files"})
+    # The server script must exist inside the sandbox: a checkout under /tmp would not (private /tmp).
+    server = base / "mcp_stdio_server.py"
+    shutil.copy(FIXTURE, server)
+    extra = {"cwd": str(work), "sandbox_profile": "files", "args": [str(server)]}
+    setup: Setup = write_rules(base, server_extra=extra)
     setup.server_log = work / "server.log"  # the workdir is what the sandbox may write
-    write_rules(base, server_extra={"cwd": str(work), "sandbox_profile": "files"},
+    write_rules(base, server_extra=extra,
                 server_env={"MCP_LOG": str(setup.server_log)}, setup=setup,
                 policy_extra={"tools": ["get_weather", "read_file", "show_env"]},
                 extra_doc={"sandbox_profiles": {"files": {"deny": [str(secret_file.parent)],
