@@ -202,13 +202,7 @@ class Scanner:
         spans = self._spans(text, only, force)
         if not spans:
             return data, 0
-        out, last = [], 0
-        for s, e in spans:
-            out.append(data[last:s])
-            out.append(REDACTED)
-            last = e
-        out.append(data[last:])
-        return b"".join(out), len(spans)
+        return _splice(data, spans, REDACTED), len(spans)
 
     def scrub(self, text: str) -> tuple[str, int]:
         """`text` with every secret AND placeholder of the rule set, in every encoding the
@@ -221,13 +215,7 @@ class Scanner:
         if not spans:
             return text, 0
         spans = _merge(spans)
-        out, last = [], 0
-        for s, e in spans:
-            out.append(text[last:s])
-            out.append(REDACTED_TEXT)
-            last = e
-        out.append(text[last:])
-        return "".join(out), len(spans)
+        return _splice(text, spans, REDACTED_TEXT), len(spans)
 
     def redact_str(self, value: str, only: frozenset[str] | None = None, force: bool = False) -> tuple[str, int]:
         data, n = self.redact(value.encode("utf-8", "surrogateescape"), only, force)
@@ -237,6 +225,17 @@ class Scanner:
 def _fold(text: str) -> str:
     """ASCII lowercase, length-preserving (str.lower() is not, for a few characters)."""
     return text.encode("latin-1", "replace").lower().decode("latin-1")
+
+
+def _splice[S: (bytes, str)](data: S, spans: list[tuple[int, int]], filler: S) -> S:
+    """`data` with each (sorted, non-overlapping) span replaced by `filler`."""
+    out, last = [], 0
+    for s, e in spans:
+        out.append(data[last:s])
+        out.append(filler)
+        last = e
+    out.append(data[last:])
+    return data[:0].join(out)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
