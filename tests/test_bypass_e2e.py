@@ -899,6 +899,26 @@ def test_invariant_origin_sees_only_decided_and_audited_requests(w: Warden, tls_
         assert (o == 200) == (r["decision"] == "allow"), (case, outcomes, records)
 
 
+def test_refused_floods_close_promptly_and_leak_no_sockets(w: Warden, tls_origin: LoggingOrigin) -> None:
+    """A client still sending while Warden refuses its tunnel is closed at once, every time.
+
+    mitmproxy leaves the client socket open when the close lands while its reader waits for
+    the event lock (runtime/sockets.py); before the fix most of these hung for >10 s and each
+    held a file descriptor in Warden."""
+    fds = Path(f"/proc/{w.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
+    for _ in range(8):
+        started = time.monotonic()
+        with open_tunnel(w, "coder", "api.test", tls_origin.port) as s:
+            s.sendall(b"G" * (70 * 1024))
+            assert closed_without_answer(s, timeout=5) is None
+        assert time.monotonic() - started < 5
+    # the sockets are closed on Warden's side too (bounded wait: the close is asynchronous)
+    assert wait_until(lambda: len(list(fds.iterdir())) <= before + 1, timeout=5), \
+        (before, len(list(fds.iterdir())))
+    assert not tls_origin.requests
+
+
 # -- 7. bounded memory for any body size ---------------------------------------------------------
 def test_large_bodies_stream_with_bounded_memory(origin_ca: trustme.CA, origin_ca_file: Path,
                                                  shared_confdir: Path, tmp_path: Path) -> None:

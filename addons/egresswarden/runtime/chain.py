@@ -23,6 +23,7 @@
     Revocation     on reload, re-decides open passthrough tunnels and cuts the denied ones
     Admin          the `warden sandbox` admin socket: sandbox sessions (read by Identity through
                    runtime/admin.SESSIONS) and the sandbox_* audit records
+    LeftOpenSockets closes a client socket mitmproxy's handler left open (runtime/sockets.py)
 
 Stages share state only through the flow's FlowRecord and the connection's ConnState
 (runtime.context); a stage returns early when an earlier one answered the flow and never
@@ -59,6 +60,7 @@ from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
 from egresswarden.runtime.revocation import Revocation
 from egresswarden.runtime.rulestore import RuleStore
+from egresswarden.runtime.sockets import LeftOpenSockets
 from egresswarden.stages.bodyplan import BodyPlanner
 from egresswarden.stages.credentials import Credentials
 from egresswarden.stages.identity import Identity
@@ -98,6 +100,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
         alerts,
         Revocation(store, connections, outcomes.emit),  # no hooks: a reload listener (after audit's)
         Admin(store, audit, alerts),
+        LeftOpenSockets(),  # last: after every part that records the disconnect
     ]
     return parts, metrics.hook_error
 

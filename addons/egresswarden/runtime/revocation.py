@@ -11,7 +11,8 @@ not intercepted (passed through, or not yet past its first bytes) is decided aga
 as its CONNECT was: `decide` on agent, host and port, then `decide_addresses` on the address
 it was pinned to. If that denies, or the host now needs interception (new method/path rules,
 a credential, an MCP server: a raw tunnel cannot honour them), the client connection is
-closed through mitmproxy's own connection handler (`ConnectionHandler.close_connection`,
+closed through mitmproxy's own connection handler (runtime/sockets.close_client:
+`ConnectionHandler.close_connection`,
 which cancels the client's reader task; mitmproxy then tears down the server side and runs
 `client_disconnected`, so the usual `tunnel_close` record follows). Each cut is one
 `tunnel_revoked` Outcome (audit, metrics `warden_tunnels_revoked_total{agent,reason}`,
@@ -27,8 +28,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mitmproxy import connection, ctx
-
 from egresswarden.core.decide import decide, decide_addresses
 from egresswarden.core.decision import Decision, Interception
 from egresswarden.core.facts import RequestFacts
@@ -36,6 +35,7 @@ from egresswarden.record.journal import utc_now
 from egresswarden.record.outcome import Outcome
 from egresswarden.runtime.context import Connections, ConnState, Tunnel, TunnelMode
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
+from egresswarden.runtime.sockets import close_client
 
 logger = logging.getLogger("warden")
 
@@ -81,21 +81,9 @@ class Revocation:
                 decision, cause = tunnel.decision, "internal_error"
             if cause is None:
                 continue
-            if self._close(client):
+            if close_client(client):
                 self.revoked += 1
                 self._audit(state, tunnel, decision, cause, time.perf_counter() - started)
-
-    @staticmethod
-    def _close(client: connection.Client) -> bool:
-        proxyserver = ctx.master.addons.get("proxyserver")
-        handlers = getattr(proxyserver, "connections", {})
-        handler = handlers.get(client.id)
-        if handler is None:  # keyed differently (e.g. UDP): find it by its client
-            handler = next((h for h in handlers.values() if getattr(h, "client", None) is client), None)
-        if handler is None or client not in handler.transports:
-            return False
-        handler.close_connection(client)
-        return True
 
     def _audit(self, state: ConnState, tunnel: Tunnel, decision: Decision, cause: str, seconds: float) -> None:
         self.emit(Outcome(

@@ -1,0 +1,62 @@
+"""Client sockets through mitmproxy's own connection handler: close one, and close the ones
+mitmproxy leaves open.
+
+mitmproxy (12.3.1) closes a connection on `CloseConnection` by cancelling the task that reads
+it; that task closes the socket when the cancellation reaches its `reader.read()` or its
+drain. If the cancellation instead lands while the reader task waits in `server_event` for
+the handler's event lock (the client kept sending while a hook, e.g. `next_layer`, decided
+to close it), the `CancelledError` escapes `handle_connection` before `writer.close()`:
+the client's socket stays open, silent, until garbage collection. A refused tunnel whose
+client is still sending (a 70 KiB flood without a newline) then hangs the client instead
+of closing it, and every such connection holds a file descriptor.
+
+`LeftOpenSockets.client_disconnected` runs after mitmproxy has finished with the client
+(its reader task is done) and closes a client transport that is still open. It is last in
+the chain, after every stage that records the disconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mitmproxy import connection, ctx
+
+logger = logging.getLogger("warden")
+
+
+def connection_handler(client: connection.Client) -> Any | None:
+    """mitmproxy's ConnectionHandler for `client`, or None once it is gone."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handlers = getattr(proxyserver, "connections", {})
+    handler = handlers.get(client.id)
+    if handler is None:  # keyed differently (e.g. UDP): find it by its client
+        handler = next((h for h in handlers.values() if getattr(h, "client", None) is client), None)
+    return handler
+
+
+def close_client(client: connection.Client) -> bool:
+    """Close `client` as a `CloseConnection` command would; False if it is already gone."""
+    handler = connection_handler(client)
+    if handler is None or client not in handler.transports:
+        return False
+    handler.close_connection(client)
+    return True
+
+
+class LeftOpenSockets:
+    def __init__(self) -> None:
+        self.closed = 0  # how many sockets mitmproxy left open (tests read it through logs)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        handler = connection_handler(client)
+        io = handler.transports.get(client) if handler is not None else None
+        writer = getattr(io, "writer", None)
+        if writer is None or writer.is_closing():
+            return
+        self.closed += 1
+        logger.debug("warden: closing a client socket mitmproxy left open (%s)", client.peername)
+        try:
+            writer.close()
+        except OSError:
+            pass
