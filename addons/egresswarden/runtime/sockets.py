@@ -17,6 +17,7 @@ the chain, after every stage that records the disconnect.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -46,7 +47,7 @@ def close_client(client: connection.Client) -> bool:
 
 class LeftOpenSockets:
     def __init__(self) -> None:
-        self.closed = 0  # how many sockets mitmproxy left open (tests read it through logs)
+        self.closed = 0  # how many sockets mitmproxy left open
 
     def client_disconnected(self, client: connection.Client) -> None:
         handler = connection_handler(client)
@@ -56,7 +57,5 @@ class LeftOpenSockets:
             return
         self.closed += 1
         logger.debug("warden: closing a client socket mitmproxy left open (%s)", client.peername)
-        try:
+        with contextlib.suppress(OSError):
             writer.close()
-        except OSError:
-            pass
