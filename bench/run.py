@@ -8,6 +8,7 @@ Env: BENCH_ROUNDS (default 2), BENCH_DURATION (seconds per measured run,
 default 4), BENCH_SCENARIOS (comma-separated scenario names to keep),
 BENCH_WARDEN (warden executable, default .venv/bin/warden),
 BENCH_NO_SQUID=1 (skip the squid reference column),
+BENCH_CA_KEY=rsa (the shared CA, default ecdsa as `warden ca init` makes it),
 BENCH_A=bare (force the bare-mitmdump stand-in for A).
 See bench/README.md for what each column means.
 """
@@ -328,10 +329,16 @@ def main() -> int:
             f"{rounds} round(s) x {duration:g} s per scenario and proxy, {warmup:g} s warm-up, "
             f"fresh proxy process per run", f"machine: {os.cpu_count()} CPUs, load average at start {load_at_start}; "
             f"total wall time {elapsed:.0f} s",
+            "CA (both mitmproxies, one confdir): " + ca_key_type(sess.env.confdir),
         ]
         render(report, records, ceilings, scenarios, spec_a.name, spec_b.name, checks, startups)
     write_results(report.render())
     return 0
+
+
+def ca_key_type(confdir: Path) -> str:
+    pem = (confdir / "mitmproxy-ca.pem").read_text(errors="replace")
+    return "ECDSA P-256 (`warden ca init`)" if "BEGIN EC PRIVATE KEY" in pem else "RSA"
 
 
 def write_results(text: str) -> None:
