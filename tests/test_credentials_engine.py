@@ -18,6 +18,7 @@ from egresswarden.core.credentials import (
     StreamRedactor,
     StreamScanner,
     bound_credentials,
+    disguise_views,
     encodings,
     headers_text,
     injections,
@@ -158,6 +159,56 @@ def test_stream_scanner_split_secret_never_forwarded(tmp_path, monkeypatch):
     assert s.feed(clean[:30000]) + s.feed(clean[30000:]) + s.feed(b"") == clean
     s = StreamScanner(scanner, frozenset({"github"}))  # bound: the secret passes
     assert s.feed(body[:5010]) + s.feed(body[5010:]) + s.feed(b"") == body
+
+
+def _disguises(value: bytes) -> dict[str, bytes]:
+    b64 = base64.b64encode(value)
+    pct_all = "".join(f"%{b:02X}" for b in value).encode()
+    json_u = "".join(f"\\u{b:04x}" for b in value).encode()
+    return {
+        "percent-every-byte": pct_all,
+        "json-unicode-escapes": b'{"note":"' + json_u + b'"}',
+        "mime-base64": b64[:8] + b"\r\n" + b64[8:20] + b"\r\n" + b64[20:],
+        "base64-with-junk": b"!".join(b64[i:i + 3] for i in range(0, len(b64), 3)),
+        "percent-encoded-json-escapes": "".join(f"%{b:02X}" for b in json_u).encode(),
+        "percent-encoded-mime-base64": "".join(f"%{b:02X}" for b in b64[:8] + b"\n" + b64[8:]).encode(),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_disguises(b"x")))
+def test_disguised_secrets_and_placeholders_are_leaks(tmp_path, monkeypatch, kind):
+    """A secret or placeholder written in the body's own syntax is found, buffered or streamed
+    (split at every offset of the disguise: it needs no fixed prefix to be held back)."""
+    scanner = scanner_for(_rules(tmp_path, monkeypatch))
+    for value in (SECRET.encode(), PLACEHOLDER.encode()):
+        disguised = _disguises(value)[kind]
+        body = b"a=1&" * 300 + disguised + b"&z=2" * 300
+        leak = scanner.find_disguised_leak(body, frozenset(), "body")
+        assert leak is not None and leak.kind == ("secret" if value == SECRET.encode() else "placeholder")
+        assert SECRET not in leak.message() and PLACEHOLDER not in leak.message()
+        start = body.index(disguised)
+        for split in range(start - 1, start + len(disguised) + 1, 7):
+            s = StreamScanner(scanner, frozenset())
+            sent = s.feed(body[:split]) + s.feed(body[split:]) + s.feed(b"")
+            assert s.leak is not None, (kind, split)
+            assert len(sent) == len(body)  # framing preserved
+            assert disguised not in sent and disguised[:len(disguised) // 2] not in sent, (kind, split)
+
+
+def test_disguise_views_leave_clean_bodies_clean(tmp_path, monkeypatch):
+    scanner = scanner_for(_rules(tmp_path, monkeypatch))
+    bodies = [json.dumps({"text": "caf\u00e9 \\ \"quoted\" 100% sure", "emoji": "\ud83d\ude00"}).encode(),
+              b"q=a%20b%2Fc&x=%ZZ&y=%", base64.b64encode(b"hello world, nothing secret here" * 10),
+              b"\\ud800 lone surrogate \\u12"]
+    for body in bodies:
+        assert scanner.find_disguised_leak(body, frozenset(), "body") is None, body
+        s = StreamScanner(scanner, frozenset())
+        assert s.feed(body[:11]) + s.feed(body[11:]) + s.feed(b"") == body
+    assert disguise_views(b"plain") == []
+    assert dict(disguise_views(b'"\\u00e9\\ud83d\\ude00"'))["JSON-unescaped"] == '"\u00e9\U0001f600"'.encode()
+    # a bound credential's own secret stays allowed in its body, disguised or not
+    assert scanner.find_disguised_leak(_disguises(SECRET.encode())["mime-base64"], frozenset({"github"}),
+                                       "body") is None
 
 
 def test_stream_redactor_split_secret(tmp_path, monkeypatch):

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote, quote_plus, unquote_plus
+from urllib.parse import quote, quote_plus, unquote_plus, unquote_to_bytes
 
 import ahocorasick
 
@@ -103,6 +104,54 @@ def _lower_hex(b: bytes) -> bytes:
     return bytes(out)
 
 
+# -- disguised bodies -------------------------------------------------------------------------
+# An agent that wants a secret out unnoticed can write it in the body's own syntax: every byte
+# percent-encoded (any URL decoder reverses it), a JSON string of \uXXXX escapes (json.loads
+# gives it back), base64 broken by line breaks or junk (non-strict base64 decoders skip
+# anything outside the alphabet). The automaton only knows fixed spellings, so request bodies
+# are also scanned in normalised views, each applied on top of the previous one, which covers
+# the stacked forms too (percent-encoded JSON escapes, percent-encoded MIME base64):
+#   percent-decoded -> JSON-unescaped -> only base64-alphabet bytes kept.
+_JSON_PAIR = re.compile(rb"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})")
+_JSON_ESCAPE = re.compile(rb'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
+_JSON_SIMPLE = {b'"': b'"', b"\\": b"\\", b"/": b"/", b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r",
+                b"t": b"\t"}
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=_-]+")
+DISGUISE_GROWTH = 18  # longest spelling per byte: %5Cu00XX (percent-encoded \u00XX)
+
+
+def _json_pair(m: re.Match[bytes]) -> bytes:
+    hi, lo = int(m[1], 16), int(m[2], 16)
+    return chr(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)).encode("utf-8")
+
+
+def _json_escape(m: re.Match[bytes]) -> bytes:
+    if m[2] is not None:
+        return _JSON_SIMPLE[m[2]]
+    cp = int(m[1], 16)
+    return m[0] if 0xD800 <= cp <= 0xDFFF else chr(cp).encode("utf-8")  # a lone surrogate stays
+
+
+def disguise_views(data: bytes) -> list[tuple[str, bytes]]:
+    """The normalised views of `data` that differ from it (and from each other): (name, bytes)."""
+    views: list[tuple[str, bytes]] = []
+    view = data
+    if b"%" in view:
+        decoded = unquote_to_bytes(view)
+        if decoded != view:
+            views.append(("percent-decoded", decoded))
+            view = decoded
+    if b"\\" in view:
+        unescaped = _JSON_ESCAPE.sub(_json_escape, _JSON_PAIR.sub(_json_pair, view))
+        if unescaped != view:
+            views.append(("JSON-unescaped", unescaped))
+            view = unescaped
+    squeezed = _NOT_BASE64.sub(b"", view)
+    if squeezed != view:
+        views.append(("base64 alphabet only", squeezed))
+    return views
+
+
 class Scanner:
     """One automaton over every secret and placeholder of a RuleSet."""
 
@@ -114,11 +163,11 @@ class Scanner:
                     kind, e, owners, redact = table.get(form, ("secret", enc, set(), False))
                     owners.add(cred.id)
                     table[form] = ("secret", e, owners, redact or cred.redact_response)
-            if cred.placeholder:
-                form = cred.placeholder.encode("utf-8")
-                if form not in table:  # a placeholder equal to a secret stays a secret
-                    table[form] = ("placeholder", "raw", set(), False)
-                table[form][2].add(cred.id)
+            if cred.placeholder:  # every spelling a secret has (README: raw, base64, URL, JSON)
+                for form, enc in encodings(cred.placeholder).items():
+                    if form not in table:  # a placeholder equal to a secret stays a secret
+                        table[form] = ("placeholder", enc, set(), False)
+                    table[form][2].add(cred.id)
         self.automaton: ahocorasick.Automaton | None = None
         self.folded: ahocorasick.Automaton | None = None
         self.max_len = 0
@@ -164,6 +213,21 @@ class Scanner:
                 continue
             leak = Leak(pattern.kind, pattern.encoding, tuple(sorted(pattern.owners)), where)
             return leak, end - pattern.length + 1
+        return None
+
+    def find_disguised_leak(self, data: bytes, bound: frozenset[str], where: str) -> Leak | None:
+        """`find_leak` over `data` and each of its normalised views (see `disguise_views`);
+        placeholders are leaks even of a bound credential, as everywhere in a body."""
+        return self.find_leak(data, bound, where, placeholders_bound=False) or self.view_leak(data, bound, where)
+
+    def view_leak(self, data: bytes, bound: frozenset[str], where: str) -> Leak | None:
+        """The first leak in one of `data`'s normalised views (not in `data` itself)."""
+        if self.automaton is None:
+            return None
+        for name, view in disguise_views(data):
+            leak = self.find_leak(view, bound, f"{where} ({name})", placeholders_bound=False)
+            if leak is not None:
+                return leak
         return None
 
     def hold_from(self, text: str) -> int:
@@ -346,6 +410,10 @@ class StreamScanner:
         self.bound = bound
         self.pending = ""
         self.leak: Leak | None = None
+        # Disguised spellings (see disguise_views) are up to DISGUISE_GROWTH times longer than
+        # what they spell and have no fixed prefix to hold back on: the last `window` bytes are
+        # always held, so a disguised secret that ends in this chunk started in held bytes.
+        self.window = DISGUISE_GROWTH * scanner.max_len
 
     def feed(self, chunk: bytes) -> bytes:
         if self.leak is not None:
@@ -358,7 +426,12 @@ class StreamScanner:
             self.leak, start = found
             self.pending = ""
             return text[:start].encode("latin-1") + FILLER * (len(text) - start)
-        cut = len(text) if not chunk else self.scanner.hold_from(text)
+        disguised = self.scanner.view_leak(text.encode("latin-1"), self.bound, "body")
+        if disguised is not None:  # where it starts in `text` is unknown: none of `text` leaves
+            self.leak = disguised
+            self.pending = ""
+            return FILLER * len(text)
+        cut = len(text) if not chunk else min(self.scanner.hold_from(text), max(0, len(text) - self.window))
         self.pending = text[cut:]
         return text[:cut].encode("latin-1")
 

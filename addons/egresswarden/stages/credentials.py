@@ -204,7 +204,7 @@ class Credentials:
             return
         body = flow.request.raw_content or b""
         if body and ctx.scanner.automaton is not None:
-            leak = ctx.scanner.find_leak(body, ctx.bound_ids, "body", placeholders_bound=False)
+            leak = ctx.scanner.find_disguised_leak(body, ctx.bound_ids, "body")
             encoding = flow.request.headers.get("content-encoding")
             if leak is None and encoding:
                 limit = ctx.rules.settings.body_scan_max_buffered_bytes * DECODE_LIMIT_FACTOR
@@ -225,7 +225,7 @@ class Credentials:
                                                   f"the body could not be decoded ({e}), so it cannot be checked "
                                                   f"for secrets", ctx.rules.version))
                     return
-                leak = ctx.scanner.find_leak(decoded, ctx.bound_ids, "body", placeholders_bound=False)
+                leak = ctx.scanner.find_disguised_leak(decoded, ctx.bound_ids, "body")
             if leak is not None:
                 self._deny_leak(flow, record, ctx.rules, leak)
                 return
