@@ -49,7 +49,7 @@ def per_request(rules, agent, scanner, host: str, headers: list[tuple[str, str]]
     kept = [(k, v) for k, v in headers if k.lower() not in strip]
     if scanner.find_leak(headers_text(kept) + "\n" + target_text("GET", host, "/v1/items?page=2"), ids, "headers") is not None:
         raise AssertionError("unexpected leak")
-    if body and scanner.find_leak(body, ids, "body") is not None:
+    if body and scanner.find_disguised_leak(body, ids, "body") is not None:  # as the proxy does
         raise AssertionError("unexpected leak")
     kept = [(k, replace_placeholders(v, bound)) for k, v in kept]
     injections(bound)

@@ -116,7 +116,8 @@ _JSON_PAIR = re.compile(rb"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-
 _JSON_ESCAPE = re.compile(rb'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
 _JSON_SIMPLE = {b'"': b'"', b"\\": b"\\", b"/": b"/", b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r",
                 b"t": b"\t"}
-_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=_-]+")
+_BASE64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_-")
+_NOT_BASE64 = bytes(b for b in range(256) if b not in _BASE64_ALPHABET)  # bytes.translate: ~40x a regex
 DISGUISE_GROWTH = 18  # longest spelling per byte: %5Cu00XX (percent-encoded \u00XX)
 
 
@@ -146,7 +147,7 @@ def disguise_views(data: bytes) -> list[tuple[str, bytes]]:
         if unescaped != view:
             views.append(("JSON-unescaped", unescaped))
             view = unescaped
-    squeezed = _NOT_BASE64.sub(b"", view)
+    squeezed = view.translate(None, _NOT_BASE64)
     if squeezed != view:
         views.append(("base64 alphabet only", squeezed))
     return views
