@@ -55,6 +55,7 @@ from egresswarden.record.alerts import Alerts
 from egresswarden.record.audit import Audit, AuditGate
 from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
+from egresswarden.runtime import http1_trailers
 from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
@@ -73,6 +74,7 @@ from egresswarden.stages.websockets import WebSockets
 
 def build_chain() -> tuple[list[Any], HookErrorCallback]:
     """The chain's parts in order, and the callback told about every swallowed hook error."""
+    http1_trailers.install()  # a defined answer instead of a hung connection (runtime/http1_trailers.py)
     store = RuleStore()
     connections = Connections()
     audit = Audit(store)
