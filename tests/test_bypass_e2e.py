@@ -951,7 +951,9 @@ def test_secret_in_chunked_trailers_never_reaches_another_host(w: Warden, tls_or
             resp = e
     _no_secret_in(tls_origin)
     if not isinstance(resp, BaseException):
-        assert resp.status == 403 and resp.headers.get("x-warden-reason") == "secret_leak", resp
+        # refused as a leak, or (mitmproxy 12.3 cannot carry HTTP/1 trailers) as a trailer
+        assert (resp.status == 403 and resp.headers.get("x-warden-reason") == "secret_leak") or \
+            (resp.status == 400 and b"trailer fields are not supported" in resp.body), resp
 
 
 @pytest.mark.parametrize("where", ["path", "query"])
