@@ -160,9 +160,9 @@ def echo_origin(origin_ca: trustme.CA) -> Iterator[LoggingOrigin]:
 
 
 def warden_for(tmp: Path, origin: LoggingOrigin, origin_ca_file: Path, confdir: Path,
-               extra: list[str] | None = None) -> Warden:
+               extra: list[str] | None = None, loop: str = "asyncio") -> Warden:
     return start_warden(tmp, rules(origin.port, tmp), upstream_ca=origin_ca_file, confdir=confdir,
-                        agents=TOKENS, extra_args=extra)
+                        agents=TOKENS, extra_args=extra, env={"WARDEN_EVENT_LOOP": loop})
 
 
 def tunnel(w: Warden, origin: LoggingOrigin, origin_ca_file: Path, agent: str = "coder") -> CountingTLS:
@@ -177,10 +177,13 @@ def closes_of(w: Warden, agent: str, n: int = 1) -> list[dict[str, Any]]:
     return [r for r in records if r.get("event") == "tunnel_close" and r.get("agent") == agent]
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_spliced_tunnel_carries_keepalive_and_4mib_both_ways_exactly(tmp_path: Path, echo_origin: LoggingOrigin,
-                                                                     origin_ca_file: Path,
-                                                                     shared_confdir: Path) -> None:
-    w = warden_for(tmp_path, echo_origin, origin_ca_file, shared_confdir)
+                                                                     origin_ca_file: Path, shared_confdir: Path,
+                                                                     loop: str) -> None:
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    w = warden_for(tmp_path, echo_origin, origin_ca_file, shared_confdir, loop=loop)
     try:
         before = pipes(w.proc.pid)
         t = tunnel(w, echo_origin, origin_ca_file)
