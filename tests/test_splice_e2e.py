@@ -431,3 +431,41 @@ def test_a_relay_error_closes_both_sides_is_audited_and_the_proxy_carries_on(tmp
             assert "Traceback" not in out and "has crashed" not in out
         finally:
             w.stop()
+
+
+def test_descriptor_budget_leaves_further_tunnels_on_mitmproxys_relay(tmp_path: Path, echo_origin: LoggingOrigin,
+                                                                      origin_ca_file: Path,
+                                                                      shared_confdir: Path) -> None:
+    import resource
+
+    w = warden_for(tmp_path, echo_origin, origin_ca_file, shared_confdir)
+    try:
+        pid = w.proc.pid
+        budget = (len(os.listdir(f"/proc/{pid}/fd")) + 40) // 24 + 1
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (24 * budget, hard))  # splicing.descriptor_budget() == budget
+        before = pipes(pid)
+        spliced = [tunnel(w, echo_origin, origin_ca_file) for _ in range(budget)]
+        assert wait_until(lambda: pipes(pid) == before + 4 * budget), "the tunnels within the budget were not spliced"
+        extra = tunnel(w, echo_origin, origin_ca_file)
+        extra.sendall(extra.request("GET", "/extra"))
+        assert extra.response()[2] == b"ok /extra\n"  # carried all the same, by mitmproxy's relay
+        assert pipes(pid) == before + 4 * budget
+        first = spliced.pop(0)
+        first.sock.shutdown(socket.SHUT_WR)
+        assert first.until_eof() == b""
+        first.sock.close()
+        assert wait_until(lambda: pipes(pid) == before + 4 * (budget - 1))
+        spliced.append(tunnel(w, echo_origin, origin_ca_file))  # room again: the next one is spliced
+        assert wait_until(lambda: pipes(pid) == before + 4 * budget)
+        for t in [*spliced, extra]:
+            t.sendall(t.request("GET", "/bye"))
+            assert t.response()[2] == b"ok /bye\n"
+            t.sock.shutdown(socket.SHUT_WR)
+            assert t.until_eof() == b""
+            t.sock.close()
+        closed = closes_of(w, "coder", budget + 2)
+        assert sorted((r["bytes_up"], r["bytes_down"]) for r in closed) == sorted(
+            (t.sent, t.received) for t in [first, *spliced, extra])
+    finally:
+        w.stop()

@@ -138,7 +138,11 @@ class SpliceRelay:
         self.error: OSError | None = None
         self._done: asyncio.Future[None] = self.loop.create_future()
         self._up = _Direction(self, client, server)
-        self._down = _Direction(self, server, client)
+        try:
+            self._down = _Direction(self, server, client)
+        except OSError:  # out of descriptors (EMFILE): leave nothing open
+            self._up.stop()
+            raise
         self._sockets = (client, server)
 
     @property

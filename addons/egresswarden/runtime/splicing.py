@@ -21,8 +21,11 @@ the upstream connection is open):
    `HANDOVER_SECONDS` (a peer not reading), or a connection closes first, the transports
    resume reading and mitmproxy's relay carries the tunnel to its end (correct, slower).
 3. The relay gets duplicates of the two socket descriptors (the loop refuses to watch a
-   descriptor a transport owns; a dup is another descriptor of the same socket), and the
-   layer switches to a state that relays nothing.
+   descriptor a transport owns; a dup is another descriptor of the same socket) and two
+   pipes, and the layer switches to a state that relays nothing. That is six descriptors
+   more than mitmproxy's relay needs (EXTRA_FDS): spliced tunnels may hold at most a quarter
+   of RLIMIT_NOFILE (`descriptor_budget`), and past it, or when a pipe or dup fails
+   (EMFILE), the tunnel is given back to mitmproxy's relay as in step 2, nothing lost.
 4. The relay ends (EOF both ways, with half-close in between; a reset; an error), or it is
    stopped (`revoke`: a rule reload cut the tunnel; mitmproxy closed a connection: its
    inactivity timeout, shutdown). Either way the relay's counts are added to the tunnel's
@@ -54,6 +57,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
 import weakref
 from collections.abc import Callable
@@ -71,12 +75,24 @@ from egresswarden.runtime.context import Tunnel
 
 logger = logging.getLogger("warden")
 
+EXTRA_FDS = 6  # per spliced tunnel, beyond mitmproxy's two sockets
 HANDOVER_SECONDS = 5.0  # longest wait for mitmproxy's buffers to drain before giving up (peer not reading)
 _FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 # client connection -> its kernel relay (being taken over, or relaying); read by sockets.close_client
 _ACTIVE: weakref.WeakKeyDictionary[connection.Client, KernelTunnel] = weakref.WeakKeyDictionary()
 _TASKS: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+_relaying = 0  # tunnels holding a relay's descriptors now
+
+
+def descriptor_budget() -> int:
+    """How many tunnels may be spliced at once: their extra descriptors (two pipes, two socket
+    duplicates: EXTRA_FDS) stay within a quarter of RLIMIT_NOFILE, so the rest is left for
+    accepting connections; past it, new tunnels stay on mitmproxy's relay (2 descriptors)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return soft // 4 // EXTRA_FDS
 
 
 def revoke(client: connection.Client) -> bool:
@@ -162,22 +178,46 @@ class KernelTunnel:
             if not await self._take_over():
                 self._give_back()
                 return
-            socks = [socket.socket(fileno=os.dup(self._sock(conn).fileno())) for conn in (self.client, self.server)]
-            self.sockets = socks
-            self.relay = relay.SpliceRelay(socks[0], socks[1], on_activity=self.handler.timeout_watchdog.register_activity)
+            kernel = self._make_relay()
+            if kernel is None:
+                self._give_back()
+                return
+            self.relay = kernel
             self.on_spliced()
             logger.debug("warden: passthrough tunnel to %s:%s relayed in the kernel", self.tunnel.host,
                          self.tunnel.port)
-            await self.relay.run()
-            if self.relay.error is not None:
+            await kernel.run()
+            if kernel.error is not None:
                 logger.info("warden: passthrough tunnel to %s:%s ended with %s", self.tunnel.host,
-                            self.tunnel.port, self.relay.error.__class__.__name__)
+                            self.tunnel.port, kernel.error.__class__.__name__)
         except Exception as e:  # never let the relay crash the proxy: close the tunnel instead
             logger.error("warden: kernel relay failed with %s; closing the tunnel", e.__class__.__name__)
             logger.debug("warden: kernel relay failure", exc_info=True)
             self.stop("error")
         finally:
             self._finish()
+
+    def _make_relay(self) -> relay.SpliceRelay | None:
+        """The relay on duplicates of both sockets; None (nothing held) when the budget or the
+        process's descriptors are exhausted: mitmproxy's relay needs none of them."""
+        global _relaying
+        if _relaying >= descriptor_budget():
+            logger.debug("warden: %d tunnels spliced, the descriptor budget; mitmproxy relays the next", _relaying)
+            return None
+        socks: list[socket.socket] = []
+        try:
+            for conn in (self.client, self.server):
+                socks.append(socket.socket(fileno=os.dup(self._sock(conn).fileno())))
+            made = relay.SpliceRelay(socks[0], socks[1], on_activity=self.handler.timeout_watchdog.register_activity)
+        except OSError as e:
+            for sock in socks:
+                sock.close()
+            logger.warning("warden: no kernel relay for a passthrough tunnel (%s); mitmproxy relays it",
+                           e.__class__.__name__)
+            return None
+        self.sockets = socks
+        _relaying += 1
+        return made
 
     def _sock(self, conn: connection.Connection) -> socket.socket:
         sock = _stream_socket(self.handler.transports.get(conn))
@@ -258,6 +298,8 @@ class KernelTunnel:
         for sock in self.sockets:
             with contextlib.suppress(OSError):
                 sock.close()  # our duplicates only: mitmproxy closes its own descriptors
+        global _relaying
+        _relaying -= 1
         self._close_connections()
 
     def _close_connections(self) -> None:
