@@ -168,3 +168,24 @@ def test_stdin_and_captured_stream(warden: Warden) -> None:
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "/from-stream" in out.stdout and "other container" not in out.stdout
+
+
+def test_follower_reads_files_rotated_between_two_polls(tmp_path: Path) -> None:
+    """Two rotations between polls (a busy proxy, a slow reader): the file rotated and
+    rotated away while the follower slept is read whole, in order, nothing twice."""
+    from egresswarden.cli.log import Follower
+
+    live = tmp_path / "audit.jsonl"
+    live.write_bytes(b'{"n": 1}\n')
+    f = Follower(str(live))
+    assert f.read() == [b'{"n": 1}']
+    with live.open("ab") as out:
+        out.write(b'{"n": 2}\n')
+    live.rename(tmp_path / "audit.jsonl.20261201T000000000001Z")  # the held file, rotated
+    (tmp_path / "audit.jsonl.20261201T000000000002Z").write_bytes(b'{"n": 3}\n{"n": 4}\n')  # and gone by
+    live.write_bytes(b'{"n": 5}\n')
+    assert f.read() == [b'{"n": 2}', b'{"n": 3}', b'{"n": 4}', b'{"n": 5}']
+    with live.open("ab") as out:
+        out.write(b'{"n": 6}\n')
+    assert f.read() == [b'{"n": 6}']
+    f.close()

@@ -16,6 +16,7 @@ names them; record types this version does not know are shown in a generic form.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import heapq
 import os
@@ -203,6 +204,7 @@ class Follower:
                 out.append(self.partial)
             self.file.close()
             self.file = None
+            out += self._rotated_since(self.identity, current)
             if current is not None:
                 self._open()
                 if self.file is not None:
@@ -210,6 +212,35 @@ class Follower:
         elif st is not None and st.st_size < self.file.tell():
             self.file.seek(0)  # truncated in place (copytruncate): start again
             self.partial = b""
+        return out
+
+    def _rotated_since(self, held: tuple[int, int] | None, current: tuple[int, int] | None) -> list[bytes]:
+        """Whole files rotated out after the one we held and before the current one.
+
+        A busy proxy can rotate more than once between two polls: the file we held is now
+        `audit.jsonl.<stamp1>`, and `<stamp2>`... were created, filled and rotated while we
+        slept. Their stamps sort in rotation order."""
+        live = Path(self.path)
+        siblings = []
+        for p in live.parent.glob(live.name + ".*"):
+            m = ROTATED.match(p.name)
+            if m is None or m["base"] != live.name or p.name.endswith(".gz"):
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            siblings.append((m["stamp"], (st.st_dev, st.st_ino), p))
+        siblings.sort()
+        at = next((i for i, (_, ident, _) in enumerate(siblings) if ident == held), None)
+        if at is None:
+            return []  # the held file is gone (deleted or compressed): nothing to anchor on
+        out: list[bytes] = []
+        for _, ident, p in siblings[at + 1:]:
+            if ident == current:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                out += [line for line in p.read_bytes().split(b"\n") if line.strip()]
         return out
 
     def close(self) -> None:

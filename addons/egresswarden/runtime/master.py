@@ -37,6 +37,7 @@ from mitmproxy.addons import (
 )
 from mitmproxy.proxy import layer
 
+from egresswarden.runtime.addonmanager import CachedAddonManager
 from egresswarden.runtime.banner import StartupLine
 from egresswarden.runtime.chain import build_addon
 from egresswarden.stages.interception import is_first_layer
@@ -156,6 +157,9 @@ class FirstLayerOnly(next_layer.NextLayer):
 class WardenMaster(master.Master):
     def __init__(self, opts: options.Options, loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(opts, event_loop=loop, with_termlog=False)
+        # Still empty (with_termlog=False added nothing): swap in the cached dispatch.
+        opts.changed.disconnect(self.addons._configure_all)
+        self.addons = CachedAddonManager(self)
         self._termlog_addon = termlog.TermLog(out=sys.stderr)  # stdout may be the audit stream
         self.addons.add(self._termlog_addon)
         defaults = addons.default_addons()

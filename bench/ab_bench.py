@@ -1,0 +1,87 @@
+"""Two Warden builds side by side (and bare mitmdump), interleaved, on chosen scenarios.
+
+`make bench` compares Warden with bare mitmdump and squid; this answers "did my change pay
+off?" on a noisy machine: the builds run in alternation, round after round, in one
+invocation, so background load hits both alike. Reported per scenario and build: median
+req/s over rounds and proxy CPU ms per request (the steadier number), plus the ratio of
+each to the first build.
+
+    .venv/bin/python bench/ab_bench.py --other /path/to/other/checkout/.venv/bin/warden \\
+        --scenarios http-ka-c64-128B,intercept-ka-c16-1MiB --rounds 5 --duration 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: benchlib beside it
+
+from benchlib.loadgen import run_lg  # noqa: E402
+from benchlib.procs import tree_cpu_seconds  # noqa: E402
+from benchlib.proxies import BARE, WARDEN, BenchEnv, ProxySpec, start_proxy, warden_binary  # noqa: E402
+from benchlib.scenarios import FULL_MATRIX  # noqa: E402
+from benchlib.session import bench_session  # noqa: E402
+
+
+def build_spec(name: str, exe: str) -> ProxySpec:
+    base_argv = WARDEN.argv
+
+    def argv(env: BenchEnv, port: int, extra: dict[str, object]) -> list[str]:
+        return [exe, *base_argv(env, port, extra)[1:]]
+    return replace(WARDEN, name=name, argv=argv)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--other", required=True, help="the other build's warden executable")
+    p.add_argument("--scenarios", default="http-ka-c64-128B,intercept-ka-c16-1MiB,cred-ka-c16-128B")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--no-bare", action="store_true")
+    args = p.parse_args()
+    names = [n.strip() for n in args.scenarios.split(",")]
+    scenarios = [s for s in FULL_MATRIX if s.name in names]
+    specs = [build_spec("this", warden_binary()), build_spec("other", args.other)]
+    if not args.no_bare:
+        specs.append(BARE)
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with bench_session(False) as sess:
+        for rnd in range(args.rounds):
+            for sc in scenarios:
+                order = specs if rnd % 2 == 0 else specs[::-1]  # no build always goes first
+                for spec in order:
+                    rp = start_proxy(sess.procs, spec, sess.env)
+                    try:
+                        lg_args = sc.lg_args(sess.env.origin, rp.port)
+                        assert lg_args is not None
+                        run_lg(sess.lg, lg_args, args.warmup)
+                        cpu0 = tree_cpu_seconds(rp.proc.pid)
+                        res = run_lg(sess.lg, lg_args, args.duration)
+                        cpu = tree_cpu_seconds(rp.proc.pid) - cpu0
+                    finally:
+                        sess.procs.stop(rp.proc)
+                    ms = cpu / res.ok * 1000 if res.ok else float("nan")
+                    results.setdefault((sc.name, spec.name), []).append((res.rps, ms))
+                    print(f"round {rnd + 1} {sc.name:24} {spec.name:6} {res.rps:10,.1f} req/s "
+                          f"{ms:6.3f} ms CPU/req errors {res.errors}", flush=True)
+    print(f"\n| scenario | build | req/s (median of {args.rounds}) | x this | CPU ms/req | x this |")
+    print("|---|---|---|---|---|---|")
+    for sc in scenarios:
+        ref = results[(sc.name, "this")]
+        ref_rps = statistics.median(r for r, _ in ref)
+        ref_ms = statistics.median(m for _, m in ref)
+        for spec in specs:
+            runs = results[(sc.name, spec.name)]
+            rps = statistics.median(r for r, _ in runs)
+            ms = statistics.median(m for _, m in runs)
+            print(f"| {sc.name} | {spec.name} | {rps:,.1f} | {rps / ref_rps:.2f} | {ms:.3f} | {ms / ref_ms:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
