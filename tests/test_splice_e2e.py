@@ -4,6 +4,8 @@ The client below speaks TLS through memory BIOs, so it knows exactly how many by
 on the wire and took off it: the tunnel_close record must report those numbers. Whether a
 tunnel is really relayed in the kernel is read from the kernel too: each spliced tunnel
 holds two pipes (four descriptors) in the Warden process, a tunnel on mitmproxy's relay none.
+A tunnel is handed over once it has carried SPLICE_AFTER_BYTES or SPLICE_AFTER_CHUNKS through
+mitmproxy's relay, so the tests warm each tunnel up with one larger request (`warm`).
 """
 
 from __future__ import annotations
@@ -141,6 +143,12 @@ class CountingTLS:
         head = f"{method} {target} HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: {len(body)}\r\n\r\n"
         return head.encode() + body
 
+    def warm(self) -> None:
+        """One round trip big enough (128 KiB each way) for the hand-over to the kernel."""
+        up = os.urandom(128 * 1024)
+        self.sendall(self.request("POST", "/echo", up))
+        assert self.response()[2] == up
+
     def until_eof(self, timeout: float = 20) -> bytes:
         """Read (and count) until the proxy closes the tunnel; what decrypted meanwhile."""
         self.sock.settimeout(timeout)
@@ -187,11 +195,12 @@ def test_spliced_tunnel_carries_keepalive_and_4mib_both_ways_exactly(tmp_path: P
     try:
         before = pipes(w.proc.pid)
         t = tunnel(w, echo_origin, origin_ca_file)
-        assert wait_until(lambda: pipes(w.proc.pid) >= before + 4), "the tunnel was not handed to the kernel"
         for i in range(20):  # keep-alive: one tunnel, one TLS session, many requests
             t.sendall(t.request("GET", f"/small/{i}"))
             status, _, body = t.response()
             assert (status, body) == (200, f"ok /small/{i}\n".encode())
+        # a handshake and 20 small requests are past SPLICE_AFTER_CHUNKS: handed over meanwhile
+        assert wait_until(lambda: pipes(w.proc.pid) >= before + 4), "the tunnel was not handed to the kernel"
         up = os.urandom(BIG)
         t.sendall(t.request("POST", "/echo", up))
         status, headers, down = t.response()
@@ -240,6 +249,8 @@ def test_revocation_cuts_a_spliced_tunnel_at_once(tmp_path: Path, echo_origin: L
     try:
         before = pipes(w.proc.pid)
         doomed, kept = tunnel(w, echo_origin, origin_ca_file, "gone"), tunnel(w, echo_origin, origin_ca_file)
+        doomed.warm()
+        kept.warm()
         assert wait_until(lambda: pipes(w.proc.pid) >= before + 8), "the tunnels were not handed to the kernel"
         for t in (doomed, kept):
             t.sendall(t.request("GET", "/before"))
@@ -268,6 +279,7 @@ def test_inactivity_timeout_spares_a_busy_spliced_tunnel_and_cuts_an_idle_one(
     try:
         before = pipes(w.proc.pid)
         t = tunnel(w, echo_origin, origin_ca_file)
+        t.warm()
         assert wait_until(lambda: pipes(w.proc.pid) >= before + 4), "the tunnel was not handed to the kernel"
         busy_until = time.monotonic() + 2.5 * timeout  # no layer event in all that time: only spliced bytes
         n = 0
@@ -376,10 +388,12 @@ def test_server_greeting_read_before_the_handover_arrives_once(tmp_path: Path, o
             before = pipes(w.proc.pid)
             sock = raw_tunnel(w, origin.port)
             assert recv_exactly(sock, len(greeting)) == greeting  # relayed by mitmproxy, before the take-over
-            assert wait_until(lambda: pipes(w.proc.pid) >= before + 4), "the tunnel was not handed to the kernel"
             data = os.urandom(300_000)
             sock.sendall(data)
-            assert recv_exactly(sock, len(data)) == data  # echoed through the kernel relay
+            assert recv_exactly(sock, len(data)) == data  # the first 64 KiB or so by mitmproxy, the rest in the kernel
+            assert wait_until(lambda: pipes(w.proc.pid) >= before + 4), "the tunnel was not handed to the kernel"
+            sock.sendall(data)
+            assert recv_exactly(sock, len(data)) == data
             sock.settimeout(0.5)
             with pytest.raises(TimeoutError):
                 sock.recv(1)  # the greeting came once: nothing more is owed
@@ -388,8 +402,8 @@ def test_server_greeting_read_before_the_handover_arrives_once(tmp_path: Path, o
             assert sock.recv(1) == b""
             sock.close()
             closed = closes_of(w, "coder")
-            assert (closed[0]["bytes_up"], closed[0]["bytes_down"]) == (len(data), len(greeting) + len(data))
-            assert origin.got() == data
+            assert (closed[0]["bytes_up"], closed[0]["bytes_down"]) == (2 * len(data), len(greeting) + 2 * len(data))
+            assert origin.got() == data + data
         finally:
             w.stop()
 
@@ -401,11 +415,12 @@ def test_a_relay_error_closes_both_sides_is_audited_and_the_proxy_carries_on(tmp
         try:
             before = pipes(w.proc.pid)
             sock = raw_tunnel(w, origin.port)
-            sock.sendall(b"hello")  # not TLS: an allowed tunnel without interception relays it raw
-            assert wait_until(lambda: origin.got() == b"hello") and wait_until(
+            first = b"hello" + os.urandom(100_000)  # not TLS: an allowed tunnel without interception relays it raw
+            sock.sendall(first)
+            assert wait_until(lambda: origin.got() == first) and wait_until(
                 lambda: pipes(w.proc.pid) >= before + 4), "the tunnel was not handed to the kernel"
             origin.reset.set()  # the upstream aborts: the relay's next splice fails
-            sent, deadline, ended = 5, time.monotonic() + 20, False
+            sent, deadline, ended = len(first), time.monotonic() + 20, False
             sock.settimeout(0.2)
             chunk = b"x" * 65536
             while not ended and time.monotonic() < deadline:
@@ -420,7 +435,7 @@ def test_a_relay_error_closes_both_sides_is_audited_and_the_proxy_carries_on(tmp
             assert ended, "the client's side stayed open after the upstream reset"
             sock.close()
             closed = closes_of(w, "coder")
-            assert len(closed) == 1 and 5 <= closed[0]["bytes_up"] <= sent and closed[0]["bytes_down"] == 0
+            assert len(closed) == 1 and len(first) <= closed[0]["bytes_up"] <= sent and closed[0]["bytes_down"] == 0
             assert wait_until(lambda: pipes(w.proc.pid) == before), "the failed relay's pipes stayed open"
             again = raw_tunnel(w, origin.port)  # the proxy is fine: the next tunnel works
             again.sendall(b"again")
@@ -446,10 +461,13 @@ def test_descriptor_budget_leaves_further_tunnels_on_mitmproxys_relay(tmp_path: 
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (24 * budget, hard))  # splicing.descriptor_budget() == budget
         before = pipes(pid)
         spliced = [tunnel(w, echo_origin, origin_ca_file) for _ in range(budget)]
+        for t in spliced:
+            t.warm()
         assert wait_until(lambda: pipes(pid) == before + 4 * budget), "the tunnels within the budget were not spliced"
         extra = tunnel(w, echo_origin, origin_ca_file)
+        extra.warm()  # carried all the same, by mitmproxy's relay
         extra.sendall(extra.request("GET", "/extra"))
-        assert extra.response()[2] == b"ok /extra\n"  # carried all the same, by mitmproxy's relay
+        assert extra.response()[2] == b"ok /extra\n"
         assert pipes(pid) == before + 4 * budget
         first = spliced.pop(0)
         first.sock.shutdown(socket.SHUT_WR)
@@ -457,6 +475,7 @@ def test_descriptor_budget_leaves_further_tunnels_on_mitmproxys_relay(tmp_path: 
         first.sock.close()
         assert wait_until(lambda: pipes(pid) == before + 4 * (budget - 1))
         spliced.append(tunnel(w, echo_origin, origin_ca_file))  # room again: the next one is spliced
+        spliced[-1].warm()
         assert wait_until(lambda: pipes(pid) == before + 4 * budget)
         for t in [*spliced, extra]:
             t.sendall(t.request("GET", "/bye"))
@@ -467,5 +486,24 @@ def test_descriptor_budget_leaves_further_tunnels_on_mitmproxys_relay(tmp_path: 
         closed = closes_of(w, "coder", budget + 2)
         assert sorted((r["bytes_up"], r["bytes_down"]) for r in closed) == sorted(
             (t.sent, t.received) for t in [first, *spliced, extra])
+    finally:
+        w.stop()
+
+
+def test_a_one_shot_tunnel_is_not_handed_over(tmp_path: Path, echo_origin: LoggingOrigin, origin_ca_file: Path,
+                                              shared_confdir: Path) -> None:
+    """A handshake and one small request stay under SPLICE_AFTER_*: no descriptors spent on them."""
+    w = warden_for(tmp_path, echo_origin, origin_ca_file, shared_confdir)
+    try:
+        before = pipes(w.proc.pid)
+        t = tunnel(w, echo_origin, origin_ca_file)
+        t.sendall(t.request("GET", "/once"))
+        assert t.response()[2] == b"ok /once\n"
+        assert pipes(w.proc.pid) == before
+        t.sock.shutdown(socket.SHUT_WR)
+        assert t.until_eof() == b""
+        t.sock.close()
+        closed = closes_of(w, "coder")
+        assert (closed[0]["bytes_up"], closed[0]["bytes_down"]) == (t.sent, t.received)
     finally:
         w.stop()

@@ -7,7 +7,8 @@ chunk. mitmproxy still owns both connections: it opened them, it closes them, an
 (server_disconnected, client_disconnected -> the tunnel_close audit record) run as before.
 
 How a tunnel is taken over (`KernelTunnel.run`, a task started by `SplicingTCPLayer` once
-the upstream connection is open):
+the upstream connection is open and the tunnel has carried more than a handshake: 16 chunks
+or 64 KiB through mitmproxy's relay; idle and one-shot tunnels never spend the descriptors):
 
 1. Nothing is lost or sent twice. Until the take-over completes, mitmproxy's layer relays
    (and counts) as usual: the first client bytes NextLayer held (the ClientHello) and any

@@ -56,7 +56,10 @@ from egresswarden.runtime.sockets import connection_handler
 
 logger = logging.getLogger("warden")
 
-MAX_UNDECIDED_BYTES = 64 * 1024  # a ClientHello or first request line larger than this is refused
+MAX_UNDECIDED_BYTES = 64 * 1024
+# A passthrough tunnel moves to the kernel relay after this much through mitmproxy's (SplicingTCPLayer).
+SPLICE_AFTER_CHUNKS = 16
+SPLICE_AFTER_BYTES = 64 * 1024  # a ClientHello or first request line larger than this is refused
 _REQUEST_LINE = re.compile(rb"[A-Z][A-Z0-9_-]{0,19} \S+ HTTP/1\.[01]\r?\n")
 
 
@@ -80,17 +83,23 @@ class CountingTCPLayer(tcp.TCPLayer):
 
 
 class SplicingTCPLayer(CountingTCPLayer):
-    """CountingTCPLayer until the upstream is open, then the tunnel moves to a kernel relay.
+    """CountingTCPLayer until the tunnel has carried a little, then it moves to a kernel relay.
 
-    The take-over (runtime/splicing.KernelTunnel) runs in its own task; until it completes,
-    this layer relays and counts as CountingTCPLayer does (so the ClientHello NextLayer
-    replays, and any server greeting, pass exactly once). Once the kernel relays, the layer
-    relays nothing: a ConnectionClosed means mitmproxy closed a connection (inactivity
-    timeout, revocation, shutdown, or the relay's own end): stop the relay and close both."""
+    Only tunnels that carry more than a handshake and a request or two are handed over
+    (`SPLICE_AFTER_CHUNKS` chunks or `SPLICE_AFTER_BYTES` bytes through mitmproxy's relay):
+    a spliced tunnel holds six more descriptors (two pipes, two socket duplicates), which an
+    idle or one-shot tunnel would hold for nothing, and a one-shot tunnel gains nothing from
+    the relay (measured: README, "Performance"). The take-over (runtime/splicing.KernelTunnel)
+    runs in its own task; until it completes, this layer relays and counts as
+    CountingTCPLayer does, so every byte already read (the ClientHello NextLayer replays, a
+    server greeting) passes exactly once. Once the kernel relays, the layer relays nothing: a
+    ConnectionClosed means mitmproxy closed a connection (inactivity timeout, revocation,
+    shutdown, or the relay's own end): stop the relay and close both."""
 
     def __init__(self, context: context.Context, tunnel: Tunnel) -> None:
         super().__init__(context, tunnel)
         self.kernel: splicing.KernelTunnel | None = None
+        self.chunks = 0
 
     def start(self, event: events.Event) -> layer.CommandGenerator[None]:
         started: layer.CommandGenerator[None] = super().start(event)  # opens the upstream if needed
@@ -98,15 +107,30 @@ class SplicingTCPLayer(CountingTCPLayer):
         ctxt = self.context
         if not (ctxt.server.connected and ctxt.client.connected):
             return  # the upstream failed: mitmproxy's TCPLayer closed the client
-        handler = connection_handler(ctxt.client)
-        why = splicing.why_not(ctxt, handler)
+        why = splicing.why_not(ctxt, connection_handler(ctxt.client))
+        if why is not None:
+            logger.debug("warden: passthrough tunnel on mitmproxy's relay: %s", why)
+            self._handle_event = super().relay_messages  # type: ignore[method-assign]  # no counting of chunks
+
+    _handle_event = start
+
+    def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            self.chunks += 1
+            carried = self.tunnel.bytes_up + self.tunnel.bytes_down + len(event.data)
+            if self.chunks >= SPLICE_AFTER_CHUNKS or carried >= SPLICE_AFTER_BYTES:
+                self._hand_over()  # this chunk still goes through mitmproxy, before any spliced byte
+        return super().relay_messages(event)
+
+    def _hand_over(self) -> None:
+        self._handle_event = super().relay_messages  # type: ignore[method-assign]  # once: no more counting
+        handler = connection_handler(self.context.client)
+        why = splicing.why_not(self.context, handler)
         if why is not None:
             logger.debug("warden: passthrough tunnel on mitmproxy's relay: %s", why)
             return
-        self.kernel = splicing.KernelTunnel(handler, ctxt, self.tunnel, self._spliced_now)
+        self.kernel = splicing.KernelTunnel(handler, self.context, self.tunnel, self._spliced_now)
         self.kernel.start()
-
-    _handle_event = start
 
     def _spliced_now(self) -> None:
         self._handle_event = self.spliced  # type: ignore[method-assign]
