@@ -252,7 +252,7 @@ class KernelTunnel:
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(pause)
-            pause = min(pause * 2 or 0.001, 0.05)
+            pause = 0.001  # the transports are paused meanwhile: notice the drain soon
 
     def _give_back(self) -> None:
         """Take-over abandoned: mitmproxy's layer relays the tunnel, as if never asked."""
