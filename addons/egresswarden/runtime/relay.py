@@ -14,9 +14,11 @@ How it works, per direction (src -> dst):
   and the direction is finished. Both finished, or an error on either socket: the relay ends.
 
 Byte counts are exact: `bytes_up` / `bytes_down` count bytes delivered to the other side
-(what a tunnel_close audit record reports). `close()` stops the relay at once and shuts both
-sockets down: this is how a tunnel is revoked (rule reload, `control`). The sockets stay
-owned by the caller, which closes them.
+(what a tunnel_close audit record reports). `close()` stops the relay at once (no callback
+runs after it returns, so the counts are final) and shuts both sockets down: this is how a
+tunnel is revoked (rule reload, `control`). The sockets stay owned by the caller, which
+closes them. `on_activity`, if given, is called after every splice that delivered bytes
+(Warden feeds mitmproxy's inactivity watchdog with it: runtime/splicing.py).
 
 Linux only (`os.splice`, Python 3.10+); `available()` says whether it can be used, and a
 caller falls back to its ordinary relay when it is not.
@@ -29,6 +31,7 @@ import contextlib
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 CHUNK = 1 << 16  # a default pipe holds 64 KiB
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -77,6 +80,7 @@ class _Direction:
         self.flush()
 
     def flush(self) -> None:
+        before = self.moved
         while self.in_pipe:
             try:
                 m = os.splice(self.pipe_r, self.dst.fileno(), self.in_pipe, flags=_FLAGS)
@@ -87,6 +91,8 @@ class _Direction:
                 return
             self.in_pipe -= m
             self.moved += m
+        if self.moved != before and self.relay.on_activity is not None:
+            self.relay.on_activity()
         if self.in_pipe:
             self._read_off()  # backpressure: read no more until dst took what we hold
             if not self.writing:
@@ -105,13 +111,16 @@ class _Direction:
             self._read_on()
 
     def stop(self) -> None:
+        """Idempotent: a pipe fd closed twice could close a descriptor reused meanwhile."""
         self._read_off()
         if self.writing:
             self.relay.loop.remove_writer(self.dst.fileno())
             self.writing = False
         for fd in (self.pipe_r, self.pipe_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.pipe_r = self.pipe_w = -1
 
 
 class SpliceRelay:
@@ -120,14 +129,20 @@ class SpliceRelay:
     `await relay.run()` returns (bytes_up, bytes_down): client->server, server->client.
     """
 
-    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+    def __init__(self, client: socket.socket, server: socket.socket,
+                 on_activity: Callable[[], None] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.on_activity = on_activity
         for s in (client, server):
             s.setblocking(False)
         self.error: OSError | None = None
         self._done: asyncio.Future[None] = self.loop.create_future()
         self._up = _Direction(self, client, server)
-        self._down = _Direction(self, server, client)
+        try:
+            self._down = _Direction(self, server, client)
+        except OSError:  # out of descriptors (EMFILE): leave nothing open
+            self._up.stop()
+            raise
         self._sockets = (client, server)
 
     @property
@@ -153,11 +168,13 @@ class SpliceRelay:
 
     def fail(self, error: OSError) -> None:
         self.error = error
+        self._stop()  # nothing more moves: the counts are what was delivered before the error
         if not self._done.done():
             self._done.set_result(None)
 
     def close(self) -> None:
-        """Revoke the tunnel: stop relaying now and shut both sockets down."""
+        """Revoke the tunnel: stop relaying now (counts final on return) and shut both sockets down."""
+        self._stop()
         for s in self._sockets:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)

@@ -23,6 +23,8 @@ from typing import Any
 
 from mitmproxy import connection, ctx
 
+from egresswarden.runtime import splicing
+
 logger = logging.getLogger("warden")
 
 
@@ -37,7 +39,11 @@ def connection_handler(client: connection.Client) -> Any | None:
 
 
 def close_client(client: connection.Client) -> bool:
-    """Close `client` as a `CloseConnection` command would; False if it is already gone."""
+    """Close `client` as a `CloseConnection` command would; False if it is already gone.
+
+    A tunnel relayed in the kernel (runtime/splicing.py) is stopped first, synchronously, so
+    no byte moves after this returns and its counts are in the tunnel for tunnel_close."""
+    splicing.revoke(client)
     handler = connection_handler(client)
     if handler is None or client not in handler.transports:
         return False

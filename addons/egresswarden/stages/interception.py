@@ -5,10 +5,13 @@ TCP relay when they are too few (`G`, then the rest) or do not look like HTTP af
 without ALPN: a relay nobody decided, that skips every per-request rule. So for every
 `next_layer` inside a CONNECT tunnel Warden sets the layer itself, and only to one of:
 
-    passthrough   the policy allowed the tunnel without interception: `CountingTCPLayer`
-                  (raw bytes, counted for the `tunnel_close` record). A TLS ClientHello whose
-                  SNI differs from the CONNECT host turns this into interception (fronting:
-                  the agent then gets a readable 403 `sni_mismatch`).
+    passthrough   the policy allowed the tunnel without interception: `SplicingTCPLayer`
+                  (raw bytes, counted for the `tunnel_close` record), which hands the tunnel
+                  to a kernel relay (runtime/splicing.py) once the upstream is open, or
+                  `CountingTCPLayer` (mitmproxy's relay) with `warden_splice` off or where
+                  splice cannot be used. A TLS ClientHello whose SNI differs from the CONNECT
+                  host turns this into interception (fronting: the agent then gets a
+                  readable 403 `sni_mismatch`).
     intercept     TLS with the client and the upstream (`ServerTLSLayer` + `ClientTLSLayer`),
                   then HTTP (`HttpLayer`) once the client's ALPN or its first request line
                   says HTTP/1 or HTTP/2.
@@ -35,8 +38,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import Any
 
 from mitmproxy import connection, ctx, exceptions
+from mitmproxy.connection import ConnectionState
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, context, events, layer, layers
 from mitmproxy.proxy.layers import modes, tcp
@@ -45,11 +50,16 @@ from mitmproxy.proxy.layers.tls import HTTP_ALPNS, parse_client_hello
 
 from egresswarden.core.decision import Reason
 from egresswarden.core.hostnames import HostError, normalize_host
+from egresswarden.runtime import relay, splicing
 from egresswarden.runtime.context import Connections, ConnState, Tunnel, TunnelMode
+from egresswarden.runtime.sockets import connection_handler
 
 logger = logging.getLogger("warden")
 
-MAX_UNDECIDED_BYTES = 64 * 1024  # a ClientHello or first request line larger than this is refused
+MAX_UNDECIDED_BYTES = 64 * 1024
+# A passthrough tunnel moves to the kernel relay after this much through mitmproxy's (SplicingTCPLayer).
+SPLICE_AFTER_CHUNKS = 16
+SPLICE_AFTER_BYTES = 64 * 1024  # a ClientHello or first request line larger than this is refused
 _REQUEST_LINE = re.compile(rb"[A-Z][A-Z0-9_-]{0,19} \S+ HTTP/1\.[01]\r?\n")
 
 
@@ -72,6 +82,70 @@ class CountingTCPLayer(tcp.TCPLayer):
         return relayed
 
 
+class SplicingTCPLayer(CountingTCPLayer):
+    """CountingTCPLayer until the tunnel has carried a little, then it moves to a kernel relay.
+
+    Only tunnels that carry more than a handshake and a request or two are handed over
+    (`SPLICE_AFTER_CHUNKS` chunks or `SPLICE_AFTER_BYTES` bytes through mitmproxy's relay):
+    a spliced tunnel holds six more descriptors (two pipes, two socket duplicates), which an
+    idle or one-shot tunnel would hold for nothing, and a one-shot tunnel gains nothing from
+    the relay (measured: README, "Performance"). The take-over (runtime/splicing.KernelTunnel)
+    runs in its own task; until it completes, this layer relays and counts as
+    CountingTCPLayer does, so every byte already read (the ClientHello NextLayer replays, a
+    server greeting) passes exactly once. Once the kernel relays, the layer relays nothing: a
+    ConnectionClosed means mitmproxy closed a connection (inactivity timeout, revocation,
+    shutdown, or the relay's own end): stop the relay and close both."""
+
+    def __init__(self, context: context.Context, tunnel: Tunnel) -> None:
+        super().__init__(context, tunnel)
+        self.kernel: splicing.KernelTunnel | None = None
+        self.chunks = 0
+
+    def start(self, event: events.Event) -> layer.CommandGenerator[None]:
+        started: layer.CommandGenerator[None] = super().start(event)  # opens the upstream if needed
+        yield from started
+        ctxt = self.context
+        if not (ctxt.server.connected and ctxt.client.connected):
+            return  # the upstream failed: mitmproxy's TCPLayer closed the client
+        why = splicing.why_not(ctxt, connection_handler(ctxt.client))
+        if why is not None:
+            logger.debug("warden: passthrough tunnel on mitmproxy's relay: %s", why)
+            self._handle_event = super().relay_messages  # type: ignore[method-assign]  # no counting of chunks
+
+    _handle_event = start
+
+    def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            self.chunks += 1
+            carried = self.tunnel.bytes_up + self.tunnel.bytes_down + len(event.data)
+            if self.chunks >= SPLICE_AFTER_CHUNKS or carried >= SPLICE_AFTER_BYTES:
+                self._hand_over()  # this chunk still goes through mitmproxy, before any spliced byte
+        return super().relay_messages(event)
+
+    def _hand_over(self) -> None:
+        self._handle_event = super().relay_messages  # type: ignore[method-assign]  # once: no more counting
+        handler = connection_handler(self.context.client)
+        why = splicing.why_not(self.context, handler)
+        if why is not None:
+            logger.debug("warden: passthrough tunnel on mitmproxy's relay: %s", why)
+            return
+        self.kernel = splicing.KernelTunnel(handler, self.context, self.tunnel, self._spliced_now)
+        self.kernel.start()
+
+    def _spliced_now(self) -> None:
+        self._handle_event = self.spliced  # type: ignore[method-assign]
+
+    def spliced(self, event: events.Event) -> layer.CommandGenerator[None]:
+        assert self.kernel is not None
+        if isinstance(event, events.DataReceived):  # cannot happen (transports paused): fail closed
+            logger.error("warden: bytes reached mitmproxy from a tunnel relayed in the kernel; closing it")
+        self.kernel.stop("closed by mitmproxy")
+        self._handle_event = self.done  # type: ignore[method-assign]
+        for conn in (self.context.server, self.context.client):
+            if conn.state is not ConnectionState.CLOSED:
+                yield commands.CloseConnection(conn)
+
+
 class RefusedLayer(layer.Layer):
     """Closes the client connection (and any upstream one) without relaying a byte."""
 
@@ -86,9 +160,18 @@ class Interception:
     def __init__(self, connections: Connections) -> None:
         self.connections = connections
         self.active_tunnels = 0
+        self.splice = relay.available()
+
+    def load(self, loader: Any) -> None:  # mitmproxy's Loader
+        loader.add_option(
+            "warden_splice", bool, True,
+            "Relay passed-through tunnels in the kernel (os.splice, Linux) instead of through mitmproxy's TCP "
+            "layer. Off: every passthrough tunnel uses mitmproxy's relay.")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
+        if "warden_splice" in updated:
+            self.splice = bool(opts.warden_splice) and relay.available()
         # mitmproxy's raw-TCP fallbacks (NextLayer's "probably not HTTP", HTTP 101 to an unknown
         # protocol) would relay bytes no stage decided. Checked on every configure, not only when
         # "rawtcp" is in `updated`: mitmdump configures only the options the command line set, so
@@ -221,7 +304,8 @@ class Interception:
         tunnel.mode = TunnelMode.PASSTHROUGH
         tunnel.started = time.monotonic()
         self.active_tunnels += 1
-        nextlayer.layer = CountingTCPLayer(nextlayer.context, tunnel)
+        kind = SplicingTCPLayer if self.splice else CountingTCPLayer
+        nextlayer.layer = kind(nextlayer.context, tunnel)
 
     def _refuse(self, nextlayer: layer.NextLayer, state: ConnState | None, tunnel: Tunnel | None, what: str) -> None:
         if tunnel is not None:
