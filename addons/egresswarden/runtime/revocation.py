@@ -81,7 +81,7 @@ class Revocation:
                 decision, cause = tunnel.decision, "internal_error"
             if cause is None:
                 continue
-            if close_client(client):
+            if close_client(client, abort=True):
                 self.revoked += 1
                 self._audit(state, tunnel, decision, cause, time.perf_counter() - started)
 

@@ -38,16 +38,27 @@ def connection_handler(client: connection.Client) -> Any | None:
     return handler
 
 
-def close_client(client: connection.Client) -> bool:
+def close_client(client: connection.Client, abort: bool = False) -> bool:
     """Close `client` as a `CloseConnection` command would; False if it is already gone.
 
     A tunnel relayed in the kernel (runtime/splicing.py) is stopped first, synchronously, so
-    no byte moves after this returns and its counts are in the tunnel for tunnel_close."""
+    no byte moves after this returns and its counts are in the tunnel for tunnel_close.
+
+    `abort`: also drop every socket of the connection (the client's and the upstream's) at
+    once, discarding what is still queued. mitmproxy's close is asyncio's `transport.close()`,
+    which waits until the write buffer drained: a peer that does not read (an upstream that
+    only sends, an agent that stopped reading) kept a revoked tunnel's sockets, and the
+    connection to the revoked destination, open for as long as it liked."""
     splicing.revoke(client)
     handler = connection_handler(client)
     if handler is None or client not in handler.transports:
         return False
     handler.close_connection(client)
+    if abort:
+        for io in list(handler.transports.values()):
+            transport = getattr(getattr(io, "writer", None), "transport", None)
+            if transport is not None and hasattr(transport, "abort"):
+                transport.abort()  # RST, no drain: the revocation is immediate
     return True
 
 

@@ -1,0 +1,165 @@
+"""A revoked passthrough tunnel lets go of both its sockets at once, even when they cannot drain.
+
+Red-team round 2 (branch redteam2): a revoked passthrough tunnel carrying data both ways,
+whose upstream does not read, kept the upstream connection to the revoked destination (and
+its fd) open for as long as the upstream kept it (8 of 8, > 30 s), because asyncio's
+`transport.close()` waits for the write buffer to drain. Revocation now aborts both legs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from tests.bypass_helpers import connect_raw, wait_until
+from tests.harness import Warden, hosts_file, sha256_hex, start_warden
+
+TOKEN = "redteam2-token-0123456789"
+
+
+def _rules(work: Path, flood_port: int) -> dict[str, Any]:
+    loopback = ["127.0.0.1/32"]
+    return {
+        "agents": [{"id": "coder", "token_sha256": [sha256_hex(TOKEN)], "policies": ["p"]}],
+        "policies": {"p": {"allow": [
+            {"id": "pass", "host": "other.test", "ports": [flood_port], "addresses": loopback},
+        ]}},
+        "settings": {"hosts_file": str(hosts_file(work / "hosts"))},
+    }
+
+
+class _FloodServer:
+    """Sends to every connection until it fails (or 60 s); counts the connections still open."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.open = 0
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._flood, args=(conn,), daemon=True).start()
+
+    def _flood(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.open += 1
+            self.conns.append(conn)
+        conn.settimeout(60)
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline and not self.stopping.is_set():
+                conn.send(b"S" * 16384)
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.open -= 1
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            for c in self.conns:
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+@pytest.fixture(params=["spliced", "mitmproxy-relay"])
+def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    ca = trustme.CA()
+    ca_file = tmp_path / "origin-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    flood = _FloodServer()
+    try:
+        rules = _rules(tmp_path, flood.port)
+        extra = ["--set", "warden_splice=false"] if request.param == "mitmproxy-relay" else []
+        warden = start_warden(tmp_path, rules, upstream_ca=ca_file, agents={"coder": TOKEN}, extra_args=extra)
+        try:
+            yield {"warden": warden, "flood": flood, "rules": rules}
+        finally:
+            warden.stop()
+    finally:
+        flood.stop()
+
+
+def _reload(warden: Warden, rules: dict[str, Any]) -> None:
+    before = sum(r.get("event") == "reload" and r.get("result") == "success" for r in warden.audit_records())
+    warden.write_rules(rules)
+    assert wait_until(lambda: sum(r.get("event") == "reload" and r.get("result") == "success"
+                                  for r in warden.audit_records()) > before, timeout=15)
+
+
+@pytest.mark.parametrize("agent_reads", [True, False], ids=["agent-reads", "agent-silent"])
+def test_revoked_passthrough_tunnel_releases_both_connections(env: dict[str, Any], agent_reads: bool) -> None:
+    """Both sides flood, the upstream never reads (and, agent-silent, the agent never reads
+    either): after tunnel_revoked Warden holds nothing to the revoked destination, and the
+    agent's connection ends, within seconds."""
+    warden, flood, rules = env["warden"], env["flood"], env["rules"]
+    socks = []
+    for _ in range(8):
+        sock, status, head = connect_raw(warden, "coder", f"other.test:{flood.port}")
+        assert status == 200, head
+        socks.append(sock)
+
+    def agent_sends(sock: socket.socket) -> None:
+        deadline = time.monotonic() + 4
+        try:
+            sock.settimeout(1)
+            while time.monotonic() < deadline:
+                sock.sendall(b"C" * 65536)
+        except OSError:
+            pass
+    def agent_reads(sock: socket.socket) -> None:  # the upstream's bytes keep flowing to the agent
+        deadline = time.monotonic() + 15
+        try:
+            while time.monotonic() < deadline and sock.recv(65536):
+                pass
+        except OSError:
+            pass
+    senders = [threading.Thread(target=agent_sends, args=(s,), daemon=True) for s in socks]
+    if agent_reads:
+        senders += [threading.Thread(target=agent_reads, args=(s,), daemon=True) for s in socks]
+    for t in senders:
+        t.start()
+    assert wait_until(lambda: flood.open == 8, timeout=10)
+
+    revoked = copy.deepcopy(rules)
+    revoked["policies"]["p"]["allow"] = [a for a in revoked["policies"]["p"]["allow"] if a["id"] != "pass"]
+    _reload(warden, revoked)
+    assert wait_until(lambda: sum(r.get("event") == "tunnel_revoked" for r in warden.audit_records()) == 8,
+                      timeout=10)
+    revoked_at = time.monotonic()
+    for t in senders:
+        t.join(10)
+    if not agent_reads:  # the agent's side ends too: it drains what is queued, then EOF or a reset
+        for s in socks:
+            s.settimeout(max(0.1, revoked_at + 10 - time.monotonic()))
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                while s.recv(1 << 20):
+                    pass
+    for s in socks:
+        s.close()
+    # The upstream's own send timeout is 60 s: only Warden closing its side ends these early.
+    assert wait_until(lambda: flood.open == 0, timeout=10), (
+        f"{flood.open} of 8 upstream connections of revoked tunnels still open 10 s after the revocation")
