@@ -197,3 +197,28 @@ def test_outcomes_audit_a_refused_connection_and_a_passthrough_once(stage: Any) 
     closes = [o for o in seen if o.event == "tunnel_close"]
     assert len(closes) == 1 and closes[0].host == "api.test"
     assert interception.active_tunnels == 0
+
+
+def test_live_flow_revocation_fails_closed_when_the_redecision_raises() -> None:
+    """A live flow that cannot be decided again (here: no recorded target) is cut, not kept."""
+    import time
+
+    from egresswarden.runtime.context import record_of
+    from egresswarden.runtime.revocation import LiveFlows, Revocation
+    from egresswarden.runtime.rulestore import RuleStore
+    from mitmproxy.test import tflow
+
+    emitted: list[Outcome] = []
+    live = LiveFlows()
+    flow = tflow.tflow(ws=True)
+    record = record_of(flow)
+    record.agent, record.method, record.path = "coder", "GET", "/ws"
+    live.websocket_start(flow)
+    with taddons.context():
+        revocation = Revocation(RuleStore(), Connections(), emitted.append, live)
+        revocation._redecide_flow(object(), flow, time.perf_counter())
+    assert record.revocation == "denied" and record.decision is not None
+    assert record.decision.reason is Reason.INTERNAL_ERROR
+    assert flow.error is not None and not flow.live and flow.id not in live.flows
+    assert [(o.event, o.revocation, o.decision.reason if o.decision else None) for o in emitted] == [
+        ("tunnel_revoked", "denied", Reason.INTERNAL_ERROR)]

@@ -63,7 +63,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .decide import decide, decide_addresses
-from .decision import Decision, Interception, Reason, Verdict
+from .decision import Decision, Interception, Reason, Verdict, deny
 from .derived import derived
 from .facts import RequestFacts
 from .hostnames import HostError, IPAddress, normalize_host, parse_ip
@@ -218,6 +218,23 @@ def plan_connect(rules: RuleSet, agent: str, host: str, port: int) -> Decision:
 def plan_request(rules: RuleSet, agent: str, scheme: str, host: str, port: int, method: str, path: str) -> Decision:
     """The request decision: inside an intercepted tunnel (https) or a plain-HTTP request."""
     return decide(rules, RequestFacts(agent, host, port, scheme, method, path))
+
+
+def plan_upgrade(rules: RuleSet, agent: str, host: str | None, upgrade: str | None, decision: Decision) -> Decision:
+    """HTTP Upgrade on an allowed request: WebSocket where the deciding rule says `websocket: true`,
+    nothing else. Used for the upgrade request and again when a reload re-decides an open WebSocket."""
+    if upgrade is None or not decision.allowed:
+        return decision
+    if upgrade.strip().lower() != "websocket":
+        return deny(Reason.UPGRADE_NOT_ALLOWED,
+                    f"Upgrade to {upgrade[:40]!r} is not allowed: Warden only carries HTTP it can decide",
+                    rules.version, decision.rule_id)
+    rule = rules.allow_rule(decision.rule_id) if decision.rule_id else None
+    if rule is None or not rule.websocket:
+        return deny(Reason.WEBSOCKET_NOT_ALLOWED,
+                    f"WebSocket to {host} is not allowed for agent '{agent}' "
+                    f"(the rule must say websocket: true)", rules.version, decision.rule_id)
+    return decision
 
 
 def known_addresses(rules: RuleSet, host: str,

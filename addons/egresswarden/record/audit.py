@@ -85,7 +85,8 @@ def outcome_record(o: Outcome) -> dict[str, Any]:
         record.update(mcp_fields(o.mcp))
     if o.revocation is not None:
         record[F.REVOCATION] = o.revocation
-        record[F.REVOKE_MS] = o.revoke_ms
+        if o.revoke_ms is not None:
+            record[F.REVOKE_MS] = o.revoke_ms
     return record
 
 

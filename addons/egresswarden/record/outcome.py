@@ -97,8 +97,8 @@ class Outcome:
     websocket_messages_up: int | None = None
     websocket_messages_down: int | None = None
     mcp_audited: bool = False  # a request whose MCP messages each have their own `mcp` Outcome
-    revocation: str | None = None  # tunnel_revoked: what the reload changed (e.g. agent_removed)
-    revoke_ms: float | None = None  # tunnel_revoked: time from the reload to the cut
+    revocation: str | None = None  # tunnel_revoked: what the reload changed; on request/websocket_close: the flow was cut
+    revoke_ms: float | None = None  # tunnel_revoked: time from the reload to the cut (None elsewhere)
 
 
 OutcomeSink = Callable[[Outcome], None]
@@ -155,6 +155,7 @@ class Outcomes:
             auth_failure=record.auth_failure,
             sandbox_id=record.sandbox_id,
             mcp_audited=record.mcp_audited,
+            revocation=record.revocation,
         )
 
     def _kept_query_values(self) -> frozenset[str]:
@@ -232,4 +233,5 @@ class Outcomes:
             events=tuple(record.events), error=flow.error.msg if flow.error else None,
             websocket_messages_up=record.websocket_messages_up,
             websocket_messages_down=record.websocket_messages_down,
+            revocation=record.revocation,
         ))

@@ -15,12 +15,14 @@
                                                                    rewrites headers/query (injection)
     Mcp            MCP JSON-RPC decisions, list filtering         writes mcp, events; answers denials
     WebSockets     leak guard and redaction of WebSocket messages  writes websocket counts, events
+    LiveFlows      keeps open WebSockets and streaming requests for Revocation
     Interception   every protocol layer of every tunnel           writes tunnel mode, SNI mismatch
     UpstreamGuard  pins each upstream connection to the checked address
     Outcomes       turns finished flows, tunnels and refused connections into Outcomes
     Metrics        Prometheus + /healthz (an Outcome sink)
     Alerts         webhook alerts, off the traffic path (an Outcome sink)
-    Revocation     on reload, re-decides open passthrough tunnels and cuts the denied ones
+    Revocation     on reload, re-decides open passthrough tunnels, WebSockets and streaming
+                   requests, and cuts the denied ones              writes revocation, decision
     Admin          the `warden sandbox` admin socket: sandbox sessions (read by Identity through
                    runtime/admin.SESSIONS) and the sandbox_* audit records
     LeftOpenSockets closes a client socket mitmproxy's handler left open (runtime/sockets.py)
@@ -59,7 +61,7 @@ from egresswarden.runtime import http1_trailers
 from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
-from egresswarden.runtime.revocation import Revocation
+from egresswarden.runtime.revocation import LiveFlows, Revocation
 from egresswarden.runtime.rulestore import RuleStore
 from egresswarden.runtime.sockets import LeftOpenSockets
 from egresswarden.stages.bodyplan import BodyPlanner
@@ -80,6 +82,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
     audit = Audit(store)
     interception = Interception(connections)
     outcomes = Outcomes(connections, store)
+    live = LiveFlows()
     metrics = Metrics(store, audit, interception)
     alerts = Alerts(store, audit)
     outcomes.add_sink(audit.on_outcome)
@@ -95,12 +98,13 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
         Credentials(connections),
         Mcp(store, outcomes),  # after Credentials: wraps its response redactor stream (see stages/mcp.py)
         WebSockets(),
+        live,  # after every stage that installs a request stream: wraps it
         interception,
         UpstreamGuard(connections),
         outcomes,
         metrics,
         alerts,
-        Revocation(store, connections, outcomes.emit),  # no hooks: a reload listener (after audit's)
+        Revocation(store, connections, outcomes.emit, live),  # no hooks: a reload listener (after audit's)
         Admin(store, audit, alerts),
         LeftOpenSockets(),  # last: after every part that records the disconnect
     ]

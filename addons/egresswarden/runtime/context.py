@@ -96,6 +96,7 @@ class FlowRecord:
     mcp_server: str | None = None  # id of the MCP server governing this request
     websocket_messages_up: int = 0
     websocket_messages_down: int = 0
+    revocation: str | None = None  # set when a reload cut this live flow (runtime/revocation.py)
     audited: bool = False
     mcp_audited: bool = False
 

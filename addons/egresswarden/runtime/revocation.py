@@ -19,6 +19,21 @@ which cancels the client's reader task; mitmproxy then tears down the server sid
 alerts) with the new decision's reason code and `revocation`: `denied` or
 `needs_interception`, plus `revoke_ms`, the time from the swap of the rules to the close.
 Runs on the event loop (reload listeners do), so it never races the relay.
+
+Live flows: a request inside an intercepted tunnel (or plain HTTP) is decided when its
+headers arrive, so an open WebSocket or a request whose body is still streaming would
+otherwise carry traffic under the old decision for as long as it lasts. `LiveFlows` (a chain
+part after every stage that installs a request stream) keeps those flows: from
+`websocket_start` to `websocket_end`, and from `requestheaders` (when the body streams) to
+`request`/`error`. On the same reload each is decided again with the proxy's own request
+decision (`core.plan.plan_request`, `plan_upgrade` for a WebSocket, `check_addresses` on the
+pinned address), on the canonical target Policy recorded. A denial (or an error while
+deciding: fail closed) cuts it: `FlowRecord.revocation` is set (the stream callable then
+forwards nothing more and WebSocket messages are dropped), the flow is killed and its client
+connection closed the same way as a tunnel's (mitmproxy's `flow.kill()` alone does not stop a
+flow in transit). One `tunnel_revoked` Outcome carries the new decision; the flow's later
+`websocket_close`/`request` record carries that deny decision and `revocation`, never the old
+allow. The whole client connection is closed, so on HTTP/2 its other streams end too.
 """
 
 from __future__ import annotations
@@ -26,14 +41,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from ipaddress import ip_address
 from typing import Any
 
+from mitmproxy import connection, http
+
 from egresswarden.core.decide import decide, decide_addresses
-from egresswarden.core.decision import Decision, Interception
+from egresswarden.core.decision import Decision, Interception, Reason, deny
 from egresswarden.core.facts import RequestFacts
+from egresswarden.core.plan import check_addresses, plan_request, plan_upgrade
 from egresswarden.record.journal import utc_now
-from egresswarden.record.outcome import Outcome
-from egresswarden.runtime.context import Connections, ConnState, Tunnel, TunnelMode
+from egresswarden.record.outcome import Outcome, redact_query
+from egresswarden.runtime.context import Connections, ConnState, FlowRecord, Tunnel, TunnelMode, record_of
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 from egresswarden.runtime.sockets import close_client
 
@@ -55,11 +74,67 @@ def redecide(rules: Any, tunnel: Tunnel) -> tuple[Decision, str | None]:
     return decision, None
 
 
+def redecide_flow(rules: Any, record: FlowRecord, flow: http.HTTPFlow) -> Decision:
+    """The live request decided again under `rules`, as Policy decided it (same functions)."""
+    target = record.target
+    if record.agent is None or target is None or record.method is None or record.path is None:
+        raise ValueError("live flow without a decided target")
+    decision = plan_request(rules, record.agent, target.scheme, target.host, target.port, record.method, record.path)
+    if flow.websocket is not None:
+        decision = plan_upgrade(rules, record.agent, target.host, flow.request.headers.get("upgrade"), decision)
+    if decision.allowed and record.upstream_address is not None:
+        decision = check_addresses(rules, record.agent, target.scheme, target.host, target.port,
+                                   [ip_address(record.upstream_address)], decision)
+    return decision
+
+
+def _stop_after_revocation(stream: Callable[[bytes], bytes | Any], record: FlowRecord) -> Callable[[bytes], bytes]:
+    """The request's stream callable, forwarding nothing once a reload revoked the flow."""
+    def guarded(chunk: bytes) -> bytes:
+        if record.revocation is not None:
+            return b""
+        out = stream(chunk)
+        return out if isinstance(out, bytes) else b"".join(out)
+    return guarded
+
+
+class LiveFlows:
+    """The flows a reload must re-decide: open WebSockets and requests whose body still streams."""
+
+    def __init__(self) -> None:
+        self.flows: dict[str, http.HTTPFlow] = {}
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        stream = flow.request.stream
+        if flow.response is None and callable(stream):
+            flow.request.stream = _stop_after_revocation(stream, record_of(flow))
+            self.flows[flow.id] = flow
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:
+            self.flows.pop(flow.id, None)  # the body is complete
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        self.flows[flow.id] = flow
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self.flows.pop(flow.id, None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.flows.pop(flow.id, None)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        for flow_id in [i for i, f in self.flows.items() if f.client_conn is client]:
+            del self.flows[flow_id]
+
+
 class Revocation:
-    def __init__(self, store: RuleStore, connections: Connections, emit: OutcomeSink) -> None:
+    def __init__(self, store: RuleStore, connections: Connections, emit: OutcomeSink,
+                 live: LiveFlows | None = None) -> None:
         self.store = store
         self.connections = connections
         self.emit = emit
+        self.live = live if live is not None else LiveFlows()
         self.revoked = 0
         store.add_listener(self.on_reload)
 
@@ -84,6 +159,39 @@ class Revocation:
             if close_client(client, abort=True):
                 self.revoked += 1
                 self._audit(state, tunnel, decision, cause, time.perf_counter() - started)
+        for flow in list(self.live.flows.values()):
+            self._redecide_flow(rules, flow, started)
+
+    def _redecide_flow(self, rules: Any, flow: http.HTTPFlow, started: float) -> None:
+        record = record_of(flow)
+        if record.revocation is not None:
+            return
+        try:
+            decision = redecide_flow(rules, record, flow)
+        except Exception as e:  # cannot decide: fail closed, cut it
+            logger.error("warden: revocation check of a live flow failed with %s; cutting it", e.__class__.__name__)
+            decision = deny(Reason.INTERNAL_ERROR, "Warden could not re-decide this flow after a reload",
+                            getattr(rules, "version", "unknown"))
+        if decision.allowed:
+            return
+        record.decision = decision
+        record.revocation = "denied"
+        self.live.flows.pop(flow.id, None)
+        if flow.killable:
+            flow.kill()
+        close_client(flow.client_conn)
+        self.revoked += 1
+        state = self.connections.peek(flow.client_conn)
+        self.emit(Outcome(
+            event="tunnel_revoked", time=utc_now(), request_id=record.request_id, decision=decision,
+            agent=record.agent, sandbox_id=record.sandbox_id,
+            client_ip=state.client_ip if state is not None else None,
+            client_port=state.client_port if state is not None else None,
+            method=record.method, scheme=record.scheme, host=record.host, port=record.port,
+            path=redact_query(record.path), interception=record.interception,
+            duration_seconds=time.monotonic() - record.started, upstream_address=record.upstream_address,
+            revocation="denied", revoke_ms=round((time.perf_counter() - started) * 1000, 3),
+        ))
 
     def _audit(self, state: ConnState, tunnel: Tunnel, decision: Decision, cause: str, seconds: float) -> None:
         self.emit(Outcome(

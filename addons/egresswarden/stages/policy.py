@@ -42,6 +42,7 @@ from egresswarden.core.plan import (
     mcp_server_for,
     plan_connect,
     plan_request,
+    plan_upgrade,
 )
 from egresswarden.core.ruleset import RuleSet
 from egresswarden.runtime.context import (
@@ -203,22 +204,6 @@ class Policy:
                             f"only chunked (use Content-Encoding for compression)", rules.version)
         return None
 
-    def _upgrade(self, flow: http.HTTPFlow, record: FlowRecord, rules: RuleSet, decision: Decision) -> Decision:
-        """HTTP Upgrade: WebSocket where the deciding rule allows it, nothing else."""
-        upgrade = flow.request.headers.get("upgrade")
-        if upgrade is None or not decision.allowed:
-            return decision
-        if upgrade.strip().lower() != "websocket":
-            return deny(Reason.UPGRADE_NOT_ALLOWED,
-                        f"Upgrade to {upgrade[:40]!r} is not allowed: Warden only carries HTTP it can decide",
-                        rules.version, decision.rule_id)
-        rule = rules.allow_rule(decision.rule_id) if decision.rule_id else None
-        if rule is None or not rule.websocket:
-            return deny(Reason.WEBSOCKET_NOT_ALLOWED,
-                        f"WebSocket to {record.host} is not allowed for agent '{record.agent}' "
-                        f"(the rule must say websocket: true)", rules.version, decision.rule_id)
-        return decision
-
     def _target(self, record: FlowRecord, rules: RuleSet, state: ConnState, host: str, port: int, scheme: str,
                 path: str) -> None:
         """Decide the canonical target and the MCP server it addresses, once for every stage: by
@@ -284,7 +269,7 @@ class Policy:
         decision = plan_request(rules, facts.agent, facts.scheme, facts.host, facts.port, request.method, request.path)
         record.engine_seconds += time.perf_counter() - started
         record.host = _canonical_or_raw(record.host or "")
-        decision = self._upgrade(flow, record, rules, decision)
+        decision = plan_upgrade(rules, record.agent, record.host, request.headers.get("upgrade"), decision)
         if decision.allowed and tunnel is None:
             decision = await self._check_addresses(rules, facts, decision, state, record)
             pinned = state.pinned.get((record.host, request.port))

@@ -105,8 +105,9 @@ class WebSockets:
         rules = record.rules
         if rules is None:
             raise RuntimeError("WebSocket message without a decided upgrade")  # fail closed
-        if record.decision is not None and record.decision.reason is Reason.SECRET_LEAK:
-            message.drop()  # after a leak nothing more passes, in either direction
+        if record.revocation is not None or (record.decision is not None
+                                             and record.decision.reason is Reason.SECRET_LEAK):
+            message.drop()  # after a leak or a revocation nothing more passes, in either direction
         elif message.from_client:
             record.websocket_messages_up += 1
             record.bytes_up += len(message.content)
