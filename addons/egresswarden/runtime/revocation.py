@@ -179,7 +179,7 @@ class Revocation:
         self.live.flows.pop(flow.id, None)
         if flow.killable:
             flow.kill()
-        close_client(flow.client_conn)
+        close_client(flow.client_conn, abort=True)  # immediate, even towards a peer that does not read
         self.revoked += 1
         state = self.connections.peek(flow.client_conn)
         self.emit(Outcome(
