@@ -228,3 +228,25 @@ def test_scanner_without_credentials_is_inert():
     assert s.redact(b"anything") == (b"anything", 0)
     assert StreamScanner(s, frozenset()).feed(b"abc") == b"abc"
     assert len(encodings("abcdefghij")) > 3
+
+
+def test_base64_alphabet_view_counts_only_base64_spellings(tmp_path, monkeypatch):
+    """Dropping spaces joins words: a word-like placeholder must not match prose (red team 3),
+    while MIME-wrapped base64 of it is still a leak."""
+    scanner = scanner_for(_rules(tmp_path, monkeypatch, {"placeholder": "githubtoken"}))
+    prose = b'{"text":"Create a github token in settings"}'
+    assert scanner.find_disguised_leak(prose, frozenset(), "body") is None
+    s = StreamScanner(scanner, frozenset())
+    assert s.feed(prose[:9]) + s.feed(prose[9:]) + s.feed(b"") == prose and s.leak is None
+    wrapped = base64.b64encode(b"githubtoken")
+    assert scanner.find_disguised_leak(wrapped[:6] + b"\r\n" + wrapped[6:], frozenset(), "body") is not None
+
+
+def test_stacked_percent_encoding_is_unwrapped(tmp_path, monkeypatch):
+    scanner = scanner_for(_rules(tmp_path, monkeypatch))
+    once = quote(SECRET, safe="").encode()
+    twice = quote(once.decode(), safe="").encode()
+    via_json = b'"' + b"".join(b"\\u0025" + once[i + 1:i + 3] if once[i:i + 1] == b"%" else once[i:i + 1]
+                                for i in range(len(once)) if not (i and b"%" in once[max(0, i - 2):i])) + b'"'
+    for body in (twice, via_json):
+        assert scanner.find_disguised_leak(body, frozenset(), "body") is not None, body

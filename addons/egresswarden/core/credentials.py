@@ -24,7 +24,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote, quote_plus, unquote_plus, unquote_to_bytes
+from urllib.parse import quote, quote_plus, unquote_plus
 
 import ahocorasick
 
@@ -33,6 +33,7 @@ from .paths import PathError, canonical_path
 from .ruleset import CompiledAgent, CompiledCredential, RuleSet
 
 REDACTED = b"[REDACTED by warden]"
+_BASE64_ENCODINGS = frozenset({"base64", "base64url"})
 REDACTED_TEXT = REDACTED.decode()
 MIN_ENCODED_LENGTH = 8  # shorter encoded fragments would match random text
 
@@ -109,16 +110,27 @@ def _lower_hex(b: bytes) -> bytes:
 # percent-encoded (any URL decoder reverses it), a JSON string of \uXXXX escapes (json.loads
 # gives it back), base64 broken by line breaks or junk (non-strict base64 decoders skip
 # anything outside the alphabet). The automaton only knows fixed spellings, so request bodies
-# are also scanned in normalised views, each applied on top of the previous one, which covers
-# the stacked forms too (percent-encoded JSON escapes, percent-encoded MIME base64):
-#   percent-decoded -> JSON-unescaped -> only base64-alphabet bytes kept.
+# are also scanned in normalised views: percent-decoding and JSON-unescaping repeated until
+# nothing changes (at most MAX_UNWRAP rounds: `%2567`, `\u0025` + hex, percent-encoded `\u`
+# escapes), then only base64-alphabet bytes kept (in that last view only base64 spellings count:
+# dropping spaces joins words, and a word-like placeholder must not match prose).
+# Cost is linear: only valid escapes are matched (a body of bare `%` or `\` costs a regex scan),
+# and the stream scanner re-scans its window only once enough new bytes arrived.
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+_HEX_BYTE = {f"{b:02x}".encode(): bytes([b]) for b in range(256)}
 _JSON_PAIR = re.compile(rb"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})")
 _JSON_ESCAPE = re.compile(rb'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
 _JSON_SIMPLE = {b'"': b'"', b"\\": b"\\", b"/": b"/", b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r",
                 b"t": b"\t"}
 _BASE64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_-")
 _NOT_BASE64 = bytes(b for b in range(256) if b not in _BASE64_ALPHABET)  # bytes.translate: ~40x a regex
+SQUEEZED = "base64 alphabet only"
+MAX_UNWRAP = 3  # %252567, \u0025 + hex...; each round costs a pass over the body
 DISGUISE_GROWTH = 18  # longest spelling per byte: %5Cu00XX (percent-encoded \u00XX)
+
+
+def _percent(m: re.Match[bytes]) -> bytes:
+    return _HEX_BYTE[m[1].lower()]
 
 
 def _json_pair(m: re.Match[bytes]) -> bytes:
@@ -137,19 +149,23 @@ def disguise_views(data: bytes) -> list[tuple[str, bytes]]:
     """The normalised views of `data` that differ from it (and from each other): (name, bytes)."""
     views: list[tuple[str, bytes]] = []
     view = data
-    if b"%" in view:
-        decoded = unquote_to_bytes(view)
-        if decoded != view:
-            views.append(("percent-decoded", decoded))
-            view = decoded
-    if b"\\" in view:
-        unescaped = _JSON_ESCAPE.sub(_json_escape, _JSON_PAIR.sub(_json_pair, view))
-        if unescaped != view:
-            views.append(("JSON-unescaped", unescaped))
-            view = unescaped
+    for _ in range(MAX_UNWRAP):
+        before = view
+        if b"%" in view:
+            decoded = _PERCENT.sub(_percent, view)
+            if decoded != view:
+                views.append(("percent-decoded", decoded))
+                view = decoded
+        if b"\\" in view:
+            unescaped = _JSON_ESCAPE.sub(_json_escape, _JSON_PAIR.sub(_json_pair, view))
+            if unescaped != view:
+                views.append(("JSON-unescaped", unescaped))
+                view = unescaped
+        if view == before:
+            break
     squeezed = view.translate(None, _NOT_BASE64)
     if squeezed != view:
-        views.append(("base64 alphabet only", squeezed))
+        views.append((SQUEEZED, squeezed))
     return views
 
 
@@ -203,12 +219,15 @@ class Scanner:
         return found[0] if found is not None else None
 
     def first_leak(self, data: bytes | str, bound: frozenset[str], where: str,
-                   placeholders_bound: bool = True) -> tuple[Leak, int] | None:
+                   placeholders_bound: bool = True,
+                   only_encodings: frozenset[str] | None = None) -> tuple[Leak, int] | None:
         """(leak, index where the leaked value starts) of the first unbound hit, or None."""
         if self.automaton is None or not data:
             return None
         text = data.decode("latin-1") if isinstance(data, bytes) else data
         for end, pattern in self.automaton.iter(text):
+            if only_encodings is not None and pattern.encoding not in only_encodings:
+                continue
             exempt = bound and not pattern.owners.isdisjoint(bound)
             if exempt and (placeholders_bound or pattern.kind != "placeholder"):
                 continue
@@ -226,9 +245,10 @@ class Scanner:
         if self.automaton is None:
             return None
         for name, view in disguise_views(data):
-            leak = self.find_leak(view, bound, f"{where} ({name})", placeholders_bound=False)
-            if leak is not None:
-                return leak
+            found = self.first_leak(view, bound, f"{where} ({name})", placeholders_bound=False,
+                                    only_encodings=_BASE64_ENCODINGS if name == SQUEEZED else None)
+            if found is not None:
+                return found[0]
         return None
 
     def hold_from(self, text: str) -> int:
@@ -415,6 +435,7 @@ class StreamScanner:
         # what they spell and have no fixed prefix to hold back on: the last `window` bytes are
         # always held, so a disguised secret that ends in this chunk started in held bytes.
         self.window = DISGUISE_GROWTH * scanner.max_len
+        self.unviewed = 0  # bytes at the end of `pending` not yet scanned in the views
 
     def feed(self, chunk: bytes) -> bytes:
         if self.leak is not None:
@@ -427,12 +448,20 @@ class StreamScanner:
             self.leak, start = found
             self.pending = ""
             return text[:start].encode("latin-1") + FILLER * (len(text) - start)
-        disguised = self.scanner.view_leak(text.encode("latin-1"), self.bound, "body")
-        if disguised is not None:  # where it starts in `text` is unknown: none of `text` leaves
-            self.leak = disguised
-            self.pending = ""
-            return FILLER * len(text)
-        cut = len(text) if not chunk else min(self.scanner.hold_from(text), max(0, len(text) - self.window))
+        self.unviewed += len(chunk)
+        if not chunk or self.unviewed >= self.window:
+            # The views of everything held: once per `window` new bytes (amortised linear cost
+            # even for one-byte chunks), and at the end of the body.
+            disguised = self.scanner.view_leak(text.encode("latin-1"), self.bound, "body")
+            if disguised is not None:  # where it starts in `text` is unknown: none of `text` leaves
+                self.leak = disguised
+                self.pending = ""
+                return FILLER * len(text)
+            self.unviewed = 0
+        if not chunk:
+            cut = len(text)
+        else:  # never forward the last `window` bytes the views have seen, nor any they have not
+            cut = min(self.scanner.hold_from(text), max(0, len(text) - self.unviewed - self.window))
         self.pending = text[cut:]
         return text[:cut].encode("latin-1")
 

@@ -70,6 +70,18 @@ class CredentialState:
         return frozenset(c.id for c in self.bound if c.redact_response)
 
 
+def _redact_fields(fields: http.Headers, ctx: CredentialState) -> None:
+    """Echoed secrets of redact_response credentials replaced in response headers or trailers."""
+    only = ctx.redact_ids()
+    if not only:
+        return
+    for name in list(fields.keys()):
+        values = fields.get_all(name)
+        redacted = [ctx.scanner.redact_str(v, only)[0] for v in values]
+        if redacted != values:
+            fields.set_all(name, redacted)
+
+
 class Credentials:
     def __init__(self, connections: Connections) -> None:
         self.connections = connections
@@ -200,6 +212,8 @@ class Credentials:
             return
         record = record_of(flow)
         ctx = record.creds
+        if ctx is not None and flow.request.trailers and self._trailer_leak(flow, record, ctx):
+            return
         if ctx is None or record.body is not BodyPlan.BUFFER:
             return
         body = flow.request.raw_content or b""
@@ -225,11 +239,37 @@ class Credentials:
                                                   f"the body could not be decoded ({e}), so it cannot be checked "
                                                   f"for secrets", ctx.rules.version))
                     return
-                leak = ctx.scanner.find_disguised_leak(decoded, ctx.bound_ids, "body")
+                # The views cost far more per byte than the automaton; a small compressed body
+                # must not buy up to 16x max_buffered_bytes of that work: beyond the buffer limit
+                # the decoded body is scanned for the plain spellings only.
+                leak = ctx.scanner.find_disguised_leak(decoded, ctx.bound_ids, "body") \
+                    if len(decoded) <= ctx.rules.settings.body_scan_max_buffered_bytes else \
+                    ctx.scanner.find_leak(decoded, ctx.bound_ids, "body", placeholders_bound=False)
             if leak is not None:
                 self._deny_leak(flow, record, ctx.rules, leak)
                 return
         self._inject(flow, record, ctx)
+
+    def _trailer_leak(self, flow: http.HTTPFlow, record: FlowRecord, ctx: CredentialState) -> bool:
+        """Trailer fields (HTTP/2; HTTP/1 ones are refused earlier, runtime/http1_trailers.py)
+        are headers sent after the body: scanned like headers, but a placeholder there is a leak
+        (placeholders are replaced only in headers). mitmproxy sends them upstream only after
+        this hook, so a leak never leaves: buffered, the request is refused here; streamed (the
+        body is already upstream), the trailers are dropped and the agent gets the refusal
+        instead of the upstream's answer."""
+        trailers = flow.request.trailers
+        assert trailers is not None
+        leak = ctx.scanner.find_leak(headers_text(trailers.items(multi=True)), ctx.bound_ids, "trailers",
+                                     placeholders_bound=False)
+        if leak is None:
+            return False
+        flow.request.trailers = None
+        if record.body is BodyPlan.BUFFER:
+            self._deny_leak(flow, record, ctx.rules, leak)
+        elif not ctx.leak_recorded:
+            ctx.leak_recorded = True
+            self._deny_leak(flow, record, ctx.rules, leak, respond=False)
+        return True
 
     def _streamed_leak(self, flow: http.HTTPFlow, record: FlowRecord) -> bool:
         """A leak found in a streamed request body: the agent gets the refusal, not the upstream's answer."""
@@ -251,11 +291,7 @@ class Credentials:
         if not only:
             return
         resp = flow.response
-        for name in list(resp.headers.keys()):
-            values = resp.headers.get_all(name)
-            redacted = [ctx.scanner.redact_str(v, only)[0] for v in values]
-            if redacted != values:
-                resp.headers.set_all(name, redacted)
+        _redact_fields(resp.headers, ctx)
         if record.response_body is BodyPlan.STREAM_SCAN:
             redactor = StreamRedactor(ctx.scanner, only)
             # Redaction changes the length, and a chunk may be held back (empty output): send the
@@ -276,6 +312,8 @@ class Credentials:
         if self._streamed_leak(flow, record):
             return
         ctx = record.creds
+        if ctx is not None and ctx.injected and flow.response is not None and flow.response.trailers:
+            _redact_fields(flow.response.trailers, ctx)  # sent to the agent after this hook, streamed or not
         if ctx is None or not ctx.injected or flow.response is None or record.response_body is not BodyPlan.BUFFER:
             return
         only = ctx.redact_ids()
