@@ -899,6 +899,27 @@ def test_invariant_origin_sees_only_decided_and_audited_requests(w: Warden, tls_
         assert (o == 200) == (r["decision"] == "allow"), (case, outcomes, records)
 
 
+def test_small_chunks_of_a_streamed_upload_arrive_as_one_request(w: Warden, tls_origin: LoggingOrigin) -> None:
+    """The leak scanner holds small chunks back (a stream callable then returns no chunk). No
+    stage may turn "nothing yet" into an empty chunk: over chunked HTTP/1 that is the body's
+    end, and the rest of the body would reach the origin as further requests nobody decided."""
+    port = tls_origin.port
+    smuggled = f"GET /nope/smuggled HTTP/1.1\r\nHost: api.test:{port}\r\n\r\n".encode()
+    pieces = [b"a" * 10, b"b" * 10, smuggled, b"c" * 10]
+    with open_tunnel(w, "coder", "api.test", port) as s:
+        s.sendall(f"POST /ok/chunks HTTP/1.1\r\nHost: api.test:{port}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  .encode())
+        for piece in pieces:
+            s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            time.sleep(0.05)  # one chunk per read on Warden's side
+        s.sendall(b"0\r\n\r\n")
+        resp = read_response(s, "POST")
+    assert resp.status == 200, resp
+    seen = [r for r in tls_origin.requests if r.target in ("/ok/chunks", "/nope/smuggled")]
+    assert [(r.method, r.target) for r in seen] == [("POST", "/ok/chunks")], seen
+    assert seen[0].body_size == sum(len(p) for p in pieces)
+
+
 def test_refused_floods_close_promptly_and_leak_no_sockets(w: Warden, tls_origin: LoggingOrigin) -> None:
     """A client still sending while Warden refuses its tunnel is closed at once, every time.
 

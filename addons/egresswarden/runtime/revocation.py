@@ -88,13 +88,17 @@ def redecide_flow(rules: Any, record: FlowRecord, flow: http.HTTPFlow) -> Decisi
     return decision
 
 
-def _stop_after_revocation(stream: Callable[[bytes], bytes | Any], record: FlowRecord) -> Callable[[bytes], bytes]:
-    """The request's stream callable, forwarding nothing once a reload revoked the flow."""
-    def guarded(chunk: bytes) -> bytes:
+def _stop_after_revocation(stream: Callable[[bytes], bytes | Any],
+                           record: FlowRecord) -> Callable[[bytes], bytes | list[bytes]]:
+    """The request's stream callable, forwarding nothing once a reload revoked the flow.
+    Nothing is `[]`, not `b""`: an empty chunk would end a chunked HTTP/1 body, and the
+    upstream would take the truncated body as complete."""
+    def guarded(chunk: bytes) -> bytes | list[bytes]:
         if record.revocation is not None:
-            return b""
+            return []
         out = stream(chunk)
-        return out if isinstance(out, bytes) else b"".join(out)
+        # as the stream gave it: joining a held-back `[]` into b"" would end the body upstream
+        return out if isinstance(out, bytes) else list(out)
     return guarded
 
 
