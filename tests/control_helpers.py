@@ -27,6 +27,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+def reload_rules(warden: Any, rules: dict[str, Any], timeout: float = 15) -> None:
+    """Write new rules into a running Warden and wait for its next successful `reload` record."""
+    def successes() -> int:
+        return sum(r.get("event") == "reload" and r.get("result") == "success" for r in warden.audit_records())
+    before = successes()
+    warden.write_rules(rules)
+    assert wait_until(lambda: successes() > before, timeout=timeout)
+
+
 def get_json(port: int, path: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:

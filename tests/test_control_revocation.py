@@ -18,7 +18,7 @@ import requests
 import trustme
 
 from .bypass_helpers import WsClient, open_tunnel, run_ws_origin
-from .control_helpers import wait_until
+from .control_helpers import reload_rules, wait_until
 from .harness import Origin, Warden, hosts_file, sha256_hex, start_warden
 
 pytestmark = pytest.mark.e2e
@@ -194,13 +194,6 @@ def live(tmp_path: Path) -> Iterator[dict[str, Any]]:
         upload.stop()
 
 
-def _reload(warden: Warden, rules: dict[str, Any]) -> None:
-    before = sum(r.get("event") == "reload" and r.get("result") == "success" for r in warden.audit_records())
-    warden.write_rules(rules)
-    assert wait_until(lambda: sum(r.get("event") == "reload" and r.get("result") == "success"
-                                  for r in warden.audit_records()) > before, timeout=15)
-
-
 def _open_ws(warden: Warden, ws: Any) -> WsClient:
     from wsproto.events import AcceptConnection, TextMessage
 
@@ -247,7 +240,7 @@ def test_open_websocket_is_cut_when_a_reload_refuses_its_host(live: dict[str, An
     client = _open_ws(warden, ws)
     refused = copy.deepcopy(rules)
     refused["policies"]["p"]["allow"] = [a for a in refused["policies"]["p"]["allow"] if a["id"] != "ws-ok"]
-    _reload(warden, refused)
+    reload_rules(warden, refused)
     _assert_ws_cut(warden, ws, client, "no_matching_rule")
 
 
@@ -256,7 +249,7 @@ def test_open_websocket_is_cut_when_a_reload_removes_its_agent(live: dict[str, A
     client = _open_ws(warden, ws)
     gone = copy.deepcopy(rules)
     gone["agents"] = [{"id": "someone-else", "token_sha256": [sha256_hex("x" * 20)], "policies": ["p"]}]
-    _reload(warden, gone)
+    reload_rules(warden, gone)
     _assert_ws_cut(warden, ws, client, "auth_failed")
 
 
@@ -267,7 +260,7 @@ def test_open_websocket_survives_an_unrelated_reload(live: dict[str, Any]) -> No
     client = _open_ws(warden, ws)
     unrelated = copy.deepcopy(rules)
     unrelated["policies"]["p"]["allow"] = [a for a in unrelated["policies"]["p"]["allow"] if a["id"] != "unrelated"]
-    _reload(warden, unrelated)
+    reload_rules(warden, unrelated)
     client.send(TextMessage(data="after-unrelated-reload"))
     assert wait_until(lambda: "after-unrelated-reload" in ws.messages), "an allowed WebSocket was disturbed"
     client.sock.close()
@@ -288,7 +281,7 @@ def test_streaming_upload_is_cut_when_a_reload_refuses_its_host(live: dict[str, 
     assert wait_until(lambda: b"first" in upload.received), "the upload did not start streaming"
     refused = copy.deepcopy(rules)
     refused["policies"]["p"]["allow"] = [a for a in refused["policies"]["p"]["allow"] if a["id"] != "up"]
-    _reload(warden, refused)
+    reload_rules(warden, refused)
     assert wait_until(lambda: any(r.get("event") == "tunnel_revoked" for r in warden.audit_records()), timeout=10)
     with contextlib.suppress(OSError):
         sock.sendall(b"5\r\nlater\r\n0\r\n\r\n")

@@ -21,7 +21,8 @@ import pytest
 import trustme
 
 from tests.bypass_helpers import connect_raw, wait_until
-from tests.harness import Warden, hosts_file, sha256_hex, start_warden
+from tests.control_helpers import reload_rules
+from tests.harness import hosts_file, sha256_hex, start_warden
 
 TOKEN = "redteam2-token-0123456789"
 
@@ -103,13 +104,6 @@ def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, An
         flood.stop()
 
 
-def _reload(warden: Warden, rules: dict[str, Any]) -> None:
-    before = sum(r.get("event") == "reload" and r.get("result") == "success" for r in warden.audit_records())
-    warden.write_rules(rules)
-    assert wait_until(lambda: sum(r.get("event") == "reload" and r.get("result") == "success"
-                                  for r in warden.audit_records()) > before, timeout=15)
-
-
 @pytest.mark.parametrize("agent_reads", [True, False], ids=["agent-reads", "agent-silent"])
 def test_revoked_passthrough_tunnel_releases_both_connections(env: dict[str, Any], agent_reads: bool) -> None:
     """Both sides flood, the upstream never reads (and, agent-silent, the agent never reads
@@ -146,7 +140,7 @@ def test_revoked_passthrough_tunnel_releases_both_connections(env: dict[str, Any
 
     revoked = copy.deepcopy(rules)
     revoked["policies"]["p"]["allow"] = [a for a in revoked["policies"]["p"]["allow"] if a["id"] != "pass"]
-    _reload(warden, revoked)
+    reload_rules(warden, revoked)
     assert wait_until(lambda: sum(r.get("event") == "tunnel_revoked" for r in warden.audit_records()) == 8,
                       timeout=10)
     revoked_at = time.monotonic()
