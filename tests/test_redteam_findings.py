@@ -238,6 +238,15 @@ def _post(host: str, port: int, body: bytes, extra: bytes = b"", path: bytes = b
             b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
 
+def _upgrade_to_websocket(sock: ssl.SSLSocket, port: int, extra: bytes = b"") -> None:
+    """Upgrade the tunnel's connection to leak.test to a WebSocket (asserts the 101)."""
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: leak.test:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n"
+                 % (port, extra))
+    sock.settimeout(10)
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+
+
 def _ws_frame(opcode: int, payload: bytes) -> bytes:
     assert len(payload) < 126
     mask = os.urandom(4)
@@ -293,11 +302,7 @@ def _websocket_send(warden: Warden, origin: RawOrigin, frames: list[bytes]) -> b
     origin.clear()
     sock = _tunnel(warden, "leak.test", origin.port)
     try:
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: leak.test:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                     % origin.port)
-        sock.settimeout(10)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        _upgrade_to_websocket(sock, origin.port)
         for frame in frames:
             sock.sendall(frame)
         sock.sendall(_ws_frame(0x1, b"END-MARKER"))
@@ -325,11 +330,7 @@ def test_websocket_close_reason_carries_placeholder_unscanned(bed: tuple[Warden,
     origin.clear()
     sock = _tunnel(warden, "leak.test", origin.port)
     try:
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: leak.test:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                     % origin.port)
-        sock.settimeout(10)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        _upgrade_to_websocket(sock, origin.port)
         sock.sendall(_ws_frame(0x8, b"\x03\xe8" + PLACEHOLDER.encode()))
         # positive condition: the close frame (leaked or scrubbed) reached the origin
         assert _wait_for(lambda: any(op == 0x8 for op, _ in
@@ -604,11 +605,7 @@ def test_unfinished_fragmented_websocket_message_grows_memory_without_bound(bed:
     origin.clear()
     sock = _tunnel(warden, "leak.test", origin.port)
     try:
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: leak.test:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                     % origin.port)
-        sock.settimeout(10)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        _upgrade_to_websocket(sock, origin.port)
         before = _rss_mib(warden.proc.pid)
         chunk = b"A" * (1 << 20)
         header = struct.pack(">Q", len(chunk))
@@ -644,11 +641,7 @@ def test_permessage_deflate_bomb_inflates_in_warden_memory(bed: tuple[Warden, Ra
     assert len(compressed) < 256 * 1024
     sock = _tunnel(warden, "leak.test", origin.port)
     try:
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: leak.test:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                     b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n" % origin.port)
-        sock.settimeout(10)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        _upgrade_to_websocket(sock, origin.port, b"Sec-WebSocket-Extensions: permessage-deflate\r\n")
         before = _rss_mib(warden.proc.pid)
         peak = before
         # FIN + RSV1 (compressed) + binary opcode, masked with a zero key
