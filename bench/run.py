@@ -337,8 +337,14 @@ def main() -> int:
 
 
 def ca_key_type(confdir: Path) -> str:
-    pem = (confdir / "mitmproxy-ca.pem").read_text(errors="replace")
-    return "ECDSA P-256 (`warden ca init`)" if "BEGIN EC PRIVATE KEY" in pem else "RSA"
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    cert = x509.load_pem_x509_certificate((confdir / "mitmproxy-ca-cert.pem").read_bytes())
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"ECDSA {key.curve.name} (`warden ca init`)"
+    return type(key).__name__.removesuffix("PublicKey").lstrip("_")
 
 
 def write_results(text: str) -> None:
