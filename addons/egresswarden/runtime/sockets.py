@@ -63,16 +63,12 @@ def close_client(client: connection.Client, abort: bool = False) -> bool:
 
 
 class LeftOpenSockets:
-    def __init__(self) -> None:
-        self.closed = 0  # how many sockets mitmproxy left open
-
     def client_disconnected(self, client: connection.Client) -> None:
         handler = connection_handler(client)
         io = handler.transports.get(client) if handler is not None else None
         writer = getattr(io, "writer", None)
         if writer is None or writer.is_closing():
             return
-        self.closed += 1
         logger.debug("warden: closing a client socket mitmproxy left open (%s)", client.peername)
         with contextlib.suppress(OSError):
             writer.close()
