@@ -117,7 +117,9 @@ def _lower_hex(b: bytes) -> bytes:
 # Cost is linear: only valid escapes are matched (a body of bare `%` or `\` costs a regex scan),
 # and the stream scanner re-scans its window only once enough new bytes arrived.
 _PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
-_HEX_BYTE = {f"{b:02x}".encode(): bytes([b]) for b in range(256)}
+_HEX_DIGITS = "0123456789abcdefABCDEF"
+_HEX_BYTE = {(hi + lo).encode(): bytes([int(hi + lo, 16)])  # every case mix: no .lower() per escape
+             for hi in _HEX_DIGITS for lo in _HEX_DIGITS}
 _JSON_PAIR = re.compile(rb"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})")
 _JSON_ESCAPE = re.compile(rb'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
 _JSON_SIMPLE = {b'"': b'"', b"\\": b"\\", b"/": b"/", b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r",
@@ -130,7 +132,7 @@ DISGUISE_GROWTH = 18  # longest spelling per byte: %5Cu00XX (percent-encoded \u0
 
 
 def _percent(m: re.Match[bytes]) -> bytes:
-    return _HEX_BYTE[m[1].lower()]
+    return _HEX_BYTE[m[1]]
 
 
 def _json_pair(m: re.Match[bytes]) -> bytes:
