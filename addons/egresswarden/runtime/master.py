@@ -40,6 +40,7 @@ from mitmproxy.proxy import layer
 from egresswarden.runtime.addonmanager import CachedAddonManager
 from egresswarden.runtime.banner import StartupLine
 from egresswarden.runtime.chain import build_addon
+from egresswarden.runtime.debug_checks import skip_message_typechecks
 from egresswarden.runtime.options import use_scalar_reads
 from egresswarden.stages.interception import is_first_layer
 
@@ -158,6 +159,7 @@ class FirstLayerOnly(next_layer.NextLayer):
 class WardenMaster(master.Master):
     def __init__(self, opts: options.Options, loop: asyncio.AbstractEventLoop | None = None) -> None:
         use_scalar_reads(opts)
+        skip_message_typechecks()
         super().__init__(opts, event_loop=loop, with_termlog=False)
         # Still empty (with_termlog=False added nothing): swap in the cached dispatch.
         opts.changed.disconnect(self.addons._configure_all)
