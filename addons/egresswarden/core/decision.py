@@ -69,6 +69,7 @@ class Reason(StrEnum):
     WEBSOCKET_NOT_ALLOWED = "websocket_not_allowed"
     UPGRADE_NOT_ALLOWED = "upgrade_not_allowed"  # HTTP Upgrade to anything but an allowed WebSocket
     INVALID_HEADER = "invalid_header"  # obs-fold, CR/LF in a value, a transfer coding other than chunked
+    BUFFER_LIMIT = "buffer_limit"  # the agent's request bodies held in memory would exceed its budget
 
     @property
     def status(self) -> int:
@@ -83,6 +84,7 @@ _STATUS: dict[Reason, int] = {
     Reason.INVALID_HOST: 400,
     Reason.INVALID_PATH: 400,
     Reason.BODY_TOO_LARGE: 413,
+    Reason.BUFFER_LIMIT: 429,
     Reason.RULES_UNAVAILABLE: 503,
     Reason.AUDIT_UNAVAILABLE: 503,
     Reason.INTERNAL_ERROR: 500,
@@ -121,6 +123,10 @@ def deny(reason: Reason, message: str, policy_version: str, rule_id: str | None 
     return Decision(Verdict.DENY, reason, rule_id, message, policy_version)
 
 
+# Refusals that say nothing about the request itself: the same request can succeed later.
+TRANSIENT = frozenset({Reason.RULES_UNAVAILABLE, Reason.AUDIT_UNAVAILABLE, Reason.BUFFER_LIMIT})
+
+
 def denial_text(decision: Decision, agent: str | None) -> str:
     """The short plain-text body an agent (and its model) reads when Warden refuses.
 
@@ -128,9 +134,13 @@ def denial_text(decision: Decision, agent: str | None) -> str:
     """
     who = f"agent '{agent}'" if agent else "this client"
     rule = f" (rule {decision.rule_id})" if decision.rule_id else ""
+    if decision.reason in TRANSIENT:
+        advice = "This is temporary: retry the same request after a short wait."
+    else:
+        advice = ("Retrying unchanged will fail the same way; "
+                  "ask the operator to change the rules if this access is needed.")
     return (
         f"Warden refused this request for {who}: {decision.reason.value}{rule}.\n"
         f"{decision.message}\n"
-        f"policy version {decision.policy_version}. Retrying unchanged will fail the same way; "
-        f"ask the operator to change the rules if this access is needed.\n"
+        f"policy version {decision.policy_version}. {advice}\n"
     )

@@ -513,6 +513,8 @@ def _build_settings(raw: dict[str, Any], lines_of: dict[str, LineMap], out: _Col
         resolve_timeout_seconds=float(raw.get("resolve_timeout_seconds", 5.0)),
         body_scan_max_buffered_bytes=int(raw.get("body_scan", {}).get("max_buffered_bytes", 1024 * 1024)),
         max_mcp_body_bytes=int(raw.get("body_scan", {}).get("max_mcp_body_bytes", 8 * 1024 * 1024)),
+        max_buffered_bytes_per_agent=int(raw.get("body_scan", {}).get("max_buffered_bytes_per_agent",
+                                                                      64 * 1024 * 1024)),
         explain_denials=raw.get("explain_denials", "in_band"),
         audit=AuditSettings(
             on_failure=audit.get("on_failure", "fail_closed"),

@@ -25,6 +25,7 @@ MCP_CALLS = "warden_mcp_calls"  # counter{agent,server,decision,reason}
 HOOK_ERRORS = "warden_hook_errors"  # counter{hook}
 TUNNELS_REVOKED = "warden_tunnels_revoked"  # counter{agent,reason}
 PROBE_REFUSED = "warden_probe_connections_refused"  # counter: metrics/health connections over the cap
+BUFFERED_REQUEST_BYTES = "warden_buffered_request_bytes"  # gauge{agent}: request bodies held in memory
 
 # Names as they appear on the /metrics page (counters gain _total).
 EXPORTED = frozenset({
@@ -33,5 +34,5 @@ EXPORTED = frozenset({
     f"{AUDIT_WRITE_FAILURES}_total", f"{AUDIT_RECORDS}_total", AUDIT_HEALTHY, f"{ALERTS_SENT}_total",
     f"{ALERTS_FAILED}_total", f"{ALERTS_SUPPRESSED}_total", f"{CREDENTIALS_INJECTED}_total",
     f"{SECRET_LEAKS}_total", f"{SSRF_REFUSALS}_total", f"{AUTH_FAILURES}_total", f"{MCP_CALLS}_total",
-    f"{HOOK_ERRORS}_total", f"{TUNNELS_REVOKED}_total", f"{PROBE_REFUSED}_total",
+    f"{HOOK_ERRORS}_total", f"{TUNNELS_REVOKED}_total", f"{PROBE_REFUSED}_total", BUFFERED_REQUEST_BYTES,
 })

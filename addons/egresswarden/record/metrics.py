@@ -31,6 +31,7 @@ from egresswarden.core.decision import Reason
 from egresswarden.record import metric_names as N
 from egresswarden.record.audit import Audit
 from egresswarden.record.outcome import Outcome
+from egresswarden.runtime.budget import BufferBudget
 from egresswarden.runtime.probes import ProbeServer, Response, json_response
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 from egresswarden.stages.interception import Interception
@@ -71,6 +72,7 @@ class WardenMetrics:
     hook_errors: Counter
     tunnels_revoked: Counter
     probe_refused: Counter
+    buffered_request_bytes: Gauge
 
 
 @lru_cache(maxsize=1)
@@ -117,6 +119,9 @@ def registry() -> WardenMetrics:
                                 ("agent", "reason"), registry=r),
         probe_refused=Counter(N.PROBE_REFUSED, "Metrics/health connections closed at once: too many open",
                               registry=r),
+        buffered_request_bytes=Gauge(N.BUFFERED_REQUEST_BYTES,
+                                     "Request-body bytes held in memory now, by agent (see max_buffered_bytes_per_agent)",
+                                     ("agent",), registry=r, multiprocess_mode="livesum"),
     )
 
 
@@ -126,10 +131,13 @@ def _split_listen(value: str) -> tuple[str, int]:
 
 
 class Metrics:
-    def __init__(self, store: RuleStore, audit: Audit, interception: Interception) -> None:
+    def __init__(self, store: RuleStore, audit: Audit, interception: Interception,
+                 budget: BufferBudget | None = None) -> None:
         self.store = store
         self.audit = audit
         self.interception = interception
+        self.budget = budget
+        self._buffering_agents: set[str] = set()  # agents with a buffered_request_bytes series
         self.metrics = registry()
         self.server: ProbeServer | None = None
         self._shown_version: str | None = None
@@ -213,6 +221,13 @@ class Metrics:
             self._sync_counter(m.audit_write_failures, writer.stats.write_failures)
         if self.server is not None:
             self._sync_counter(m.probe_refused, self.server.refused)
+        if self.budget is not None:
+            held = self.budget.snapshot()
+            for agent in self._buffering_agents - held.keys():
+                m.buffered_request_bytes.labels(agent=agent).set(0)
+            for agent, nbytes in held.items():
+                m.buffered_request_bytes.labels(agent=agent).set(nbytes)
+            self._buffering_agents |= held.keys()
 
     @staticmethod
     def _sync_counter(counter: Counter, total: int) -> None:

@@ -10,7 +10,8 @@
                                                                    rewrites request.host to the
                                                                    checked address (plain HTTP) and
                                                                    the request target to origin-form
-    BodyPlanner    the request and response body plans            writes body, response_body
+    BodyPlanner    the request and response body plans; the agent's  writes body, response_body,
+                   budget of buffered request bodies (429)        buffer_reservation
     Credentials    strip, inject, leak guard, redaction           writes creds, credentials, events;
                                                                    rewrites headers/query (injection)
     Mcp            MCP JSON-RPC decisions, list filtering         writes mcp, events; answers denials
@@ -57,8 +58,9 @@ from egresswarden.record.alerts import Alerts
 from egresswarden.record.audit import Audit, AuditGate
 from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
-from egresswarden.runtime import http1_trailers
+from egresswarden.runtime import http1_trailers, refused_bodies
 from egresswarden.runtime.admin import Admin
+from egresswarden.runtime.budget import BufferBudget
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
 from egresswarden.runtime.revocation import LiveFlows, Revocation
@@ -77,13 +79,15 @@ from egresswarden.stages.websockets import WebSockets
 def build_chain() -> tuple[list[Any], HookErrorCallback]:
     """The chain's parts in order, and the callback told about every swallowed hook error."""
     http1_trailers.install()  # a defined answer instead of a hung connection (runtime/http1_trailers.py)
+    refused_bodies.install()  # an answered request's body is dropped, not buffered (runtime/refused_bodies.py)
     store = RuleStore()
     connections = Connections()
     audit = Audit(store)
     interception = Interception(connections)
     outcomes = Outcomes(connections, store)
     live = LiveFlows()
-    metrics = Metrics(store, audit, interception)
+    budget = BufferBudget()
+    metrics = Metrics(store, audit, interception, budget)
     alerts = Alerts(store, audit)
     outcomes.add_sink(audit.on_outcome)
     outcomes.add_sink(metrics.on_outcome)
@@ -94,7 +98,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
         Identity(store, connections),
         AuditGate(audit, store),
         Policy(store, connections),
-        BodyPlanner(),
+        BodyPlanner(budget),
         Credentials(connections),
         Mcp(store, outcomes),  # after Credentials: wraps its response redactor stream (see stages/mcp.py)
         WebSockets(),

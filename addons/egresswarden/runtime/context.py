@@ -43,6 +43,7 @@ from egresswarden.core.plan import Governed
 from egresswarden.core.ruleset import RuleSet
 
 if TYPE_CHECKING:  # typed references to the stages' own state; no import cycle at run time
+    from egresswarden.runtime.budget import Reservation
     from egresswarden.stages.credentials import CredentialState
     from egresswarden.stages.mcp import McpFlow
 
@@ -84,6 +85,7 @@ class FlowRecord:
     decision: Decision | None = None
     interception: Interception | None = None
     body: BodyPlan | None = None  # request body plan
+    buffer_reservation: Reservation | None = None  # the buffered request body's share of the agent's budget
     response_body: BodyPlan | None = None
     engine_seconds: float = 0.0
     bytes_up: int = 0  # streamed body bytes (buffered bodies are counted from the flow)

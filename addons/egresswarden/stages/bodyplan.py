@@ -6,6 +6,9 @@ plans. Here they are applied: a refusal is answered, a STREAM plan streams the b
 a byte counter (for the audit record), BUFFER leaves mitmproxy's buffering on, and
 STREAM_SCAN is left for the stage that owns the scanning callable (Credentials' leak
 scanner and redactor, Mcp's event filter), which installs it in the same hook.
+
+A BUFFER request body also takes its declared length from its agent's BufferBudget
+(runtime/budget.py) before a byte of it is read; the flow gives it back when it ends.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from mitmproxy import http
 
 from egresswarden.core.bodyplan import BodyPlan, plan_request_body, plan_response_body
 from egresswarden.core.credentials import scanner_for
-from egresswarden.core.decision import deny
+from egresswarden.core.decision import Reason, deny
+from egresswarden.runtime.budget import BufferBudget
 from egresswarden.runtime.context import FlowRecord, record_of
 from egresswarden.runtime.failsafe import refusal_response
 
@@ -38,6 +42,9 @@ def _is_sse(response: http.Response) -> bool:
 
 
 class BodyPlanner:
+    def __init__(self, budget: BufferBudget | None = None) -> None:
+        self.budget = budget or BufferBudget()
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
@@ -53,12 +60,45 @@ class BodyPlanner:
             mcp=record.mcp_server is not None, scan=scanner_for(rules).automaton is not None,
             max_buffered=rules.settings.body_scan_max_buffered_bytes, max_mcp=rules.settings.max_mcp_body_bytes)
         record.body = planned.plan
-        if planned.plan is BodyPlan.REFUSE:
+        if planned.plan is BodyPlan.BUFFER and not self._reserve(record, request.headers.get("content-length")):
+            limit = rules.settings.max_buffered_bytes_per_agent
+            record.decision = deny(
+                Reason.BUFFER_LIMIT,
+                f"agent '{record.agent}' already has {self.budget.held(record.agent or '')} bytes of request bodies "
+                f"held by Warden (limit {limit} per agent); this body would take it past the limit. Wait for "
+                f"requests in flight to finish, or send fewer large bodies at once", rules.version)
+            flow.response = refusal_response(record.decision, record.agent, mcp=record.mcp_server is not None)
+            flow.response.headers["Retry-After"] = "1"
+        elif planned.plan is BodyPlan.REFUSE:
             assert planned.reason is not None
             record.decision = deny(planned.reason, planned.message, rules.version)
             flow.response = refusal_response(record.decision, record.agent, mcp=record.mcp_server is not None)
         elif planned.plan is BodyPlan.STREAM:
             request.stream = byte_counter(record, upstream=True)
+
+    def _reserve(self, record: FlowRecord, content_length: str | None) -> bool:
+        """Take a BUFFER body's declared length from its agent's budget; False if refused.
+        (BUFFER means a known length; none or 0 is a bodiless request and takes nothing.)"""
+        length = int(content_length.strip()) if content_length and content_length.strip().isdigit() else 0
+        if length == 0:
+            return True
+        rules = record.rules
+        assert rules is not None and record.agent is not None  # Identity and Policy ran
+        record.buffer_reservation = self.budget.reserve(
+            record.agent, length, rules.settings.max_buffered_bytes_per_agent, owner=record)
+        return record.buffer_reservation is not None
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._release(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._release(flow)
+
+    @staticmethod
+    def _release(flow: http.HTTPFlow) -> None:
+        reservation = record_of(flow).buffer_reservation
+        if reservation is not None:
+            reservation.release()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         record = record_of(flow)

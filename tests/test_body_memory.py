@@ -1,0 +1,242 @@
+"""Request bodies in Warden's memory, against a real `warden run` and an origin that logs every
+byte it receives: the per-agent budget of buffered bodies
+(settings.body_scan.max_buffered_bytes_per_agent, runtime/budget.py), and the body of a request
+Warden has already refused, which is dropped as it arrives (runtime/refused_bodies.py).
+
+An agent that sends many bodies but holds back each one's last byte makes Warden hold them
+all in memory (each is read whole before it is decided). The budget bounds the sum per agent:
+past it, 429 `buffer_limit` before a byte of the body is read; other agents are not affected;
+what a finished, failed or abandoned request held is given back.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import trustme
+from egresswarden.record.metric_names import BUFFERED_REQUEST_BYTES
+
+from .bypass_helpers import (
+    LoggingOrigin,
+    audit_where,
+    open_tunnel,
+    peak_rss_kib,
+    proxy_auth,
+    read_response,
+    run_h2_origin,
+    run_logging_origin,
+    wait_until,
+    warden_pid,
+)
+from .harness import Warden, hosts_file, sha256_hex, start_warden
+
+BUDGET = 4096
+AGENTS = {"greedy": "tok-greedy", "other": "tok-other"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Warden, LoggingOrigin]]:
+    work = tmp_path_factory.mktemp("buffer-budget")
+    with run_logging_origin() as origin:
+        rules = {
+            "agents": [{"id": agent, "token_sha256": [sha256_hex(token)], "policies": ["p"]}
+                       for agent, token in AGENTS.items()],
+            "policies": {"p": {"allow": [{"id": "api", "host": "api.test", "ports": [origin.port],
+                                          "addresses": ["127.0.0.1/32"]}]}},
+            "settings": {"hosts_file": str(hosts_file(work / "hosts")),
+                         "body_scan": {"max_buffered_bytes_per_agent": BUDGET}},
+        }
+        warden = start_warden(work, rules, agents=AGENTS)
+        try:
+            yield warden, origin
+        finally:
+            warden.stop()
+
+
+def _post_head(warden: Warden, origin: LoggingOrigin, agent: str, path: str, length: int) -> socket.socket:
+    """A plain-HTTP POST through Warden whose headers (and no body yet) are sent."""
+    sock = socket.create_connection(("127.0.0.1", warden.port), timeout=15)
+    sock.sendall((f"POST http://api.test:{origin.port}{path} HTTP/1.1\r\nHost: api.test:{origin.port}\r\n"
+                  f"Proxy-Authorization: {proxy_auth(agent, AGENTS[agent])}\r\n"
+                  f"Content-Length: {length}\r\n\r\n").encode())
+    return sock
+
+
+def _post(warden: Warden, origin: LoggingOrigin, agent: str, path: str, length: int) -> Any:
+    with _post_head(warden, origin, agent, path, length) as sock:
+        sock.sendall(b"b" * length)
+        return read_response(sock, "POST")
+
+
+def _held_open(warden: Warden, origin: LoggingOrigin, path: str, length: int) -> socket.socket:
+    """A POST whose body lacks its last byte: Warden holds the rest in memory."""
+    sock = _post_head(warden, origin, "greedy", path, length)
+    sock.sendall(b"h" * (length - 1))
+    return sock
+
+
+def _arrived(origin: LoggingOrigin) -> list[str]:
+    return [r.target for r in origin.requests]
+
+
+def _held(warden: Warden, agent: str) -> float:
+    """warden_buffered_request_bytes{agent} from /metrics (0 when absent)."""
+    prefix = f'{BUFFERED_REQUEST_BYTES}{{agent="{agent}"}} '
+    lines = [line for line in warden.metrics_text().splitlines() if line.startswith(prefix)]
+    return float(lines[0][len(prefix):]) if lines else 0.0
+
+
+def test_past_the_budget_is_429_before_the_body_is_read_and_other_agents_go_on(
+        env: tuple[Warden, LoggingOrigin]) -> None:
+    warden, origin = env
+    first = _held_open(warden, origin, "/held", 3000)
+    try:
+        # Warden holds the first body (the origin saw nothing of it): 3000 + 2000 > 4096.
+        assert wait_until(lambda: _held(warden, "greedy") == 3000, 10)
+        refused = _post(warden, origin, "greedy", "/second", 2000)
+        assert refused.status == 429, refused
+        assert refused.headers["x-warden-reason"] == "buffer_limit"
+        assert refused.headers["retry-after"] == "1"
+        assert "held by Warden (limit 4096 per agent)" in refused.text
+        assert "This is temporary: retry" in refused.text
+        # Another agent has its own budget.
+        assert _post(warden, origin, "other", "/other", 2000).status == 200
+        # A body that fits beside the held one passes.
+        assert _post(warden, origin, "greedy", "/small", 1000).status == 200
+        # Finishing the held body gives its share back.
+        first.sendall(b"h")
+        assert read_response(first, "POST").status == 200
+    finally:
+        first.close()
+    assert wait_until(lambda: _held(warden, "greedy") == 0, 10)
+    assert _post(warden, origin, "greedy", "/after", 2000).status == 200
+    arrived = _arrived(origin)
+    assert "/second" not in arrived
+    assert {"/held", "/other", "/small", "/after"} <= set(arrived)
+    record = audit_where(warden, lambda r: r.get("event") == "request" and r.get("path") == "/second")[0]
+    assert record["reason"] == "buffer_limit" and record["status"] == 429
+
+
+def test_an_abandoned_body_gives_its_share_back(env: tuple[Warden, LoggingOrigin]) -> None:
+    warden, origin = env
+    for _ in range(3):  # each abandoned body would otherwise stay counted: 3 x 3000 > 4096
+        sock = _held_open(warden, origin, "/abandoned", 3000)
+        assert wait_until(lambda: _held(warden, "greedy") == 3000, 10)
+        sock.close()
+        assert wait_until(lambda: _held(warden, "greedy") == 0, 10)
+        assert _post(warden, origin, "greedy", "/next", 3000).status == 200
+    assert "/abandoned" not in _arrived(origin)
+
+
+def test_one_body_larger_than_the_budget_is_still_admitted(env: tuple[Warden, LoggingOrigin]) -> None:
+    # The budget bounds what an agent holds at once; it never makes a single allowed body impossible.
+    warden, origin = env
+    assert _post(warden, origin, "greedy", "/big", 3 * BUDGET).status == 200
+    assert "/big" in _arrived(origin)
+
+
+@pytest.mark.parametrize("who", ["unauthenticated", "denied"])
+def test_a_refused_requests_body_is_not_held_in_memory(env: tuple[Warden, LoggingOrigin], who: str) -> None:
+    """Refused at its headers (407 without a token, 403 for a host no rule allows), a 128 MiB body
+    is read and dropped: Warden's peak RSS does not grow with it (it grew by 410 MiB for 200 MiB)."""
+    warden, _ = env
+    pid = warden_pid(warden)
+    before = peak_rss_kib(pid)
+    size = 128 * 1024 * 1024
+    auth = "" if who == "unauthenticated" else f"Proxy-Authorization: {proxy_auth('greedy', AGENTS['greedy'])}\r\n"
+    with socket.create_connection(("127.0.0.1", warden.port), timeout=30) as sock:
+        sock.sendall((f"POST http://nowhere.test/up HTTP/1.1\r\nHost: nowhere.test\r\n{auth}"
+                      f"Content-Length: {size}\r\n\r\n").encode())
+        chunk = b"z" * (1 << 20)
+        for _ in range(size // len(chunk)):
+            sock.sendall(chunk)
+        answer = read_response(sock, "POST")
+    assert answer.status == (407 if who == "unauthenticated" else 403)
+    grown_mib = (peak_rss_kib(pid) - before) / 1024
+    assert grown_mib < 32, f"peak RSS grew by {grown_mib:.0f} MiB for a refused 128 MiB body"
+    record = audit_where(warden, lambda r: r.get("host") == "nowhere.test" and r.get("status") == answer.status)[-1]
+    assert record["bytes_up"] == size  # what the agent sent is still on record
+
+
+def test_schema_documents_the_key(tmp_path: Path) -> None:
+    from egresswarden.core.loader import load_ruleset
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.yaml").write_text("agents: []\nsettings:\n  body_scan:\n    max_buffered_bytes_per_agent: 12\n")
+    with pytest.raises(Exception, match="r.yaml:4"):
+        load_ruleset(rules)
+
+
+def _read_statuses(sock: socket.socket, conn: h2.connection.H2Connection, wanted: set[int]) -> dict[int, str]:
+    """The :status of each wanted stream's response (bounded wait)."""
+    statuses: dict[int, str] = {}
+    deadline = time.monotonic() + 15
+    while not wanted <= statuses.keys() and time.monotonic() < deadline:
+        data = sock.recv(65536)
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id in wanted:
+                statuses[ev.stream_id] = dict(ev.headers)[":status"]
+        sock.sendall(conn.data_to_send())
+    return statuses
+
+
+def test_one_http2_connection_cannot_hold_more_than_the_budget(
+        tmp_path: Path, origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path) -> None:
+    """Many streams on one HTTP/2 connection, each body short of its last byte: the first is held,
+    every stream after it that would pass the budget is answered 429 at once."""
+    with run_h2_origin(origin_ca) as origin:
+        rules = {
+            "agents": [{"id": "greedy", "token_sha256": [sha256_hex(AGENTS["greedy"])], "policies": ["p"]}],
+            # a path rule: the tunnel is intercepted, every stream decided
+            "policies": {"p": {"allow": [{"id": "up", "host": "api.test", "ports": [origin.port], "paths": ["/**"],
+                                          "addresses": ["127.0.0.1/32"]}]}},
+            "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts")),
+                         "body_scan": {"max_buffered_bytes_per_agent": BUDGET}},
+        }
+        warden = start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
+                              agents={"greedy": AGENTS["greedy"]})
+        try:
+            sock = open_tunnel(warden, "greedy", "api.test", origin.port, alpn=["h2"])
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+            conn.initiate_connection()
+            streams = []
+            for i in range(10):
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(sid, [(":method", "POST"), (":authority", f"api.test:{origin.port}"),
+                                        (":scheme", "https"), (":path", f"/s{i}"), ("content-length", "3000")])
+                conn.send_data(sid, b"x" * 2999)  # never the last byte
+                streams.append(sid)
+            # A last, small, complete stream: mitmproxy runs one connection's hooks in order, so its
+            # answer means Warden has decided every stream before it.
+            probe = conn.get_next_available_stream_id()
+            conn.send_headers(probe, [(":method", "POST"), (":authority", f"api.test:{origin.port}"),
+                                      (":scheme", "https"), (":path", "/probe"), ("content-length", "10")])
+            conn.send_data(probe, b"p" * 10, end_stream=True)
+            sock.sendall(conn.data_to_send())
+            sock.settimeout(10)
+            assert _read_statuses(sock, conn, {probe}) == {probe: "200"}
+            # One body held; the refused streams' bytes were dropped as they came.
+            assert _held(warden, "greedy") == 3000
+            for sid in streams:  # every body complete: the answers go out
+                conn.send_data(sid, b"x", end_stream=True)
+            sock.sendall(conn.data_to_send())
+            statuses = _read_statuses(sock, conn, set(streams))
+            assert sorted(statuses.values()) == ["200"] + ["429"] * (len(streams) - 1), statuses
+            held_index = next(i for i, sid in enumerate(streams) if statuses[sid] == "200")
+            assert wait_until(lambda: _held(warden, "greedy") == 0, 10)
+            sock.close()
+        finally:
+            warden.stop()
+    # the probe and the held stream, once whole; no refused one reached the origin
+    assert sorted(h[":path"] for h, _ in origin.requests) == ["/probe", f"/s{held_index}"]
+    assert len(audit_where(warden, lambda r: r.get("reason") == "buffer_limit")) == 9
