@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import statistics
 import threading
 import time
@@ -16,7 +17,8 @@ import pytest
 import requests
 from egresswarden.record.journal import verify_chain
 
-from .harness import Origin, Warden, hosts_file, sha256_hex, start_warden
+from .bypass_helpers import proxy_auth
+from .harness import Origin, Warden, free_port, hosts_file, sha256_hex, start_warden
 
 pytestmark = pytest.mark.e2e
 TOKEN = "obs-token-0123456789"
@@ -247,3 +249,25 @@ def test_healthz_reports_rules_and_audit(tmp_path: Path, plain_origin: Origin) -
         w.stop()
 
 
+
+
+def test_an_allowed_connect_whose_upstream_is_down_records_why(tmp_path: Path, plain_origin: Origin) -> None:
+    """CONNECT allowed, nothing listening: mitmproxy answers 502 itself; the connect record
+    still says why, like the request record of a plain-HTTP request to the same place."""
+    dead = free_port()  # nothing listens here
+    rules = base_rules(plain_origin, hosts_file(tmp_path / "hosts"))
+    rules["policies"]["p"]["allow"].append({"id": "dead", "cidr": "127.0.0.1/32", "ports": [dead]})
+    w = start_warden(tmp_path, rules, agents={"obs": TOKEN})
+    try:
+        with socket.create_connection(("127.0.0.1", w.port), timeout=10) as sock:
+            sock.sendall(f"CONNECT 127.0.0.1:{dead} HTTP/1.1\r\nHost: 127.0.0.1:{dead}\r\n"
+                         f"Proxy-Authorization: {proxy_auth('obs', TOKEN)}\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 502")
+        assert get(w, f"http://127.0.0.1:{dead}/x").status_code == 502
+        records = w.audit_records(lambda rs: sum(r.get("port") == dead for r in rs) >= 2)
+    finally:
+        w.stop()
+    by_event = {r["event"]: r for r in records if r.get("port") == dead}
+    assert by_event["connect"]["status"] == 502 and by_event["connect"]["decision"] == "allow"
+    for event in ("connect", "request"):
+        assert "Connect call failed" in by_event[event]["error"], by_event[event]

@@ -104,6 +104,17 @@ class Outcome:
 OutcomeSink = Callable[[Outcome], None]
 
 
+def _flow_error(flow: http.HTTPFlow) -> str | None:
+    """Why the flow failed. An allowed CONNECT whose upstream connection failed has no
+    flow.error (mitmproxy answers it 502 itself): the connection's own error says why."""
+    if flow.error:
+        return flow.error.msg
+    server_error = flow.server_conn.error
+    if server_error and flow.response is not None and flow.response.status_code == 502:
+        return server_error
+    return None
+
+
 class Outcomes:
     """Builds Outcomes from finished flows and hands them to every sink, in order."""
 
@@ -151,7 +162,7 @@ class Outcomes:
             upstream_address=record.upstream_address,
             credentials=tuple(record.credentials),
             events=tuple(record.events),
-            error=flow.error.msg if flow.error else None,
+            error=_flow_error(flow),
             auth_failure=record.auth_failure,
             sandbox_id=record.sandbox_id,
             mcp_audited=record.mcp_audited,
