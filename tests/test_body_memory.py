@@ -11,7 +11,10 @@ what a finished, failed or abandoned request held is given back.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +36,7 @@ from .bypass_helpers import (
     read_response,
     run_h2_origin,
     run_logging_origin,
+    server_context,
     wait_until,
     warden_pid,
 )
@@ -240,3 +244,167 @@ def test_one_http2_connection_cannot_hold_more_than_the_budget(
     # the probe and the held stream, once whole; no refused one reached the origin
     assert sorted(h[":path"] for h, _ in origin.requests) == ["/probe", f"/s{held_index}"]
     assert len(audit_where(warden, lambda r: r.get("reason") == "buffer_limit")) == 9
+
+
+class _WindowlessH2Origin:
+    """A TLS HTTP/2 origin: GET /big/<MiB> answers that many MiB as fast as its window allows;
+    POST /slow never grants window for the body (h2's initial 64 KiB, then nothing)."""
+
+    def __init__(self, ca: trustme.CA) -> None:
+        self.ctx = server_context(ca, alpn=["h2"])
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+
+    def serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(raw,), daemon=True).start()
+
+    def _connection(self, raw: socket.socket) -> None:
+        raw.settimeout(20)
+        with contextlib.suppress(Exception), raw, self.ctx.wrap_socket(raw, server_side=True) as conn:
+            h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+            h2c.initiate_connection()
+            conn.sendall(h2c.data_to_send())
+            while not self.stopping.is_set():
+                data = conn.recv(65536)
+                if not data:
+                    return
+                for ev in h2c.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        path = dict(ev.headers)[":path"]
+                        if path.startswith("/big/"):
+                            self._send_big(conn, h2c, ev.stream_id, int(path.split("/")[2]) << 20)
+                conn.sendall(h2c.data_to_send())
+
+    def _send_big(self, conn: ssl.SSLSocket, h2c: h2.connection.H2Connection, stream_id: int, size: int) -> None:
+        h2c.send_headers(stream_id, [(":status", "200"), ("content-length", str(size))])
+        sent, chunk = 0, b"d" * 16384
+        while sent < size and h2c.local_flow_control_window(stream_id) >= len(chunk):
+            h2c.send_data(stream_id, chunk)
+            sent += len(chunk)
+            if sent % (1 << 20) == 0:
+                conn.sendall(h2c.data_to_send())
+        conn.sendall(h2c.data_to_send())
+
+
+@contextlib.contextmanager
+def _windowless_h2_origin(ca: trustme.CA) -> Iterator[_WindowlessH2Origin]:
+    origin = _WindowlessH2Origin(ca)
+    thread = threading.Thread(target=origin.serve, daemon=True)
+    thread.start()
+    try:
+        yield origin
+    finally:
+        origin.stopping.set()
+        origin.sock.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("direction", ["download", "upload"])
+def test_http2_data_a_peer_grants_no_window_for_is_cut_at_the_queue_limit(
+        tmp_path: Path, origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path, direction: str) -> None:
+    """HTTP/2 on both legs. download: the agent asks for 200 MiB and grants no window; upload: the
+    agent sends 200 MiB the upstream grants no window for. mitmproxy would queue it all (+435 MiB
+    for 400 MiB); Warden resets the stream once 16 MiB wait on one connection, and records why."""
+    with _windowless_h2_origin(origin_ca) as origin:
+        rules = {
+            "agents": [{"id": "greedy", "token_sha256": [sha256_hex(AGENTS["greedy"])], "policies": ["p"]}],
+            "policies": {"p": {"allow": [{"id": "h2", "host": "api.test", "ports": [origin.port], "paths": ["/**"],
+                                          "addresses": ["127.0.0.1/32"]}]}},
+            "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts"))},
+        }
+        warden = start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
+                              agents={"greedy": AGENTS["greedy"]})
+        try:
+            pid = warden_pid(warden)
+            before = peak_rss_kib(pid)
+            sock = open_tunnel(warden, "greedy", "api.test", origin.port, alpn=["h2"])
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+            conn.initiate_connection()
+            sid = conn.get_next_available_stream_id()
+            authority = f"api.test:{origin.port}"
+            if direction == "download":
+                conn.send_headers(sid, [(":method", "GET"), (":authority", authority), (":scheme", "https"),
+                                        (":path", "/big/200")], end_stream=True)
+                sock.sendall(conn.data_to_send())  # and never a WINDOW_UPDATE
+            else:
+                conn.send_headers(sid, [(":method", "POST"), (":authority", authority), (":scheme", "https"),
+                                        (":path", "/slow")])
+                sock.sendall(conn.data_to_send())
+                sock.settimeout(10)
+                conn.receive_data(sock.recv(65536))  # Warden's SETTINGS: its (large) window
+                chunk = b"u" * 16384
+                for _ in range(200 * 64):  # 200 MiB, as far as Warden's window lets it
+                    if conn.local_flow_control_window(sid) < len(chunk):
+                        break
+                    conn.send_data(sid, chunk)
+                    sock.sendall(conn.data_to_send())
+            records = warden.audit_records(
+                lambda rs: any(r.get("event") == "request" and r.get("error") for r in rs), timeout=30)
+            sock.close()
+            grown_mib = (peak_rss_kib(pid) - before) / 1024
+        finally:
+            warden.stop()
+    record = next(r for r in records if r.get("event") == "request" and r.get("error"))
+    assert "granted no window" in record["error"] and "stream reset" in record["error"], record
+    moved = record["bytes_down"] if direction == "download" else record["bytes_up"]
+    assert moved < 64 * 1024 * 1024, record
+    assert grown_mib < 64, f"peak RSS grew by {grown_mib:.0f} MiB"
+
+
+def test_reset_http2_streams_give_their_memory_back_not_only_their_budget(
+        tmp_path: Path, origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path) -> None:
+    """Fill the budget with half-sent 1 MiB bodies, reset them all, again and again on one
+    connection: the bodies' memory must go with the streams (it waited for Python's cyclic GC,
+    and RSS reached ~10x the budget while the gauge read 0)."""
+    with _windowless_h2_origin(origin_ca) as origin:
+        rules = {
+            "agents": [{"id": "greedy", "token_sha256": [sha256_hex(AGENTS["greedy"])], "policies": ["p"]}],
+            "policies": {"p": {"allow": [{"id": "h2", "host": "api.test", "ports": [origin.port], "paths": ["/**"],
+                                          "addresses": ["127.0.0.1/32"]}]}},
+            "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts")),
+                         "body_scan": {"max_buffered_bytes_per_agent": 16 * 1024 * 1024}},
+        }
+        warden = start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
+                              agents={"greedy": AGENTS["greedy"]})
+        try:
+            pid = warden_pid(warden)
+            sock = open_tunnel(warden, "greedy", "api.test", origin.port, alpn=["h2"])
+            sock.settimeout(10)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+            conn.initiate_connection()
+            sock.sendall(conn.data_to_send())
+            conn.receive_data(sock.recv(65536))  # Warden's SETTINGS: its window
+            body = b"r" * (1024 * 1024 - 1)
+            before = peak_rss_kib(pid)
+            for _ in range(20):  # 20 x 16 MiB through a 16 MiB budget
+                streams = []
+                for _ in range(16):
+                    sid = conn.get_next_available_stream_id()
+                    conn.send_headers(sid, [(":method", "POST"), (":authority", f"api.test:{origin.port}"),
+                                            (":scheme", "https"), (":path", "/held"),
+                                            ("content-length", str(len(body) + 1))])
+                    for at in range(0, len(body), 65536):
+                        conn.send_data(sid, body[at:at + 65536])
+                    streams.append(sid)
+                sock.sendall(conn.data_to_send())
+                assert wait_until(lambda: _held(warden, "greedy") == 16 * (len(body) + 1), 10)
+                for sid in streams:
+                    conn.reset_stream(sid)
+                sock.sendall(conn.data_to_send())
+                assert wait_until(lambda: _held(warden, "greedy") == 0, 10)
+            grown_mib = (peak_rss_kib(pid) - before) / 1024
+            sock.close()
+        finally:
+            warden.stop()
+    assert grown_mib < 64, f"peak RSS grew by {grown_mib:.0f} MiB over 320 MiB of reset bodies (budget 16 MiB)"

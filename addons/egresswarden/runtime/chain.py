@@ -58,7 +58,7 @@ from egresswarden.record.alerts import Alerts
 from egresswarden.record.audit import Audit, AuditGate
 from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
-from egresswarden.runtime import http1_trailers, refused_bodies
+from egresswarden.runtime import body_buffers, http1_trailers
 from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.budget import BufferBudget
 from egresswarden.runtime.context import Connections
@@ -79,7 +79,7 @@ from egresswarden.stages.websockets import WebSockets
 def build_chain() -> tuple[list[Any], HookErrorCallback]:
     """The chain's parts in order, and the callback told about every swallowed hook error."""
     http1_trailers.install()  # a defined answer instead of a hung connection (runtime/http1_trailers.py)
-    refused_bodies.install()  # an answered request's body is dropped, not buffered (runtime/refused_bodies.py)
+    body_buffers.install()  # bounds on the body bytes mitmproxy keeps (runtime/body_buffers.py)
     store = RuleStore()
     connections = Connections()
     audit = Audit(store)

@@ -1,0 +1,108 @@
+"""Bounds on the body bytes mitmproxy 12.3.1 keeps for Warden's flows, where mitmproxy has none.
+
+`install()` wraps three places (idempotent; applied when the chain is built, so `warden run`
+and `mitmdump -s` both get them):
+
+* **A request Warden has already answered** (it refused at `requestheaders`: identity 407,
+  policy 403, body plan 411/413/415, buffer budget 429): mitmproxy still read the whole body
+  into memory before sending the answer. One refused 200 MiB POST took Warden from 93 to
+  494 MiB peak, with or without a token. Now each chunk is counted (the record's `bytes_up`)
+  and dropped; the end of the body ends the flow as before, so the agent reads the answer
+  and every hook runs. Such a request is never sent upstream either way.
+* **A stream that failed** (reset by a peer, a protocol error, a refused upstream): its
+  partial body buffers stayed referenced until Python's cyclic garbage collector freed the
+  stream (mitmproxy's stream objects refer to themselves); an agent resetting 64 half-sent
+  1 MiB streams again and again grew Warden to 700 MiB while its buffer budget read 0. The
+  buffers of the failed side are now emptied when the failure is handled.
+* **HTTP/2 send queues**: mitmproxy grants every HTTP/2 peer the largest window (2^31-1)
+  and acknowledges data as soon as it arrives, so it never slows a sender down; data the
+  other leg's peer has no window for waits in an unbounded per-stream queue. An agent that
+  grants no window for a download, or an upstream that grants none for an upload, made
+  Warden queue hundreds of MiB (400 MiB response: +435 MiB; 600 MiB upload: +650 MiB). A
+  connection now queues at most H2_QUEUE_LIMIT bytes: past it the stream that grew it is
+  reset (ENHANCE_YOUR_CALM) and failed on the other leg too, so the flow ends in the
+  `error` hook and is audited with that reason. (HTTP/1 legs need no such bound: mitmproxy
+  stops reading while a socket's write buffer drains.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.errors
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.utils import human
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import _http2
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import RequestData, ResponseData
+
+from egresswarden.runtime.context import record_of
+
+H2_QUEUE_LIMIT = 16 * 1024 * 1024  # bytes one HTTP/2 connection may hold for a peer that grants no window
+
+
+def install() -> None:
+    _drop_answered_bodies()
+    _free_failed_streams()
+    _bound_h2_queues()
+
+
+def _drop_answered_bodies() -> None:
+    cls: Any = http_layers.HttpStream
+    if getattr(cls.state_consume_request_body, "warden_drops_answered", False):
+        return
+    original = cls.state_consume_request_body
+
+    def state_consume_request_body(self: Any, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestData) and self.flow.response is not None:
+            record_of(self.flow).bytes_up += len(event.data)
+            return
+        yield from original(self, event)
+    state_consume_request_body.warden_drops_answered = True  # type: ignore[attr-defined]
+    cls.state_consume_request_body = state_consume_request_body
+
+
+def _free_failed_streams() -> None:
+    cls: Any = http_layers.HttpStream
+    if getattr(cls.handle_protocol_error, "warden_frees", False):
+        return
+    original = cls.handle_protocol_error
+
+    def handle_protocol_error(self: Any, event: Any) -> layer.CommandGenerator[None]:
+        yield from original(self, event)
+        # It ends by dropping the stream (or the flow was killed): neither partial body is read
+        # again (mitmproxy moves a whole body into the flow before anything uses it).
+        self.request_body_buf.clear()
+        self.response_body_buf.clear()
+    handle_protocol_error.warden_frees = True  # type: ignore[attr-defined]
+    cls.handle_protocol_error = handle_protocol_error
+
+
+def _queued(conn: Any) -> int:
+    return sum(len(chunk.data) for queue in conn.stream_buffers.values() for chunk in queue)
+
+
+def _bound_h2_queues() -> None:
+    cls: Any = _http2.Http2Connection
+    if getattr(cls._handle_event, "warden_bounded", False):
+        return
+    original = cls._handle_event
+
+    def _handle_event(self: Any, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from original(self, event)
+        if not isinstance(event, (RequestData, ResponseData)) or not self.h2_conn.stream_buffers:
+            return
+        queued = _queued(self.h2_conn)
+        stream_id = event.stream_id
+        if queued <= H2_QUEUE_LIMIT or stream_id not in self.streams:
+            return
+        self.h2_conn.reset_stream(stream_id, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+        self.streams.pop(stream_id, None)
+        yield ReceiveHttp(self.ReceiveProtocolError(
+            stream_id, f"HTTP/2 peer {human.format_address(self.conn.peername)} granted no window for {queued} bytes queued on its "
+                       f"connection (Warden queues at most {H2_QUEUE_LIMIT}): stream reset",
+            code=self.ReceiveProtocolError.code))
+    _handle_event.warden_bounded = True  # type: ignore[attr-defined]
+    cls._handle_event = _handle_event
