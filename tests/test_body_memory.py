@@ -12,6 +12,7 @@ what a finished, failed or abandoned request held is given back.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import socket
 import ssl
 import threading
@@ -34,6 +35,7 @@ from .bypass_helpers import (
     peak_rss_kib,
     proxy_auth,
     read_response,
+    request_bytes,
     run_h2_origin,
     run_logging_origin,
     server_context,
@@ -408,3 +410,47 @@ def test_reset_http2_streams_give_their_memory_back_not_only_their_budget(
         finally:
             warden.stop()
     assert grown_mib < 64, f"peak RSS grew by {grown_mib:.0f} MiB over 320 MiB of reset bodies (budget 16 MiB)"
+
+
+def test_compressed_bodies_past_an_agents_decode_share_get_429_and_others_go_on(
+        tmp_path: Path, origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path) -> None:
+    """16 KB of gzip decoded to 16 MiB and was scanned on the event loop: one agent's stream of them
+    stalled every other agent. Each agent now decodes at most its share per second."""
+    agents = {"greedy": AGENTS["greedy"], "other": AGENTS["other"]}
+    with run_logging_origin(ca=origin_ca) as origin:
+        rules = {
+            "agents": [{"id": a, "token_sha256": [sha256_hex(t)], "policies": ["p"]} for a, t in agents.items()],
+            "policies": {"p": {
+                "allow": [{"id": "cred", "host": "cred.test", "ports": [origin.port], "addresses": ["127.0.0.1/32"]}],
+                # a credential for the host: its request bodies are scanned by the leak guard
+                "credentials": [{"id": "c", "host": "cred.test", "ports": [origin.port],
+                                 "inject": {"Authorization": "Bearer ${secret:CRED}"}}],
+            }},
+            "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts")),
+                         "body_scan": {"max_buffered_bytes": 65536,  # decode limit 16x: 1 MiB
+                                       "decoded_bytes_per_second_per_agent": 64 * 1024}},
+        }
+        warden = start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
+                              agents=agents, env={"CRED": "cred-secret-value-0123456789"})
+        try:
+            def post(agent: str, path: str, body: bytes, encoding: str | None) -> Any:
+                sock = open_tunnel(warden, agent, "cred.test", origin.port)
+                with sock:
+                    headers = {"Content-Length": str(len(body))} | ({"Content-Encoding": encoding} if encoding else {})
+                    sock.sendall(request_bytes("POST", path, f"cred.test:{origin.port}", headers, body))
+                    return read_response(sock, "POST")
+
+            bomb = gzip.compress(b"\0" * (600 * 1024))  # 600 KiB decoded from ~0.6 KB
+            statuses = [post("greedy", f"/z{i}", bomb, "gzip").status for i in range(4)]
+            # burst 1 MiB (the decode limit): two bodies, the second into debt that 64 KiB/s takes ~3 s to repay
+            assert statuses == [200, 200, 429, 429], statuses
+            refused = post("greedy", "/z-again", bomb, "gzip")
+            assert refused.headers["x-warden-reason"] == "scan_limit" and refused.headers["retry-after"] == "1"
+            assert "This is temporary: retry" in refused.text
+            assert post("other", "/o", bomb, "gzip").status == 200  # another agent has its own share
+            assert post("greedy", "/plain", b"p" * 60000, None).status == 200  # uncompressed: not metered
+            assert wait_until(lambda: post("greedy", "/later", bomb, "gzip").status == 200, 15)  # repaid
+        finally:
+            warden.stop()
+    arrived = {r.target for r in origin.requests}
+    assert {"/z0", "/z1", "/o", "/plain", "/later"} <= arrived and not {"/z2", "/z3", "/z-again"} & arrived

@@ -515,6 +515,8 @@ def _build_settings(raw: dict[str, Any], lines_of: dict[str, LineMap], out: _Col
         max_mcp_body_bytes=int(raw.get("body_scan", {}).get("max_mcp_body_bytes", 8 * 1024 * 1024)),
         max_buffered_bytes_per_agent=int(raw.get("body_scan", {}).get("max_buffered_bytes_per_agent",
                                                                       64 * 1024 * 1024)),
+        decoded_bytes_per_second_per_agent=int(raw.get("body_scan", {}).get("decoded_bytes_per_second_per_agent",
+                                                                            8 * 1024 * 1024)),
         explain_denials=raw.get("explain_denials", "in_band"),
         audit=AuditSettings(
             on_failure=audit.get("on_failure", "fail_closed"),

@@ -31,11 +31,11 @@ from typing import Any
 
 import h2.errors
 from mitmproxy.proxy import commands, events, layer
-from mitmproxy.utils import human
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import RequestData, ResponseData
+from mitmproxy.utils import human
 
 from egresswarden.runtime.context import record_of
 

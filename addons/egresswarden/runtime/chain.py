@@ -60,7 +60,7 @@ from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
 from egresswarden.runtime import body_buffers, http1_trailers
 from egresswarden.runtime.admin import Admin
-from egresswarden.runtime.budget import BufferBudget
+from egresswarden.runtime.budget import BufferBudget, DecodeMeter
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
 from egresswarden.runtime.revocation import LiveFlows, Revocation
@@ -99,7 +99,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
         AuditGate(audit, store),
         Policy(store, connections),
         BodyPlanner(budget),
-        Credentials(connections),
+        Credentials(connections, DecodeMeter()),
         Mcp(store, outcomes),  # after Credentials: wraps its response redactor stream (see stages/mcp.py)
         WebSockets(),
         live,  # after every stage that installs a request stream: wraps it

@@ -46,6 +46,7 @@ from egresswarden.core.credentials import (
 from egresswarden.core.decision import Decision, Interception, Reason, deny
 from egresswarden.core.hostnames import HostError, authority_names, normalize_host, parse_ip
 from egresswarden.core.ruleset import CompiledCredential, RuleSet
+from egresswarden.runtime.budget import DecodeMeter
 from egresswarden.runtime.context import Connections, FlowRecord, TunnelMode, record_of
 from egresswarden.runtime.failsafe import guarded_stream, refusal_response
 
@@ -83,8 +84,9 @@ def _redact_fields(fields: http.Headers, ctx: CredentialState) -> None:
 
 
 class Credentials:
-    def __init__(self, connections: Connections) -> None:
+    def __init__(self, connections: Connections, decode_meter: DecodeMeter | None = None) -> None:
         self.connections = connections
+        self.decode_meter = decode_meter or DecodeMeter()
 
     # -- helpers ---------------------------------------------------------------------------
     def _binding_holds(self, flow: http.HTTPFlow, record: FlowRecord) -> bool:
@@ -221,7 +223,18 @@ class Credentials:
             leak = ctx.scanner.find_disguised_leak(body, ctx.bound_ids, "body")
             encoding = flow.request.headers.get("content-encoding")
             if leak is None and encoding:
-                limit = ctx.rules.settings.body_scan_max_buffered_bytes * DECODE_LIMIT_FACTOR
+                settings = ctx.rules.settings
+                limit = settings.body_scan_max_buffered_bytes * DECODE_LIMIT_FACTOR
+                rate, agent = settings.decoded_bytes_per_second_per_agent, record.agent or ""
+                if not self.decode_meter.admit(agent, rate, limit):
+                    self._deny(flow, record, deny(
+                        Reason.SCAN_LIMIT,
+                        f"agent '{agent}' has sent more compressed request bodies than Warden decodes for one agent "
+                        f"({rate} decoded bytes per second); send them uncompressed, or fewer at once",
+                        ctx.rules.version))
+                    assert flow.response is not None  # _deny answered
+                    flow.response.headers["Retry-After"] = "1"
+                    return
                 try:
                     decoded = decode_for_scan(body, encoding, limit)
                 except UnsupportedCoding as e:
@@ -230,6 +243,7 @@ class Credentials:
                                                   f"cannot be checked for secrets", ctx.rules.version))
                     return
                 except DecodeLimit:
+                    self.decode_meter.charge(agent, limit, rate, limit)  # decoded that far before giving up
                     self._deny(flow, record, deny(Reason.BODY_TOO_LARGE,
                                                   f"the decoded body exceeds {limit} bytes and cannot be checked "
                                                   f"for secrets", ctx.rules.version))
@@ -239,6 +253,7 @@ class Credentials:
                                                   f"the body could not be decoded ({e}), so it cannot be checked "
                                                   f"for secrets", ctx.rules.version))
                     return
+                self.decode_meter.charge(agent, len(decoded), rate, limit)
                 # The views cost far more per byte than the automaton; a small compressed body
                 # must not buy up to 16x max_buffered_bytes of that work: beyond the buffer limit
                 # the decoded body is scanned for the plain spellings only.
