@@ -317,7 +317,8 @@ def test_http2_data_a_peer_grants_no_window_for_is_cut_at_the_queue_limit(
         tmp_path: Path, origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path, direction: str) -> None:
     """HTTP/2 on both legs. download: the agent asks for 200 MiB and grants no window; upload: the
     agent sends 200 MiB the upstream grants no window for. mitmproxy would queue it all (+435 MiB
-    for 400 MiB); Warden resets the stream once 16 MiB wait on one connection, and records why."""
+    for 400 MiB); Warden resets the stream once the limit (set to 16 MiB here) waits on one
+    connection, and records why."""
     with _windowless_h2_origin(origin_ca) as origin:
         rules = {
             "agents": [{"id": "greedy", "token_sha256": [sha256_hex(AGENTS["greedy"])], "policies": ["p"]}],
@@ -326,7 +327,8 @@ def test_http2_data_a_peer_grants_no_window_for_is_cut_at_the_queue_limit(
             "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts"))},
         }
         warden = start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
-                              agents={"greedy": AGENTS["greedy"]})
+                              agents={"greedy": AGENTS["greedy"]},
+                              extra_args=["--set", f"warden_h2_max_queued={16 * 1024 * 1024}"])
         try:
             pid = warden_pid(warden)
             before = peak_rss_kib(pid)
@@ -358,7 +360,7 @@ def test_http2_data_a_peer_grants_no_window_for_is_cut_at_the_queue_limit(
         finally:
             warden.stop()
     record = next(r for r in records if r.get("event") == "request" and r.get("error"))
-    assert "granted no window" in record["error"] and "stream reset" in record["error"], record
+    assert "granted no window" in record["error"] and "at most 16777216): stream reset" in record["error"], record
     moved = record["bytes_down"] if direction == "download" else record["bytes_up"]
     assert moved < 64 * 1024 * 1024, record
     assert grown_mib < 64, f"peak RSS grew by {grown_mib:.0f} MiB"

@@ -19,10 +19,12 @@ and `mitmdump -s` both get them):
   other leg's peer has no window for waits in an unbounded per-stream queue. An agent that
   grants no window for a download, or an upstream that grants none for an upload, made
   Warden queue hundreds of MiB (400 MiB response: +435 MiB; 600 MiB upload: +650 MiB). A
-  connection now queues at most H2_QUEUE_LIMIT bytes: past it the stream that grew it is
-  reset (ENHANCE_YOUR_CALM) and failed on the other leg too, so the flow ends in the
-  `error` hook and is audited with that reason. (HTTP/1 legs need no such bound: mitmproxy
-  stops reading while a socket's write buffer drains.)
+  connection now queues at most H2_QUEUE_LIMIT bytes (option `warden_h2_max_queued`, 0 for
+  no bound): past it the stream that grew it is reset (ENHANCE_YOUR_CALM) and failed on the
+  other leg too, so the flow ends in the `error` hook and is audited with that reason. It is
+  a bound, not backpressure: a legitimate HTTP/2 client that falls behind a fast upstream by
+  more than the limit is cut as well. (HTTP/1 legs need neither: mitmproxy stops reading
+  while a socket's write buffer drains.)
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ from mitmproxy.utils import human
 
 from egresswarden.runtime.context import record_of
 
-H2_QUEUE_LIMIT = 16 * 1024 * 1024  # bytes one HTTP/2 connection may hold for a peer that grants no window
+# Bytes one HTTP/2 connection may queue for its peer (option warden_h2_max_queued). Not smaller:
+# a client with the default 64 KiB window, reading promptly but slower than a fast upstream
+# sends, builds a queue too (red team 5: with 16 MiB such a download was cut after 2.2 MiB).
+H2_QUEUE_LIMIT = 64 * 1024 * 1024
 
 
 def install() -> None:
@@ -93,16 +98,17 @@ def _bound_h2_queues() -> None:
         yield from original(self, event)
         if not isinstance(event, (RequestData, ResponseData)) or not self.h2_conn.stream_buffers:
             return
+        limit = getattr(self.context.options, "warden_h2_max_queued", H2_QUEUE_LIMIT)
         queued = _queued(self.h2_conn)
         stream_id = event.stream_id
-        if queued <= H2_QUEUE_LIMIT or stream_id not in self.streams:
+        if not limit or queued <= limit or stream_id not in self.streams:
             return
         self.h2_conn.reset_stream(stream_id, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
         self.streams.pop(stream_id, None)
         yield ReceiveHttp(self.ReceiveProtocolError(
             stream_id, f"HTTP/2 peer {human.format_address(self.conn.peername)} granted no window for {queued} bytes queued on its "
-                       f"connection (Warden queues at most {H2_QUEUE_LIMIT}): stream reset",
+                       f"connection (Warden queues at most {limit}): stream reset",
             code=self.ReceiveProtocolError.code))
     _handle_event.warden_bounded = True  # type: ignore[attr-defined]
     cls._handle_event = _handle_event

@@ -51,6 +51,7 @@ from mitmproxy.proxy.layers.tls import HTTP_ALPNS, parse_client_hello
 from egresswarden.core.decision import Reason
 from egresswarden.core.hostnames import HostError, normalize_host
 from egresswarden.runtime import relay, splicing
+from egresswarden.runtime.body_buffers import H2_QUEUE_LIMIT
 from egresswarden.runtime.context import Connections, ConnState, Tunnel, TunnelMode
 from egresswarden.runtime.sockets import connection_handler
 
@@ -167,6 +168,10 @@ class Interception:
             "warden_splice", bool, True,
             "Relay passed-through tunnels in the kernel (os.splice, Linux) instead of through mitmproxy's TCP "
             "layer. Off: every passthrough tunnel uses mitmproxy's relay.")
+        loader.add_option(
+            "warden_h2_max_queued", int, H2_QUEUE_LIMIT,
+            "Bytes one HTTP/2 connection may queue for a peer that grants no flow-control window; past it the "
+            "stream is reset (runtime/body_buffers.py). 0: no bound (mitmproxy's behaviour).")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
