@@ -42,6 +42,7 @@ from .bypass_helpers import (
     wait_until,
     warden_pid,
 )
+from .control_helpers import reload_rules
 from .harness import Warden, hosts_file, sha256_hex, start_warden
 
 BUDGET = 4096
@@ -491,3 +492,33 @@ def test_many_headers_on_a_credential_host_cost_linear_time(
     assert seen["/h10000"].header("x-token") == "cred-secret-value-0123456789"  # still replaced
     assert seen["/h10000"].header("x-filler-9999") == "v" * 80  # untouched headers byte-exact
     assert large < 30 * max(small, 0.02), f"1,000 headers {small:.3f} s, 10,000 headers {large:.3f} s"
+
+
+def test_a_buffered_request_whose_rules_changed_while_it_uploaded_is_decided_again(tmp_path: Path) -> None:
+    """Half-sent when a reload takes its path away, finished after: refused under the new rules
+    (it used to reach the origin under the old decision, audited with the old policy version)."""
+    def rules(paths: list[str]) -> dict[str, Any]:
+        return {
+            "agents": [{"id": "greedy", "token_sha256": [sha256_hex(AGENTS["greedy"])], "policies": ["p"]}],
+            "policies": {"p": {"allow": [{"id": "api", "host": "api.test", "ports": [origin.port], "paths": paths,
+                                          "addresses": ["127.0.0.1/32"]}]}},
+            "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts"))},
+        }
+    with run_logging_origin() as origin:
+        warden = start_warden(tmp_path, rules(["/ok/**", "/other/**"]), agents={"greedy": AGENTS["greedy"]})
+        try:
+            first = _held_open(warden, origin, "/ok/upload", 3000)
+            assert wait_until(lambda: _held(warden, "greedy") == 3000, 10)
+            old_version = warden.audit_records(lambda rs: any(r.get("event") == "startup" for r in rs))
+            reload_rules(warden, rules(["/other/**"]))
+            with first:
+                first.sendall(b"h")
+                answer = read_response(first, "POST")
+            assert answer.status == 403 and answer.headers["x-warden-reason"] == "path_not_allowed"
+            assert _post(warden, origin, "greedy", "/other/x", 10).status == 200  # the new rules in force
+            record = audit_where(warden, lambda r: r.get("event") == "request" and r.get("path") == "/ok/upload")[0]
+        finally:
+            warden.stop()
+    assert "/ok/upload" not in _arrived(origin)
+    startup_version = next(r["policy_version"] for r in old_version if r.get("event") == "startup")
+    assert record["decision"] == "deny" and record["policy_version"] != startup_version

@@ -56,6 +56,7 @@ from egresswarden.runtime.context import (
 )
 from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.resolver import GovernedAddresses, ResolveError, resolve
+from egresswarden.runtime.revocation import redecide_flow
 from egresswarden.runtime.rulestore import RuleStore
 
 
@@ -211,6 +212,25 @@ class Policy:
         record.target = Target(host, port, scheme, _canonical_path_or_none(path))
         server = mcp_server_for(rules, host, port, path, state.governed.get((host, port)))
         record.mcp_server = server.id if server is not None else None
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The whole (buffered) body is here. If the rules were reloaded while it arrived, the
+        request is decided again under the rules in force: Revocation re-decides flows that
+        stream at the reload itself, a buffered one is decided here before anything sends it
+        (red team 5: two half-sent 1 MB POSTs, finished after a reload that denied their path,
+        reached the origin under the old decision)."""
+        if flow.response is not None:
+            return
+        record = record_of(flow)
+        current = self.store.current
+        if current is None or record.rules is None or current.version == record.rules.version:
+            return
+        if record.decision is None or not record.decision.allowed:
+            return
+        decision = redecide_flow(current, record, flow)  # an exception denies (the chain's fail_closed)
+        if not decision.allowed:
+            record.revocation = "denied"
+            self._refuse(flow, record, decision)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
