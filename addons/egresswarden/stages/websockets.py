@@ -50,6 +50,16 @@ class GuardedWebsocketLayer(mitm_websocket.WebsocketLayer):
 
     _handle_event = start
 
+    def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from super().relay_messages(event)
+        if not self.flow.live:
+            # Ended: nothing reads a message still being assembled again. The layer refers to
+            # itself (its handler is its own bound method) and waits for the cyclic GC, so an
+            # unfinished message would keep its fragments, up to MAX_MESSAGE_BYTES, until then
+            # (red team 5: 20 WebSockets with 7 MiB unfinished, +141 MiB that stayed after close).
+            for conn in (self.client_ws, self.server_ws):
+                conn.frame_buf = [b""]
+
 
 def _guarded_events(source: Callable[[], Iterator[Any]], record: Any) -> Callable[[], Iterator[Any]]:
     size = 0
