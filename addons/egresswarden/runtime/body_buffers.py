@@ -106,9 +106,10 @@ def _bound_h2_queues() -> None:
         self.h2_conn.reset_stream(stream_id, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
         self.streams.pop(stream_id, None)
+        peer = human.format_address(self.conn.peername)
         yield ReceiveHttp(self.ReceiveProtocolError(
-            stream_id, f"HTTP/2 peer {human.format_address(self.conn.peername)} granted no window for {queued} bytes queued on its "
-                       f"connection (Warden queues at most {limit}): stream reset",
+            stream_id, f"HTTP/2 peer {peer} granted no window for {queued} bytes queued on its connection "
+                       f"(Warden queues at most {limit}): stream reset",
             code=self.ReceiveProtocolError.code))
     _handle_event.warden_bounded = True  # type: ignore[attr-defined]
     cls._handle_event = _handle_event
