@@ -122,9 +122,12 @@ def plain_origin(env: dict[str, Any]) -> LoggingOrigin:
     return origin
 
 
-def _by_client_port(sock: socket.socket) -> Callable[[dict[str, Any]], bool]:
+def _by_client_port(w: Warden, sock: socket.socket) -> Callable[[dict[str, Any]], bool]:
+    """Records of this client connection: its port, and written after now (the kernel may have
+    given the port to an earlier test's connection too)."""
     port = sock.getsockname()[1]
-    return lambda r: r.get("client_port") == port
+    after = max((r.get("seq", 0) for r in w.audit_records()), default=0)
+    return lambda r: r.get("client_port") == port and r.get("seq", 0) > after
 
 
 def _no_secret_in(origin: LoggingOrigin) -> None:
@@ -169,7 +172,7 @@ def test_split_request_line_after_tls_is_decided(w: Warden, tls_origin: LoggingO
 def test_non_http_after_tls_without_alpn_is_closed_and_audited(w: Warden, tls_origin: LoggingOrigin,
                                                                payload: bytes) -> None:
     with open_tunnel(w, "coder", "api.test", tls_origin.port) as s:
-        match = _by_client_port(s)
+        match = _by_client_port(w, s)
         s.sendall(payload)
         assert closed_without_answer(s) is None
     rec = audit_where(w, lambda r: match(r) and r.get("event") == "tunnel_refused")[-1]
@@ -191,7 +194,7 @@ def test_split_cleartext_into_intercepted_tunnel_is_refused(w: Warden, tls_origi
 
 def test_raw_bytes_without_tls_into_intercepted_tunnel_are_closed(w: Warden, tls_origin: LoggingOrigin) -> None:
     with open_tunnel(w, "coder", "api.test", tls_origin.port, tls=False) as s:
-        match = _by_client_port(s)
+        match = _by_client_port(w, s)
         s.sendall(b"\x16\x03")  # could be TLS: Warden waits ...
         time.sleep(PAUSE)
         s.sendall(b"\x01\x00\x00\x05hello")  # ... and it is not a ClientHello
@@ -630,7 +633,7 @@ def test_websocket_echoed_secret_is_redacted_and_messages_counted(ws_env: dict[s
     w, ws = ws_env["warden"], ws_env["ws"]
     client = _ws_open(w, "cred.test", ws.port)
     assert client.accepted is not None
-    mine = _by_client_port(client.sock)
+    mine = _by_client_port(w, client.sock)
     client.send(TextMessage(data="hello"))
     client.send(TextMessage(data="send-secret"))
     texts = _ws_texts(client.events(lambda evs: len(_ws_texts(evs)) >= 2))
@@ -654,7 +657,7 @@ def test_websocket_message_with_a_secret_is_dropped(ws_env: dict[str, Any], leak
     assert client.accepted is not None
     if deflate:  # Warden never negotiates compression (a deflate bomb inflates inside the proxy)
         assert not any(getattr(e, "name", "") == "permessage-deflate" for e in client.accepted.extensions)
-    mine = _by_client_port(client.sock)
+    mine = _by_client_port(w, client.sock)
     client.send(TextMessage(data="hello"))
     assert _ws_texts(client.events(lambda evs: len(_ws_texts(evs)) >= 1)) == ["hello"]
     client.send(TextMessage(data=f"exfil {leak} now"))
