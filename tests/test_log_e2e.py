@@ -170,6 +170,31 @@ def test_stdin_and_captured_stream(warden: Warden) -> None:
     assert "/from-stream" in out.stdout and "other container" not in out.stdout
 
 
+def test_follower_reads_a_file_rotated_between_its_stat_and_its_open(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer rotates again in the instant between the follower seeing a new live file and
+    opening it: the file it saw is by then a rotated one, and its lines must still be read (they
+    were lost under load: a fresh-clone run missed denials)."""
+    from egresswarden.cli.log import Follower
+
+    live = tmp_path / "audit.jsonl"
+    live.write_bytes(b'{"n": 1}\n')
+    f = Follower(str(live))
+    assert f.read() == [b'{"n": 1}']
+    live.rename(tmp_path / "audit.jsonl.20261201T000000000001Z")
+    live.write_bytes(b'{"n": 2}\n')  # what the follower's stat will see ...
+    original_open = Follower._open
+
+    def rotate_then_open(self: Follower) -> None:
+        if not (tmp_path / "audit.jsonl.20261201T000000000002Z").exists():
+            live.rename(tmp_path / "audit.jsonl.20261201T000000000002Z")  # ... rotated before the open
+            live.write_bytes(b'{"n": 3}\n')
+        original_open(self)
+    monkeypatch.setattr(Follower, "_open", rotate_then_open)
+    assert f.read() == [b'{"n": 2}', b'{"n": 3}']
+    f.close()
+
+
 def test_follower_reads_files_rotated_between_two_polls(tmp_path: Path) -> None:
     """Two rotations between polls (a busy proxy, a slow reader): the file rotated and
     rotated away while the follower slept is read whole, in order, nothing twice."""

@@ -204,11 +204,14 @@ class Follower:
                 out.append(self.partial)
             self.file.close()
             self.file = None
-            out += self._rotated_since(self.identity, current)
-            if current is not None:
-                self._open()
-                if self.file is not None:
-                    out += self._drain()
+            held = self.identity
+            # Open before listing what was rotated in between: the writer may rotate again
+            # between the stat above and this open, and the file `current` named is then one
+            # of the rotated ones (anchoring on it lost its lines under load).
+            self._open()
+            out += self._rotated_since(held, self.identity if self.file is not None else None)
+            if self.file is not None:
+                out += self._drain()
         elif st is not None and st.st_size < self.file.tell():
             self.file.seek(0)  # truncated in place (copytruncate): start again
             self.partial = b""
