@@ -41,6 +41,7 @@ class PlannedBody:
     plan: BodyPlan
     reason: Reason | None = None  # for REFUSE
     message: str = ""
+    length: int = 0  # a BUFFER request body's declared length (what it will hold in memory)
 
 
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
@@ -176,10 +177,10 @@ def plan_request_body(method: str, content_length: str | None, chunked: bool, ht
         if bad is not None:
             return PlannedBody(BodyPlan.REFUSE, Reason.UNSUPPORTED_ENCODING,
                                f"Content-Encoding {bad!r} cannot be decoded, so the MCP message cannot be decided")
-        return PlannedBody(BodyPlan.BUFFER)
+        return PlannedBody(BodyPlan.BUFFER, length=length)
     if not scan:
         if not unknown and length is not None and length <= max_buffered:
-            return PlannedBody(BodyPlan.BUFFER)
+            return PlannedBody(BodyPlan.BUFFER, length=length)
         return PlannedBody(BodyPlan.STREAM)
     bad = unsupported(content_encoding)
     if bad is not None:
@@ -187,7 +188,7 @@ def plan_request_body(method: str, content_length: str | None, chunked: bool, ht
                            f"Content-Encoding {bad!r} cannot be decoded, so the body cannot be checked for "
                            f"secrets; send it uncompressed or gzip/deflate/br/zstd")
     if not unknown and length is not None and length <= max_buffered:
-        return PlannedBody(BodyPlan.BUFFER)
+        return PlannedBody(BodyPlan.BUFFER, length=length)
     if codings(content_encoding):
         return PlannedBody(BodyPlan.REFUSE, Reason.BODY_TOO_LARGE,
                            "a compressed request body larger than the scan limit cannot be checked for secrets; "

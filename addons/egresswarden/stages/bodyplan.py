@@ -60,7 +60,7 @@ class BodyPlanner:
             mcp=record.mcp_server is not None, scan=scanner_for(rules).automaton is not None,
             max_buffered=rules.settings.body_scan_max_buffered_bytes, max_mcp=rules.settings.max_mcp_body_bytes)
         record.body = planned.plan
-        if planned.plan is BodyPlan.BUFFER and not self._reserve(record, request.headers.get("content-length")):
+        if planned.plan is BodyPlan.BUFFER and not self._reserve(record, planned.length):
             limit = rules.settings.max_buffered_bytes_per_agent
             record.decision = deny(
                 Reason.BUFFER_LIMIT,
@@ -76,10 +76,9 @@ class BodyPlanner:
         elif planned.plan is BodyPlan.STREAM:
             request.stream = byte_counter(record, upstream=True)
 
-    def _reserve(self, record: FlowRecord, content_length: str | None) -> bool:
+    def _reserve(self, record: FlowRecord, length: int) -> bool:
         """Take a BUFFER body's declared length from its agent's budget; False if refused.
-        (BUFFER means a known length; none or 0 is a bodiless request and takes nothing.)"""
-        length = int(content_length.strip()) if content_length and content_length.strip().isdigit() else 0
+        (A bodiless request takes nothing.)"""
         if length == 0:
             return True
         rules = record.rules
