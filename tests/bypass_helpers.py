@@ -727,8 +727,9 @@ class H2Origin:
 
 
 @contextlib.contextmanager
-def run_h2_origin(ca: trustme.CA) -> Iterator[H2Origin]:
-    origin = H2Origin(ca)
+def run_h2_origin(ca: trustme.CA, origin_class: type[H2Origin] = H2Origin) -> Iterator[H2Origin]:
+    """`origin_class`: an H2Origin whose `_connection` answers otherwise."""
+    origin = origin_class(ca)
     thread = threading.Thread(target=origin.serve, daemon=True)
     thread.start()
     try:

@@ -15,7 +15,6 @@ import contextlib
 import gzip
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ import trustme
 from egresswarden.record.metric_names import BUFFERED_REQUEST_BYTES
 
 from .bypass_helpers import (
+    H2Origin,
     LoggingOrigin,
     WsClient,
     audit_where,
@@ -40,7 +40,6 @@ from .bypass_helpers import (
     run_h2_origin,
     run_logging_origin,
     run_ws_origin,
-    server_context,
     wait_until,
     warden_pid,
 )
@@ -184,6 +183,23 @@ def test_schema_documents_the_key(tmp_path: Path) -> None:
         load_ruleset(rules)
 
 
+def _intercepting_warden(tmp_path: Path, port: int, origin_ca_file: Path, confdir: Path, *,
+                         body_scan: dict[str, int] | None = None, extra_args: list[str] | None = None) -> Warden:
+    """Agent `greedy` allowed to api.test:`port` by a path rule (so the tunnel is intercepted and
+    every HTTP/2 stream decided)."""
+    settings: dict[str, Any] = {"hosts_file": str(hosts_file(tmp_path / "hosts"))}
+    if body_scan:
+        settings["body_scan"] = body_scan
+    rules = {
+        "agents": [{"id": "greedy", "token_sha256": [sha256_hex(AGENTS["greedy"])], "policies": ["p"]}],
+        "policies": {"p": {"allow": [{"id": "h2", "host": "api.test", "ports": [port], "paths": ["/**"],
+                                      "addresses": ["127.0.0.1/32"]}]}},
+        "settings": settings,
+    }
+    return start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=confdir,
+                        agents={"greedy": AGENTS["greedy"]}, extra_args=extra_args)
+
+
 def _read_statuses(sock: socket.socket, conn: h2.connection.H2Connection, wanted: set[int]) -> dict[int, str]:
     """The :status of each wanted stream's response (bounded wait)."""
     statuses: dict[int, str] = {}
@@ -204,16 +220,8 @@ def test_one_http2_connection_cannot_hold_more_than_the_budget(
     """Many streams on one HTTP/2 connection, each body short of its last byte: the first is held,
     every stream after it that would pass the budget is answered 429 at once."""
     with run_h2_origin(origin_ca) as origin:
-        rules = {
-            "agents": [{"id": "greedy", "token_sha256": [sha256_hex(AGENTS["greedy"])], "policies": ["p"]}],
-            # a path rule: the tunnel is intercepted, every stream decided
-            "policies": {"p": {"allow": [{"id": "up", "host": "api.test", "ports": [origin.port], "paths": ["/**"],
-                                          "addresses": ["127.0.0.1/32"]}]}},
-            "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts")),
-                         "body_scan": {"max_buffered_bytes_per_agent": BUDGET}},
-        }
-        warden = start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
-                              agents={"greedy": AGENTS["greedy"]})
+        warden = _intercepting_warden(tmp_path, origin.port, origin_ca_file, shared_confdir,
+                                      body_scan={"max_buffered_bytes_per_agent": BUDGET})
         try:
             sock = open_tunnel(warden, "greedy", "api.test", origin.port, alpn=["h2"])
             conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
@@ -251,28 +259,9 @@ def test_one_http2_connection_cannot_hold_more_than_the_budget(
     assert len(audit_where(warden, lambda r: r.get("reason") == "buffer_limit")) == 9
 
 
-class _WindowlessH2Origin:
+class _WindowlessH2Origin(H2Origin):
     """A TLS HTTP/2 origin: GET /big/<MiB> answers that many MiB as fast as its window allows;
     POST /slow never grants window for the body (h2's initial 64 KiB, then nothing)."""
-
-    def __init__(self, ca: trustme.CA) -> None:
-        self.ctx = server_context(ca, alpn=["h2"])
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.port: int = self.sock.getsockname()[1]
-        self.stopping = threading.Event()
-
-    def serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                raw, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._connection, args=(raw,), daemon=True).start()
 
     def _connection(self, raw: socket.socket) -> None:
         raw.settimeout(20)
@@ -302,19 +291,6 @@ class _WindowlessH2Origin:
         conn.sendall(h2c.data_to_send())
 
 
-@contextlib.contextmanager
-def _windowless_h2_origin(ca: trustme.CA) -> Iterator[_WindowlessH2Origin]:
-    origin = _WindowlessH2Origin(ca)
-    thread = threading.Thread(target=origin.serve, daemon=True)
-    thread.start()
-    try:
-        yield origin
-    finally:
-        origin.stopping.set()
-        origin.sock.close()
-        thread.join(5)
-
-
 @pytest.mark.parametrize("direction", ["download", "upload"])
 def test_http2_data_a_peer_grants_no_window_for_is_cut_at_the_queue_limit(
         tmp_path: Path, origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path, direction: str) -> None:
@@ -322,16 +298,9 @@ def test_http2_data_a_peer_grants_no_window_for_is_cut_at_the_queue_limit(
     agent sends 200 MiB the upstream grants no window for. mitmproxy would queue it all (+435 MiB
     for 400 MiB); Warden resets the stream once the limit (set to 16 MiB here) waits on one
     connection, and records why."""
-    with _windowless_h2_origin(origin_ca) as origin:
-        rules = {
-            "agents": [{"id": "greedy", "token_sha256": [sha256_hex(AGENTS["greedy"])], "policies": ["p"]}],
-            "policies": {"p": {"allow": [{"id": "h2", "host": "api.test", "ports": [origin.port], "paths": ["/**"],
-                                          "addresses": ["127.0.0.1/32"]}]}},
-            "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts"))},
-        }
-        warden = start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
-                              agents={"greedy": AGENTS["greedy"]},
-                              extra_args=["--set", f"warden_h2_max_queued={16 * 1024 * 1024}"])
+    with run_h2_origin(origin_ca, _WindowlessH2Origin) as origin:
+        warden = _intercepting_warden(tmp_path, origin.port, origin_ca_file, shared_confdir,
+                                      extra_args=["--set", f"warden_h2_max_queued={16 * 1024 * 1024}"])
         try:
             pid = warden_pid(warden)
             before = peak_rss_kib(pid)
@@ -374,16 +343,9 @@ def test_reset_http2_streams_give_their_memory_back_not_only_their_budget(
     """Fill the budget with half-sent 1 MiB bodies, reset them all, again and again on one
     connection: the bodies' memory must go with the streams (it waited for Python's cyclic GC,
     and RSS reached ~10x the budget while the gauge read 0)."""
-    with _windowless_h2_origin(origin_ca) as origin:
-        rules = {
-            "agents": [{"id": "greedy", "token_sha256": [sha256_hex(AGENTS["greedy"])], "policies": ["p"]}],
-            "policies": {"p": {"allow": [{"id": "h2", "host": "api.test", "ports": [origin.port], "paths": ["/**"],
-                                          "addresses": ["127.0.0.1/32"]}]}},
-            "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts")),
-                         "body_scan": {"max_buffered_bytes_per_agent": 16 * 1024 * 1024}},
-        }
-        warden = start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
-                              agents={"greedy": AGENTS["greedy"]})
+    with run_h2_origin(origin_ca, _WindowlessH2Origin) as origin:
+        warden = _intercepting_warden(tmp_path, origin.port, origin_ca_file, shared_confdir,
+                                      body_scan={"max_buffered_bytes_per_agent": 16 * 1024 * 1024})
         try:
             pid = warden_pid(warden)
             sock = open_tunnel(warden, "greedy", "api.test", origin.port, alpn=["h2"])
