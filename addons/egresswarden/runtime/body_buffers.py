@@ -29,6 +29,7 @@ and `mitmdump -s` both get them):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import h2.errors
@@ -40,6 +41,7 @@ from mitmproxy.proxy.layers.http._events import RequestData, ResponseData
 from mitmproxy.utils import human
 
 from egresswarden.runtime.context import record_of
+from egresswarden.runtime.patching import wrap_once
 
 # Bytes one HTTP/2 connection may queue for its peer (option warden_h2_max_queued). Not smaller:
 # a client with the default 64 KiB window, reading promptly but slower than a fast upstream
@@ -48,52 +50,35 @@ H2_QUEUE_LIMIT = 64 * 1024 * 1024
 
 
 def install() -> None:
-    _drop_answered_bodies()
-    _free_failed_streams()
-    _bound_h2_queues()
+    wrap_once(http_layers.HttpStream, "state_consume_request_body", _drop_answered_bodies)
+    wrap_once(http_layers.HttpStream, "handle_protocol_error", _free_failed_streams)
+    wrap_once(_http2.Http2Connection, "_handle_event", _bound_h2_queues)
 
 
-def _drop_answered_bodies() -> None:
-    cls: Any = http_layers.HttpStream
-    if getattr(cls.state_consume_request_body, "warden_drops_answered", False):
-        return
-    original = cls.state_consume_request_body
-
+def _drop_answered_bodies(original: Callable[..., Any]) -> Callable[..., Any]:
     def state_consume_request_body(self: Any, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, RequestData) and self.flow.response is not None:
             record_of(self.flow).bytes_up += len(event.data)
             return
         yield from original(self, event)
-    state_consume_request_body.warden_drops_answered = True  # type: ignore[attr-defined]
-    cls.state_consume_request_body = state_consume_request_body
+    return state_consume_request_body
 
 
-def _free_failed_streams() -> None:
-    cls: Any = http_layers.HttpStream
-    if getattr(cls.handle_protocol_error, "warden_frees", False):
-        return
-    original = cls.handle_protocol_error
-
+def _free_failed_streams(original: Callable[..., Any]) -> Callable[..., Any]:
     def handle_protocol_error(self: Any, event: Any) -> layer.CommandGenerator[None]:
         yield from original(self, event)
         # It ends by dropping the stream (or the flow was killed): neither partial body is read
         # again (mitmproxy moves a whole body into the flow before anything uses it).
         self.request_body_buf.clear()
         self.response_body_buf.clear()
-    handle_protocol_error.warden_frees = True  # type: ignore[attr-defined]
-    cls.handle_protocol_error = handle_protocol_error
+    return handle_protocol_error
 
 
 def _queued(conn: Any) -> int:
     return sum(len(chunk.data) for queue in conn.stream_buffers.values() for chunk in queue)
 
 
-def _bound_h2_queues() -> None:
-    cls: Any = _http2.Http2Connection
-    if getattr(cls._handle_event, "warden_bounded", False):
-        return
-    original = cls._handle_event
-
+def _bound_h2_queues(original: Callable[..., Any]) -> Callable[..., Any]:
     def _handle_event(self: Any, event: events.Event) -> layer.CommandGenerator[None]:
         yield from original(self, event)
         if not isinstance(event, (RequestData, ResponseData)) or not self.h2_conn.stream_buffers:
@@ -111,5 +96,4 @@ def _bound_h2_queues() -> None:
             stream_id, f"HTTP/2 peer {peer} granted no window for {queued} bytes queued on its connection "
                        f"(Warden queues at most {limit}): stream reset",
             code=self.ReceiveProtocolError.code))
-    _handle_event.warden_bounded = True  # type: ignore[attr-defined]
-    cls._handle_event = _handle_event
+    return _handle_event

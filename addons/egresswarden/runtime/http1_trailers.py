@@ -19,6 +19,7 @@ Idempotent; applied when the chain is built, so `warden run` and `mitmdump -s` b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import http
@@ -27,15 +28,16 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp, format_error
 
+from egresswarden.runtime.patching import wrap_once
+
 MESSAGE = "HTTP/1 trailer fields are not supported by Warden; send the message without trailers"
 
 
 def install() -> None:
-    cls: Any = _http1.Http1Connection
-    if getattr(cls.read_body, "warden_trailers", False):
-        return
-    original = cls.read_body
+    wrap_once(_http1.Http1Connection, "read_body", _refuse_trailers)
 
+
+def _refuse_trailers(original: Callable[..., Any]) -> Callable[..., Any]:
     def read_body(self: Any, event: events.Event) -> layer.CommandGenerator[None]:
         try:
             yield from original(self, event)
@@ -48,5 +50,4 @@ def install() -> None:
             yield commands.CloseConnection(self.conn)
             yield ReceiveHttp(self.ReceiveProtocolError(self.stream_id, MESSAGE,
                                                                code=self.ReceiveProtocolError.code))
-    read_body.warden_trailers = True  # type: ignore[attr-defined]
-    cls.read_body = read_body
+    return read_body
