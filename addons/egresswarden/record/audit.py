@@ -225,12 +225,17 @@ class AuditGate:
         self.audit = audit
         self.store = store
 
+    def admits(self) -> bool:
+        """May new work start: the audit log is writable, or the rules say to carry on without it."""
+        if self.audit.healthy:
+            return True
+        rules = self.store.current
+        return rules is not None and rules.settings.audit.on_failure == "continue"
+
     def _check(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or self.audit.healthy:
+        if flow.response is not None or self.admits():
             return
         rules = self.store.current
-        if rules is not None and rules.settings.audit.on_failure == "continue":
-            return
         record = record_of(flow)
         # refused before the policy stage saw it: say what was refused
         request = flow.request

@@ -36,3 +36,4 @@ EXPORTED = frozenset({
     f"{SECRET_LEAKS}_total", f"{SSRF_REFUSALS}_total", f"{AUTH_FAILURES}_total", f"{MCP_CALLS}_total",
     f"{HOOK_ERRORS}_total", f"{TUNNELS_REVOKED}_total", f"{PROBE_REFUSED}_total", BUFFERED_REQUEST_BYTES,
 })
+FRONT_DOOR = "warden_front_door_connections"  # counter{path}: fast | mitmproxy | head_timeout

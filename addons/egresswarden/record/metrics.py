@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import ctx, exceptions
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -35,6 +35,9 @@ from egresswarden.runtime.budget import BufferBudget
 from egresswarden.runtime.probes import ProbeServer, Response, json_response
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 from egresswarden.stages.interception import Interception
+
+if TYPE_CHECKING:
+    from egresswarden.runtime.fastconnect import FastConnect
 
 NO_AGENT = "-"
 HEARTBEAT_SECONDS = 1.0
@@ -73,6 +76,7 @@ class WardenMetrics:
     tunnels_revoked: Counter
     probe_refused: Counter
     buffered_request_bytes: Gauge
+    front_door: Counter
 
 
 @lru_cache(maxsize=1)
@@ -122,6 +126,9 @@ def registry() -> WardenMetrics:
         buffered_request_bytes=Gauge(N.BUFFERED_REQUEST_BYTES,
                                      "Request-body bytes held in memory now, by agent (see max_buffered_bytes_per_agent)",
                                      ("agent",), registry=r, multiprocess_mode="livesum"),
+        front_door=Counter(N.FRONT_DOOR, "Client connections on warden run's listener, by path: fast (an allowed "
+                           "passthrough tunnel kept off mitmproxy), mitmproxy (handed over), head_timeout (closed: no "
+                           "request head in time)", ("path",), registry=r),
     )
 
 
@@ -132,8 +139,9 @@ def _split_listen(value: str) -> tuple[str, int]:
 
 class Metrics:
     def __init__(self, store: RuleStore, audit: Audit, interception: Interception,
-                 budget: BufferBudget | None = None) -> None:
+                 budget: BufferBudget | None = None, front_door: FastConnect | None = None) -> None:
         self.store = store
+        self.front_door = front_door
         self.audit = audit
         self.interception = interception
         self.budget = budget
@@ -221,6 +229,11 @@ class Metrics:
             self._sync_counter(m.audit_write_failures, writer.stats.write_failures)
         if self.server is not None:
             self._sync_counter(m.probe_refused, self.server.refused)
+        door = self.front_door
+        if door is not None:
+            for path, total in (("fast", door.fast_tunnels), ("mitmproxy", door.handed_over),
+                                ("head_timeout", door.head_timeouts)):
+                self._sync_counter(m.front_door.labels(path=path), total)
         if self.budget is not None:
             held = self.budget.snapshot()
             for agent in self._buffering_agents - held.keys():

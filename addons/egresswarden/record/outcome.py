@@ -18,7 +18,7 @@ from mitmproxy.proxy import layer
 
 from egresswarden.core.decision import Decision, Interception, deny
 from egresswarden.record.journal import utc_now
-from egresswarden.runtime.context import Connections, FlowRecord, new_request_id, record_of
+from egresswarden.runtime.context import Connections, ConnState, FlowRecord, Tunnel, new_request_id, record_of
 from egresswarden.runtime.rulestore import RuleStore
 
 REDACTED = "REDACTED"
@@ -115,6 +115,18 @@ def _flow_error(flow: http.HTTPFlow) -> str | None:
     return None
 
 
+def tunnel_close_outcome(state: ConnState, tunnel: Tunnel, error: str | None = None) -> Outcome:
+    """The `tunnel_close` record of a passed-through tunnel (mitmproxy's relay or the fast path's)."""
+    return Outcome(
+        event="tunnel_close", time=utc_now(), request_id=tunnel.request_id, decision=tunnel.decision,
+        agent=tunnel.agent, sandbox_id=tunnel.sandbox_id, client_ip=state.client_ip,
+        client_port=state.client_port, method="CONNECT", scheme="https", host=tunnel.host, port=tunnel.port,
+        interception=Interception.PASSTHROUGH, bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
+        duration_seconds=time.monotonic() - tunnel.started,
+        upstream_address=str(tunnel.address) if tunnel.address else None, error=error,
+    )
+
+
 class Outcomes:
     """Builds Outcomes from finished flows and hands them to every sink, in order."""
 
@@ -201,14 +213,7 @@ class Outcomes:
         if state is None or tunnel is None or not tunnel.passthrough or tunnel.audited:
             return
         tunnel.audited = True
-        self.emit(Outcome(
-            event="tunnel_close", time=utc_now(), request_id=tunnel.request_id, decision=tunnel.decision,
-            agent=tunnel.agent, sandbox_id=tunnel.sandbox_id, client_ip=state.client_ip,
-            client_port=state.client_port, method="CONNECT", scheme="https", host=tunnel.host, port=tunnel.port,
-            interception=Interception.PASSTHROUGH, bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
-            duration_seconds=time.monotonic() - tunnel.started,
-            upstream_address=str(tunnel.address) if tunnel.address else None,
-        ))
+        self.emit(tunnel_close_outcome(state, tunnel))
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         """Audit a connection Interception closed (bytes that are not HTTP Warden decided)."""

@@ -1,6 +1,9 @@
 """The Warden addon chain, in one place. Data flows one way, in this order:
 
     RuleStore      loads and hot-reloads the rules (its configure runs first)
+    FastConnect    `warden run`'s listener: keeps allowed passthrough CONNECTs off mitmproxy's
+                   per-connection machinery, hands every other connection to mitmproxy
+                   (runtime/fastconnect.py; calls Identity, AuditGate and Policy's functions)
     Audit          opens the audit log; receives Outcomes and lifecycle events
     Identity       who is calling (407 if nobody)                 writes agent, identity, request_id
     AuditGate      503 while the audit log cannot be written       writes decision (refusal only)
@@ -63,6 +66,7 @@ from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.budget import BufferBudget, DecodeMeter
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
+from egresswarden.runtime.fastconnect import FastConnect
 from egresswarden.runtime.revocation import LiveFlows, Revocation
 from egresswarden.runtime.rulestore import RuleStore
 from egresswarden.runtime.sockets import LeftOpenSockets
@@ -87,17 +91,23 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
     outcomes = Outcomes(connections, store)
     live = LiveFlows()
     budget = BufferBudget()
-    metrics = Metrics(store, audit, interception, budget)
+    gate = AuditGate(audit, store)
+    policy = Policy(store, connections)
+    fast = FastConnect(store, gate, policy, outcomes, interception)
+    metrics = Metrics(store, audit, interception, budget, fast)
     alerts = Alerts(store, audit)
     outcomes.add_sink(audit.on_outcome)
     outcomes.add_sink(metrics.on_outcome)
     outcomes.add_sink(alerts.on_outcome)
+    revocation = Revocation(store, connections, outcomes.emit, live)  # no hooks: a reload listener (after audit's)
+    revocation.add_tunnel_source(fast.open_tunnels)
     parts = [
         store,
+        fast,  # before audit: its `done` writes the records of the tunnels it still holds
         audit,
         Identity(store, connections),
-        AuditGate(audit, store),
-        Policy(store, connections),
+        gate,
+        policy,
         BodyPlanner(budget),
         Credentials(connections, DecodeMeter()),
         Mcp(store, outcomes),  # after Credentials: wraps its response redactor stream (see stages/mcp.py)
@@ -108,7 +118,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
         outcomes,
         metrics,
         alerts,
-        Revocation(store, connections, outcomes.emit, live),  # no hooks: a reload listener (after audit's)
+        revocation,
         Admin(store, audit, alerts),
         LeftOpenSockets(),  # last: after every part that records the disconnect
     ]

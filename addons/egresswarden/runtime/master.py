@@ -37,6 +37,7 @@ from mitmproxy.addons import (
 )
 from mitmproxy.proxy import layer
 
+from egresswarden.runtime import fastconnect
 from egresswarden.runtime.addonmanager import CachedAddonManager
 from egresswarden.runtime.banner import StartupLine
 from egresswarden.runtime.chain import build_addon
@@ -172,6 +173,7 @@ class WardenMaster(master.Master):
         refused = RefusedOptions([a for a in defaults if not isinstance(a, NEEDED)])
         at = next(i for i, a in enumerate(kept) if isinstance(a, script.ScriptLoader)) + 1
         chain = build_addon()
+        fastconnect.install(next(p for p in chain.parts if isinstance(p, fastconnect.FastConnect)))
         self.addons.add(LogLevel(self._termlog_addon), *kept[:at], chain, *kept[at:],
                         refused)
         # StartupLine last: its running() comes after the port is bound and the error check passed.

@@ -38,9 +38,10 @@ allow. The whole client connection is closed, so on HTTP/2 its other streams end
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from ipaddress import ip_address
 from typing import Any
 
@@ -140,7 +141,19 @@ class Revocation:
         self.emit = emit
         self.live = live if live is not None else LiveFlows()
         self.revoked = 0
+        # Other owners of passthrough tunnels (runtime/fastconnect.py): each yields
+        # (close it now -> closed?, connection state, tunnel) for its open tunnels.
+        self.tunnel_sources: list[Callable[[], Iterable[tuple[Callable[[], bool], ConnState, Tunnel]]]] = []
         store.add_listener(self.on_reload)
+
+    def add_tunnel_source(self, source: Callable[[], Iterable[tuple[Callable[[], bool], ConnState, Tunnel]]]) -> None:
+        self.tunnel_sources.append(source)
+
+    def _open_tunnels(self) -> Iterator[tuple[Callable[[], bool], ConnState, Tunnel]]:
+        for client, state, tunnel in self.connections.open_tunnels():
+            yield functools.partial(close_client, client, abort=True), state, tunnel
+        for source in self.tunnel_sources:
+            yield from source()
 
     def on_reload(self, event: ReloadEvent) -> None:
         if event.initial or not event.ok or not event.changed:
@@ -149,7 +162,7 @@ class Revocation:
         rules = self.store.current
         if rules is None:
             return
-        for client, state, tunnel in self.connections.open_tunnels():
+        for close, state, tunnel in list(self._open_tunnels()):
             if tunnel.intercept or tunnel.mode not in (TunnelMode.PASSTHROUGH, TunnelMode.UNDECIDED) \
                     or not tunnel.decision.allowed:
                 continue  # every request inside is decided (or refused) with the new rules anyway
@@ -160,7 +173,7 @@ class Revocation:
                 decision, cause = tunnel.decision, "internal_error"
             if cause is None:
                 continue
-            if close_client(client, abort=True):
+            if close():
                 self.revoked += 1
                 self._audit(state, tunnel, decision, cause, time.perf_counter() - started)
         for flow in list(self.live.flows.values()):

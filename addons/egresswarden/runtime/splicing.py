@@ -96,6 +96,21 @@ def descriptor_budget() -> int:
     return soft // 4 // EXTRA_FDS
 
 
+def acquire_relay_slot() -> bool:
+    """Reserve one spliced tunnel's descriptors within `descriptor_budget`; False when full."""
+    global _relaying
+    if _relaying >= descriptor_budget():
+        logger.debug("warden: %d tunnels spliced, the descriptor budget; the next is relayed in Python", _relaying)
+        return False
+    _relaying += 1
+    return True
+
+
+def release_relay_slot() -> None:
+    global _relaying
+    _relaying -= 1
+
+
 def revoke(client: connection.Client) -> bool:
     """Stop the kernel relay of `client`'s tunnel now (counts folded into the tunnel). False if none."""
     kernel = _ACTIVE.get(client)
@@ -201,24 +216,15 @@ class KernelTunnel:
     def _make_relay(self) -> relay.SpliceRelay | None:
         """The relay on duplicates of both sockets; None (nothing held) when the budget or the
         process's descriptors are exhausted: mitmproxy's relay needs none of them."""
-        global _relaying
-        if _relaying >= descriptor_budget():
-            logger.debug("warden: %d tunnels spliced, the descriptor budget; mitmproxy relays the next", _relaying)
+        if not acquire_relay_slot():
             return None
-        socks: list[socket.socket] = []
-        try:
-            for conn in (self.client, self.server):
-                socks.append(socket.socket(fileno=os.dup(self._sock(conn).fileno())))
-            made = relay.SpliceRelay(socks[0], socks[1], on_activity=self.handler.timeout_watchdog.register_activity)
-        except OSError as e:
-            for sock in socks:
-                sock.close()
-            logger.warning("warden: no kernel relay for a passthrough tunnel (%s); mitmproxy relays it",
-                           e.__class__.__name__)
+        made = splice_sockets(self._sock(self.client), self._sock(self.server),
+                              self.handler.timeout_watchdog.register_activity)
+        if made is None:
+            release_relay_slot()
             return None
-        self.sockets = socks
-        _relaying += 1
-        return made
+        self.relay, self.sockets = made
+        return self.relay
 
     def _sock(self, conn: connection.Connection) -> socket.socket:
         sock = _stream_socket(self.handler.transports.get(conn))
@@ -299,8 +305,7 @@ class KernelTunnel:
         for sock in self.sockets:
             with contextlib.suppress(OSError):
                 sock.close()  # our duplicates only: mitmproxy closes its own descriptors
-        global _relaying
-        _relaying -= 1
+        release_relay_slot()
         self._close_connections()
 
     def _close_connections(self) -> None:
@@ -308,6 +313,25 @@ class KernelTunnel:
             if conn in self.handler.transports and conn.state is not ConnectionState.CLOSED:
                 with contextlib.suppress(Exception):
                     self.handler.close_connection(conn)
+
+
+def splice_sockets(client: Any, server: Any,
+                   on_activity: Callable[[], None]) -> tuple[relay.SpliceRelay, list[socket.socket]] | None:
+    """A SpliceRelay on duplicates of two sockets (socket.socket or asyncio's TransportSocket) an asyncio transport owns (the loop refuses to
+    watch a descriptor a transport owns; a dup is another descriptor of the same socket), and the
+    duplicates, which the caller closes when the relay ends. None (nothing held) when the
+    process is out of descriptors."""
+    socks: list[socket.socket] = []
+    try:
+        for sock in (client, server):
+            socks.append(socket.socket(fileno=os.dup(sock.fileno())))
+        return relay.SpliceRelay(socks[0], socks[1], on_activity=on_activity), socks
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        logger.warning("warden: no kernel relay for a passthrough tunnel (%s); it is relayed in Python",
+                       e.__class__.__name__)
+        return None
 
 
 def _drained(io: Any) -> bool:

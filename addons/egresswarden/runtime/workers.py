@@ -84,6 +84,14 @@ def enable_reuse_port() -> None:
         asyncio.start_server = wrapped
 
 
+def reuse_port_enabled() -> bool:
+    """Was `enable_reuse_port` called in this process (a worker)? Listeners Warden opens itself
+    (runtime/fastconnect.py) bind the same way."""
+    import asyncio
+
+    return bool(getattr(asyncio.start_server, "_warden_reuse_port", False))
+
+
 class _LineRelay:
     """`--audit-log -` with workers: each worker's stdout (its own audit chain) is copied to
     the supervisor's stdout one whole line at a time, so records of two workers never tear

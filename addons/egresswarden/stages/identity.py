@@ -14,6 +14,7 @@ from mitmproxy import http
 
 from egresswarden.core.decision import Reason, deny
 from egresswarden.core.identity import AgentIdentity, AuthFailure, identify, parse_basic
+from egresswarden.core.ruleset import RuleSet
 from egresswarden.runtime.admin import SESSIONS
 from egresswarden.runtime.context import Connections, FlowRecord, record_of
 from egresswarden.runtime.failsafe import refusal_response
@@ -41,6 +42,16 @@ def _claimed_agent(header: str | None) -> str | None:
     return _SAFE_ID.sub("", creds.agent)[:64] or None
 
 
+def identify_client(rules: RuleSet, header: str | None, client_ip: str,
+                    client_port: int) -> tuple[AgentIdentity | AuthFailure, str | None]:
+    """Who is calling: (the agent or why not, the `warden sandbox` session id or None).
+    `warden sandbox` sessions first (runtime/admin.py): token + announced bridge port."""
+    session = SESSIONS.identify(rules, header, client_ip, client_port)
+    if session:
+        return session[0], session[1]
+    return identify(rules, header, client_ip), None
+
+
 class Identity:
     def __init__(self, store: RuleStore, connections: Connections) -> None:
         self.store = store
@@ -56,10 +67,7 @@ class Identity:
             record.decision = deny(Reason.RULES_UNAVAILABLE, "no rules are loaded", "none")
             flow.response = refusal_response(record.decision, None)
             return None
-        # `warden sandbox` sessions first (runtime/admin.py): token + announced bridge port.
-        session = SESSIONS.identify(rules, header, state.client_ip, state.client_port)
-        result = session[0] if session else identify(rules, header, state.client_ip)
-        record.sandbox_id = session[1] if session else None
+        result, record.sandbox_id = identify_client(rules, header, state.client_ip, state.client_port)
         if isinstance(result, AuthFailure):
             reason = {AuthFailure.MISSING: Reason.AUTH_REQUIRED,
                       AuthFailure.WRONG_SOURCE: Reason.SOURCE_NOT_ALLOWED}.get(result, Reason.AUTH_FAILED)

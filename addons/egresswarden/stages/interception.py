@@ -236,6 +236,9 @@ class Interception:
                 else:
                     self._refuse(nextlayer, state, tunnel, "the server spoke first into an intercepted tunnel")
             return  # wait for the client
+        if could_become_tls_record(data):
+            self._wait(nextlayer, state, tunnel, data)  # `\x16` alone is not "not TLS": no SNI check skipped
+            return
         if starts_like_tls_record(data):
             try:
                 hello = parse_client_hello(data)
@@ -331,6 +334,13 @@ class Interception:
 
 _VERSION_PREFIX = re.compile(rb"(H(T(T(P(/(1(\.([01]\r?)?)?)?)?)?)?)?)?")
 _METHOD = re.compile(rb"[A-Z][A-Z0-9_-]{0,19}")
+
+
+def could_become_tls_record(data: bytes) -> bool:
+    """Too few bytes to tell (mitmproxy's `starts_like_tls_record` wants 3), but they may start
+    a TLS record: wait for more. Taking them for "not TLS" would pass the tunnel through
+    without the SNI check, for a client that sends its ClientHello one byte first."""
+    return 0 < len(data) <= 2 and data[:1] == b"\x16" and data[1:2] in (b"", b"\x03")
 
 
 def _could_become_request_line(data: bytes) -> bool:

@@ -88,20 +88,27 @@ class Policy:
 
     async def _check_addresses(self, rules: RuleSet, facts: RequestFacts, decision: Decision,
                                state: ConnState, record: FlowRecord) -> Decision:
-        """Resolve an allowed name and check every address; remember the pinned address."""
+        checked, seconds = await self.check_addresses(rules, facts, decision, state)
+        record.engine_seconds += seconds
+        return checked
+
+    async def check_addresses(self, rules: RuleSet, facts: RequestFacts, decision: Decision,
+                              state: ConnState) -> tuple[Decision, float]:
+        """Resolve an allowed name and check every address; remember the pinned address.
+        Returns the decision and the engine time it took (resolution excluded)."""
         host = normalize_host(facts.host)
         try:
             addresses = await resolve(rules, host, facts.port)
         except ResolveError as e:
-            return deny(Reason.RESOLVE_FAILED, str(e), rules.version)
+            return deny(Reason.RESOLVE_FAILED, str(e), rules.version), 0.0
         started = time.perf_counter()
         checked = check_addresses(rules, facts.agent, facts.scheme, host, facts.port, addresses, decision)
-        record.engine_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
         if checked.allowed:
             checked = await self._check_governed(rules, host, facts.port, addresses, checked, state)
         if checked.allowed:
             state.pinned[(host, facts.port)] = addresses[0]
-        return checked
+        return checked, seconds
 
     async def _check_governed(self, rules: RuleSet, host: str, port: int, addresses: list[IPAddress],
                               decision: Decision, state: ConnState) -> Decision:

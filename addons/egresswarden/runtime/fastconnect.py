@@ -1,0 +1,815 @@
+"""Fast CONNECT: allowed passthrough tunnels without mitmproxy's per-connection machinery (issue 17).
+
+A new passthrough tunnel through mitmproxy costs ~3 ms of CPU before a byte is relayed
+(a connection handler, two stream readers, a layer stack, a timeout watchdog, a dozen
+hooks); squid spends ~0.3 ms. Most of Warden's traffic by count is exactly that: `pip
+install`, `git clone`, API calls from CI agents, each on its own connection to a host the
+rules allow without interception. So Warden's listener (`FrontDoor`, one asyncio Protocol per
+client connection) reads the first request head itself and keeps the tunnel only when ALL
+of these hold; anything else is handed to mitmproxy untouched:
+
+    * the connection starts with a complete, strictly formed `CONNECT host:port HTTP/1.x`
+      head (CRLF line ends, token header names, printable ASCII values, no body framing,
+      Upgrade or Expect headers, exactly one Proxy-Authorization): a subset of what
+      mitmproxy accepts, so both parsers read such a head the same way;
+    * mitmproxy's `block_global` / `block_private` would let the client in;
+    * Identity would identify the agent (same function: `stages.identity.identify_client`);
+    * the audit gate admits new work (`record.audit.AuditGate.admits`);
+    * Policy allows the tunnel without interception, after name resolution, the address
+      checks and the governed-address check (same functions: `core.plan.plan_connect`,
+      `stages.policy.Policy.check_addresses`);
+    * the upstream accepts the connection to the checked address.
+
+Every refusal, interception, explanation, failure and plain-HTTP request therefore takes the
+mitmproxy path exactly as before, decided again there from scratch (the few microseconds of
+a second decision are paid only off the fast path). Until the `200 Connection established`
+is written nothing has been consumed: the hand-over replays the bytes read so far into the
+StreamReader mitmproxy's handler reads from, as if it had accepted the connection itself.
+
+After the 200 the client's first bytes are checked as Interception checks them: a TLS
+ClientHello whose SNI differs from the CONNECT host, or an invalid one, must be intercepted
+(the agent gets the readable 403 `sni_mismatch`). That tunnel is handed over too, with the
+CONNECT head replayed and mitmproxy's own 200 (byte-identical) swallowed on the way out; had
+mitmproxy answered anything else (the rules changed in between), the connection is closed.
+Otherwise the tunnel is committed: the `connect` record is written (same `Outcome`, same
+fields as mitmproxy's path), the bytes are relayed by this Protocol and, after 16 chunks or
+64 KiB, by the kernel (`runtime/relay.SpliceRelay`, within the same descriptor budget as
+runtime/splicing.py); the end writes the `tunnel_close` record with exact byte counts.
+
+Kept as on mitmproxy's path: half-close, backpressure both ways, `tcp_timeout` (no byte
+either way for that long closes the tunnel; spliced bytes count as activity), revocation on
+reload (`Revocation.add_tunnel_source`), `warden_active_tunnels`, `warden_splice`. New here:
+a connection that sends no complete request head within `warden_head_timeout` seconds
+(default 60) is closed; through mitmproxy it held its descriptors for `tcp_timeout` (600 s).
+On shutdown every open fast tunnel gets its `tunnel_close` record (error `warden shutting down`).
+
+Off (`--set warden_fast_connect=false`, or `connection_strategy=lazy`, or any mode but
+regular): mitmproxy's listener, as before. Only the event loop thread touches any of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import TYPE_CHECKING, Any, cast
+
+from mitmproxy import ctx
+from mitmproxy.net.free_port import get_free_port
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import mode_servers
+from mitmproxy.proxy.layers.tls import parse_client_hello
+
+from egresswarden.core.decision import Decision, Interception
+from egresswarden.core.facts import RequestFacts
+from egresswarden.core.hostnames import HostError, normalize_host
+from egresswarden.core.identity import AuthFailure
+from egresswarden.core.plan import plan_connect
+from egresswarden.record.journal import utc_now
+from egresswarden.record.outcome import Outcome, tunnel_close_outcome
+from egresswarden.runtime import relay, splicing
+from egresswarden.runtime.context import ConnState, Tunnel, TunnelMode, new_request_id
+from egresswarden.runtime.patching import wrap_once
+from egresswarden.runtime.workers import reuse_port_enabled
+from egresswarden.stages.identity import identify_client
+from egresswarden.stages.interception import could_become_tls_record
+
+if TYPE_CHECKING:
+    from egresswarden.record.audit import AuditGate
+    from egresswarden.record.outcome import Outcomes
+    from egresswarden.runtime.rulestore import RuleStore
+    from egresswarden.stages.interception import Interception as InterceptionStage  # noqa: F401 - typing
+    from egresswarden.stages.policy import Policy
+
+logger = logging.getLogger("warden")
+
+MAX_HEAD = 16 * 1024  # a longer CONNECT head goes to mitmproxy (which has its own limits)
+MAX_HELD = 64 * 1024  # bytes held while deciding, or while waiting for a whole ClientHello
+SPLICE_AFTER_CHUNKS = 16  # as stages/interception.SplicingTCPLayer
+SPLICE_AFTER_BYTES = 64 * 1024
+HANDOVER_SECONDS = 5.0  # longest wait for our write buffers to drain before splicing (peer not reading)
+HEAD_TIMEOUT = 60
+STREAM_LIMIT = 2 ** 16  # asyncio.start_server's StreamReader limit, which mitmproxy's listener uses
+SHUTDOWN_ERROR = "warden shutting down"
+
+_CONNECT = b"CONNECT "
+_REQUEST_LINE = re.compile(rb"CONNECT ([A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5}) (HTTP/1\.[01])\r\n")
+_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?[ \t]*")
+_NOT_FOR_A_TUNNEL = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectHead:
+    host: str  # as sent (brackets removed from an IPv6 literal); Policy normalises it
+    port: int
+    version: bytes  # b"HTTP/1.1" or b"HTTP/1.0": mitmproxy answers in the client's version
+    authorization: str | None
+
+
+def parse_connect_head(head: bytes) -> ConnectHead | None:
+    """A CONNECT head (request line and header lines, each ending CRLF, without the final
+    empty line) in the strict form the fast path keeps; None for anything else."""
+    line = _REQUEST_LINE.match(head)
+    if line is None:
+        return None
+    port = int(line.group(2))
+    if not 0 < port < 65536:
+        return None
+    authorization: str | None = None
+    rest = head[line.end():]
+    if rest and not rest.endswith(b"\r\n"):
+        return None
+    for raw in rest.split(b"\r\n")[:-1] if rest else ():
+        if b"\r" in raw or b"\n" in raw:
+            return None  # a lone CR or LF: parsers disagree about where the line ends
+        header = _HEADER.fullmatch(raw)
+        if header is None:
+            return None
+        name = header.group(1).lower()
+        if name in _NOT_FOR_A_TUNNEL:
+            return None
+        if name == b"proxy-authorization":
+            if authorization is not None:
+                return None
+            authorization = (header.group(2) or b"").decode("ascii")
+    host = line.group(1).decode("ascii")
+    if host.startswith("["):
+        host = host[1:-1]
+    return ConnectHead(host, port, line.group(3), authorization)
+
+
+class Phase(Enum):
+    HEAD = auto()  # reading the request head
+    DECIDING = auto()  # identity, policy, upstream connection; nothing written to the client yet
+    FIRST_BYTES = auto()  # 200 written; waiting for the client's first bytes (the SNI check)
+    RELAY = auto()  # committed passthrough, relayed by this Protocol
+    SPLICED = auto()  # committed passthrough, relayed by the kernel
+    DONE = auto()  # closed, or handed to mitmproxy
+
+
+class FastConnect:
+    """The chain part: options, the open fast tunnels, timeouts, shutdown."""
+
+    def __init__(self, store: RuleStore, gate: AuditGate, policy: Policy, outcomes: Outcomes,
+                 interception: InterceptionStage) -> None:
+        self.store = store
+        self.gate = gate
+        self.policy = policy
+        self.outcomes = outcomes
+        self.interception = interception
+        self.doors: set[FrontDoor] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps weak ones
+        self.tcp_timeout = 600.0
+        self.head_timeout = float(HEAD_TIMEOUT)
+        self.block_global = True
+        self.block_private = False
+        # metric warden_front_door_connections_total{path}
+        self.fast_tunnels = 0  # kept on the fast path
+        self.handed_over = 0  # handed to mitmproxy
+        self.head_timeouts = 0  # closed without a request head
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # -- mitmproxy hooks ---------------------------------------------------------------------
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "warden_fast_connect", bool, True,
+            "Keep allowed passthrough CONNECT tunnels out of mitmproxy's per-connection machinery "
+            "(runtime/fastconnect.py). Off: every connection goes through mitmproxy, as in 0.1.")
+        loader.add_option(
+            "warden_head_timeout", int, HEAD_TIMEOUT,
+            "Seconds a new client connection may take to send its first complete request head; past "
+            "it the connection is closed (fast CONNECT listener only).")
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        self.tcp_timeout = float(opts.tcp_timeout)
+        self.head_timeout = float(opts.warden_head_timeout)
+        self.block_global = bool(opts.block_global)
+        self.block_private = bool(opts.block_private)
+
+    def active(self) -> bool:
+        """Does the listener opened now take the fast path (read when mitmproxy listens)?"""
+        opts = ctx.options
+        return bool(opts.warden_fast_connect) and opts.connection_strategy == "eager"
+
+    def running(self) -> None:
+        self._schedule_sweep()
+
+    def done(self) -> None:
+        """Every open fast tunnel gets its record before the audit log closes (this part runs
+        before Audit in the chain), then its connections are aborted."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for door in list(self.doors):
+            door.end(SHUTDOWN_ERROR)
+
+    # -- shared by the doors -----------------------------------------------------------------
+    def admits_client(self, ip: str) -> bool:
+        """What mitmproxy's block addon would let in (block_global, block_private)."""
+        try:
+            address = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if self.block_private and address.is_private:
+            return False
+        return not (self.block_global and address.is_global)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def open_tunnels(self) -> Iterator[tuple[Callable[[], bool], ConnState, Tunnel]]:
+        """For Revocation: (close it now, state, tunnel) of every tunnel past its 200."""
+        for door in list(self.doors):
+            if door.tunnel is not None and door.state is not None and door.phase in (
+                    Phase.FIRST_BYTES, Phase.RELAY, Phase.SPLICED):
+                yield door.revoke, door.state, door.tunnel
+
+    def _schedule_sweep(self) -> None:
+        interval = max(0.25, min(5.0, self.tcp_timeout / 4, self.head_timeout / 4))
+        with contextlib.suppress(RuntimeError):  # no running loop (shutdown)
+            self._sweeper = asyncio.get_running_loop().call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for door in list(self.doors):
+            if door.phase is Phase.HEAD:
+                if now - door.opened > self.head_timeout:
+                    door.abort_silently()
+            elif door.phase is not Phase.DECIDING and now - door.last_activity > self.tcp_timeout:
+                door.end(None, abort=True)
+        self._schedule_sweep()
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The upstream leg of a fast tunnel; every event goes to its FrontDoor."""
+
+    def __init__(self, door: FrontDoor) -> None:
+        self.door = door
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # asyncio's, or uvloop's (not a subclass)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.door.from_server(data)
+        except Exception as e:
+            self.door.failed(e)
+
+    def eof_received(self) -> bool:
+        return self.door.server_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.door.server_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.door.set_reading(self.door.transport, False, "client")
+
+    def resume_writing(self) -> None:
+        self.door.set_reading(self.door.transport, True, "client")
+
+
+class FrontDoor(asyncio.Protocol):
+    """One client connection on Warden's listener: a fast tunnel, or handed to mitmproxy."""
+
+    def __init__(self, part: FastConnect, instance: Any) -> None:
+        self.part = part
+        self.instance = instance  # mitmproxy's RegularInstance: handle_stream(reader, writer)
+        self.phase = Phase.HEAD
+        self.buf = bytearray()
+        self.head_bytes = b""
+        self.head: ConnectHead | None = None
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamSide | None = None
+        self.state: ConnState | None = None
+        self.tunnel: Tunnel | None = None
+        self.decision: Decision | None = None
+        self.identity_method: str | None = None
+        self.opened = self.last_activity = time.monotonic()
+        self.request_id = new_request_id()
+        self.engine_seconds = 0.0
+        self.connect_time: str | None = None  # when the 200 was written (the connect record's time)
+        self.connect_duration = 0.0
+        self.committed = False
+        self.client_eof = self.server_eof_seen = False
+        self.held_from_server: list[bytes] = []
+        self.chunks = 0
+        self.splice_tried = False
+        self.kernel: relay.SpliceRelay | None = None
+        # transport id -> why its reading is paused ("client"/"server" backpressure, "held", "splice")
+        self.paused: dict[int, set[str]] = {}
+        self.server_gone = False
+        self.task: asyncio.Task[None] | None = None
+
+    # -- client events -----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # asyncio's, or uvloop's (not a subclass)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.state = ConnState(str(peer[0]), int(peer[1]) if len(peer) > 1 else 0)
+        self.part.doors.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._from_client(data)
+        except Exception as e:
+            self.failed(e)
+
+    def failed(self, error: Exception) -> None:
+        """A bug of ours in a transport callback: the connection is cut (never left hanging or open)."""
+        logger.error("warden: fast CONNECT tunnel failed with %s; closing it", error.__class__.__name__)
+        logger.debug("warden: fast CONNECT failure", exc_info=error)
+        self.end("internal error" if self.committed else None, abort=True)
+
+    def _from_client(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        phase = self.phase
+        if phase is Phase.RELAY:
+            assert self.tunnel is not None and self.upstream is not None and self.upstream.transport is not None
+            self.tunnel.bytes_up += len(data)
+            self.upstream.transport.write(data)
+            self._count_chunk()
+        elif phase is Phase.HEAD:
+            self.buf += data
+            self._read_head()
+        elif phase is Phase.DECIDING:
+            self.buf += data  # a client that does not wait for the 200 (kept for the hand-over or the tunnel)
+            if len(self.buf) > MAX_HELD:
+                self.set_reading(self.transport, False, "held")
+        elif phase is Phase.FIRST_BYTES:
+            self.buf += data
+            self._first_bytes()
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.phase is Phase.HEAD:
+            if self.buf:
+                self._hand_over(after_200=False)  # mitmproxy answers a partial head as it always did
+                return True
+            self.end(None)
+            return False
+        if self.phase is Phase.FIRST_BYTES:
+            data = bytes(self.buf)
+            if data and not (could_become_tls_record(data) or starts_like_tls_record(data)):
+                self._commit()  # not TLS, and all the client will send: relay it, then the EOF
+                self._relay_held()
+                self._forward_eof_up()
+                return True
+            self.end(None)  # nothing, or an unfinished ClientHello: no tunnel was used
+            return False
+        if self.phase is Phase.RELAY:
+            self._forward_eof_up()
+            return True
+        return True  # DECIDING: decided on what was sent; SPLICED: the kernel sees the EOF itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase is not Phase.DONE:
+            self.end("client connection reset" if exc is not None and self.committed else None,
+                     abort=exc is not None)
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.set_reading(self.upstream.transport, False, "server")
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.set_reading(self.upstream.transport, True, "server")
+
+    # -- the head and the decision -----------------------------------------------------------
+    def _read_head(self) -> None:
+        buf = self.buf
+        if not buf.startswith(_CONNECT):
+            if not _CONNECT.startswith(bytes(buf[:len(_CONNECT)])):
+                self._hand_over(after_200=False)  # plain HTTP and everything else: mitmproxy
+            return
+        if buf.count(b"\n") != buf.count(b"\r\n") or len(buf) > MAX_HEAD:
+            self._hand_over(after_200=False)  # a bare LF ends lines (and maybe the head) for mitmproxy
+            return
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        assert self.state is not None
+        head = parse_connect_head(bytes(buf[:end + 2]))
+        if head is None or not self.part.admits_client(self.state.client_ip):
+            self._hand_over(after_200=False)
+            return
+        self.head, self.head_bytes = head, bytes(buf[:end + 4])
+        del self.buf[:end + 4]
+        self.phase = Phase.DECIDING
+        self.task = self.part.spawn(self._decide())
+
+    async def _decide(self) -> None:
+        try:
+            opened = await self._open()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # decided again, from scratch, on mitmproxy's path: it fails closed there
+            logger.error("warden: fast CONNECT failed with %s; handing the connection to mitmproxy",
+                         e.__class__.__name__)
+            logger.debug("warden: fast CONNECT failure", exc_info=True)
+            opened = False
+        if self.phase is not Phase.DECIDING:
+            self._close_upstream(abort=True)
+            return
+        if not opened:
+            self._hand_over(after_200=False)
+            return
+        assert self.transport is not None and self.head is not None
+        self.transport.write(self.head.version + b" 200 Connection established\r\n\r\n")
+        self.connect_time = utc_now()
+        self.connect_duration = time.monotonic() - self.opened
+        self.phase = Phase.FIRST_BYTES
+        self.set_reading(self.transport, True, "held")
+        if self.server_gone:
+            self.end(None)  # the upstream closed while the 200 was on its way
+        elif self.buf:
+            self._first_bytes()
+        elif self.held_from_server:
+            self._commit()  # the server spoke first
+            self._relay_held()
+        elif self.client_eof or self.server_eof_seen:
+            self.end(None)
+
+    async def _open(self) -> bool:
+        """Identity, audit gate, policy and the upstream connection, as mitmproxy's path does them;
+        False: hand the connection over (nothing written yet)."""
+        part, head, state = self.part, self.head, self.state
+        assert head is not None and state is not None
+        rules = part.store.current
+        if rules is None:
+            return False
+        who, sandbox_id = identify_client(rules, head.authorization, state.client_ip, state.client_port)
+        if isinstance(who, AuthFailure) or not part.gate.admits():
+            return False
+        started = time.perf_counter()
+        decision = plan_connect(rules, who.agent, head.host, head.port)
+        self.engine_seconds = time.perf_counter() - started
+        if not decision.allowed or decision.intercept:
+            return False
+        decision, seconds = await part.policy.check_addresses(
+            rules, RequestFacts(who.agent, head.host, head.port, "https"), decision, state)
+        self.engine_seconds += seconds
+        if not decision.allowed or decision.intercept:
+            return False
+        host = normalize_host(head.host)
+        address = state.pinned.get((host, head.port))
+        if address is None or self.phase is not Phase.DECIDING:
+            return False
+        state.agent, state.identity_method = who.agent, who.method.value
+        self.identity_method = who.method.value
+        self.tunnel = Tunnel(agent=who.agent, host=host, port=head.port, decision=decision,
+                             request_id=self.request_id, address=address, intercept=False, sandbox_id=sandbox_id)
+        self.decision = decision
+        upstream = self.upstream = UpstreamSide(self)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: upstream, str(address), head.port)
+        except OSError:
+            self.upstream = None
+            self.tunnel = None
+            return False  # mitmproxy's path connects again and answers 502 with its record
+        return True
+
+    # -- after the 200: the first bytes --------------------------------------------------------
+    def _first_bytes(self) -> None:
+        data = bytes(self.buf)
+        if could_become_tls_record(data):
+            return
+        if starts_like_tls_record(data):
+            assert self.tunnel is not None
+            try:
+                hello = parse_client_hello(data)
+            except ValueError:
+                self._hand_over(after_200=True)  # Interception refuses it (and audits why)
+                return
+            if hello is None:
+                if len(data) > MAX_HELD:
+                    self._hand_over(after_200=True)
+                return
+            if hello.sni is not None:
+                try:
+                    same = normalize_host(hello.sni) == self.tunnel.host
+                except HostError:
+                    same = False
+                if not same:
+                    self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
+                    return
+        self._commit()
+        self._relay_held()
+
+    def _commit(self) -> None:
+        """The tunnel is a passthrough tunnel from here on: the connect record is written."""
+        tunnel, state = self.tunnel, self.state
+        assert tunnel is not None and state is not None
+        self.phase = Phase.RELAY
+        self.committed = True
+        tunnel.mode = TunnelMode.PASSTHROUGH
+        tunnel.started = time.monotonic()
+        self.part.interception.active_tunnels += 1
+        self.part.fast_tunnels += 1
+        self.part.outcomes.emit(self._connect_outcome())
+
+    def _connect_outcome(self) -> Outcome:
+        tunnel, state = self.tunnel, self.state
+        assert tunnel is not None and state is not None
+        return Outcome(
+            event="connect", time=self.connect_time or utc_now(), request_id=tunnel.request_id,
+            decision=tunnel.decision, agent=tunnel.agent, identity=self.identity_method,
+            sandbox_id=tunnel.sandbox_id, client_ip=state.client_ip, client_port=state.client_port,
+            method="CONNECT", scheme="https", host=tunnel.host, port=tunnel.port,
+            interception=Interception.PASSTHROUGH, status=200, duration_seconds=self.connect_duration,
+            engine_seconds=self.engine_seconds, upstream_address=str(tunnel.address) if tunnel.address else None,
+        )
+
+    def _relay_held(self) -> None:
+        assert self.tunnel is not None and self.upstream is not None and self.upstream.transport is not None
+        if self.buf:
+            data, self.buf = bytes(self.buf), bytearray()
+            self.tunnel.bytes_up += len(data)
+            self.upstream.transport.write(data)
+        held, self.held_from_server = self.held_from_server, []
+        for data in held:
+            self.from_server(data)
+        self.set_reading(self.upstream.transport, True, "held")
+        if self.server_eof_seen:
+            self.server_eof()  # the server finished while its bytes were held
+
+    # -- server events -----------------------------------------------------------------------
+    def from_server(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self.phase is Phase.RELAY:
+            assert self.tunnel is not None and self.transport is not None
+            self.tunnel.bytes_down += len(data)
+            self.transport.write(data)
+            self._count_chunk()
+        elif self.phase is Phase.FIRST_BYTES:
+            if not self.buf:
+                self._commit()  # the server speaks first (SSH, SMTP): allowed raw, as on mitmproxy's path
+                self._relay_held()
+                self.from_server(data)
+            else:  # half a ClientHello is pending: hold the server until the client's bytes decide
+                self._hold_from_server(data)
+        elif self.phase is Phase.DECIDING:
+            self._hold_from_server(data)  # connected, 200 not yet written
+
+    def _hold_from_server(self, data: bytes) -> None:
+        self.held_from_server.append(data)
+        assert self.upstream is not None
+        self.set_reading(self.upstream.transport, False, "held")
+
+    def server_eof(self) -> bool:
+        self.server_eof_seen = True
+        if self.phase is Phase.RELAY:
+            assert self.transport is not None
+            if self.client_eof:
+                self.end(None)
+                return False
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            return True
+        if self.phase is Phase.FIRST_BYTES:
+            self.end(None)  # closed before the tunnel was used
+            return False
+        return True  # DECIDING: looked at after the 200
+
+    def server_lost(self, exc: Exception | None) -> None:
+        if self.phase in (Phase.RELAY, Phase.FIRST_BYTES):
+            self.end("upstream connection reset" if exc is not None and self.committed else None,
+                     abort=exc is not None)
+        elif self.phase is Phase.DECIDING:
+            self.server_gone = True
+
+    def _forward_eof_up(self) -> None:
+        assert self.upstream is not None and self.upstream.transport is not None
+        if self.server_eof_seen:
+            self.end(None)
+        elif self.upstream.transport.can_write_eof():
+            self.upstream.transport.write_eof()
+
+    # -- flow control ------------------------------------------------------------------------
+    def set_reading(self, transport: asyncio.Transport | None, on: bool, why: str) -> None:
+        """Pause or resume reading one transport for one reason; it reads when no reason is left."""
+        if transport is None or transport.is_closing():
+            return
+        reasons = self.paused.setdefault(id(transport), set())
+        if on:
+            reasons.discard(why)
+        else:
+            reasons.add(why)
+        reading = not reasons
+        if reading != transport.is_reading():
+            (transport.resume_reading if reading else transport.pause_reading)()
+
+    # -- the kernel relay --------------------------------------------------------------------
+    def _count_chunk(self) -> None:
+        self.chunks += 1
+        if self.splice_tried:
+            return
+        assert self.tunnel is not None
+        if self.chunks >= SPLICE_AFTER_CHUNKS or self.tunnel.bytes_up + self.tunnel.bytes_down >= SPLICE_AFTER_BYTES:
+            self.splice_tried = True
+            if (self.part.interception.splice and not (self.client_eof or self.server_eof_seen)
+                    and splicing.acquire_relay_slot()):
+                self.set_reading(self.transport, False, "splice")
+                assert self.upstream is not None
+                self.set_reading(self.upstream.transport, False, "splice")
+                self.part.spawn(self._splice())
+
+    async def _splice(self) -> None:
+        try:
+            await self._run_kernel_relay()
+        except Exception as e:
+            logger.error("warden: kernel relay failed with %s; closing the tunnel", e.__class__.__name__)
+            self.end("kernel relay failed", abort=True)
+
+    async def _run_kernel_relay(self) -> None:
+        transports = [self.transport, self.upstream.transport if self.upstream else None]
+        deadline = time.monotonic() + HANDOVER_SECONDS
+        while any(t is not None and t.get_write_buffer_size() for t in transports):
+            if self.phase is not Phase.RELAY or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.001)  # the peer is still reading what we wrote
+        socks = [t.get_extra_info("socket") if t is not None and not t.is_closing() else None for t in transports]
+        made = None
+        client_sock, server_sock = socks
+        if self.phase is Phase.RELAY and not any(t.get_write_buffer_size() for t in transports if t) \
+                and client_sock is not None and server_sock is not None and not (self.client_eof or self.server_eof_seen):
+            made = splicing.splice_sockets(client_sock, server_sock, self._touch)
+        if made is None:
+            splicing.release_relay_slot()
+            for transport in transports:
+                self.set_reading(transport, True, "splice")  # stays on this Protocol's relay
+            return
+        kernel, dups = made
+        self.kernel = kernel
+        self.phase = Phase.SPLICED
+        try:
+            await kernel.run()
+        finally:
+            self._fold_kernel()
+            for sock in dups:
+                sock.close()  # our duplicates only: the transports close their own descriptors
+            splicing.release_relay_slot()
+        if kernel.error is not None and self.tunnel is not None:
+            logger.info("warden: passthrough tunnel to %s:%s ended with %s", self.tunnel.host, self.tunnel.port,
+                        kernel.error.__class__.__name__)
+        self.end("connection reset" if kernel.error is not None else None, abort=kernel.error is not None)
+
+    def _touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def _fold_kernel(self) -> None:
+        kernel, self.kernel = self.kernel, None
+        if kernel is not None and self.tunnel is not None:
+            kernel.close()  # idempotent; the counts are final once it returns
+            self.tunnel.bytes_up += kernel.bytes_up
+            self.tunnel.bytes_down += kernel.bytes_down
+
+    # -- the end -----------------------------------------------------------------------------
+    def revoke(self) -> bool:
+        """A reload denied this tunnel: cut it now (Revocation writes `tunnel_revoked`)."""
+        if self.phase is Phase.DONE:
+            return False
+        self.end(None, abort=True)
+        return True
+
+    def abort_silently(self) -> None:
+        """No request head in time: nothing was decided, nothing to record."""
+        self.part.head_timeouts += 1
+        self.end(None, abort=True)
+
+    def end(self, error: str | None, abort: bool = False) -> None:
+        """Close both legs (once) and write what is owed: `tunnel_close` for a committed tunnel,
+        the `connect` record for one accepted but never used."""
+        if self.phase is Phase.DONE:
+            return
+        was = self.phase
+        self.phase = Phase.DONE
+        self.part.doors.discard(self)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self._fold_kernel()
+        if self.transport is not None:
+            (self.transport.abort if abort else self.transport.close)()
+        self._close_upstream(abort)
+        if self.committed:
+            assert self.state is not None and self.tunnel is not None
+            self.part.interception.active_tunnels -= 1
+            self.tunnel.closed = self.tunnel.audited = True
+            self.part.outcomes.emit(tunnel_close_outcome(self.state, self.tunnel, error))
+        elif was is Phase.FIRST_BYTES:
+            # accepted, closed before a byte moved: the connect record only, as on mitmproxy's path
+            # (where such a tunnel never left `undecided`, so it has no tunnel_close)
+            assert self.tunnel is not None
+            self.tunnel.closed = self.tunnel.audited = True
+            self.part.fast_tunnels += 1
+            self.part.outcomes.emit(self._connect_outcome())
+        elif was is Phase.DECIDING and self.head is not None:
+            self._unfinished_connect_record(error or "client disconnected before the tunnel opened")
+
+    def _unfinished_connect_record(self, error: str) -> None:
+        head, state = self.head, self.state
+        assert head is not None and state is not None
+        tunnel = self.tunnel
+        self.part.outcomes.emit(Outcome(
+            event="connect", time=utc_now(), request_id=self.request_id, decision=self.decision,
+            agent=state.agent, identity=self.identity_method, sandbox_id=tunnel.sandbox_id if tunnel else None,
+            client_ip=state.client_ip, client_port=state.client_port, method="CONNECT", scheme="https",
+            host=tunnel.host if tunnel else head.host[:256], port=head.port,
+            duration_seconds=time.monotonic() - self.opened, engine_seconds=self.engine_seconds, error=error,
+        ))
+
+    def _close_upstream(self, abort: bool) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None and not upstream.transport.is_closing():
+            (upstream.transport.abort if abort else upstream.transport.close)()
+
+    # -- to mitmproxy ------------------------------------------------------------------------
+    def _hand_over(self, after_200: bool) -> None:
+        """mitmproxy takes the connection as if it had accepted it: it reads every byte the client
+        sent so far (after the 200: the CONNECT head again), and our 200 is not sent twice."""
+        transport = self.transport
+        assert transport is not None
+        self.phase = Phase.DONE
+        self.part.doors.discard(self)
+        self.part.handed_over += 1
+        self._close_upstream(abort=True)
+        replay = self.head_bytes + bytes(self.buf)  # the head was taken off the buffer once parsed
+        self.buf = bytearray()
+        handle: Callable[..., Any] = self.instance.handle_stream
+        if after_200:
+            assert self.head is not None
+            handle = _without_second_200(handle, self.head.version + b" 200 Connection established\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, handle, loop=loop)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if replay:
+            protocol.data_received(replay)
+        if self.client_eof:
+            protocol.eof_received()
+        if not transport.is_closing() and not transport.is_reading():
+            transport.resume_reading()
+
+
+def _without_second_200(handle: Callable[..., Any], ours: bytes) -> Callable[..., Any]:
+    """mitmproxy's handler, with its answer to the replayed CONNECT (the same 200 the client
+    already has) dropped; any other answer closes the connection: the client believes the
+    tunnel open, and what mitmproxy decided instead cannot reach it in a readable form."""
+    async def handle_after_200(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        original = writer.write
+        seen = bytearray()
+
+        def write(data: bytes | bytearray | memoryview) -> None:
+            seen.extend(data)
+            if len(seen) < len(ours) and ours.startswith(seen):
+                return
+            del writer.write  # the instance attribute: StreamWriter.write from now on
+            if seen.startswith(ours):
+                if len(seen) > len(ours):
+                    original(bytes(seen[len(ours):]))
+                return
+            logger.warning("warden: a tunnel changed its decision while it was handed to mitmproxy; closing it")
+            writer.transport.abort()
+
+        writer.write = write  # type: ignore[method-assign]
+        await handle(reader, writer)
+    return handle_after_200
+
+
+_PART: FastConnect | None = None
+
+
+def install(part: FastConnect) -> None:
+    """`warden run`'s regular-mode listener: FrontDoor per connection instead of mitmproxy's
+    StreamReaderProtocol (which a FrontDoor hands the connection to when it is not fast)."""
+    global _PART
+    _PART = part
+    wrap_once(mode_servers.RegularInstance, "listen", _listen_with_front_door)
+
+
+def _listen_with_front_door(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def listen(self: Any, host: str, port: int) -> list[Any]:
+        part = _PART
+        if part is None or not part.active() or self.mode.transport_protocol != "tcp":
+            result: list[Any] = await original(self, host, port)
+            return result
+        if port == 0:
+            port = get_free_port()  # as mitmproxy: one port for IPv4 and IPv6
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: FrontDoor(part, self), host, port,
+                                          reuse_port=True if reuse_port_enabled() else None)
+        return [server]
+    return listen

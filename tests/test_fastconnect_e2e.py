@@ -1,0 +1,342 @@
+"""Issue 17: the fast CONNECT listener (runtime/fastconnect.py), against two real `warden run`s.
+
+One Warden runs with the fast path (the default), one with `warden_fast_connect=false`
+(every connection through mitmproxy, as in release 0.1), on the same rules and origins. The
+fast path must be invisible except in cost: for every input, the agent gets the same answer
+from both, and the audit log the same records (bar times, ids and ports). The metric
+`warden_front_door_connections_total{path}` shows which path a connection took, so each test
+also proves it exercised the path it claims to.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from .bypass_helpers import (
+    LoggingOrigin,
+    SplitHelloTLS,
+    client_tls,
+    connect_raw,
+    proxy_auth,
+    read_response,
+    run_logging_origin,
+    wait_until,
+)
+from .harness import Warden, free_port, hosts_file, sha256_hex, start_warden
+
+pytestmark = pytest.mark.e2e
+TOKEN = "tok-fast-coder"
+AGENTS = {"coder": TOKEN}
+# fields that differ between two runs of the same connection
+VOLATILE = {"time", "request_id", "client_port", "duration_ms", "duration_seconds", "engine_us", "engine_ms",
+            "engine_seconds", "seq", "prev_hash", "hash", "upstream_ms", "pid",
+            "policy_version"}  # the rule files name each Warden's own hosts file
+
+
+def rules(work: Path, tls_port: int, plain_port: int, closed_port: int) -> dict[str, Any]:
+    ports = sorted({tls_port, plain_port, closed_port})
+    return {
+        "agents": [{"id": "coder", "token_sha256": [sha256_hex(TOKEN)], "policies": ["p"]}],
+        "policies": {"p": {
+            "allow": [
+                {"id": "pass", "host": "allowed.test", "ports": ports, "addresses": ["127.0.0.1/32"]},
+                {"id": "inspect", "host": "api.test", "ports": ports, "methods": ["GET"], "paths": ["/ok/**"],
+                 "addresses": ["127.0.0.1/32"]},
+            ],
+        }},
+        "settings": {"hosts_file": str(hosts_file(work / "hosts"))},
+    }
+
+
+def front_door(w: Warden, path: str) -> float:
+    m = re.search(rf'^warden_front_door_connections_total{{path="{path}"}} (\S+)$', w.metrics_text(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.fixture(scope="module")
+def pair(origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with run_logging_origin(ca=origin_ca) as tls, run_logging_origin() as plain:
+        closed = free_port()  # nothing listens here: the upstream refuses
+        wardens: dict[str, Warden] = {}
+        try:
+            for name, fast in (("fast", "true"), ("slow", "false")):
+                work = tmp_path_factory.mktemp(f"fastconnect-{name}")
+                wardens[name] = start_warden(work, rules(work, tls.port, plain.port, closed), upstream_ca=origin_ca_file,
+                                             confdir=shared_confdir, agents=AGENTS,
+                                             extra_args=["--set", f"warden_fast_connect={fast}"])
+            yield {"fast": wardens["fast"], "slow": wardens["slow"], "tls": tls, "plain": plain, "closed": closed}
+        finally:
+            for w in wardens.values():
+                w.stop()
+
+
+def comparable(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in VOLATILE}
+
+
+def records_after(w: Warden, count: int, n: int) -> list[dict[str, Any]]:
+    """The records appended after the first `count` (waiting until there are `n` more)."""
+    got = w.audit_records(lambda rs: len([r for r in rs[count:] if r.get("event") not in ("checkpoint",)]) >= n)
+    return [r for r in got[count:] if r.get("event") not in ("checkpoint",)]
+
+
+def raw_exchange(w: Warden, data: bytes, *, pause_after: int | None = None, read_timeout: float = 5) -> bytes:
+    """Send raw bytes (optionally in two writes), return what came back until close or timeout."""
+    sock = socket.create_connection(("127.0.0.1", w.port), timeout=read_timeout)
+    try:
+        if pause_after is None:
+            sock.sendall(data)
+        else:
+            sock.sendall(data[:pause_after])
+            time.sleep(0.3)
+            sock.sendall(data[pause_after:])
+        out = b""
+        deadline = time.monotonic() + read_timeout
+        while time.monotonic() < deadline and b"\r\n\r\n" not in out:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        sock.close()
+
+
+def status_line(data: bytes) -> bytes:
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_a_passthrough_tunnel_is_fast_and_audited_exactly_as_through_mitmproxy(pair: dict[str, Any]) -> None:
+    tls: LoggingOrigin = pair["tls"]
+    seen: dict[str, list[dict[str, Any]]] = {}
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        before, fast_before = len(w.audit_records()), front_door(w, "fast")
+        sock, status, head = connect_raw(w, "coder", f"allowed.test:{tls.port}")
+        assert status == 200 and head == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        ctx = ssl.create_default_context(cafile=str(pair_ca(w)))
+        with ctx.wrap_socket(sock, server_hostname="allowed.test") as tsock:
+            # the origin's own certificate: passed through, not intercepted
+            assert tsock.getpeercert()["subject"] != ()
+            tsock.sendall(b"GET /hello HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+            body = read_response(tsock).body
+        assert b"origin got GET /hello" in body
+        seen[name] = records_after(w, before, 2)
+        assert [r["event"] for r in seen[name]] == ["connect", "tunnel_close"], seen[name]
+        assert front_door(w, "fast") == fast_before + (1 if name == "fast" else 0)
+    for f_rec, s_rec in zip(seen["fast"], seen["slow"], strict=True):
+        assert f_rec.keys() == s_rec.keys()  # the same fields, volatile ones included
+    fast, slow = ([comparable(r) for r in seen[n]] for n in ("fast", "slow"))
+    assert fast[0] == slow[0]  # the connect record: decision, rule, agent, host, address, status...
+    for key in ("bytes_up", "bytes_down"):  # TLS record sizes differ a little between two handshakes
+        assert abs(fast[1][key] - slow[1][key]) < 200 and fast[1][key] > 500
+        fast[1].pop(key), slow[1].pop(key)
+    assert fast[1] == slow[1]
+
+
+def pair_ca(w: Warden) -> Path:
+    """The origin's CA (the client verifies the origin itself through a passthrough tunnel)."""
+    for arg in w.proc.args:  # type: ignore[union-attr]
+        if str(arg).startswith("ssl_verify_upstream_trusted_ca="):
+            return Path(str(arg).split("=", 1)[1])
+    raise AssertionError("no upstream CA")
+
+
+def cases(pair: dict[str, Any]) -> list[tuple[str, bytes, int | None]]:
+    tls, plain, closed = pair["tls"].port, pair["plain"].port, pair["closed"]
+    auth = f"Proxy-Authorization: {proxy_auth('coder', TOKEN)}\r\n"
+    bad = f"Proxy-Authorization: {proxy_auth('coder', 'wrong')}\r\n"
+    return [
+        ("no credentials", f"CONNECT allowed.test:{tls} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), None),
+        ("wrong token", f"CONNECT allowed.test:{tls} HTTP/1.1\r\n{bad}\r\n".encode(), None),
+        ("not allowed", f"CONNECT denied.test:{tls} HTTP/1.1\r\n{auth}\r\n".encode(), None),
+        ("not allowed port", f"CONNECT allowed.test:{tls + 1 if tls + 1 not in (plain, closed) else tls + 2} "
+                             f"HTTP/1.1\r\n{auth}\r\n".encode(), None),
+        ("upstream refuses", f"CONNECT allowed.test:{closed} HTTP/1.1\r\n{auth}\r\n".encode(), None),
+        ("plain HTTP", f"GET http://allowed.test:{plain}/x HTTP/1.1\r\nHost: allowed.test:{plain}\r\n{auth}"
+                       f"Connection: close\r\n\r\n".encode(), None),
+        ("split head", f"CONNECT allowed.test:{tls} HTTP/1.1\r\n{auth}\r\n".encode(), 9),
+        ("body framing", f"CONNECT allowed.test:{tls} HTTP/1.1\r\n{auth}Content-Length: 0\r\n\r\n".encode(), None),
+        ("two credentials", f"CONNECT allowed.test:{tls} HTTP/1.1\r\n{auth}{bad}\r\n".encode(), None),
+        ("bare LF", f"CONNECT allowed.test:{tls} HTTP/1.1\n{auth}\n".encode(), None),
+        ("folded header", f"CONNECT allowed.test:{tls} HTTP/1.1\r\nX-A: 1\r\n 2\r\n{auth}\r\n".encode(), None),
+        ("odd port", f"CONNECT allowed.test:0{tls} HTTP/1.1\r\n{auth}\r\n".encode(), None),
+        ("IP literal", f"CONNECT 127.0.0.1:{tls} HTTP/1.1\r\n{auth}\r\n".encode(), None),
+        ("upper-case host", f"CONNECT ALLOWED.test:{tls} HTTP/1.1\r\n{auth}\r\n".encode(), None),
+        ("HTTP/1.0", f"CONNECT allowed.test:{tls} HTTP/1.0\r\n{auth}\r\n".encode(), None),
+        ("lower-case method", f"connect allowed.test:{tls} HTTP/1.1\r\n{auth}\r\n".encode(), None),
+        ("intercepted host", f"CONNECT api.test:{tls} HTTP/1.1\r\n{auth}\r\n".encode(), None),
+    ]
+
+
+def test_every_input_gets_the_same_answer_and_record_from_both_paths(pair: dict[str, Any]) -> None:
+    fast, slow = pair["fast"], pair["slow"]
+    handed_before = front_door(fast, "mitmproxy")
+    for name, data, split in cases(pair):
+        answers, recs = {}, {}
+        for label, w in (("fast", fast), ("slow", slow)):
+            before = len(w.audit_records())
+            answers[label] = status_line(raw_exchange(w, data, pause_after=split))
+            time.sleep(0.3)  # let the records of this connection land
+            recs[label] = [(r.get("event"), r.get("decision"), r.get("reason"), r.get("rule_id"), r.get("status"),
+                            r.get("host"), r.get("port")) for r in w.audit_records()[before:]
+                           if r.get("event") != "checkpoint"]
+        assert answers["fast"] == answers["slow"], name
+        assert recs["fast"] == recs["slow"], name
+    # at least the refused, plain-HTTP and odd inputs were handed over (not decided a second way)
+    assert front_door(fast, "mitmproxy") >= handed_before + 12
+
+
+def test_fronting_after_the_200_is_intercepted_with_a_readable_403(pair: dict[str, Any]) -> None:
+    """The SNI names another host than the CONNECT: the fast path hands the tunnel to mitmproxy
+    after its 200 (the client must not see a second one) and the agent reads why."""
+    tls: LoggingOrigin = pair["tls"]
+    for first in (None, 1, 2):  # the whole ClientHello, or its first one or two bytes alone
+        for name in ("fast", "slow"):
+            w: Warden = pair[name]
+            tls.reset()
+            sock, status, _ = connect_raw(w, "coder", f"allowed.test:{tls.port}")
+            assert status == 200
+            ctx = client_tls(w)  # Warden's CA: the refusal comes over TLS Warden terminates
+            if first is None:
+                tsock = ctx.wrap_socket(sock, server_hostname="api.test")
+                tsock.sendall(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+                resp = read_response(tsock)
+                tsock.close()
+                status_code, body = resp.status, resp.body
+            else:
+                split = SplitHelloTLS(sock, ctx, "api.test", first, 0.3)
+                split.sendall(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+                got = split.read_response()
+                split.close()
+                assert got is not None
+                status_code, body = got.status, got.body
+            assert status_code == 403 and b"sni_mismatch" in body, (name, first, body[:200])
+            assert tls.requests == []  # no request reached the origin
+
+
+def test_a_head_that_never_completes_is_closed_after_the_head_timeout(tmp_path: Path, shared_confdir: Path) -> None:
+    work = tmp_path
+    w = start_warden(work, rules(work, 1, 2, 3), confdir=shared_confdir, agents=AGENTS,
+                     extra_args=["--set", "warden_head_timeout=1"])
+    try:
+        idle = socket.create_connection(("127.0.0.1", w.port), timeout=10)
+        partial = socket.create_connection(("127.0.0.1", w.port), timeout=10)
+        partial.sendall(b"CONNECT allowed.test:4")
+        started = time.monotonic()
+        with idle, partial:
+            assert idle.recv(1) == b"" and partial.recv(1) == b""
+        assert time.monotonic() - started < 5
+        assert wait_until(lambda: front_door(w, "head_timeout") == 2)
+        assert w.proc.poll() is None
+    finally:
+        w.stop()
+
+
+def test_an_idle_fast_tunnel_meets_tcp_timeout_and_shutdown_writes_open_tunnels(
+        tmp_path: Path, shared_confdir: Path) -> None:
+    with run_logging_origin() as plain:
+        w = start_warden(tmp_path, rules(tmp_path, plain.port, plain.port, plain.port), confdir=shared_confdir,
+                         agents=AGENTS, extra_args=["--set", "tcp_timeout=2"])
+        try:
+            sock, status, _ = connect_raw(w, "coder", f"allowed.test:{plain.port}")
+            assert status == 200
+            sock.sendall(b"GET /a HTTP/1.1\r\nHost: allowed.test\r\n\r\n")  # not TLS: relayed raw
+            assert b"origin got GET /a" in sock.recv(65536)
+            started = time.monotonic()
+            sock.settimeout(15)
+            with sock:
+                assert sock.recv(1) == b""  # idle both ways for tcp_timeout: closed
+            assert 1.5 < time.monotonic() - started < 10
+            closes = [r for r in w.audit_records(lambda rs: any(r.get("event") == "tunnel_close" for r in rs))
+                      if r.get("event") == "tunnel_close"]
+            assert len(closes) == 1 and closes[0]["bytes_up"] > 0 and closes[0]["bytes_down"] > 0
+            assert front_door(w, "fast") == 1
+            # a tunnel still open at shutdown gets its record before the audit log closes
+            open_sock, status, _ = connect_raw(w, "coder", f"allowed.test:{plain.port}")
+            assert status == 200
+            open_sock.sendall(b"GET /b HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+            assert b"origin got GET /b" in open_sock.recv(65536)
+            w.proc.send_signal(signal.SIGTERM)
+            w.proc.wait(15)
+            records = w.audit_records()
+            last = [r for r in records if r.get("event") == "tunnel_close"]
+            assert len(last) == 2 and last[1].get("error") == "warden shutting down", last
+            assert records[-1]["event"] == "shutdown" or any(r.get("event") == "shutdown" for r in records)
+            open_sock.close()
+        finally:
+            w.stop()
+
+
+def test_large_transfers_both_ways_without_splice_keep_backpressure_and_exact_counts(
+        tmp_path: Path, shared_confdir: Path) -> None:
+    """With `warden_splice=false` the fast path relays in Python: 16 MiB each way, exact."""
+    size = 16 * 1024 * 1024
+    payload = os.urandom(size)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    import threading
+
+    got: dict[str, bytes] = {}
+
+    def echo_once() -> None:
+        server.settimeout(20)
+        conn, _ = server.accept()
+        conn.settimeout(20)
+        data = b""
+        while len(data) < size:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        got["up"] = data
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(1)
+        conn.close()
+
+    thread = threading.Thread(target=echo_once, daemon=True)
+    thread.start()
+    w = start_warden(tmp_path, rules(tmp_path, port, port, port), confdir=shared_confdir, agents=AGENTS,
+                     extra_args=["--set", "warden_splice=false"])
+    try:
+        sock, status, _ = connect_raw(w, "coder", f"allowed.test:{port}")
+        assert status == 200
+        sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+        sender.start()
+        time.sleep(1.0)  # the client reads nothing for a second: Warden must not buffer without bound
+        back = b""
+        sock.settimeout(20)
+        while len(back) < size:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            back += chunk
+        sender.join(20)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
+        sock.close()
+        assert got["up"] == payload and back == payload
+        closes = [r for r in w.audit_records(lambda rs: any(r.get("event") == "tunnel_close" for r in rs))
+                  if r.get("event") == "tunnel_close"]
+        assert (closes[0]["bytes_up"], closes[0]["bytes_down"]) == (size, size)
+        assert front_door(w, "fast") == 1
+    finally:
+        w.stop()
+        server.close()
+        thread.join(5)
