@@ -217,3 +217,30 @@ def test_failure_notice_never_reenters_submit(tmp_path: Path) -> None:
     assert w.submit({"event": "request"}) is False
     assert w.submit({"event": "request"}) is False
     assert notices == ["audit queue full: the writer cannot keep up"] and not w.healthy
+
+
+def test_a_record_submitted_as_text_is_written_byte_for_byte_as_its_dict(tmp_path: Path) -> None:
+    """Audit hands the writer the JSON text it already made for the secret scan (one
+    serialisation per record): the chained line must be the one the dict would give."""
+    from egresswarden.record.journal import AuditWriter, record_json
+
+    lines = []
+    for kind in ("dict", "text"):
+        path = tmp_path / f"{kind}.jsonl"
+        writer = AuditWriter(str(path))
+        writer.start()
+        for i, rec in enumerate([{"event": "connect", "time": "t", "host": "a\u2028b\u0085c\u2029", "n": 1},
+                                 {"event": "request", "time": "t", "path": "/é"}]):
+            rec = dict(rec, i=i)
+            writer.submit(record_json(rec) if kind == "text" else rec)
+        writer.close()
+        lines.append([ln for ln in path.read_bytes().splitlines() if b'"chain_start"' not in ln])
+    import hashlib
+    import re
+
+    for got in lines:  # each chain links: a line's prev_hash is the hash of the line before it
+        assert json.loads(got[1])["prev_hash"] == hashlib.sha256(got[0]).hexdigest()
+    # the chain_start line before them differs (file name, time, pid), so does the first link
+    unlinked = [[re.sub(rb'"prev_hash":"[0-9a-f]{64}"', b"", ln) for ln in got] for got in lines]
+    assert unlinked[0] == unlinked[1] and len(lines[0]) == 2
+    assert b"\\u2028" in lines[0][0] and "\u2028".encode() not in lines[0][0]

@@ -34,7 +34,7 @@ from egresswarden.core.secrets import render
 from egresswarden.record import fields as F
 from egresswarden.record.journal import AuditWriter, KeyError_, Signer, load_signing_key, stdout_sink, utc_now
 from egresswarden.record.outcome import McpFields, Outcome
-from egresswarden.record.redaction import RedactingFilter, scrub_record
+from egresswarden.record.redaction import RedactingFilter, scrubbed_record_json
 from egresswarden.runtime.context import record_of
 from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
@@ -191,7 +191,7 @@ class Audit:
         if self.writer is None:
             return
         record.setdefault(F.TIME, utc_now())
-        self.writer.submit(scrub_record(self.store.current, record))  # the one place every record passes
+        self.writer.submit(scrubbed_record_json(self.store.current, record))  # the one place every record passes
 
     def on_outcome(self, outcome: Outcome) -> None:
         self.emit(outcome_record(outcome))

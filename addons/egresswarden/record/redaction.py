@@ -19,6 +19,7 @@ from typing import Any
 
 from egresswarden.core.credentials import Scanner, decoded_url, scanner_for
 from egresswarden.core.ruleset import RuleSet
+from egresswarden.record.journal import record_json
 
 
 def _scrub_probe(scanner: Scanner, probe: str) -> tuple[str, int]:
@@ -63,6 +64,20 @@ def scrub_record(rules: RuleSet | None, record: dict[str, Any]) -> dict[str, Any
     scrubbed = _walk(scanner, record)
     assert isinstance(scrubbed, dict)
     return scrubbed
+
+
+def scrubbed_record_json(rules: RuleSet | None, record: dict[str, Any]) -> str:
+    """`scrub_record` and `journal.record_json` in one serialisation: the record's journal text,
+    scrubbed (re-serialised only when it held a secret or placeholder)."""
+    text = record_json(record)
+    scanner = scanner_for(rules) if rules is not None else None
+    if scanner is None or scanner.automaton is None:
+        return text
+    if not _scrub_probe(scanner, text.encode("utf-8", "surrogateescape").decode("latin-1"))[1]:
+        return text
+    scrubbed = _walk(scanner, record)
+    assert isinstance(scrubbed, dict)
+    return record_json(scrubbed)
 
 
 def scrub_text(rules: RuleSet | None, text: str) -> str:
