@@ -340,3 +340,181 @@ def test_large_transfers_both_ways_without_splice_keep_backpressure_and_exact_co
         w.stop()
         server.close()
         thread.join(5)
+
+
+# -- red team 6 (fresh eyes on the fast path): each attack that worked, and now holds ------------
+def hello_record(sni_names: list[str] | None = None, extra: bytes = b"") -> bytes:
+    """A hand-built ClientHello (one TLS record) with the given server_name list."""
+    import struct
+
+    exts = b""
+    if sni_names is not None:
+        names = b"".join(b"\x00" + struct.pack("!H", len(n)) + n.encode() for n in sni_names)
+        body = struct.pack("!H", len(names)) + names
+        exts += b"\x00\x00" + struct.pack("!H", len(body)) + body
+    exts += extra
+    body = b"\x03\x03" + b"\x11" * 32 + b"\x00" + struct.pack("!H", 2) + b"\x13\x01" + b"\x01\x00" \
+        + struct.pack("!H", len(exts)) + exts
+    hs = b"\x01" + struct.pack("!I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack("!H", len(hs)) + hs
+
+
+def connect_head(port: int) -> bytes:
+    return f"CONNECT allowed.test:{port} HTTP/1.1\r\nProxy-Authorization: {proxy_auth('coder', TOKEN)}\r\n\r\n".encode()
+
+
+def test_server_names_no_tls_stack_would_read_alike_are_intercepted_not_passed(pair: dict[str, Any]) -> None:
+    """A server_name list of two names, two server_name extensions, a NUL in the name, IDNA
+    junk: mitmproxy's parser reports "no SNI" for each, which used to pass the tunnel through
+    unchecked (both paths). Now each is intercepted: the agent's ClientHello never reaches
+    the origin."""
+    import struct
+
+    tls: LoggingOrigin = pair["tls"]
+
+    def ext(name: str) -> bytes:
+        entry = b"\x00" + struct.pack("!H", len(name)) + name.encode()
+        body = struct.pack("!H", len(entry)) + entry
+        return b"\x00\x00" + struct.pack("!H", len(body)) + body
+
+    hellos = {"two names": hello_record(["evil.test", "allowed.test"]),
+              "two extensions": hello_record(None, ext("allowed.test") + ext("evil.test")),
+              "NUL": hello_record(["allowed.test\x00evil.test"]),
+              "IDNA junk": hello_record(["xn--allowed-test"])}
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        for label, hello in hellos.items():
+            tls.reset()
+            sock, status, _ = connect_raw(w, "coder", f"allowed.test:{tls.port}")
+            assert status == 200
+            sock.sendall(hello)
+            sock.settimeout(5)
+            with sock:
+                try:
+                    while sock.recv(65536):
+                        pass
+                except (TimeoutError, ConnectionResetError):
+                    pass
+            assert not tls.saw(b"\x11" * 32), (name, label)  # the agent's hello (its random) never arrived
+
+
+def test_a_clienthello_in_many_tiny_records_is_refused_not_parsed_again_and_again(pair: dict[str, Any]) -> None:
+    """Each new segment made mitmproxy parse the whole buffer again: a hello in one-byte TLS
+    records cost seconds of CPU. More than 16 records: refused (audited `tunnel_refused`)."""
+    hello = hello_record(["allowed.test"])
+    fragment = hello[5:]
+    tiny = b"".join(b"\x16\x03\x01\x00\x01" + fragment[i:i + 1] for i in range(40))
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        before = len(w.audit_records())
+        sock, status, _ = connect_raw(w, "coder", f"allowed.test:{pair['tls'].port}")
+        assert status == 200
+        sock.sendall(tiny)
+        sock.settimeout(10)
+        with sock:
+            assert sock.recv(1) == b""  # closed
+        refused = [r for r in records_after(w, before, 2) if r.get("event") == "tunnel_refused"]
+        assert refused and "TLS records" in refused[0]["message"], name
+
+
+def test_a_fin_sent_with_the_connect_is_forwarded_and_holds_no_descriptor(pair: dict[str, Any]) -> None:
+    """CONNECT, bytes and FIN in one write, before the 200: the bytes are relayed and the FIN
+    follows them (the tunnel used to stay half-open for tcp_timeout, two descriptors each)."""
+    plain: LoggingOrigin = pair["plain"]
+    w: Warden = pair["fast"]
+    pid = w.proc.pid
+    fds_before = len(os.listdir(f"/proc/{pid}/fd"))
+    socks = []
+    for _ in range(50):
+        sock = socket.create_connection(("127.0.0.1", w.port), timeout=10)
+        sock.sendall(connect_head(plain.port) + b"GET /fin HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        socks.append(sock)
+    for sock in socks:
+        with sock:
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+            assert b"200 Connection established" in got and b"origin got GET /fin" in got
+    assert wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds_before + 2), "descriptors held"
+
+
+def test_every_first_head_meets_the_head_timeout(tmp_path: Path, shared_confdir: Path) -> None:
+    """Not only CONNECT prefixes: `G`, half a GET, a bare-LF CONNECT, a NUL were handed to
+    mitmproxy at once and held their descriptors for tcp_timeout."""
+    w = start_warden(tmp_path, rules(tmp_path, 1, 2, 3), confdir=shared_confdir, agents=AGENTS,
+                     extra_args=["--set", "warden_head_timeout=1"])
+    try:
+        socks = []
+        for first in (b"G", b"GET http://allowed.test/ HTTP/1.1\r\n", b"CONNECT allowed.test:1 HTTP/1.1\n",
+                      b"\x00", b"connect "):
+            sock = socket.create_connection(("127.0.0.1", w.port), timeout=10)
+            sock.sendall(first)
+            socks.append(sock)
+        started = time.monotonic()
+        for sock in socks:
+            with sock:
+                assert sock.recv(1) == b""
+        assert time.monotonic() - started < 6
+        assert wait_until(lambda: front_door(w, "head_timeout") == 5)
+    finally:
+        w.stop()
+
+
+def test_rules_that_change_while_the_upstream_connects_decide_the_tunnel(tmp_path: Path,
+                                                                         shared_confdir: Path) -> None:
+    """The upstream's accept queue is full, so Warden's SYN is retried a second later; the rules
+    deny the host meanwhile. The tunnel used to open under the old rules and carry bytes (no
+    revocation: it was not open yet). Now it is decided again under the new rules: refused."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib_suppress():
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    allow = rules(tmp_path, port, port, port)
+    w = start_warden(tmp_path, allow, confdir=shared_confdir, agents=AGENTS)
+    try:
+        sock = socket.create_connection(("127.0.0.1", w.port), timeout=15)
+        sock.sendall(connect_head(port))
+        time.sleep(0.2)
+        denied = rules(tmp_path, port, port, port)
+        denied["policies"]["p"]["allow"] = denied["policies"]["p"]["allow"][1:]  # allowed.test no more
+        w.write_rules(denied)
+        assert wait_until(lambda: any(r.get("event") == "reload" and r.get("result") == "success"
+                                      for r in w.audit_records()), timeout=10)
+        for filler in fillers:
+            filler.close()
+        listener.settimeout(10)
+        accepted = []
+        deadline = time.monotonic() + 8
+        answer = b""
+        sock.settimeout(0.2)
+        while time.monotonic() < deadline and b"\r\n\r\n" not in answer:
+            with contextlib_suppress():
+                accepted.append(listener.accept()[0])
+            with contextlib_suppress():
+                answer += sock.recv(4096)
+        # refused in-band (settings.explain_denials: in_band, the default): not the passthrough's bare 200
+        assert answer != b"HTTP/1.1 200 Connection established\r\n\r\n" and b" 200 " in answer, answer
+        client_port = sock.getsockname()[1]
+        sock.close()
+        mine = [r for r in w.audit_records(lambda rs: any(r.get("client_port") == client_port for r in rs))
+                if r.get("client_port") == client_port]
+        assert [(r["event"], r["decision"], r["reason"]) for r in mine] == [("connect", "deny", "no_matching_rule")]
+        for conn in accepted:
+            conn.close()
+    finally:
+        w.stop()
+        listener.close()
+
+
+def contextlib_suppress() -> Any:
+    import contextlib
+
+    return contextlib.suppress(OSError, TimeoutError, BlockingIOError)

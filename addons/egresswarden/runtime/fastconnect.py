@@ -68,7 +68,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from egresswarden.core.decision import Decision, Interception
 from egresswarden.core.facts import RequestFacts
-from egresswarden.core.hostnames import HostError, normalize_host
+from egresswarden.core.hostnames import normalize_host
 from egresswarden.core.identity import AuthFailure
 from egresswarden.core.plan import plan_connect
 from egresswarden.record.journal import utc_now
@@ -78,7 +78,7 @@ from egresswarden.runtime.context import ConnState, Tunnel, TunnelMode, new_requ
 from egresswarden.runtime.patching import wrap_once
 from egresswarden.runtime.workers import reuse_port_enabled
 from egresswarden.stages.identity import identify_client
-from egresswarden.stages.interception import could_become_tls_record
+from egresswarden.stages.interception import could_become_tls_record, sni_names, too_many_tls_records
 
 if TYPE_CHECKING:
     from egresswarden.record.audit import AuditGate
@@ -313,6 +313,10 @@ class FrontDoor(asyncio.Protocol):
         self.server_gone = False
         self.task: asyncio.Task[None] | None = None
 
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
     # -- client events -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # asyncio's, or uvloop's (not a subclass)
@@ -359,19 +363,23 @@ class FrontDoor(asyncio.Protocol):
                 return True
             self.end(None)
             return False
+        if self.phase in (Phase.FIRST_BYTES, Phase.RELAY):
+            self._client_finished()
+            return not self.done  # keep the transport half-open while the other direction runs
+        return True  # DECIDING: looked at after the 200; SPLICED: the kernel sees the EOF itself
+
+    def _client_finished(self) -> None:
+        """The client sent its FIN (now, or before the 200 and seen after it)."""
         if self.phase is Phase.FIRST_BYTES:
             data = bytes(self.buf)
             if data and not (could_become_tls_record(data) or starts_like_tls_record(data)):
                 self._commit()  # not TLS, and all the client will send: relay it, then the EOF
                 self._relay_held()
-                self._forward_eof_up()
-                return True
-            self.end(None)  # nothing, or an unfinished ClientHello: no tunnel was used
-            return False
+            else:
+                self.end(None)  # nothing, or an unfinished ClientHello: no tunnel was used
+                return
         if self.phase is Phase.RELAY:
             self._forward_eof_up()
-            return True
-        return True  # DECIDING: decided on what was sent; SPLICED: the kernel sees the EOF itself
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.phase is not Phase.DONE:
@@ -388,17 +396,18 @@ class FrontDoor(asyncio.Protocol):
 
     # -- the head and the decision -----------------------------------------------------------
     def _read_head(self) -> None:
+        """Wait for the first request head, whatever it is (so `warden_head_timeout` bounds every
+        connection, not only CONNECTs), then keep it (a strict CONNECT) or hand it over."""
         buf = self.buf
-        if not buf.startswith(_CONNECT):
-            if not _CONNECT.startswith(bytes(buf[:len(_CONNECT)])):
-                self._hand_over(after_200=False)  # plain HTTP and everything else: mitmproxy
+        if buf[:1] == b"\x16" or len(buf) > MAX_HEAD:
+            self._hand_over(after_200=False)  # TLS to the proxy itself, or a head too long for us
             return
-        if buf.count(b"\n") != buf.count(b"\r\n") or len(buf) > MAX_HEAD:
-            self._hand_over(after_200=False)  # a bare LF ends lines (and maybe the head) for mitmproxy
+        if b"\n\r\n" not in buf and b"\n\n" not in buf:
+            return  # no end of head yet, by either reading of line ends
+        if not buf.startswith(_CONNECT) or buf.count(b"\n") != buf.count(b"\r\n"):
+            self._hand_over(after_200=False)  # plain HTTP, anything else, and bare LFs: mitmproxy's
             return
         end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
         assert self.state is not None
         head = parse_connect_head(bytes(buf[:end + 2]))
         if head is None or not self.part.admits_client(self.state.client_ip):
@@ -438,8 +447,10 @@ class FrontDoor(asyncio.Protocol):
         elif self.held_from_server:
             self._commit()  # the server spoke first
             self._relay_held()
-        elif self.client_eof or self.server_eof_seen:
+        elif self.server_eof_seen:
             self.end(None)
+        if self.client_eof and self.phase is not Phase.DONE:
+            self._client_finished()
 
     async def _open(self) -> bool:
         """Identity, audit gate, policy and the upstream connection, as mitmproxy's path does them;
@@ -479,7 +490,8 @@ class FrontDoor(asyncio.Protocol):
             self.upstream = None
             self.tunnel = None
             return False  # mitmproxy's path connects again and answers 502 with its record
-        return True
+        # the rules changed while we resolved or connected: decided again, from scratch, by mitmproxy
+        return part.store.current is rules
 
     # -- after the 200: the first bytes --------------------------------------------------------
     def _first_bytes(self) -> None:
@@ -488,6 +500,9 @@ class FrontDoor(asyncio.Protocol):
             return
         if starts_like_tls_record(data):
             assert self.tunnel is not None
+            if too_many_tls_records(data):
+                self._hand_over(after_200=True)  # Interception refuses it (and audits why)
+                return
             try:
                 hello = parse_client_hello(data)
             except ValueError:
@@ -497,14 +512,9 @@ class FrontDoor(asyncio.Protocol):
                 if len(data) > MAX_HELD:
                     self._hand_over(after_200=True)
                 return
-            if hello.sni is not None:
-                try:
-                    same = normalize_host(hello.sni) == self.tunnel.host
-                except HostError:
-                    same = False
-                if not same:
-                    self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
-                    return
+            if not sni_names(hello, self.tunnel.host):
+                self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
+                return
         self._commit()
         self._relay_held()
 
@@ -681,7 +691,7 @@ class FrontDoor(asyncio.Protocol):
         """A reload denied this tunnel: cut it now (Revocation writes `tunnel_revoked`)."""
         if self.phase is Phase.DONE:
             return False
-        self.end(None, abort=True)
+        self.end(None, abort=True, record_soon=True)  # Revocation's tunnel_revoked comes first
         return True
 
     def abort_silently(self) -> None:
@@ -689,9 +699,9 @@ class FrontDoor(asyncio.Protocol):
         self.part.head_timeouts += 1
         self.end(None, abort=True)
 
-    def end(self, error: str | None, abort: bool = False) -> None:
+    def end(self, error: str | None, abort: bool = False, record_soon: bool = False) -> None:
         """Close both legs (once) and write what is owed: `tunnel_close` for a committed tunnel,
-        the `connect` record for one accepted but never used."""
+        the `connect` record for one accepted but never used (now, or right after the caller's)."""
         if self.phase is Phase.DONE:
             return
         was = self.phase
@@ -703,6 +713,12 @@ class FrontDoor(asyncio.Protocol):
         if self.transport is not None:
             (self.transport.abort if abort else self.transport.close)()
         self._close_upstream(abort)
+        if record_soon:
+            asyncio.get_running_loop().call_soon(self._records, was, error)
+        else:
+            self._records(was, error)
+
+    def _records(self, was: Phase, error: str | None) -> None:
         if self.committed:
             assert self.state is not None and self.tunnel is not None
             self.part.interception.active_tunnels -= 1
@@ -737,37 +753,96 @@ class FrontDoor(asyncio.Protocol):
 
     # -- to mitmproxy ------------------------------------------------------------------------
     def _hand_over(self, after_200: bool) -> None:
-        """mitmproxy takes the connection as if it had accepted it: it reads every byte the client
-        sent so far (after the 200: the CONNECT head again), and our 200 is not sent twice."""
+        """mitmproxy takes the connection as if it had accepted it and read every byte the client
+        sent so far. After our 200, it gets the CONNECT head first and everything after it (the
+        ClientHello, more bytes, the FIN) only once it has answered with the same 200, which is
+        not sent twice: the order of events mitmproxy sees is the one it would have seen."""
         transport = self.transport
         assert transport is not None
         self.phase = Phase.DONE
         self.part.doors.discard(self)
         self.part.handed_over += 1
         self._close_upstream(abort=True)
-        replay = self.head_bytes + bytes(self.buf)  # the head was taken off the buffer once parsed
-        self.buf = bytearray()
-        handle: Callable[..., Any] = self.instance.handle_stream
-        if after_200:
-            assert self.head is not None
-            handle = _without_second_200(handle, self.head.version + b" 200 Connection established\r\n\r\n")
+        later, self.buf = bytes(self.buf), bytearray()
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, handle, loop=loop)
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if replay:
-            protocol.data_received(replay)
-        if self.client_eof:
-            protocol.eof_received()
+        if not after_200:
+            protocol = asyncio.StreamReaderProtocol(reader, self.instance.handle_stream, loop=loop)
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            if self.head_bytes + later:
+                protocol.data_received(self.head_bytes + later)
+            if self.client_eof:
+                protocol.eof_received()
+        else:
+            assert self.head is not None
+            held = HeldUntilAnswered(transport, later, self.client_eof)
+            handle = _without_second_200(self.instance.handle_stream,
+                                         self.head.version + b" 200 Connection established\r\n\r\n", held)
+            held.inner = asyncio.StreamReaderProtocol(reader, handle, loop=loop)
+            transport.set_protocol(held)
+            held.inner.connection_made(transport)
+            held.inner.data_received(self.head_bytes)
         if not transport.is_closing() and not transport.is_reading():
             transport.resume_reading()
 
 
-def _without_second_200(handle: Callable[..., Any], ours: bytes) -> Callable[..., Any]:
+class HeldUntilAnswered(asyncio.Protocol):
+    """Between a handed-over client transport and mitmproxy's StreamReaderProtocol: what the
+    client sent after our 200 waits until mitmproxy has answered the replayed CONNECT, as it
+    would have waited for mitmproxy's own 200. Bounded: past MAX_HELD the client is not read."""
+
+    def __init__(self, transport: asyncio.Transport, pending: bytes, eof: bool) -> None:
+        self.transport = transport
+        self.inner: asyncio.StreamReaderProtocol | None = None
+        self.pending = bytearray(pending)
+        self.eof = eof
+        self.released = False
+
+    def release(self) -> None:
+        if self.released or self.inner is None:
+            return
+        self.released = True
+        data, self.pending = bytes(self.pending), bytearray()
+        if data:
+            self.inner.data_received(data)
+        if self.eof:
+            self.inner.eof_received()
+        if not self.transport.is_closing() and not self.transport.is_reading():
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.released and self.inner is not None:
+            self.inner.data_received(data)
+            return
+        self.pending += data
+        if len(self.pending) > MAX_HELD:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self.released and self.inner is not None:
+            return bool(self.inner.eof_received())
+        self.eof = True
+        return True  # half-closed: mitmproxy sees the FIN once released
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+
+def _without_second_200(handle: Callable[..., Any], ours: bytes, held: HeldUntilAnswered) -> Callable[..., Any]:
     """mitmproxy's handler, with its answer to the replayed CONNECT (the same 200 the client
-    already has) dropped; any other answer closes the connection: the client believes the
-    tunnel open, and what mitmproxy decided instead cannot reach it in a readable form."""
+    already has) dropped, which releases what the client sent since; any other answer closes
+    the connection: the client believes the tunnel open, and what mitmproxy decided instead
+    cannot reach it in a readable form."""
     async def handle_after_200(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         original = writer.write
         seen = bytearray()
@@ -780,6 +855,7 @@ def _without_second_200(handle: Callable[..., Any], ours: bytes) -> Callable[...
             if seen.startswith(ours):
                 if len(seen) > len(ours):
                     original(bytes(seen[len(ours):]))
+                held.release()
                 return
             logger.warning("warden: a tunnel changed its decision while it was handed to mitmproxy; closing it")
             writer.transport.abort()

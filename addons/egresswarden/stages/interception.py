@@ -240,6 +240,9 @@ class Interception:
             self._wait(nextlayer, state, tunnel, data)  # `\x16` alone is not "not TLS": no SNI check skipped
             return
         if starts_like_tls_record(data):
+            if too_many_tls_records(data):
+                self._refuse(nextlayer, state, tunnel, f"a ClientHello in more than {MAX_HELLO_RECORDS} TLS records")
+                return
             try:
                 hello = parse_client_hello(data)
             except ValueError:
@@ -248,14 +251,9 @@ class Interception:
             if hello is None:
                 self._wait(nextlayer, state, tunnel, data)
                 return
-            if hello.sni is not None and tunnel.decision.allowed:
-                try:
-                    same = normalize_host(hello.sni) == tunnel.host
-                except HostError:
-                    same = False
-                if not same:
-                    tunnel.sni_mismatch = hello.sni
-                    tunnel.intercept = True
+            if tunnel.decision.allowed and not sni_names(hello, tunnel.host):
+                tunnel.sni_mismatch = hello.sni or "(unreadable)"
+                tunnel.intercept = True
             if not tunnel.decision.allowed:
                 tunnel.mode = TunnelMode.EXPLAIN
                 nextlayer.layer = layers.ClientTLSLayer(nextlayer.context)  # no upstream: nothing to contact
@@ -334,6 +332,37 @@ class Interception:
 
 _VERSION_PREFIX = re.compile(rb"(H(T(T(P(/(1(\.([01]\r?)?)?)?)?)?)?)?)?")
 _METHOD = re.compile(rb"[A-Z][A-Z0-9_-]{0,19}")
+
+
+MAX_HELLO_RECORDS = 16  # real clients send a ClientHello in one or two TLS records
+
+
+def too_many_tls_records(data: bytes) -> bool:
+    """More TLS records than any real ClientHello takes. Each new segment makes mitmproxy parse
+    the whole buffer again, so a hello sent one byte per record would cost quadratic CPU."""
+    offset, count = 0, 0
+    while offset + 5 <= len(data):
+        count += 1
+        if count > MAX_HELLO_RECORDS:
+            return True
+        offset += 5 + int.from_bytes(data[offset + 3:offset + 5], "big")
+    return False
+
+
+def sni_names(hello: Any, host: str) -> bool:
+    """Does the ClientHello name `host` (or no host at all), as every TLS stack would read it?
+    mitmproxy's `sni` is the first valid server_name extension with exactly one name, and None
+    for anything else: a second extension, a list of two names, a name with a NUL or IDNA junk
+    would otherwise pass as "no SNI" (no check) while an origin may read another name in it."""
+    extensions = [ext for ext, _ in hello.extensions if ext == 0]
+    if not extensions:
+        return True
+    if len(extensions) > 1 or hello.sni is None:
+        return False
+    try:
+        return bool(normalize_host(hello.sni) == host)
+    except HostError:
+        return False
 
 
 def could_become_tls_record(data: bytes) -> bool:
