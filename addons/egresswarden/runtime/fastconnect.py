@@ -174,6 +174,7 @@ class FastConnect:
         self.handed_over = 0  # handed to mitmproxy
         self.head_timeouts = 0  # closed without a request head
         self._sweeper: asyncio.TimerHandle | None = None
+        self._admitted: dict[str, bool] = {}
 
     # -- mitmproxy hooks ---------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -192,6 +193,7 @@ class FastConnect:
         self.head_timeout = float(opts.warden_head_timeout)
         self.block_global = bool(opts.block_global)
         self.block_private = bool(opts.block_private)
+        self._admitted.clear()
 
     def active(self) -> bool:
         """Does the listener opened now take the fast path (read when mitmproxy listens)?"""
@@ -212,7 +214,16 @@ class FastConnect:
 
     # -- shared by the doors -----------------------------------------------------------------
     def admits_client(self, ip: str) -> bool:
-        """What mitmproxy's block addon would let in (block_global, block_private)."""
+        """What mitmproxy's block addon would let in (block_global, block_private); remembered
+        per address (cleared when the options change), since agents connect from few."""
+        admitted = self._admitted.get(ip)
+        if admitted is None:
+            if len(self._admitted) >= 4096:
+                self._admitted.clear()
+            admitted = self._admitted[ip] = self._admits(ip)
+        return admitted
+
+    def _admits(self, ip: str) -> bool:
         try:
             address = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:
