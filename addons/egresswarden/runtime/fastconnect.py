@@ -413,12 +413,17 @@ class FrontDoor(asyncio.Protocol):
         if buf[:1] == b"\x16" or len(buf) > MAX_HEAD:
             self._hand_over(after_200=False)  # TLS to the proxy itself, or a head too long for us
             return
-        if b"\n\r\n" not in buf and b"\n\n" not in buf:
+        ends = [at + 2 for at in (buf.find(b"\n\n"),) if at >= 0] + \
+               [at + 3 for at in (buf.find(b"\n\r\n"),) if at >= 0]
+        if not ends:
             return  # no end of head yet, by either reading of line ends
-        if not buf.startswith(_CONNECT) or buf.count(b"\n") != buf.count(b"\r\n"):
-            self._hand_over(after_200=False)  # plain HTTP, anything else, and bare LFs: mitmproxy's
-            return
         end = buf.find(b"\r\n\r\n")
+        # The head must end at the same byte for a CRLF-only reader and for mitmproxy (which also
+        # ends lines at a bare LF), hold no bare LF, and be a CONNECT; anything else is mitmproxy's.
+        if not buf.startswith(_CONNECT) or end < 0 or end + 4 != min(ends) \
+                or buf.count(b"\n", 0, end + 4) != buf.count(b"\r\n", 0, end + 4):
+            self._hand_over(after_200=False)
+            return
         assert self.state is not None
         head = parse_connect_head(bytes(buf[:end + 2]))
         if head is None or not self.part.admits_client(self.state.client_ip):
