@@ -13,6 +13,8 @@ Variant sets:
   loop  Warden on asyncio's default loop vs on uvloop (WARDEN_EVENT_LOOP=asyncio|uvloop).
   splice  Warden relaying passed-through tunnels through mitmproxy's TCP layer
         (`--set warden_splice=false`) vs in the kernel (os.splice, the default).
+  fastconnect  Every connection through mitmproxy (`--set warden_fast_connect=false`) vs
+        Warden's own listener for allowed passthrough CONNECTs (runtime/fastconnect.py, the default).
 
 `--with-squid` adds squid (bench/README.md) as a third proxy in every round where it applies,
 with per-round ratios against it: the issue 17 target for passthrough is >= 0.8x squid.
@@ -75,6 +77,9 @@ def variant_specs(kind: str, tmp: Path) -> list[ProxySpec]:
     if kind == "splice":
         return [ProxySpec("warden-mitmrelay", with_set("warden_splice=false"), env=dict(WARDEN.env)),  # type: ignore[arg-type]
                 ProxySpec("warden-splice", with_set("warden_splice=true"), env=dict(WARDEN.env))]  # type: ignore[arg-type]
+    if kind == "fastconnect":
+        return [ProxySpec("warden-mitmproxy", with_set("warden_fast_connect=false"), env=dict(WARDEN.env)),  # type: ignore[arg-type]
+                ProxySpec("warden-fast", with_set("warden_fast_connect=true"), env=dict(WARDEN.env))]  # type: ignore[arg-type]
     raise SystemExit(f"unknown variant set {kind!r}")
 
 
@@ -86,7 +91,7 @@ def spread(rps: dict[str, list[float]], num: str, den: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", required=True, choices=["ca", "loop", "splice"])
+    p.add_argument("--variants", required=True, choices=["ca", "loop", "splice", "fastconnect"])
     p.add_argument("--with-squid", action="store_true", help="squid as a third proxy where it applies")
     p.add_argument("--scenarios", default="intercept-new-c16-128B")
     p.add_argument("--rounds", type=int, default=4)
