@@ -10,6 +10,7 @@ also proves it exercised the path it claims to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -518,3 +519,97 @@ def contextlib_suppress() -> Any:
     import contextlib
 
     return contextlib.suppress(OSError, TimeoutError, BlockingIOError)
+
+
+# -- red team 7 ----------------------------------------------------------------------------------
+def test_a_clienthello_with_an_odd_record_version_is_checked_not_passed(pair: dict[str, Any]) -> None:
+    """`16 03 04` / `16 03 ff` record headers (OpenSSL accepts any `03 xx`) were "not TLS" to
+    mitmproxy's check, so a hello naming another host passed through unchecked (both paths)."""
+    tls: LoggingOrigin = pair["tls"]
+    ctx = ssl.create_default_context()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="other.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    real = out.read()
+    for version in (b"\x04", b"\xff"):
+        for name in ("fast", "slow"):
+            w: Warden = pair[name]
+            tls.reset()
+            before = len(w.audit_records())
+            sock, status, _ = connect_raw(w, "coder", f"allowed.test:{tls.port}")
+            assert status == 200
+            sock.sendall(real[:2] + version + real[3:])
+            sock.settimeout(10)
+            with sock, contextlib.suppress(ConnectionResetError, TimeoutError):
+                while sock.recv(65536):
+                    pass
+            assert tls.total_bytes == 0, (name, version)  # not a byte reached the origin
+            refused = [r for r in records_after(w, before, 2) if r.get("event") == "tunnel_refused"]
+            assert refused, (name, version)
+
+
+def test_an_endless_first_head_is_refused_431_not_buffered(pair: dict[str, Any]) -> None:
+    w: Warden = pair["fast"]
+    pid = w.proc.pid
+    rss_before = _rss_kib(pid)
+    sock = socket.create_connection(("127.0.0.1", w.port), timeout=10)
+    sock.sendall(b"CONNECT allowed.test:1 HTTP/1.1\r\n")
+    line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    answer = b""
+    with sock:
+        try:
+            for _ in range(32 * 1024):  # up to 32 MiB; Warden must stop it at 64 KiB
+                sock.sendall(line)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            answer = sock.recv(4096)
+        except ConnectionResetError:
+            answer = b""
+    assert answer.startswith(b"HTTP/1.1 431") or answer == b""
+    assert _rss_kib(pid) - rss_before < 16 * 1024  # KiB
+    assert wait_until(lambda: front_door(w, "head_too_large") >= 1)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_partial_clienthello_to_the_proxy_meets_the_head_timeout(tmp_path: Path, shared_confdir: Path) -> None:
+    w = start_warden(tmp_path, rules(tmp_path, 1, 2, 3), confdir=shared_confdir, agents=AGENTS,
+                     extra_args=["--set", "warden_head_timeout=1"])
+    try:
+        socks = []
+        for first in (b"\x16", hello_record(["allowed.test"])[:40]):
+            sock = socket.create_connection(("127.0.0.1", w.port), timeout=10)
+            sock.sendall(first)
+            socks.append(sock)
+        started = time.monotonic()
+        for sock in socks:
+            with sock:
+                assert sock.recv(1) == b""
+        assert time.monotonic() - started < 6
+    finally:
+        w.stop()
+
+
+def test_a_fin_with_a_connect_handed_to_mitmproxy_is_still_recorded(pair: dict[str, Any]) -> None:
+    """CONNECT + bytes + FIN to a port nothing listens on: the fast path's connect fails and
+    hands over; mitmproxy used to get the FIN with the head and dropped the CONNECT unrecorded."""
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        sock = socket.create_connection(("127.0.0.1", w.port), timeout=10)
+        client_port = sock.getsockname()[1]
+        sock.sendall(connect_head(pair["closed"]) + b"EARLY")
+        sock.shutdown(socket.SHUT_WR)
+        with sock:
+            while sock.recv(65536):
+                pass
+        def mine(records: list[dict[str, Any]], port: int = client_port) -> list[dict[str, Any]]:
+            return [r for r in records if r.get("client_port") == port]
+
+        got = mine(w.audit_records(lambda rs: bool(mine(rs))))
+        assert [r["event"] for r in got] == ["connect"], (name, got)

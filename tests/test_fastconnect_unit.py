@@ -12,8 +12,8 @@ import pytest
 from egresswarden.runtime.fastconnect import ConnectHead, parse_connect_head
 from egresswarden.stages.interception import (
     MAX_HELLO_RECORDS,
-    could_become_tls_record,
     sni_names,
+    starts_like_tls,
     too_many_tls_records,
 )
 from mitmproxy.proxy.layers.tls import parse_client_hello
@@ -95,6 +95,7 @@ def test_tls_record_bound_and_the_short_prefix() -> None:
     split = b"".join(b"\x16\x03\x01\x00\x01" + body[i:i + 1] for i in range(MAX_HELLO_RECORDS))
     assert not too_many_tls_records(split)
     assert too_many_tls_records(split + b"\x16\x03\x01\x00\x01" + body[MAX_HELLO_RECORDS:MAX_HELLO_RECORDS + 1])
-    assert could_become_tls_record(b"\x16") and could_become_tls_record(b"\x16\x03")
-    assert not could_become_tls_record(b"") and not could_become_tls_record(b"\x16\x04")
-    assert not could_become_tls_record(b"GE")
+    # every first 0x16 is checked as a ClientHello: one or two bytes, any record version
+    for first in (b"\x16", b"\x16\x03", b"\x16\x03\x04", b"\x16\x03\xff", b"\x16\x04\x01"):
+        assert starts_like_tls(first)
+    assert not starts_like_tls(b"") and not starts_like_tls(b"GET ") and not starts_like_tls(b"SSH-2.0")

@@ -128,7 +128,7 @@ def registry() -> WardenMetrics:
                                      ("agent",), registry=r, multiprocess_mode="livesum"),
         front_door=Counter(N.FRONT_DOOR, "Client connections on warden run's listener, by path: fast (an allowed "
                            "passthrough tunnel kept off mitmproxy), mitmproxy (handed over), head_timeout (closed: no "
-                           "request head in time)", ("path",), registry=r),
+                           "request head in time), head_too_large (431), no_head (closed by the client before a head)", ("path",), registry=r),
     )
 
 
@@ -232,7 +232,8 @@ class Metrics:
         door = self.front_door
         if door is not None:
             for path, total in (("fast", door.fast_tunnels), ("mitmproxy", door.handed_over),
-                                ("head_timeout", door.head_timeouts)):
+                                ("head_timeout", door.head_timeouts), ("head_too_large", door.heads_refused),
+                                ("no_head", door.no_head)):
                 self._sync_counter(m.front_door.labels(path=path), total)
         if self.budget is not None:
             held = self.budget.snapshot()

@@ -62,7 +62,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from mitmproxy import ctx
 from mitmproxy.net.free_port import get_free_port
-from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import mode_servers
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
@@ -78,7 +77,7 @@ from egresswarden.runtime.context import ConnState, Tunnel, TunnelMode, new_requ
 from egresswarden.runtime.patching import wrap_once
 from egresswarden.runtime.workers import reuse_port_enabled
 from egresswarden.stages.identity import identify_client
-from egresswarden.stages.interception import could_become_tls_record, sni_names, too_many_tls_records
+from egresswarden.stages.interception import sni_names, starts_like_tls, too_many_tls_records
 
 if TYPE_CHECKING:
     from egresswarden.record.audit import AuditGate
@@ -89,7 +88,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("warden")
 
-MAX_HEAD = 16 * 1024  # a longer CONNECT head goes to mitmproxy (which has its own limits)
+MAX_HEAD = 64 * 1024  # a first request head (or ClientHello to the proxy) longer than this is refused
 MAX_HELD = 64 * 1024  # bytes held while deciding, or while waiting for a whole ClientHello
 SPLICE_AFTER_CHUNKS = 16  # as stages/interception.SplicingTCPLayer
 SPLICE_AFTER_BYTES = 64 * 1024
@@ -172,7 +171,9 @@ class FastConnect:
         # metric warden_front_door_connections_total{path}
         self.fast_tunnels = 0  # kept on the fast path
         self.handed_over = 0  # handed to mitmproxy
-        self.head_timeouts = 0  # closed without a request head
+        self.head_timeouts = 0  # closed: no request head within warden_head_timeout
+        self.heads_refused = 0  # answered 431: a first head longer than MAX_HEAD
+        self.no_head = 0  # the client closed or reset before its first head was complete
         self._sweeper: asyncio.TimerHandle | None = None
         self._admitted: dict[str, bool] = {}
 
@@ -372,6 +373,7 @@ class FrontDoor(asyncio.Protocol):
             if self.buf:
                 self._hand_over(after_200=False)  # mitmproxy answers a partial head as it always did
                 return True
+            self.part.no_head += 1
             self.end(None)
             return False
         if self.phase in (Phase.FIRST_BYTES, Phase.RELAY):
@@ -383,7 +385,7 @@ class FrontDoor(asyncio.Protocol):
         """The client sent its FIN (now, or before the 200 and seen after it)."""
         if self.phase is Phase.FIRST_BYTES:
             data = bytes(self.buf)
-            if data and not (could_become_tls_record(data) or starts_like_tls_record(data)):
+            if data and not starts_like_tls(data):
                 self._commit()  # not TLS, and all the client will send: relay it, then the EOF
                 self._relay_held()
             else:
@@ -393,6 +395,10 @@ class FrontDoor(asyncio.Protocol):
             self._forward_eof_up()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase is Phase.HEAD:
+            self.part.no_head += 1
+        elif self.phase is Phase.DECIDING:
+            self.part.fast_tunnels += 1  # decided here; its connect record says the client left
         if self.phase is not Phase.DONE:
             self.end("client connection reset" if exc is not None and self.committed else None,
                      abort=exc is not None)
@@ -410,8 +416,12 @@ class FrontDoor(asyncio.Protocol):
         """Wait for the first request head, whatever it is (so `warden_head_timeout` bounds every
         connection, not only CONNECTs), then keep it (a strict CONNECT) or hand it over."""
         buf = self.buf
-        if buf[:1] == b"\x16" or len(buf) > MAX_HEAD:
-            self._hand_over(after_200=False)  # TLS to the proxy itself, or a head too long for us
+        if len(buf) > MAX_HEAD:
+            self._refuse_head()
+            return
+        if buf[:1] == b"\x16":  # TLS to the proxy itself: mitmproxy's, once the ClientHello is whole
+            if too_many_tls_records(bytes(buf)) or self._hello_is_whole(bytes(buf)):
+                self._hand_over(after_200=False)
             return
         ends = [at + 2 for at in (buf.find(b"\n\n"),) if at >= 0] + \
                [at + 3 for at in (buf.find(b"\n\r\n"),) if at >= 0]
@@ -433,6 +443,23 @@ class FrontDoor(asyncio.Protocol):
         del self.buf[:end + 4]
         self.phase = Phase.DECIDING
         self.task = self.part.spawn(self._decide())
+
+    @staticmethod
+    def _hello_is_whole(data: bytes) -> bool:
+        try:
+            return parse_client_hello(data) is not None
+        except ValueError:
+            return True  # not one: mitmproxy says so
+
+    def _refuse_head(self) -> None:
+        """An unfinished first head past MAX_HEAD: mitmproxy's HTTP/1 reader would buffer it
+        without bound (red team 7: 256 MiB of one header block took Warden to 878 MiB)."""
+        assert self.transport is not None
+        self.part.heads_refused += 1
+        if not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+        self.end(None)
 
     async def _decide(self) -> None:
         try:
@@ -512,9 +539,7 @@ class FrontDoor(asyncio.Protocol):
     # -- after the 200: the first bytes --------------------------------------------------------
     def _first_bytes(self) -> None:
         data = bytes(self.buf)
-        if could_become_tls_record(data):
-            return
-        if starts_like_tls_record(data):
+        if starts_like_tls(data):
             assert self.tunnel is not None
             if too_many_tls_records(data):
                 self._hand_over(after_200=True)  # Interception refuses it (and audits why)
@@ -782,20 +807,28 @@ class FrontDoor(asyncio.Protocol):
         later, self.buf = bytes(self.buf), bytearray()
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
-        if not after_200:
+        if self.head is None:  # no complete CONNECT head read: mitmproxy gets it all as it came
             protocol = asyncio.StreamReaderProtocol(reader, self.instance.handle_stream, loop=loop)
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
-            if self.head_bytes + later:
-                protocol.data_received(self.head_bytes + later)
+            if later:
+                protocol.data_received(later)
             if self.client_eof:
                 protocol.eof_received()
+        elif not after_200:
+            # The whole head (and what followed) now, a FIN only once mitmproxy has answered:
+            # given both at once, mitmproxy drops a CONNECT it is still deciding, unrecorded.
+            held = HeldUntilAnswered(transport, b"", self.client_eof)
+            held.inner = asyncio.StreamReaderProtocol(reader, _watching_answer(self.instance.handle_stream, held, None),
+                                                      loop=loop)
+            transport.set_protocol(held)
+            held.inner.connection_made(transport)
+            held.inner.data_received(self.head_bytes + later)
         else:
-            assert self.head is not None
             held = HeldUntilAnswered(transport, later, self.client_eof)
-            handle = _without_second_200(self.instance.handle_stream,
-                                         self.head.version + b" 200 Connection established\r\n\r\n", held)
-            held.inner = asyncio.StreamReaderProtocol(reader, handle, loop=loop)
+            ours = self.head.version + b" 200 Connection established\r\n\r\n"
+            held.inner = asyncio.StreamReaderProtocol(reader, _watching_answer(self.instance.handle_stream, held, ours),
+                                                      loop=loop)
             transport.set_protocol(held)
             held.inner.connection_made(transport)
             held.inner.data_received(self.head_bytes)
@@ -854,16 +887,21 @@ class HeldUntilAnswered(asyncio.Protocol):
             self.inner.resume_writing()
 
 
-def _without_second_200(handle: Callable[..., Any], ours: bytes, held: HeldUntilAnswered) -> Callable[..., Any]:
-    """mitmproxy's handler, with its answer to the replayed CONNECT (the same 200 the client
-    already has) dropped, which releases what the client sent since; any other answer closes
-    the connection: the client believes the tunnel open, and what mitmproxy decided instead
-    cannot reach it in a readable form."""
+def _watching_answer(handle: Callable[..., Any], held: HeldUntilAnswered, ours: bytes | None) -> Callable[..., Any]:
+    """mitmproxy's handler, releasing what `held` keeps back once mitmproxy answers the CONNECT.
+    With `ours` (the 200 the client already has), that answer must be the same 200 and is
+    dropped; any other answer closes the connection: the client believes the tunnel open, and
+    what mitmproxy decided instead cannot reach it in a readable form."""
     async def handle_after_200(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         original = writer.write
         seen = bytearray()
 
         def write(data: bytes | bytearray | memoryview) -> None:
+            if ours is None:  # the first bytes of mitmproxy's answer: it has decided
+                del writer.write
+                original(data)
+                held.release()
+                return
             seen.extend(data)
             if len(seen) < len(ours) and ours.startswith(seen):
                 return

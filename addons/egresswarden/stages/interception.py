@@ -42,7 +42,6 @@ from typing import Any
 
 from mitmproxy import connection, ctx, exceptions
 from mitmproxy.connection import ConnectionState
-from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, context, events, layer, layers
 from mitmproxy.proxy.layers import modes, tcp
 from mitmproxy.proxy.layers.http import HTTPMode
@@ -236,10 +235,7 @@ class Interception:
                 else:
                     self._refuse(nextlayer, state, tunnel, "the server spoke first into an intercepted tunnel")
             return  # wait for the client
-        if could_become_tls_record(data):
-            self._wait(nextlayer, state, tunnel, data)  # `\x16` alone is not "not TLS": no SNI check skipped
-            return
-        if starts_like_tls_record(data):
+        if starts_like_tls(data):
             if too_many_tls_records(data):
                 self._refuse(nextlayer, state, tunnel, f"a ClientHello in more than {MAX_HELLO_RECORDS} TLS records")
                 return
@@ -365,11 +361,15 @@ def sni_names(hello: Any, host: str) -> bool:
         return False
 
 
-def could_become_tls_record(data: bytes) -> bool:
-    """Too few bytes to tell (mitmproxy's `starts_like_tls_record` wants 3), but they may start
-    a TLS record: wait for more. Taking them for "not TLS" would pass the tunnel through
-    without the SNI check, for a client that sends its ClientHello one byte first."""
-    return 0 < len(data) <= 2 and data[:1] == b"\x16" and data[1:2] in (b"", b"\x03")
+def starts_like_tls(data: bytes) -> bool:
+    """Must these bytes pass the ClientHello check (SNI) before a tunnel carries them raw?
+
+    Any first byte 0x16 (a TLS handshake record) counts. mitmproxy's `starts_like_tls_record`
+    also wants 3 bytes and a record version 03 00-03: a ClientHello whose first segment was one
+    or two bytes, or whose record said `03 04` or `03 ff` (OpenSSL accepts any `03 xx` there),
+    was taken for "not TLS" and passed through without the SNI check. Such a hello either
+    parses (and is checked) or is refused as invalid."""
+    return data[:1] == b"\x16"
 
 
 def _could_become_request_line(data: bytes) -> bool:
