@@ -36,11 +36,14 @@ fields as mitmproxy's path), the bytes are relayed by this Protocol and, after 1
 64 KiB, by the kernel (`runtime/relay.SpliceRelay`, within the same descriptor budget as
 runtime/splicing.py); the end writes the `tunnel_close` record with exact byte counts.
 
-Kept as on mitmproxy's path: half-close, backpressure both ways, `tcp_timeout` (no byte
+Kept as on mitmproxy's path: half-close (better: what the origin sends after the client's FIN
+still reaches the client), backpressure both ways, `tcp_timeout` (no byte
 either way for that long closes the tunnel; spliced bytes count as activity), revocation on
 reload (`Revocation.add_tunnel_source`), `warden_active_tunnels`, `warden_splice`. New here:
-a connection that sends no complete request head within `warden_head_timeout` seconds
-(default 60) is closed; through mitmproxy it held its descriptors for `tcp_timeout` (600 s).
+a connection that sends no complete first head (any method; for TLS to the proxy itself,
+no complete ClientHello) within `warden_head_timeout` seconds (default 60) is closed; through
+mitmproxy it held its descriptors for `tcp_timeout` (600 s). A first head still unfinished at
+MAX_HEAD is answered 431: mitmproxy's HTTP/1 reader would buffer it without bound.
 On shutdown every open fast tunnel gets its `tunnel_close` record (error `warden shutting down`).
 
 Off (`--set warden_fast_connect=false`, or `connection_strategy=lazy`, or any mode but
