@@ -26,7 +26,7 @@ HOOK_ERRORS = "warden_hook_errors"  # counter{hook}
 TUNNELS_REVOKED = "warden_tunnels_revoked"  # counter{agent,reason}
 PROBE_REFUSED = "warden_probe_connections_refused"  # counter: metrics/health connections over the cap
 BUFFERED_REQUEST_BYTES = "warden_buffered_request_bytes"  # gauge{agent}: request bodies held in memory
-FRONT_DOOR = "warden_front_door_connections"  # counter{path}: fast | mitmproxy | head_timeout
+FRONT_DOOR = "warden_front_door_connections"  # counter{path}: fast, mitmproxy, head_timeout, head_too_large, no_head
 
 # Names as they appear on the /metrics page (counters gain _total).
 EXPORTED = frozenset({
