@@ -613,3 +613,70 @@ def test_a_fin_with_a_connect_handed_to_mitmproxy_is_still_recorded(pair: dict[s
 
         got = mine(w.audit_records(lambda rs: bool(mine(rs))))
         assert [r["event"] for r in got] == ["connect"], (name, got)
+
+
+def test_a_later_request_head_and_a_response_head_without_end_are_bounded(tmp_path: Path,
+                                                                          shared_confdir: Path) -> None:
+    """mitmproxy buffers HTTP/1 heads without bound ("FIXME: protect against header size DoS"):
+    a second request head on a kept-alive connection, or an upstream's response head, could
+    hold any amount of memory. Both stop at 64 KiB (runtime/http1_heads.py)."""
+    import threading
+
+    endless = socket.create_server(("127.0.0.1", 0))
+    endless_port = endless.getsockname()[1]
+    stop = threading.Event()
+
+    def serve_endless_head() -> None:  # answers every request with header lines that never end
+        endless.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = endless.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(16 * 1024):  # up to 16 MiB
+                        if stop.is_set():
+                            break
+                        conn.sendall(b"X-Pad: " + b"b" * 1000 + b"\r\n")
+
+    thread = threading.Thread(target=serve_endless_head, daemon=True)
+    thread.start()
+    with run_logging_origin() as plain:
+        w = start_warden(tmp_path, rules(tmp_path, plain.port, endless_port, plain.port), confdir=shared_confdir,
+                         agents=AGENTS)
+        try:
+            pid = w.proc.pid
+            rss_before = _rss_kib(pid)
+            auth = f"Proxy-Authorization: {proxy_auth('coder', TOKEN)}\r\n"
+            sock = socket.create_connection(("127.0.0.1", w.port), timeout=10)
+            with sock:
+                sock.sendall(f"GET http://allowed.test:{plain.port}/one HTTP/1.1\r\nHost: allowed.test:{plain.port}\r\n"
+                             f"{auth}\r\n".encode())
+                assert read_response(sock).status == 200  # the first request: handed to mitmproxy
+                sock.sendall(f"GET http://allowed.test:{plain.port}/two HTTP/1.1\r\n".encode())
+                answer = b""
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    for _ in range(16 * 1024):
+                        sock.sendall(b"X-Pad: " + b"a" * 1000 + b"\r\n")
+                with contextlib.suppress(ConnectionResetError):
+                    answer = sock.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 431") or answer == b""
+            assert _rss_kib(pid) - rss_before < 16 * 1024
+            sock = socket.create_connection(("127.0.0.1", w.port), timeout=20)
+            with sock:
+                sock.sendall(f"GET http://allowed.test:{endless_port}/ HTTP/1.1\r\nHost: allowed.test:{endless_port}\r\n"
+                             f"{auth}\r\n".encode())
+                got = read_response(sock)
+                assert got.status == 502 and b"response head is longer" in got.body
+            assert _rss_kib(pid) - rss_before < 16 * 1024
+            errors = [r for r in w.audit_records(lambda rs: any(r.get("error") for r in rs)) if r.get("error")]
+            assert any("response head is longer" in r["error"] for r in errors)
+        finally:
+            w.stop()
+            stop.set()
+            thread.join(10)
+            endless.close()
