@@ -438,8 +438,10 @@ def test_many_headers_on_a_credential_host_cost_linear_time(
             }},
             "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts"))},
         }
+        # ~1 MB of head: above the default bound on one head (warden_max_head_bytes, 64 KiB)
         warden = start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
-                              agents={"greedy": AGENTS["greedy"]}, env={"CRED": "cred-secret-value-0123456789"})
+                              agents={"greedy": AGENTS["greedy"]}, env={"CRED": "cred-secret-value-0123456789"},
+                              extra_args=["--set", "warden_max_head_bytes=2000000"])
         try:
             def timed_get(n: int) -> float:
                 headers = {f"X-Filler-{i}": "v" * 80 for i in range(n)} | {"X-Token": "PLACEHOLDER-X1"}

@@ -43,7 +43,7 @@ reload (`Revocation.add_tunnel_source`), `warden_active_tunnels`, `warden_splice
 a connection that sends no complete first head (any method; for TLS to the proxy itself,
 no complete ClientHello) within `warden_head_timeout` seconds (default 60) is closed; through
 mitmproxy it held its descriptors for `tcp_timeout` (600 s). A first head still unfinished at
-MAX_HEAD is answered 431: mitmproxy's HTTP/1 reader would buffer it without bound.
+`warden_max_head_bytes` (64 KiB) is answered 431 (runtime/http1_heads.py bounds every later head).
 On shutdown every open fast tunnel gets its `tunnel_close` record (error `warden shutting down`).
 
 Off (`--set warden_fast_connect=false`, or `connection_strategy=lazy`, or any mode but
@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Any, cast
 
-from mitmproxy import ctx
+from mitmproxy import ctx, exceptions
 from mitmproxy.net.free_port import get_free_port
 from mitmproxy.proxy import mode_servers
 from mitmproxy.proxy.layers.tls import parse_client_hello
@@ -75,7 +75,7 @@ from egresswarden.core.identity import AuthFailure
 from egresswarden.core.plan import plan_connect
 from egresswarden.record.journal import utc_now
 from egresswarden.record.outcome import Outcome, tunnel_close_outcome
-from egresswarden.runtime import relay, splicing
+from egresswarden.runtime import http1_heads, relay, splicing
 from egresswarden.runtime.context import ConnState, Tunnel, TunnelMode, new_request_id
 from egresswarden.runtime.patching import wrap_once
 from egresswarden.runtime.workers import reuse_port_enabled
@@ -91,7 +91,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("warden")
 
-MAX_HEAD = 64 * 1024  # a first request head (or ClientHello to the proxy) longer than this is refused
 MAX_HELD = 64 * 1024  # bytes held while deciding, or while waiting for a whole ClientHello
 SPLICE_AFTER_CHUNKS = 16  # as stages/interception.SplicingTCPLayer
 SPLICE_AFTER_BYTES = 64 * 1024
@@ -175,7 +174,7 @@ class FastConnect:
         self.fast_tunnels = 0  # kept on the fast path
         self.handed_over = 0  # handed to mitmproxy
         self.head_timeouts = 0  # closed: no request head within warden_head_timeout
-        self.heads_refused = 0  # answered 431: a first head longer than MAX_HEAD
+        self.heads_refused = 0  # answered 431: a first head longer than warden_max_head_bytes
         self.no_head = 0  # the client closed or reset before its first head was complete
         self._sweeper: asyncio.TimerHandle | None = None
         self._admitted: dict[str, bool] = {}
@@ -190,6 +189,10 @@ class FastConnect:
             "warden_head_timeout", int, HEAD_TIMEOUT,
             "Seconds a new client connection may take to send its first complete request head; past "
             "it the connection is closed (fast CONNECT listener only).")
+        loader.add_option(
+            "warden_max_head_bytes", int, http1_heads.MAX_HEAD_BYTES,
+            "Longest HTTP/1 request or response head Warden buffers (runtime/http1_heads.py); a longer "
+            "request head is answered 431, a longer response head 502.")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -198,6 +201,11 @@ class FastConnect:
         self.block_global = bool(opts.block_global)
         self.block_private = bool(opts.block_private)
         self._admitted.clear()
+        if "warden_max_head_bytes" in updated:
+            try:
+                http1_heads.set_limit(int(opts.warden_max_head_bytes))
+            except ValueError as e:
+                raise exceptions.OptionsError(f"warden: {e}") from None
 
     def active(self) -> bool:
         """Does the listener opened now take the fast path (read when mitmproxy listens)?"""
@@ -419,7 +427,7 @@ class FrontDoor(asyncio.Protocol):
         """Wait for the first request head, whatever it is (so `warden_head_timeout` bounds every
         connection, not only CONNECTs), then keep it (a strict CONNECT) or hand it over."""
         buf = self.buf
-        if len(buf) > MAX_HEAD:
+        if len(buf) > http1_heads.limit():
             self._refuse_head()
             return
         if buf[:1] == b"\x16":  # TLS to the proxy itself: mitmproxy's, once the ClientHello is whole
@@ -455,7 +463,7 @@ class FrontDoor(asyncio.Protocol):
             return True  # not one: mitmproxy says so
 
     def _refuse_head(self) -> None:
-        """An unfinished first head past MAX_HEAD: mitmproxy's HTTP/1 reader would buffer it
+        """An unfinished first head past `warden_max_head_bytes`: mitmproxy's HTTP/1 reader would buffer it
         without bound (red team 7: 256 MiB of one header block took Warden to 878 MiB)."""
         assert self.transport is not None
         self.part.heads_refused += 1
