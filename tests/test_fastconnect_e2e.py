@@ -671,12 +671,51 @@ def test_a_later_request_head_and_a_response_head_without_end_are_bounded(tmp_pa
                 sock.sendall(f"GET http://allowed.test:{endless_port}/ HTTP/1.1\r\nHost: allowed.test:{endless_port}\r\n"
                              f"{auth}\r\n".encode())
                 got = read_response(sock)
-                assert got.status == 502 and b"response head is longer" in got.body
+                assert got.status == 502 and b"upstream sent more than 65536 bytes" in got.body
             assert _rss_kib(pid) - rss_before < 16 * 1024
             errors = [r for r in w.audit_records(lambda rs: any(r.get("error") for r in rs)) if r.get("error")]
-            assert any("response head is longer" in r["error"] for r in errors)
+            assert any("upstream sent more than 65536 bytes" in r["error"] for r in errors)
+            # red team 8: whole heads past the bound in one write; endless chunk framing; bytes
+            # pipelined behind a response still on its way (a slow origin: the endless one)
+            for case, first, flood in (
+                ("whole head", f"GET http://allowed.test:{plain.port}/one HTTP/1.1\r\nHost: allowed.test:{plain.port}"
+                               f"\r\n{auth}\r\n", b"GET /x HTTP/1.1\r\nX-A: " + b"a" * 100_000 + b"\r\n\r\n"),
+                ("chunk line", f"POST http://allowed.test:{plain.port}/up HTTP/1.1\r\nHost: allowed.test:{plain.port}"
+                               f"\r\n{auth}Transfer-Encoding: chunked\r\n\r\n5;", b"x" * 65536),
+                ("pipelined", f"GET http://allowed.test:{endless_port}/slow HTTP/1.1\r\nHost: allowed.test:"
+                              f"{endless_port}\r\n{auth}\r\n", b"A" * 65536),
+            ):
+                sock = socket.create_connection(("127.0.0.1", w.port), timeout=20)
+                with sock:
+                    sock.sendall(first.encode())
+                    if case == "whole head":
+                        assert read_response(sock).status == 200
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        for _ in range(40 * 1024 * 1024 // len(flood)):  # 40 MiB: Warden must close long before
+                            sock.sendall(flood)
+                    sock.settimeout(10)
+                    with contextlib.suppress(ConnectionResetError):  # EOF or a reset: closed (a timeout fails)
+                        while sock.recv(65536):
+                            pass
+                assert _rss_kib(pid) - rss_before < 16 * 1024, case
         finally:
             w.stop()
             stop.set()
             thread.join(10)
             endless.close()
+
+
+def test_a_short_first_head_with_its_body_in_the_same_read_is_not_too_large(pair: dict[str, Any]) -> None:
+    """Red team 8: the fast listener counted the body sent with the head (as http.client and
+    requests send them, one write) toward the head bound, and answered 431."""
+    plain: LoggingOrigin = pair["plain"]
+    auth = f"Proxy-Authorization: {proxy_auth('coder', TOKEN)}\r\n"
+    body = b"B" * 100_000
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        plain.reset()
+        with socket.create_connection(("127.0.0.1", w.port), timeout=20) as sock:
+            sock.sendall(f"POST http://allowed.test:{plain.port}/up HTTP/1.1\r\nHost: allowed.test:{plain.port}\r\n"
+                         f"{auth}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert read_response(sock).status == 200, name
+        assert plain.requests[0].body_size == len(body), name

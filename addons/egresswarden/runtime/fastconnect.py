@@ -426,17 +426,18 @@ class FrontDoor(asyncio.Protocol):
     def _read_head(self) -> None:
         """Wait for the first request head, whatever it is (so `warden_head_timeout` bounds every
         connection, not only CONNECTs), then keep it (a strict CONNECT) or hand it over."""
-        buf = self.buf
-        if len(buf) > http1_heads.limit():
-            self._refuse_head()
-            return
+        buf, limit = self.buf, http1_heads.limit()
         if buf[:1] == b"\x16":  # TLS to the proxy itself: mitmproxy's, once the ClientHello is whole
             if too_many_tls_records(bytes(buf)) or self._hello_is_whole(bytes(buf)):
                 self._hand_over(after_200=False)
+            elif len(buf) > limit:
+                self._refuse_head()
             return
         ends = [at + 2 for at in (buf.find(b"\n\n"),) if at >= 0] + \
                [at + 3 for at in (buf.find(b"\n\r\n"),) if at >= 0]
-        if not ends:
+        if not ends or min(ends) > limit:
+            if len(buf) > limit:  # the head alone is too long; a body after a short head is fine
+                self._refuse_head()
             return  # no end of head yet, by either reading of line ends
         end = buf.find(b"\r\n\r\n")
         # The head must end at the same byte for a CRLF-only reader and for mitmproxy (which also
