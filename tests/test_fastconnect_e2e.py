@@ -719,3 +719,19 @@ def test_a_short_first_head_with_its_body_in_the_same_read_is_not_too_large(pair
                          f"{auth}Content-Length: {len(body)}\r\n\r\n".encode() + body)
             assert read_response(sock).status == 200, name
         assert plain.requests[0].body_size == len(body), name
+
+
+def test_a_clienthello_to_the_proxy_in_many_tiny_records_is_refused(pair: dict[str, Any]) -> None:
+    """Red team 8: TLS to the proxy itself (no CONNECT) went to mitmproxy's own layer chooser,
+    which re-parsed the buffer on every segment (21 s of stalled loop for 16 MiB, fast path off)."""
+    fragment = hello_record(["allowed.test"])[5:]
+    tiny = b"".join(b"\x16\x03\x01\x00\x01" + fragment[i:i + 1] for i in range(40))
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        before = len(w.audit_records())
+        with socket.create_connection(("127.0.0.1", w.port), timeout=10) as sock:
+            sock.sendall(tiny)
+            with contextlib.suppress(ConnectionResetError):  # EOF or a reset: closed (a timeout fails)
+                assert sock.recv(1) == b""
+        refused = [r for r in records_after(w, before, 1) if r.get("event") == "tunnel_refused"]
+        assert refused and "more than 16 TLS records" in refused[0]["message"], name

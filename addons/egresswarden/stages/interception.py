@@ -216,6 +216,10 @@ class Interception:
         tunnel = state.tunnel if state is not None else None
         if tunnel is None:
             if is_first_layer(ctxt):
+                data = nextlayer.data_client()
+                if starts_like_tls(data) and too_many_tls_records(data):  # TLS to the proxy itself
+                    self._refuse(nextlayer, self.connections.get(ctxt.client), None,  # audited by Outcomes
+                                 f"a ClientHello in more than {MAX_HELLO_RECORDS} TLS records")
                 return  # the explicit proxy's own first layer: mitmproxy's HTTP proxy setup
             self._refuse(nextlayer, state, None, "a protocol switch outside a tunnel")
             return
