@@ -695,6 +695,8 @@ class FrontDoor(asyncio.Protocol):
         except Exception as e:
             logger.error("warden: kernel relay failed with %s; closing the tunnel", e.__class__.__name__)
             self.end("kernel relay failed", abort=True)
+        finally:
+            splicing.release_relay_slot()  # taken by _count_chunk: given back once, on every path
 
     async def _run_kernel_relay(self) -> None:
         transports = [self.transport, self.upstream.transport if self.upstream else None]
@@ -710,7 +712,6 @@ class FrontDoor(asyncio.Protocol):
                 and client_sock is not None and server_sock is not None and not (self.client_eof or self.server_eof_seen):
             made = splicing.splice_sockets(client_sock, server_sock, self._touch)
         if made is None:
-            splicing.release_relay_slot()
             for transport in transports:
                 self.set_reading(transport, True, "splice")  # stays on this Protocol's relay
             return
@@ -723,7 +724,6 @@ class FrontDoor(asyncio.Protocol):
             self._fold_kernel()
             for sock in dups:
                 sock.close()  # our duplicates only: the transports close their own descriptors
-            splicing.release_relay_slot()
         if kernel.error is not None and self.tunnel is not None:
             logger.info("warden: passthrough tunnel to %s:%s ended with %s", self.tunnel.host, self.tunnel.port,
                         kernel.error.__class__.__name__)

@@ -216,15 +216,15 @@ class KernelTunnel:
     def _make_relay(self) -> relay.SpliceRelay | None:
         """The relay on duplicates of both sockets; None (nothing held) when the budget or the
         process's descriptors are exhausted: mitmproxy's relay needs none of them."""
+        client, server = self._sock(self.client), self._sock(self.server)  # may raise: before the slot
         if not acquire_relay_slot():
             return None
-        made = splice_sockets(self._sock(self.client), self._sock(self.server),
-                              self.handler.timeout_watchdog.register_activity)
+        made = splice_sockets(client, server, self.handler.timeout_watchdog.register_activity)
         if made is None:
             release_relay_slot()
             return None
-        self.relay, self.sockets = made
-        return self.relay
+        kernel, self.sockets = made
+        return kernel
 
     def _sock(self, conn: connection.Connection) -> socket.socket:
         sock = _stream_socket(self.handler.transports.get(conn))
