@@ -79,8 +79,13 @@ from egresswarden.runtime import http1_heads, relay, splicing
 from egresswarden.runtime.context import ConnState, Tunnel, TunnelMode, new_request_id
 from egresswarden.runtime.patching import wrap_once
 from egresswarden.runtime.workers import reuse_port_enabled
+from egresswarden.stages.client_hello import (
+    plainly_names_host,
+    sni_names,
+    starts_like_tls,
+    too_many_tls_records,
+)
 from egresswarden.stages.identity import identify_client
-from egresswarden.stages.interception import sni_names, starts_like_tls, too_many_tls_records
 
 if TYPE_CHECKING:
     from egresswarden.record.audit import AuditGate
@@ -556,18 +561,19 @@ class FrontDoor(asyncio.Protocol):
             if too_many_tls_records(data):
                 self._hand_over(after_200=True)  # Interception refuses it (and audits why)
                 return
-            try:
-                hello = parse_client_hello(data)
-            except ValueError:
-                self._hand_over(after_200=True)  # Interception refuses it (and audits why)
-                return
-            if hello is None:
-                if len(data) > MAX_HELD:
-                    self._hand_over(after_200=True)
-                return
-            if not sni_names(hello, self.tunnel.host):
-                self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
-                return
+            if not plainly_names_host(data, self.tunnel.host):  # the common case, without mitmproxy's parser
+                try:
+                    hello = parse_client_hello(data)
+                except ValueError:
+                    self._hand_over(after_200=True)  # Interception refuses it (and audits why)
+                    return
+                if hello is None:
+                    if len(data) > MAX_HELD:
+                        self._hand_over(after_200=True)
+                    return
+                if not sni_names(hello, self.tunnel.host):
+                    self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
+                    return
         self._commit()
         self._relay_held()
 

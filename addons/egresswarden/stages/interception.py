@@ -48,11 +48,17 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import HTTP_ALPNS, parse_client_hello
 
 from egresswarden.core.decision import Reason
-from egresswarden.core.hostnames import HostError, normalize_host
 from egresswarden.runtime import relay, splicing
 from egresswarden.runtime.body_buffers import H2_QUEUE_LIMIT
 from egresswarden.runtime.context import Connections, ConnState, Tunnel, TunnelMode
 from egresswarden.runtime.sockets import connection_handler
+from egresswarden.stages.client_hello import (
+    MAX_HELLO_RECORDS,
+    plainly_names_host,
+    sni_names,
+    starts_like_tls,
+    too_many_tls_records,
+)
 
 logger = logging.getLogger("warden")
 
@@ -243,17 +249,18 @@ class Interception:
             if too_many_tls_records(data):
                 self._refuse(nextlayer, state, tunnel, f"a ClientHello in more than {MAX_HELLO_RECORDS} TLS records")
                 return
-            try:
-                hello = parse_client_hello(data)
-            except ValueError:
-                self._refuse(nextlayer, state, tunnel, "an invalid TLS ClientHello")
-                return
-            if hello is None:
-                self._wait(nextlayer, state, tunnel, data)
-                return
-            if tunnel.decision.allowed and not sni_names(hello, tunnel.host):
-                tunnel.sni_mismatch = hello.sni or "(unreadable)"
-                tunnel.intercept = True
+            if not plainly_names_host(data, tunnel.host):  # the common case, without mitmproxy's parser
+                try:
+                    hello = parse_client_hello(data)
+                except ValueError:
+                    self._refuse(nextlayer, state, tunnel, "an invalid TLS ClientHello")
+                    return
+                if hello is None:
+                    self._wait(nextlayer, state, tunnel, data)
+                    return
+                if tunnel.decision.allowed and not sni_names(hello, tunnel.host):
+                    tunnel.sni_mismatch = hello.sni or "(unreadable)"
+                    tunnel.intercept = True
             if not tunnel.decision.allowed:
                 tunnel.mode = TunnelMode.EXPLAIN
                 nextlayer.layer = layers.ClientTLSLayer(nextlayer.context)  # no upstream: nothing to contact
@@ -334,46 +341,6 @@ _VERSION_PREFIX = re.compile(rb"(H(T(T(P(/(1(\.([01]\r?)?)?)?)?)?)?)?)?")
 _METHOD = re.compile(rb"[A-Z][A-Z0-9_-]{0,19}")
 
 
-MAX_HELLO_RECORDS = 16  # real clients send a ClientHello in one or two TLS records
-
-
-def too_many_tls_records(data: bytes) -> bool:
-    """More TLS records than any real ClientHello takes. Each new segment makes mitmproxy parse
-    the whole buffer again, so a hello sent one byte per record would cost quadratic CPU."""
-    offset, count = 0, 0
-    while offset + 5 <= len(data):
-        count += 1
-        if count > MAX_HELLO_RECORDS:
-            return True
-        offset += 5 + int.from_bytes(data[offset + 3:offset + 5], "big")
-    return False
-
-
-def sni_names(hello: Any, host: str) -> bool:
-    """Does the ClientHello name `host` (or no host at all), as every TLS stack would read it?
-    mitmproxy's `sni` is the first valid server_name extension with exactly one name, and None
-    for anything else: a second extension, a list of two names, a name with a NUL or IDNA junk
-    would otherwise pass as "no SNI" (no check) while an origin may read another name in it."""
-    extensions = [ext for ext, _ in hello.extensions if ext == 0]
-    if not extensions:
-        return True
-    if len(extensions) > 1 or hello.sni is None:
-        return False
-    try:
-        return bool(normalize_host(hello.sni) == host)
-    except HostError:
-        return False
-
-
-def starts_like_tls(data: bytes) -> bool:
-    """Must these bytes pass the ClientHello check (SNI) before a tunnel carries them raw?
-
-    Any first byte 0x16 (a TLS handshake record) counts. mitmproxy's `starts_like_tls_record`
-    also wants 3 bytes and a record version 03 00-03: a ClientHello whose first segment was one
-    or two bytes, or whose record said `03 04` or `03 ff` (OpenSSL accepts any `03 xx` there),
-    was taken for "not TLS" and passed through without the SNI check. Such a hello either
-    parses (and is checked) or is refused as invalid."""
-    return data[:1] == b"\x16"
 
 
 def _could_become_request_line(data: bytes) -> bool:

@@ -1,0 +1,167 @@
+"""What a tunnel's first TLS bytes say: is this a ClientHello, and does it name the CONNECT host?
+
+Both places that let a tunnel carry TLS raw (Interception, for tunnels mitmproxy handles, and
+the fast CONNECT listener) ask the same three questions, through these functions only:
+
+* `starts_like_tls`: must the bytes pass the SNI check at all (any first byte 0x16)?
+* `too_many_tls_records`: more records than a real ClientHello takes (refused: each segment
+  would make mitmproxy's parser read the whole buffer again).
+* `sni_names` on mitmproxy's parsed `ClientHello`: does it name the host, as every TLS stack
+  would read it?
+
+`plainly_names_host` answers the last question without mitmproxy's parser, for the common
+case only: mitmproxy's Kaitai-based parser builds an object per field and costs ~50 µs per
+hello (a tenth of a passed-through tunnel's CPU). It reads one whole ClientHello in one TLS
+record whose every length field agrees with the bytes (the parser tolerates several that do
+not), and answers True only when that hello has no server_name extension or exactly one,
+holding exactly one host_name that names the host. Anything else (several records, trailing
+bytes, a length that disagrees, a second name, a name for another host) is False, which
+means "ask mitmproxy's parser", never "mismatch": on the inputs where it says True, the full
+parse succeeds and `sni_names` says True too (tests/test_client_hello.py compares both on
+real and mutated hellos), so it can only skip work, never change a decision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mitmproxy.net.check import is_valid_host
+
+from egresswarden.core.hostnames import HostError, normalize_host
+
+MAX_HELLO_RECORDS = 16  # real clients send a ClientHello in one or two TLS records
+
+_SERVER_NAME = 0
+_ALPN = 16
+
+
+def starts_like_tls(data: bytes) -> bool:
+    """Must these bytes pass the ClientHello check (SNI) before a tunnel carries them raw?
+
+    Any first byte 0x16 (a TLS handshake record) counts. mitmproxy's `starts_like_tls_record`
+    also wants 3 bytes and a record version 03 00-03: a ClientHello whose first segment was one
+    or two bytes, or whose record said `03 04` or `03 ff` (OpenSSL accepts any `03 xx` there),
+    was taken for "not TLS" and passed through without the SNI check. Such a hello either
+    parses (and is checked) or is refused as invalid."""
+    return data[:1] == b"\x16"
+
+
+def too_many_tls_records(data: bytes) -> bool:
+    """More TLS records than any real ClientHello takes. Each new segment makes mitmproxy parse
+    the whole buffer again, so a hello sent one byte per record would cost quadratic CPU."""
+    offset, count = 0, 0
+    while offset + 5 <= len(data):
+        count += 1
+        if count > MAX_HELLO_RECORDS:
+            return True
+        offset += 5 + int.from_bytes(data[offset + 3:offset + 5], "big")
+    return False
+
+
+def sni_names(hello: Any, host: str) -> bool:
+    """Does the ClientHello name `host` (or no host at all), as every TLS stack would read it?
+    mitmproxy's `sni` is the first valid server_name extension with exactly one name, and None
+    for anything else: a second extension, a list of two names, a name with a NUL or IDNA junk
+    would otherwise pass as "no SNI" (no check) while an origin may read another name in it."""
+    extensions = [ext for ext, _ in hello.extensions if ext == _SERVER_NAME]
+    if not extensions:
+        return True
+    if len(extensions) > 1 or hello.sni is None:
+        return False
+    return _names(hello.sni, host)
+
+
+def _names(name: str, host: str) -> bool:
+    try:
+        return bool(normalize_host(name) == host)
+    except HostError:
+        return False
+
+
+def plainly_names_host(data: bytes, host: str) -> bool:
+    """True: `data` starts with one whole, strictly well-formed ClientHello in one TLS record
+    that names `host` or no host (see the module docstring). False: ask mitmproxy's parser."""
+    try:
+        name = _plain_server_name(data)
+    except IndexError:
+        return False
+    if name is None:
+        return False
+    if name == b"":
+        return True  # no server_name extension at all
+    if not is_valid_host(name):
+        return False
+    try:
+        text = name.decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    return _names(text, host)
+
+
+def _plain_server_name(data: bytes) -> bytes | None:
+    """The one host_name of a strictly well-formed single-record ClientHello, b"" when it has
+    no server_name extension, None when it is anything else. IndexError on short data."""
+    # record header: handshake, 03 00-03 (mitmproxy's starts_like_tls_record), length
+    if data[0] != 0x16 or data[1] != 0x03 or data[2] > 0x03:
+        return None
+    record_end = 5 + (data[3] << 8 | data[4])
+    # handshake header: client_hello, a length filling the record exactly
+    if data[5] != 0x01 or len(data) < record_end:
+        return None
+    end = 9 + (data[6] << 16 | data[7] << 8 | data[8])
+    if end != record_end:
+        return None
+    pos = 9 + 2 + 32  # legacy_version, random
+    pos += 1 + data[pos]  # legacy_session_id
+    suites = data[pos] << 8 | data[pos + 1]
+    if suites % 2:
+        return None  # mitmproxy reads len // 2 suites and is then out of step
+    pos += 2 + suites
+    pos += 1 + data[pos]  # legacy_compression_methods
+    if pos > end:
+        return None
+    if pos == end:
+        return b""  # no extensions
+    if pos + 2 + (data[pos] << 8 | data[pos + 1]) != end:
+        return None
+    pos += 2
+    name = b""
+    while pos < end:
+        if pos + 4 > end:
+            return None
+        kind = data[pos] << 8 | data[pos + 1]
+        body_end = pos + 4 + (data[pos + 2] << 8 | data[pos + 3])
+        if body_end > end:
+            return None
+        if kind == _SERVER_NAME:
+            if name:
+                return None  # a second server_name extension
+            name = _single_host_name(data[pos + 4:body_end]) or b""
+            if not name:
+                return None
+        elif kind == _ALPN and not _plain_alpn(data[pos + 4:body_end]):
+            return None  # mitmproxy parses ALPN too, and refuses a broken one
+        pos = body_end
+    return name
+
+
+def _single_host_name(body: bytes) -> bytes | None:
+    """server_name extension body: a list holding exactly one host_name (type 0)."""
+    if len(body) < 5 or (body[0] << 8 | body[1]) != len(body) - 2 or body[2] != 0:
+        return None
+    if (body[3] << 8 | body[4]) != len(body) - 5:
+        return None
+    return body[5:] or None
+
+
+def _plain_alpn(body: bytes) -> bool:
+    """ALPN extension body: a list length that agrees, then non-empty length-prefixed names."""
+    if len(body) < 2 or (body[0] << 8 | body[1]) != len(body) - 2:
+        return False
+    pos = 2
+    while pos < len(body):
+        size = body[pos]
+        if size == 0 or pos + 1 + size > len(body):
+            return False
+        pos += 1 + size
+    return True

@@ -1,0 +1,216 @@
+"""The ClientHello checks every raw tunnel passes (stages/client_hello.py).
+
+`plainly_names_host` may only skip mitmproxy's parser, never change a decision: wherever it
+says True, mitmproxy's parser must accept the same bytes and `sni_names` must say True. That
+is checked on hellos from real TLS stacks (Python's ssl, openssl s_client, curl) and on
+tens of thousands of mutations of them. End to end through a real Warden (fronting refused,
+raw TLS passed): tests/test_fastconnect_e2e.py and tests/test_bypass_e2e.py.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+
+import pytest
+from egresswarden.stages.client_hello import (
+    MAX_HELLO_RECORDS,
+    plainly_names_host,
+    sni_names,
+    starts_like_tls,
+    too_many_tls_records,
+)
+from mitmproxy.proxy.layers.tls import parse_client_hello
+
+HOST = "allowed.test"
+
+
+def hello(sni_list: list[bytes] | None, extra: bytes = b"", alpn: bytes | None = None) -> bytes:
+    exts = b""
+    if sni_list is not None:
+        names = b"".join(b"\x00" + struct.pack("!H", len(n)) + n for n in sni_list)
+        body = struct.pack("!H", len(names)) + names
+        exts = b"\x00\x00" + struct.pack("!H", len(body)) + body
+    if alpn is not None:
+        exts += b"\x00\x10" + struct.pack("!H", len(alpn)) + alpn
+    exts += extra
+    body = b"\x03\x03" + b"\x11" * 32 + b"\x00" + struct.pack("!H", 2) + b"\x13\x01" + b"\x01\x00" \
+        + struct.pack("!H", len(exts)) + exts
+    hs = b"\x01" + struct.pack("!I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack("!H", len(hs)) + hs
+
+
+def full_parser_says(data: bytes, host: str = HOST) -> bool | str:
+    """What Warden decided before the fast reader existed: True/False, or why there is no answer."""
+    try:
+        parsed = parse_client_hello(data)
+    except ValueError:
+        return "invalid"
+    if parsed is None:
+        return "incomplete"
+    return sni_names(parsed, host)
+
+
+def python_hello(server_hostname: str | None, **options: object) -> bytes:
+    ctx = ssl.create_default_context()
+    for name, value in options.items():
+        if name == "alpn":
+            ctx.set_alpn_protocols(value)  # type: ignore[arg-type]
+        else:
+            setattr(ctx, name, value)
+    if server_hostname is None:
+        ctx.check_hostname = False
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=server_hostname)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+def captured_hello(argv_for_port: list[str]) -> bytes:
+    """The first bytes a real client sends to a listener on 127.0.0.1 (which then hangs up)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(10)
+        port = server.getsockname()[1]
+        got: list[bytes] = []
+
+        def accept() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                while len(data) < 5 or len(data) < 5 + int.from_bytes(data[3:5], "big"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                got.append(data)
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        argv = [a.replace("{port}", str(port)) for a in argv_for_port]
+        subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20, check=False)
+        thread.join(timeout=10)
+    assert got, f"{argv[0]} sent nothing"
+    return got[0]
+
+
+def real_hellos() -> dict[str, bytes]:
+    hellos = {
+        "python default": python_hello(HOST),
+        "python TLS 1.2 only": python_hello(HOST, maximum_version=ssl.TLSVersion.TLSv1_2),
+        "python TLS 1.3 only": python_hello(HOST, minimum_version=ssl.TLSVersion.TLSv1_3),
+        "python ALPN h2": python_hello(HOST, alpn=["h2", "http/1.1"]),
+        "python no SNI": python_hello(None),
+        "python upper case": python_hello("ALLOWED.test"),
+    }
+    if shutil.which("openssl"):
+        hellos["openssl s_client"] = captured_hello(
+            ["openssl", "s_client", "-connect", "127.0.0.1:{port}", "-servername", HOST, "-alpn", "h2,http/1.1"])
+    if shutil.which("curl"):
+        hellos["curl"] = captured_hello(
+            ["curl", "-sk", "--max-time", "5", "--noproxy", "*", "--resolve", f"{HOST}:{{port}}:127.0.0.1",
+             f"https://{HOST}:{{port}}/"])
+    return hellos
+
+
+REAL = real_hellos()
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_clients_hellos_take_the_fast_reader(name: str) -> None:
+    data = REAL[name]
+    assert full_parser_says(data) is True
+    assert plainly_names_host(data, HOST), f"{name}: the common case fell back to mitmproxy's parser"
+    if name != "python no SNI":
+        assert not plainly_names_host(data, "other.test")  # another host: left to the full parser
+
+
+def test_sni_names_only_an_unambiguous_single_host() -> None:
+    assert full_parser_says(hello([b"allowed.test"])) is True
+    assert full_parser_says(hello([b"ALLOWED.test"])) is True
+    assert full_parser_says(hello(None)) is True  # no SNI at all: nothing to front with
+    assert full_parser_says(hello([b"evil.test"])) is False
+    assert full_parser_says(hello([b"evil.test", b"allowed.test"])) is False  # mitmproxy reads None
+    assert full_parser_says(hello([b"allowed.test\x00evil.test"])) is False
+    entry = b"\x00" + struct.pack("!H", 9) + b"evil.test"
+    second = b"\x00\x00" + struct.pack("!H", len(entry) + 2) + struct.pack("!H", len(entry)) + entry
+    assert full_parser_says(hello([b"allowed.test"], second)) is False  # two server_name extensions
+
+
+@pytest.mark.parametrize("data, fast", [
+    (hello([b"allowed.test"]), True),
+    (hello([b"Allowed.Test"]), True),
+    (hello(None), True),
+    (hello([b"allowed.test"], alpn=b"\x00\x03\x02h2"), True),
+    (hello([b"allowed.test"]) + b"\x17\x03\x03\x00\x01x", True),  # bytes after the hello's record
+    (hello([b"evil.test"]), False),
+    (hello([b"evil.test", b"allowed.test"]), False),
+    (hello([b"allowed.test", b"allowed.test"]), False),
+    (hello([b"allowed.test\x00evil.test"]), False),
+    (hello([b""]), False),
+    (hello([b"allowed.test"], alpn=b"\x00\x04\x02h2"), False),  # ALPN list length disagrees
+    (hello([b"allowed.test"], alpn=b"\x00\x01\x00"), False),  # an empty protocol name
+    (hello([b"allowed.test"])[:-1], False),  # incomplete
+])
+def test_the_fast_reader_answers_only_the_plain_case(data: bytes, fast: bool) -> None:
+    assert plainly_names_host(data, HOST) is fast
+    if fast:
+        assert full_parser_says(data) is True
+
+
+def _mutations(base: bytes, rng: random.Random, count: int) -> list[bytes]:
+    out = []
+    for _ in range(count):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 3)):
+            op = rng.randrange(6)
+            i = rng.randrange(len(data))
+            if op == 0:
+                data[i] = rng.randrange(256)
+            elif op == 1:
+                data[i] = (data[i] + rng.choice((1, -1, 2, -2))) % 256  # lengths off by one or two
+            elif op == 2:
+                del data[i:i + rng.randint(1, 8)]
+            elif op == 3:
+                data[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            elif op == 4:
+                j = rng.randrange(len(data))
+                data[i:i] = data[j:j + rng.randint(1, 40)]  # a duplicated piece (an extension, a name)
+            else:
+                data[i] = rng.choice((0x00, 0x01, 0x10, 0xff))
+        out.append(bytes(data))
+    return out
+
+
+def test_wherever_the_fast_reader_says_yes_the_full_parser_agrees() -> None:
+    rng = random.Random(17)
+    bases = [*REAL.values(), hello([b"allowed.test"]), hello(None),
+             hello([b"allowed.test"], alpn=b"\x00\x0c\x02h2\x08http/1.1")]
+    fast_said_yes = 0
+    for base in bases:
+        for data in _mutations(base, rng, 4000):
+            for host in (HOST, "evil.test"):
+                if plainly_names_host(data, host):
+                    fast_said_yes += 1
+                    assert full_parser_says(data, host) is True, (host, data.hex())
+    assert fast_said_yes > 1000  # the mutations did reach the fast reader's yes (not only its no)
+
+
+def test_tls_record_bound_and_the_short_prefix() -> None:
+    one = hello([b"allowed.test"])
+    assert not too_many_tls_records(one)
+    body = one[5:]
+    split = b"".join(b"\x16\x03\x01\x00\x01" + body[i:i + 1] for i in range(MAX_HELLO_RECORDS))
+    assert not too_many_tls_records(split)
+    assert too_many_tls_records(split + b"\x16\x03\x01\x00\x01" + body[MAX_HELLO_RECORDS:MAX_HELLO_RECORDS + 1])
+    assert not plainly_names_host(split, HOST)  # several records: the full parser's job
+    # every first 0x16 is checked as a ClientHello: one or two bytes, any record version
+    for first in (b"\x16", b"\x16\x03", b"\x16\x03\x04", b"\x16\x03\xff", b"\x16\x04\x01"):
+        assert starts_like_tls(first)
+        assert not plainly_names_host(first, HOST)
+    assert not starts_like_tls(b"") and not starts_like_tls(b"GET ") and not starts_like_tls(b"SSH-2.0")
