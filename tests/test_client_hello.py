@@ -19,7 +19,11 @@ import threading
 
 import pytest
 from egresswarden.stages.client_hello import (
+    HELLO_RETRY_RANDOM,
+    MAX_HELD_BYTES,
     MAX_HELLO_RECORDS,
+    HandshakeCut,
+    RetryGuard,
     plainly_names_host,
     sni_names,
     starts_like_tls,
@@ -140,6 +144,12 @@ def test_sni_names_only_an_unambiguous_single_host() -> None:
     entry = b"\x00" + struct.pack("!H", 9) + b"evil.test"
     second = b"\x00\x00" + struct.pack("!H", len(entry) + 2) + struct.pack("!H", len(entry)) + entry
     assert full_parser_says(hello([b"allowed.test"], second)) is False  # two server_name extensions
+    assert full_parser_says(hello([b"allowed.test."])) is True  # one trailing dot: the same name
+    # red team 9: mitmproxy's is_valid_host lets a final newline through and normalize_host strips
+    # whitespace, but OpenSSL hands the server the name as sent
+    for odd in (b"allowed.test\n", b"allowed.test ", b" allowed.test", b"allowed.test..", b"allowed.test\t"):
+        assert full_parser_says(hello([odd])) is False, odd
+        assert not plainly_names_host(hello([odd]), HOST), odd
 
 
 @pytest.mark.parametrize("data, fast", [
@@ -214,3 +224,70 @@ def test_tls_record_bound_and_the_short_prefix() -> None:
         assert starts_like_tls(first)
         assert not plainly_names_host(first, HOST)
     assert not starts_like_tls(b"") and not starts_like_tls(b"GET ") and not starts_like_tls(b"SSH-2.0")
+
+
+def server_hello(retry: bool, record_size: int | None = None) -> bytes:
+    random_ = HELLO_RETRY_RANDOM if retry else b"\x22" * 32
+    body = b"\x03\x03" + random_ + b"\x00\x13\x01\x00\x00\x00"
+    hs = b"\x02" + struct.pack("!I", len(body))[1:] + body
+    return b"\x16\x03\x03" + struct.pack("!H", record_size or len(hs)) + hs
+
+
+CCS = b"\x14\x03\x03\x00\x01\x01"
+
+
+def test_the_retry_guard_releases_what_it_held_when_there_is_no_retry() -> None:
+    first = hello([b"allowed.test"])
+    for answer in (server_hello(False), b"\x15\x03\x03\x00\x02\x02\x28", b"\x17\x03\x03\x00\x01x"):
+        guard = RetryGuard(HOST)
+        assert guard.from_client(first + b"early") == first  # the checked hello goes at once
+        assert guard.from_client(b"-data") == b""  # later bytes wait for the server's answer
+        released = b"".join(guard.from_server(answer[i:i + 1]) for i in range(len(answer)))  # byte by byte
+        assert released == b"early-data" and guard.done
+        assert guard.from_client(b"more") == b"more"
+
+
+def test_after_a_retry_request_the_second_hello_must_name_the_host() -> None:
+    first = hello([b"allowed.test"])
+    for second, ok in ((hello([b"allowed.test"]), True), (hello([b"ALLOWED.test."]), True), (hello(None), True),
+                       (hello([b"evil.test"]), False), (hello([b"evil.test", b"allowed.test"]), False),
+                       (hello([b"allowed.test\n"]), False)):
+        for prefix in (b"", CCS):
+            guard = RetryGuard(HOST)
+            assert guard.from_client(first) == first
+            assert guard.from_server(server_hello(True)) == b""
+            data = prefix + second
+            if ok:
+                assert guard.from_client(data[:7]) == b""  # incomplete: held
+                assert guard.from_client(data[7:]) == data and guard.done
+            else:
+                with pytest.raises(HandshakeCut, match="names another host"):
+                    guard.from_client(data)
+    # pipelined: the second hello was already held when the retry request arrived
+    guard = RetryGuard(HOST)
+    assert guard.from_client(first + hello([b"evil.test"])) == first
+    with pytest.raises(HandshakeCut):
+        guard.from_server(server_hello(True))
+
+
+@pytest.mark.parametrize("client, server, why", [
+    (hello([b"allowed.test"]) + b"\x00" * (MAX_HELD_BYTES + 1), server_hello(False)[:3], "more than"),
+    (hello([b"allowed.test"]) + b"\x17\x03\x03\x00\x01x", server_hello(True), "other than a ClientHello"),
+    (hello([b"allowed.test"]) + CCS * 3, server_hello(True), "ChangeCipherSpec"),
+    (hello([b"allowed.test"]) + b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00", server_hello(True), "invalid"),
+    (hello([b"allowed.test"]), server_hello(True, record_size=20), "too small"),
+])
+def test_the_retry_guard_cuts_what_it_cannot_check(client: bytes, server: bytes, why: str) -> None:
+    guard = RetryGuard(HOST)
+    with pytest.raises(HandshakeCut, match=why):
+        guard.from_client(client)
+        guard.from_server(server)
+
+
+def test_a_retry_after_a_hello_that_shares_its_record_is_cut() -> None:
+    one = hello([b"allowed.test"])
+    shared = one[:3] + struct.pack("!H", len(one) - 5 + 4) + one[5:] + b"\x01\x00\x00\x00"  # 4 more bytes in its record
+    guard = RetryGuard(HOST)
+    assert guard.from_client(shared) == shared
+    with pytest.raises(HandshakeCut, match="record boundary"):
+        guard.from_server(server_hello(True))

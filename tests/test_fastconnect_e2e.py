@@ -376,7 +376,7 @@ def connect_head(port: int) -> bytes:
 
 def test_server_names_no_tls_stack_would_read_alike_are_intercepted_not_passed(pair: dict[str, Any]) -> None:
     """A server_name list of two names, two server_name extensions, a NUL in the name, IDNA
-    junk: mitmproxy's parser reports "no SNI" for each, which used to pass the tunnel through
+    junk, whitespace after the name: mitmproxy's parser reports "no SNI" for each, which used to pass the tunnel through
     unchecked (both paths). Now each is intercepted: the agent's ClientHello never reaches
     the origin."""
     import struct
@@ -391,7 +391,9 @@ def test_server_names_no_tls_stack_would_read_alike_are_intercepted_not_passed(p
     hellos = {"two names": hello_record(["evil.test", "allowed.test"]),
               "two extensions": hello_record(None, ext("allowed.test") + ext("evil.test")),
               "NUL": hello_record(["allowed.test\x00evil.test"]),
-              "IDNA junk": hello_record(["xn--allowed-test"])}
+              "IDNA junk": hello_record(["xn--allowed-test"]),
+              "a final newline (red team 9)": hello_record(["allowed.test\n"]),
+              "a final space": hello_record(["allowed.test "])}
     for name in ("fast", "slow"):
         w: Warden = pair[name]
         for label, hello in hellos.items():

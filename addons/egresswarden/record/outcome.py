@@ -213,7 +213,7 @@ class Outcomes:
         if state is None or tunnel is None or not tunnel.passthrough or tunnel.audited:
             return
         tunnel.audited = True
-        self.emit(tunnel_close_outcome(state, tunnel))
+        self.emit(tunnel_close_outcome(state, tunnel, tunnel.close_error))
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         """Audit a connection Interception closed (bytes that are not HTTP Warden decided)."""

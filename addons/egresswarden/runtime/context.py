@@ -145,6 +145,7 @@ class Tunnel:
     mode: TunnelMode = TunnelMode.UNDECIDED
     closed: bool = False
     audited: bool = False  # the tunnel_close record was written
+    close_error: str | None = None  # why Warden closed a passthrough tunnel (its tunnel_close `error`)
     sandbox_id: str | None = None
 
     @property

@@ -80,6 +80,8 @@ from egresswarden.runtime.context import ConnState, Tunnel, TunnelMode, new_requ
 from egresswarden.runtime.patching import wrap_once
 from egresswarden.runtime.workers import reuse_port_enabled
 from egresswarden.stages.client_hello import (
+    HandshakeCut,
+    RetryGuard,
     plainly_names_host,
     sni_names,
     starts_like_tls,
@@ -335,6 +337,8 @@ class FrontDoor(asyncio.Protocol):
         self.held_from_server: list[bytes] = []
         self.chunks = 0
         self.splice_tried = False
+        self.guard: RetryGuard | None = None  # a TLS tunnel's second ClientHello, if any, is checked too
+        self.eof_deferred = False  # the client's FIN waits for bytes the guard holds
         self.kernel: relay.SpliceRelay | None = None
         # transport id -> why its reading is paused ("client"/"server" backpressure, "held", "splice")
         self.paused: dict[int, set[str]] = {}
@@ -368,9 +372,9 @@ class FrontDoor(asyncio.Protocol):
         self.last_activity = time.monotonic()
         phase = self.phase
         if phase is Phase.RELAY:
-            assert self.tunnel is not None and self.upstream is not None and self.upstream.transport is not None
+            assert self.tunnel is not None
             self.tunnel.bytes_up += len(data)
-            self.upstream.transport.write(data)
+            self._to_upstream(data)
             self._count_chunk()
         elif phase is Phase.HEAD:
             self.buf += data
@@ -574,6 +578,7 @@ class FrontDoor(asyncio.Protocol):
                 if not sni_names(hello, self.tunnel.host):
                     self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
                     return
+            self.guard = RetryGuard(self.tunnel.host)
         self._commit()
         self._relay_held()
 
@@ -606,7 +611,9 @@ class FrontDoor(asyncio.Protocol):
         if self.buf:
             data, self.buf = bytes(self.buf), bytearray()
             self.tunnel.bytes_up += len(data)
-            self.upstream.transport.write(data)
+            self._to_upstream(data)
+            if self.phase is not Phase.RELAY:
+                return  # cut by the guard
         held, self.held_from_server = self.held_from_server, []
         for data in held:
             self.from_server(data)
@@ -621,6 +628,8 @@ class FrontDoor(asyncio.Protocol):
             assert self.tunnel is not None and self.transport is not None
             self.tunnel.bytes_down += len(data)
             self.transport.write(data)
+            if self.guard is not None:
+                self._guarded(self.guard.from_server, data)
             self._count_chunk()
         elif self.phase is Phase.FIRST_BYTES:
             if not self.buf:
@@ -631,6 +640,31 @@ class FrontDoor(asyncio.Protocol):
                 self._hold_from_server(data)
         elif self.phase is Phase.DECIDING:
             self._hold_from_server(data)  # connected, 200 not yet written
+
+    def _to_upstream(self, data: bytes) -> None:
+        if self.guard is not None:
+            self._guarded(self.guard.from_client, data)
+        else:
+            assert self.upstream is not None and self.upstream.transport is not None
+            self.upstream.transport.write(data)
+
+    def _guarded(self, step: Callable[[bytes], bytes], data: bytes) -> None:
+        """One step of the RetryGuard: forward the client bytes it releases, or cut the tunnel."""
+        guard = self.guard
+        assert guard is not None and self.upstream is not None and self.upstream.transport is not None
+        try:
+            forward = step(data)
+        except HandshakeCut as cut:
+            assert self.tunnel is not None
+            logger.warning("warden: closing a passthrough tunnel to %s:%s: %s", self.tunnel.host, self.tunnel.port, cut)
+            self.end(f"closed by warden: {cut}", abort=True)
+            return
+        if forward:
+            self.upstream.transport.write(forward)
+        if guard.done:
+            self.guard = None
+            if self.eof_deferred:
+                self._forward_eof_up()
 
     def _hold_from_server(self, data: bytes) -> None:
         self.held_from_server.append(data)
@@ -661,6 +695,9 @@ class FrontDoor(asyncio.Protocol):
 
     def _forward_eof_up(self) -> None:
         assert self.upstream is not None and self.upstream.transport is not None
+        if self.guard is not None:
+            self.eof_deferred = True  # after the bytes the guard still holds, if it lets them go
+            return
         if self.server_eof_seen:
             self.end(None)
         elif self.upstream.transport.can_write_eof():
@@ -683,8 +720,8 @@ class FrontDoor(asyncio.Protocol):
     # -- the kernel relay --------------------------------------------------------------------
     def _count_chunk(self) -> None:
         self.chunks += 1
-        if self.splice_tried:
-            return
+        if self.splice_tried or self.guard is not None:
+            return  # the kernel relay starts only after the handshake check
         assert self.tunnel is not None
         if self.chunks >= SPLICE_AFTER_CHUNKS or self.tunnel.bytes_up + self.tunnel.bytes_down >= SPLICE_AFTER_BYTES:
             self.splice_tried = True

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from mitmproxy.net.check import is_valid_host
+from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from egresswarden.core.hostnames import HostError, normalize_host
 
@@ -72,6 +73,15 @@ def sni_names(hello: Any, host: str) -> bool:
 
 
 def _names(name: str, host: str) -> bool:
+    """The SNI names the host: the same name up to ASCII case and one trailing dot. Not just
+    `normalize_host(name) == host`: that strips whitespace, and mitmproxy's `is_valid_host`
+    lets a final newline through (its pattern ends in `$`), so `allowed.test\n` counted as
+    `allowed.test` while OpenSSL hands the server the name with the newline (red team 9)."""
+    plain = name.lower()
+    if plain.endswith("."):
+        plain = plain[:-1]
+    if plain != host:
+        return False
     try:
         return bool(normalize_host(name) == host)
     except HostError:
@@ -165,3 +175,144 @@ def _plain_alpn(body: bytes) -> bool:
             return False
         pos += 1 + size
     return True
+
+
+# RFC 8446 4.1.3: a ServerHello with this random is a HelloRetryRequest.
+HELLO_RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+MAX_HELD_BYTES = 64 * 1024
+
+
+class HandshakeCut(Exception):
+    """The tunnel must be closed: the message says why (for the `tunnel_close` record)."""
+
+
+class RetryGuard:
+    """Checks the second ClientHello of a passed-through TLS handshake (red team 9).
+
+    A TLS 1.3 server that wants another key share answers the first ClientHello with a
+    HelloRetryRequest, and the client sends a second ClientHello. OpenSSL reads that one's
+    server_name again (its SNI callback runs twice, and a server picks its virtual host
+    there), so an agent could name an allowed host first and another host second. The guard
+    sits in the raw relay of a tunnel whose client began with a checked ClientHello:
+
+    * the client's bytes up to the end of the first hello's last record go through; later
+      client bytes wait until the server's first handshake message says whether it is a
+      HelloRetryRequest (a real client sends nothing in between except early data, which
+      waits one round trip);
+    * no HelloRetryRequest: the held bytes go through and the guard is done;
+    * a HelloRetryRequest: the client's next ClientHello (after any ChangeCipherSpec records)
+      must pass the same check as the first, or the tunnel is closed (`HandshakeCut`).
+
+    The server's bytes are never held (the caller relays them); the guard reads its first 43.
+    Anything the guard cannot read where a ServerHello must be, or more than MAX_HELD_BYTES
+    held, closes the tunnel too: a stage that needed to see something and did not, denies.
+    """
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.done = False
+        self._held = bytearray()  # client bytes not yet forwarded
+        self._server = bytearray()  # the start of the server's stream, until decided
+        self._first_end: int | None = None  # end of the first hello's last record (None: not yet known)
+        self._aligned = False  # the first hello ended exactly at that record's end
+        self._retry = False  # the server sent a HelloRetryRequest
+
+    def from_client(self, data: bytes) -> bytes:
+        """The client's bytes to forward now (maybe none). Raises HandshakeCut."""
+        if self.done:
+            return data
+        self._held += data
+        if self._first_end is None:
+            end = _hello_end(self._held)
+            if end is None:
+                return self._hold()  # not whole yet (the caller checked its start)
+            self._first_end, self._aligned = end
+            forward = bytes(self._held[:self._first_end])
+            del self._held[:self._first_end]
+            self._hold()  # the bound applies to what stays held from the first segment too
+            return forward
+        if self._retry:
+            return self._second_hello()
+        return self._hold()
+
+    def from_server(self, data: bytes) -> bytes:
+        """Client bytes released by what the server sent (the caller relays `data` itself)."""
+        if self.done or self._retry:
+            return b""
+        self._server += data[:43 - len(self._server)]
+        server = self._server
+        if server[:1] != b"\x16":
+            return self._finish()  # an alert or anything but a handshake record: no retry
+        if len(server) < 6:
+            return b""
+        if server[5] != 0x02:
+            return self._finish()  # not a ServerHello (TLS 1.2 and older have no retry)
+        if int.from_bytes(server[3:5], "big") < 38:
+            raise HandshakeCut("a ServerHello split into records too small to read")
+        if len(server) < 43:
+            return b""
+        if server[11:43] != HELLO_RETRY_RANDOM:
+            return self._finish()
+        if not self._aligned:
+            raise HandshakeCut("a HelloRetryRequest after a ClientHello that did not end at a TLS record boundary")
+        self._retry = True
+        return self._second_hello()
+
+    def _hold(self) -> bytes:
+        if len(self._held) > MAX_HELD_BYTES:
+            raise HandshakeCut(f"the client sent more than {MAX_HELD_BYTES} bytes before the server's first answer")
+        return b""
+
+    def _finish(self) -> bytes:
+        self.done = True
+        held = bytes(self._held)
+        self._held.clear()
+        return held
+
+    def _second_hello(self) -> bytes:
+        data = bytes(self._held)
+        pos, skipped = 0, 0
+        while data[pos:pos + 1] == b"\x14":  # ChangeCipherSpec (middlebox compatibility mode)
+            skipped += 1
+            if skipped > 2:
+                raise HandshakeCut("ChangeCipherSpec records instead of a second ClientHello")
+            if len(data) < pos + 5:
+                return self._hold()
+            pos += 5 + int.from_bytes(data[pos + 3:pos + 5], "big")
+        rest = data[pos:]
+        if not rest:
+            return self._hold()
+        if not starts_like_tls(rest):
+            raise HandshakeCut("something other than a ClientHello after a HelloRetryRequest")
+        if too_many_tls_records(rest):
+            raise HandshakeCut(f"a second ClientHello in more than {MAX_HELLO_RECORDS} TLS records")
+        if not plainly_names_host(rest, self.host):
+            try:
+                hello = parse_client_hello(rest)
+            except ValueError:
+                raise HandshakeCut("an invalid second ClientHello after a HelloRetryRequest") from None
+            if hello is None:
+                return self._hold()
+            if not sni_names(hello, self.host):
+                raise HandshakeCut("a second ClientHello (after a HelloRetryRequest) that names another host")
+        return self._finish()
+
+
+def _hello_end(data: bytes | bytearray) -> tuple[int, bool] | None:
+    """Where the first ClientHello's last TLS record ends, and whether the hello ends exactly
+    there; None while incomplete."""
+    offset, total, head = 0, 0, b""
+    need: int | None = None
+    while offset + 5 <= len(data):
+        size = int.from_bytes(data[offset + 3:offset + 5], "big")
+        if offset + 5 + size > len(data):
+            return None
+        if need is None:
+            head += data[offset + 5:offset + 5 + min(size, 4 - len(head))]
+            if len(head) == 4:
+                need = 4 + int.from_bytes(head[1:4], "big")
+        total += size
+        offset += 5 + size
+        if need is not None and total >= need:
+            return offset, total == need
+    return None

@@ -54,6 +54,8 @@ from egresswarden.runtime.context import Connections, ConnState, Tunnel, TunnelM
 from egresswarden.runtime.sockets import connection_handler
 from egresswarden.stages.client_hello import (
     MAX_HELLO_RECORDS,
+    HandshakeCut,
+    RetryGuard,
     plainly_names_host,
     sni_names,
     starts_like_tls,
@@ -70,11 +72,16 @@ _REQUEST_LINE = re.compile(rb"[A-Z][A-Z0-9_-]{0,19} \S+ HTTP/1\.[01]\r?\n")
 
 
 class CountingTCPLayer(tcp.TCPLayer):
-    """mitmproxy's raw TCP relay (ignore mode: no flows, no hooks), counting bytes."""
+    """mitmproxy's raw TCP relay (ignore mode: no flows, no hooks), counting bytes; for a
+    tunnel that began with a ClientHello, through a RetryGuard until the server's first
+    handshake message has been seen (a second ClientHello after a HelloRetryRequest is
+    checked like the first)."""
 
-    def __init__(self, context: context.Context, tunnel: Tunnel) -> None:
+    def __init__(self, context: context.Context, tunnel: Tunnel, guard: RetryGuard | None = None) -> None:
         super().__init__(context, ignore=True)
         self.tunnel = tunnel
+        self.guard = guard
+        self.deferred_close: events.ConnectionClosed | None = None  # the client's FIN, behind held bytes
 
     def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
         # A plain function returning mitmproxy's generator, not a generator itself: one
@@ -84,8 +91,41 @@ class CountingTCPLayer(tcp.TCPLayer):
                 self.tunnel.bytes_up += len(event.data)
             else:
                 self.tunnel.bytes_down += len(event.data)
+        if self.guard is not None:
+            return self._guarded(self.guard, event)
         relayed: layer.CommandGenerator[None] = super().relay_messages(event)  # mitmproxy's @expect is untyped
         return relayed
+
+    def _guarded(self, guard: RetryGuard, event: events.Event) -> layer.CommandGenerator[None]:
+        relay = super().relay_messages
+        client = self.context.client
+        try:
+            if isinstance(event, events.DataReceived) and event.connection is client:
+                forward = guard.from_client(event.data)
+                if forward:
+                    yield from relay(events.DataReceived(client, forward))
+            elif isinstance(event, events.DataReceived):
+                yield from relay(event)
+                released = guard.from_server(event.data)
+                if released:
+                    yield from relay(events.DataReceived(client, released))
+            elif isinstance(event, events.ConnectionClosed) and event.connection is client:
+                self.deferred_close = event  # forwarded once the guard lets the held bytes go
+            else:
+                yield from relay(event)
+        except HandshakeCut as cut:
+            logger.warning("warden: closing a passthrough tunnel to %s:%s: %s", self.tunnel.host, self.tunnel.port, cut)
+            self.tunnel.close_error = f"closed by warden: {cut}"
+            self.guard = None
+            self._handle_event = self.done
+            for conn in (self.context.server, client):
+                if conn.state is not ConnectionState.CLOSED:
+                    yield commands.CloseConnection(conn)
+            return
+        if guard.done:
+            self.guard = None
+            if self.deferred_close is not None:
+                yield from relay(self.deferred_close)
 
 
 class SplicingTCPLayer(CountingTCPLayer):
@@ -102,8 +142,8 @@ class SplicingTCPLayer(CountingTCPLayer):
     ConnectionClosed means mitmproxy closed a connection (inactivity timeout, revocation,
     shutdown, or the relay's own end): stop the relay and close both."""
 
-    def __init__(self, context: context.Context, tunnel: Tunnel) -> None:
-        super().__init__(context, tunnel)
+    def __init__(self, context: context.Context, tunnel: Tunnel, guard: RetryGuard | None = None) -> None:
+        super().__init__(context, tunnel, guard)
         self.kernel: splicing.KernelTunnel | None = None
         self.chunks = 0
 
@@ -121,7 +161,7 @@ class SplicingTCPLayer(CountingTCPLayer):
     _handle_event = start
 
     def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.DataReceived):
+        if isinstance(event, events.DataReceived) and self.guard is None:  # not during the handshake check
             self.chunks += 1
             carried = self.tunnel.bytes_up + self.tunnel.bytes_down + len(event.data)
             if self.chunks >= SPLICE_AFTER_CHUNKS or carried >= SPLICE_AFTER_BYTES:
@@ -270,7 +310,7 @@ class Interception:
                 server_tls.child_layer = layers.ClientTLSLayer(nextlayer.context)
                 nextlayer.layer = server_tls
             else:
-                self._passthrough(nextlayer, tunnel)
+                self._passthrough(nextlayer, tunnel, tls=True)
             return
         if tunnel.decision.allowed and not tunnel.intercept:
             self._passthrough(nextlayer, tunnel)  # allowed raw: the policy needs nothing per request
@@ -313,12 +353,12 @@ class Interception:
         if len(data) > MAX_UNDECIDED_BYTES:
             self._refuse(nextlayer, state, tunnel, f"{len(data)} bytes without a decidable start")
 
-    def _passthrough(self, nextlayer: layer.NextLayer, tunnel: Tunnel) -> None:
+    def _passthrough(self, nextlayer: layer.NextLayer, tunnel: Tunnel, tls: bool = False) -> None:
         tunnel.mode = TunnelMode.PASSTHROUGH
         tunnel.started = time.monotonic()
         self.active_tunnels += 1
         kind = SplicingTCPLayer if self.splice else CountingTCPLayer
-        nextlayer.layer = kind(nextlayer.context, tunnel)
+        nextlayer.layer = kind(nextlayer.context, tunnel, RetryGuard(tunnel.host) if tls else None)
 
     def _refuse(self, nextlayer: layer.NextLayer, state: ConnState | None, tunnel: Tunnel | None, what: str) -> None:
         if tunnel is not None:
