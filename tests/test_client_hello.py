@@ -26,6 +26,7 @@ from egresswarden.stages.client_hello import (
     RetryGuard,
     plainly_names_host,
     sni_names,
+    starts_like_other_tls_record,
     starts_like_tls,
     too_many_tls_records,
 )
@@ -291,3 +292,29 @@ def test_a_retry_after_a_hello_that_shares_its_record_is_cut() -> None:
     assert guard.from_client(shared) == shared
     with pytest.raises(HandshakeCut, match="record boundary"):
         guard.from_server(server_hello(True))
+
+
+def test_other_tls_records_first_are_recognised() -> None:
+    for first in (b"\x14\x03", b"\x15\x03\x01\x00\x02\x01\x5a", b"\x17\x03\x03", b"\x18\x03\x00"):
+        assert starts_like_other_tls_record(first) is True
+    for one in (b"\x14", b"\x15", b"\x17", b"\x18"):
+        assert starts_like_other_tls_record(one) is None  # ask again with the next byte
+    for other in (b"", b"\x16\x03\x01", b"SSH-2.0", b"\x15\x00", b"GET / HTTP/1.1", b"\x00\x00\x00\x08"):
+        assert starts_like_other_tls_record(other) is False
+
+
+def test_a_server_change_cipher_spec_before_its_retry_request_is_skipped() -> None:
+    first = hello([b"allowed.test"])
+    guard = RetryGuard(HOST)
+    assert guard.from_client(first + hello([b"evil.test"])) == first
+    answer = CCS + server_hello(True)
+    assert guard.from_server(answer[:4]) == b""
+    with pytest.raises(HandshakeCut, match="names another host"):
+        guard.from_server(answer[4:])
+    guard = RetryGuard(HOST)
+    guard.from_client(first + b"x")
+    assert guard.from_server(CCS + CCS + server_hello(False)) == b"x" and guard.done
+    guard = RetryGuard(HOST)
+    guard.from_client(first)
+    with pytest.raises(HandshakeCut, match="instead of a ServerHello"):
+        guard.from_server(CCS * 3)

@@ -700,3 +700,40 @@ def test_a_clienthello_to_the_proxy_in_many_tiny_records_is_refused(pair: dict[s
                 assert sock.recv(1) == b""
         refused = [r for r in records_after(w, before, 1) if r.get("event") == "tunnel_refused"]
         assert refused and "more than 16 TLS records" in refused[0]["message"], name
+
+
+def test_a_tls_record_other_than_a_clienthello_first_is_refused_not_relayed(pair: dict[str, Any]) -> None:
+    """Red team 10: a warning alert (or any non-handshake TLS record) in front of the ClientHello
+    made the tunnel "not TLS": relayed raw, no SNI check. Go's and Java's TLS servers skip such
+    records and then read the hello's server_name, so `15 03 01 00 02 01 5a` + a ClientHello
+    naming another host was domain fronting. Both paths now refuse it before relaying a byte,
+    also when the record type arrives alone first, and with a FIN."""
+    tls: LoggingOrigin = pair["tls"]
+    evil = hello_record(["evil.test"])
+    prefixes = {"warning alert": b"\x15\x03\x01\x00\x02\x01\x5a", "change_cipher_spec": b"\x14\x03\x03\x00\x01\x01",
+                "application_data": b"\x17\x03\x03\x00\x01x", "heartbeat": b"\x18\x03\x03\x00\x01\x01"}
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        for label, prefix in prefixes.items():
+            for split, fin in ((False, False), (True, False), (False, True)):
+                tls.reset()
+                before = len(w.audit_records())
+                sock, status, _ = connect_raw(w, "coder", f"allowed.test:{tls.port}")
+                assert status == 200
+                with sock:
+                    if split:
+                        sock.sendall(prefix[:1])
+                        time.sleep(0.3)
+                        sock.sendall(prefix[1:] + evil)
+                    else:
+                        sock.sendall(prefix + evil)
+                    if fin:
+                        sock.shutdown(socket.SHUT_WR)
+                    sock.settimeout(5)
+                    with contextlib.suppress(OSError):
+                        while sock.recv(65536):
+                            pass
+                records = w.audit_records(lambda rs, n=before: any(r.get("event") == "tunnel_refused" for r in rs[n:]))
+                refused = [r for r in records[before:] if r.get("event") == "tunnel_refused"]
+                assert refused and "other than a ClientHello" in refused[0].get("message", ""), (name, label, records[before:])
+                assert tls.total_bytes == 0, (name, label, split, fin)  # not one byte reached the origin

@@ -84,6 +84,7 @@ from egresswarden.stages.client_hello import (
     RetryGuard,
     plainly_names_host,
     sni_names,
+    starts_like_other_tls_record,
     starts_like_tls,
     too_many_tls_records,
 )
@@ -405,9 +406,12 @@ class FrontDoor(asyncio.Protocol):
         """The client sent its FIN (now, or before the 200 and seen after it)."""
         if self.phase is Phase.FIRST_BYTES:
             data = bytes(self.buf)
-            if data and not starts_like_tls(data):
+            if data and not starts_like_tls(data) and starts_like_other_tls_record(data) is False:
                 self._commit()  # not TLS, and all the client will send: relay it, then the EOF
                 self._relay_held()
+            elif starts_like_other_tls_record(data):
+                self._hand_over(after_200=True)  # Interception refuses it (and audits why)
+                return
             else:
                 self.end(None)  # nothing, or an unfinished ClientHello: no tunnel was used
                 return
@@ -579,6 +583,13 @@ class FrontDoor(asyncio.Protocol):
                     self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
                     return
             self.guard = RetryGuard(self.tunnel.host)
+        else:
+            other_record = starts_like_other_tls_record(data)
+            if other_record is None:
+                return  # one byte: wait for the next
+            if other_record:
+                self._hand_over(after_200=True)  # Interception refuses it (and audits why)
+                return
         self._commit()
         self._relay_held()
 

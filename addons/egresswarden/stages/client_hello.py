@@ -47,6 +47,21 @@ def starts_like_tls(data: bytes) -> bool:
     return data[:1] == b"\x16"
 
 
+_OTHER_RECORD_TYPES = frozenset((0x14, 0x15, 0x17, 0x18))  # change_cipher_spec, alert, application_data, heartbeat
+
+
+def starts_like_other_tls_record(data: bytes) -> bool | None:
+    """Do these bytes begin with a TLS record that is not a handshake record (None: one byte so
+    far, ask again)? No client begins TLS with one, but Go's and Java's servers skip warning
+    alerts in front of a ClientHello and then read its server_name: taken for "not TLS", such
+    a tunnel was relayed raw with no SNI check (red team 10). Such a tunnel is refused."""
+    if not data or data[0] not in _OTHER_RECORD_TYPES:
+        return False
+    if len(data) < 2:
+        return None
+    return data[1] == 0x03
+
+
 def too_many_tls_records(data: bytes) -> bool:
     """More TLS records than any real ClientHello takes. Each new segment makes mitmproxy parse
     the whole buffer again, so a hello sent one byte per record would cost quadratic CPU."""
@@ -180,6 +195,7 @@ def _plain_alpn(body: bytes) -> bool:
 # RFC 8446 4.1.3: a ServerHello with this random is a HelloRetryRequest.
 HELLO_RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
 MAX_HELD_BYTES = 64 * 1024
+_SERVER_PREFIX = 2 * 6 + 43  # two ChangeCipherSpec records, then a ServerHello up to its random
 
 
 class HandshakeCut(Exception):
@@ -198,12 +214,13 @@ class RetryGuard:
     * the client's bytes up to the end of the first hello's last record go through; later
       client bytes wait until the server's first handshake message says whether it is a
       HelloRetryRequest (a real client sends nothing in between except early data, which
-      waits one round trip);
+      waits one round trip; early data in front of a second hello is cut: fail closed);
     * no HelloRetryRequest: the held bytes go through and the guard is done;
     * a HelloRetryRequest: the client's next ClientHello (after any ChangeCipherSpec records)
       must pass the same check as the first, or the tunnel is closed (`HandshakeCut`).
 
-    The server's bytes are never held (the caller relays them); the guard reads its first 43.
+    The server's bytes are never held (the caller relays them); the guard reads their start
+    (up to two ChangeCipherSpec records, then the first handshake message up to its random).
     Anything the guard cannot read where a ServerHello must be, or more than MAX_HELD_BYTES
     held, closes the tunnel too: a stage that needed to see something and did not, denies.
     """
@@ -239,19 +256,28 @@ class RetryGuard:
         """Client bytes released by what the server sent (the caller relays `data` itself)."""
         if self.done or self._retry:
             return b""
-        self._server += data[:43 - len(self._server)]
+        self._server += data[:_SERVER_PREFIX - len(self._server)]
         server = self._server
-        if server[:1] != b"\x16":
+        at = 0
+        while server[at:at + 1] == b"\x14":  # ChangeCipherSpec first (RFC 8446 section 5 allows it)
+            if at >= 2 * 6:
+                raise HandshakeCut("ChangeCipherSpec records instead of a ServerHello")
+            if len(server) < at + 5:
+                return b""
+            at += 5 + int.from_bytes(server[at + 3:at + 5], "big")
+        if len(server) <= at:
+            return b""
+        if server[at] != 0x16:
             return self._finish()  # an alert or anything but a handshake record: no retry
-        if len(server) < 6:
+        if len(server) < at + 6:
             return b""
-        if server[5] != 0x02:
+        if server[at + 5] != 0x02:
             return self._finish()  # not a ServerHello (TLS 1.2 and older have no retry)
-        if int.from_bytes(server[3:5], "big") < 38:
+        if int.from_bytes(server[at + 3:at + 5], "big") < 38:
             raise HandshakeCut("a ServerHello split into records too small to read")
-        if len(server) < 43:
+        if len(server) < at + 43:
             return b""
-        if server[11:43] != HELLO_RETRY_RANDOM:
+        if server[at + 11:at + 43] != HELLO_RETRY_RANDOM:
             return self._finish()
         if not self._aligned:
             raise HandshakeCut("a HelloRetryRequest after a ClientHello that did not end at a TLS record boundary")

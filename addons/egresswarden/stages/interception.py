@@ -58,6 +58,7 @@ from egresswarden.stages.client_hello import (
     RetryGuard,
     plainly_names_host,
     sni_names,
+    starts_like_other_tls_record,
     starts_like_tls,
     too_many_tls_records,
 )
@@ -311,6 +312,13 @@ class Interception:
                 nextlayer.layer = server_tls
             else:
                 self._passthrough(nextlayer, tunnel, tls=True)
+            return
+        other_record = starts_like_other_tls_record(data)
+        if other_record is None:
+            self._wait(nextlayer, state, tunnel, data)
+            return
+        if other_record:
+            self._refuse(nextlayer, state, tunnel, "a TLS record other than a ClientHello before the handshake")
             return
         if tunnel.decision.allowed and not tunnel.intercept:
             self._passthrough(nextlayer, tunnel)  # allowed raw: the policy needs nothing per request
