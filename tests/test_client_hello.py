@@ -275,6 +275,8 @@ def test_after_a_retry_request_the_second_hello_must_name_the_host() -> None:
     (hello([b"allowed.test"]) + b"\x00" * (MAX_HELD_BYTES + 1), server_hello(False)[:3], "more than"),
     (hello([b"allowed.test"]) + b"\x17\x03\x03\x00\x01x", server_hello(True), "other than a ClientHello"),
     (hello([b"allowed.test"]) + CCS * 3, server_hello(True), "ChangeCipherSpec"),
+    (hello([b"allowed.test"]) + b"\x14\x03\x03\x00\x02\x01\x01", server_hello(True), "not one byte long"),
+    (hello([b"allowed.test"]), b"\x14\x03\x03\x01\x00" + server_hello(True), "not one byte long"),
     (hello([b"allowed.test"]) + b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00", server_hello(True), "invalid"),
     (hello([b"allowed.test"]), server_hello(True, record_size=20), "too small"),
 ])

@@ -264,7 +264,9 @@ class RetryGuard:
                 raise HandshakeCut("ChangeCipherSpec records instead of a ServerHello")
             if len(server) < at + 5:
                 return b""
-            at += 5 + int.from_bytes(server[at + 3:at + 5], "big")
+            if server[at + 3:at + 5] != b"\x00\x01":
+                raise HandshakeCut("a ChangeCipherSpec record that is not one byte long")
+            at += 6
         if len(server) <= at:
             return b""
         if server[at] != 0x16:
@@ -304,7 +306,9 @@ class RetryGuard:
                 raise HandshakeCut("ChangeCipherSpec records instead of a second ClientHello")
             if len(data) < pos + 5:
                 return self._hold()
-            pos += 5 + int.from_bytes(data[pos + 3:pos + 5], "big")
+            if data[pos + 3:pos + 5] != b"\x00\x01":
+                raise HandshakeCut("a ChangeCipherSpec record that is not one byte long")
+            pos += 6
         rest = data[pos:]
         if not rest:
             return self._hold()
