@@ -297,11 +297,11 @@ def test_a_retry_after_a_hello_that_shares_its_record_is_cut() -> None:
 
 
 def test_other_tls_records_first_are_recognised() -> None:
-    for first in (b"\x14\x03", b"\x15\x03\x01\x00\x02\x01\x5a", b"\x17\x03\x03", b"\x18\x03\x00"):
+    # decided on the first byte: Go and Java take an alert with any version bytes (red team 11)
+    for first in (b"\x14\x03", b"\x15\x03\x01\x00\x02\x01\x5a", b"\x15\x00\x00\x00\x02\x01\x5a",
+                  b"\x15\xff\xff", b"\x17\x03\x03", b"\x18\x03\x00", b"\x14", b"\x15", b"\x17", b"\x18"):
         assert starts_like_other_tls_record(first) is True
-    for one in (b"\x14", b"\x15", b"\x17", b"\x18"):
-        assert starts_like_other_tls_record(one) is None  # ask again with the next byte
-    for other in (b"", b"\x16\x03\x01", b"SSH-2.0", b"\x15\x00", b"GET / HTTP/1.1", b"\x00\x00\x00\x08"):
+    for other in (b"", b"\x16\x03\x01", b"SSH-2.0", b"GET / HTTP/1.1", b"\x00\x00\x00\x08", b"\x13", b"\x19"):
         assert starts_like_other_tls_record(other) is False
 
 

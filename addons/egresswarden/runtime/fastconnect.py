@@ -406,7 +406,7 @@ class FrontDoor(asyncio.Protocol):
         """The client sent its FIN (now, or before the 200 and seen after it)."""
         if self.phase is Phase.FIRST_BYTES:
             data = bytes(self.buf)
-            if data and not starts_like_tls(data) and starts_like_other_tls_record(data) is False:
+            if data and not starts_like_tls(data) and not starts_like_other_tls_record(data):
                 self._commit()  # not TLS, and all the client will send: relay it, then the EOF
                 self._relay_held()
             elif starts_like_other_tls_record(data):
@@ -583,13 +583,9 @@ class FrontDoor(asyncio.Protocol):
                     self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
                     return
             self.guard = RetryGuard(self.tunnel.host)
-        else:
-            other_record = starts_like_other_tls_record(data)
-            if other_record is None:
-                return  # one byte: wait for the next
-            if other_record:
-                self._hand_over(after_200=True)  # Interception refuses it (and audits why)
-                return
+        elif starts_like_other_tls_record(data):
+            self._hand_over(after_200=True)  # Interception refuses it (and audits why)
+            return
         self._commit()
         self._relay_held()
 

@@ -50,16 +50,13 @@ def starts_like_tls(data: bytes) -> bool:
 _OTHER_RECORD_TYPES = frozenset((0x14, 0x15, 0x17, 0x18))  # change_cipher_spec, alert, application_data, heartbeat
 
 
-def starts_like_other_tls_record(data: bytes) -> bool | None:
-    """Do these bytes begin with a TLS record that is not a handshake record (None: one byte so
-    far, ask again)? No client begins TLS with one, but Go's and Java's servers skip warning
-    alerts in front of a ClientHello and then read its server_name: taken for "not TLS", such
-    a tunnel was relayed raw with no SNI check (red team 10). Such a tunnel is refused."""
-    if not data or data[0] not in _OTHER_RECORD_TYPES:
-        return False
-    if len(data) < 2:
-        return None
-    return data[1] == 0x03
+def starts_like_other_tls_record(data: bytes) -> bool:
+    """Could these bytes begin a TLS record that is not a handshake record? No client begins
+    TLS with one, but Go's and Java's servers skip warning alerts in front of a ClientHello
+    and then read its server_name: taken for "not TLS", such a tunnel was relayed raw with no
+    SNI check (red team 10). Decided on the first byte alone: Go accepts any version below
+    0x1000 on that alert and Java any version at all (red team 11). Such a tunnel is refused."""
+    return bool(data) and data[0] in _OTHER_RECORD_TYPES
 
 
 def too_many_tls_records(data: bytes) -> bool:

@@ -313,11 +313,7 @@ class Interception:
             else:
                 self._passthrough(nextlayer, tunnel, tls=True)
             return
-        other_record = starts_like_other_tls_record(data)
-        if other_record is None:
-            self._wait(nextlayer, state, tunnel, data)
-            return
-        if other_record:
+        if starts_like_other_tls_record(data):
             self._refuse(nextlayer, state, tunnel, "a TLS record other than a ClientHello before the handshake")
             return
         if tunnel.decision.allowed and not tunnel.intercept:
