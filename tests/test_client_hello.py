@@ -25,8 +25,10 @@ from egresswarden.stages.client_hello import (
     HandshakeCut,
     RetryGuard,
     plainly_names_host,
+    refused_first_bytes,
     sni_names,
     starts_like_other_tls_record,
+    starts_like_proxy_protocol,
     starts_like_tls,
     too_many_tls_records,
 )
@@ -320,3 +322,16 @@ def test_a_server_change_cipher_spec_before_its_retry_request_is_skipped() -> No
     guard.from_client(first)
     with pytest.raises(HandshakeCut, match="instead of a ServerHello"):
         guard.from_server(CCS * 3)
+
+
+def test_proxy_protocol_headers_and_other_handshake_messages_are_refused_first_bytes() -> None:
+    for header in (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n\x21"):
+        assert starts_like_proxy_protocol(header) is True
+        assert refused_first_bytes(header) == "a PROXY protocol header"
+    for prefix in (b"P", b"PROX", b"\r", b"\r\n\r\n\x00"):
+        assert starts_like_proxy_protocol(prefix) is None  # ask again with more bytes
+    for other in (b"POST / HTTP/1.1", b"PROXYX", b"SSH-2.0", b"\r\n\r\nx", b""):
+        assert starts_like_proxy_protocol(other) is False
+    assert refused_first_bytes(b"\x16\x03\x01\x00\x04\x00\x00\x00\x00") is not None  # hello_request
+    assert refused_first_bytes(hello([b"allowed.test"])) is None
+    assert refused_first_bytes(b"\x16\x03\x01") is None  # too short to tell: the parser waits

@@ -702,21 +702,31 @@ def test_a_clienthello_to_the_proxy_in_many_tiny_records_is_refused(pair: dict[s
         assert refused and "more than 16 TLS records" in refused[0]["message"], name
 
 
-def test_a_tls_record_other_than_a_clienthello_first_is_refused_not_relayed(pair: dict[str, Any]) -> None:
-    """Red team 10: a warning alert (or any non-handshake TLS record) in front of the ClientHello
-    made the tunnel "not TLS": relayed raw, no SNI check. Go's and Java's TLS servers skip such
-    records and then read the hello's server_name, so `15 03 01 00 02 01 5a` + a ClientHello
-    naming another host was domain fronting. Both paths now refuse it before relaying a byte,
-    also when the record type arrives alone first, and with a FIN."""
+def test_bytes_some_server_skips_before_a_clienthello_are_refused_not_relayed(pair: dict[str, Any]) -> None:
+    """Red teams 10-12: a warning alert (or any non-handshake TLS record) or a PROXY protocol
+    header in front of the ClientHello made the tunnel "not TLS": relayed raw, no SNI check. Go's
+    and Java's TLS servers skip such alerts (any version bytes), nginx with `proxy_protocol`
+    strips the header, and each then reads the hello's server_name: domain fronting. A first
+    handshake message other than a ClientHello is refused too (mitmproxy's parser ignores the
+    type). Both paths refuse each before relaying a byte, also when the first byte arrives
+    alone, and with a FIN."""
     tls: LoggingOrigin = pair["tls"]
     evil = hello_record(["evil.test"])
-    prefixes = {"warning alert": b"\x15\x03\x01\x00\x02\x01\x5a", "change_cipher_spec": b"\x14\x03\x03\x00\x01\x01",
+    other_record = "other than a ClientHello before the handshake"
+    prefixes = {"warning alert": (b"\x15\x03\x01\x00\x02\x01\x5a", other_record),
+                "change_cipher_spec": (b"\x14\x03\x03\x00\x01\x01", other_record),
                 # red team 11: Go takes an alert with any version below 0x1000 first, Java with any
-                "alert, version 00 00": b"\x15\x00\x00\x00\x02\x01\x5a", "alert, version ff ff": b"\x15\xff\xff\x00\x02\x01\x5a",
-                "application_data": b"\x17\x03\x03\x00\x01x", "heartbeat": b"\x18\x03\x03\x00\x01\x01"}
+                "alert, version 00 00": (b"\x15\x00\x00\x00\x02\x01\x5a", other_record),
+                "alert, version ff ff": (b"\x15\xff\xff\x00\x02\x01\x5a", other_record),
+                "application_data": (b"\x17\x03\x03\x00\x01x", other_record),
+                "heartbeat": (b"\x18\x03\x03\x00\x01\x01", other_record),
+                # red team 12
+                "PROXY v1": (b"PROXY TCP4 203.0.113.7 127.0.0.1 4444 443\r\n", "PROXY protocol"),
+                "PROXY v2": (bytes.fromhex("0d0a0d0a000d0a515549540a2111000ccb0071077f000001115101bb"), "PROXY protocol"),
+                "hello_request first": (b"\x16\x03\x01\x00\x04\x00\x00\x00\x00", "does not begin with a ClientHello")}
     for name in ("fast", "slow"):
         w: Warden = pair[name]
-        for label, prefix in prefixes.items():
+        for label, (prefix, why) in prefixes.items():
             for split, fin in ((False, False), (True, False), (False, True)):
                 tls.reset()
                 before = len(w.audit_records())
@@ -737,5 +747,5 @@ def test_a_tls_record_other_than_a_clienthello_first_is_refused_not_relayed(pair
                             pass
                 records = w.audit_records(lambda rs, n=before: any(r.get("event") == "tunnel_refused" for r in rs[n:]))
                 refused = [r for r in records[before:] if r.get("event") == "tunnel_refused"]
-                assert refused and "other than a ClientHello" in refused[0].get("message", ""), (name, label, records[before:])
+                assert refused and why in refused[0].get("message", ""), (name, label, records[before:])
                 assert tls.total_bytes == 0, (name, label, split, fin)  # not one byte reached the origin

@@ -83,8 +83,9 @@ from egresswarden.stages.client_hello import (
     HandshakeCut,
     RetryGuard,
     plainly_names_host,
+    refused_first_bytes,
     sni_names,
-    starts_like_other_tls_record,
+    starts_like_proxy_protocol,
     starts_like_tls,
     too_many_tls_records,
 )
@@ -406,12 +407,12 @@ class FrontDoor(asyncio.Protocol):
         """The client sent its FIN (now, or before the 200 and seen after it)."""
         if self.phase is Phase.FIRST_BYTES:
             data = bytes(self.buf)
-            if data and not starts_like_tls(data) and not starts_like_other_tls_record(data):
-                self._commit()  # not TLS, and all the client will send: relay it, then the EOF
-                self._relay_held()
-            elif starts_like_other_tls_record(data):
+            if refused_first_bytes(data) is not None:
                 self._hand_over(after_200=True)  # Interception refuses it (and audits why)
                 return
+            if data and not starts_like_tls(data) and starts_like_proxy_protocol(data) is False:
+                self._commit()  # not TLS, and all the client will send: relay it, then the EOF
+                self._relay_held()
             else:
                 self.end(None)  # nothing, or an unfinished ClientHello: no tunnel was used
                 return
@@ -564,6 +565,11 @@ class FrontDoor(asyncio.Protocol):
     # -- after the 200: the first bytes --------------------------------------------------------
     def _first_bytes(self) -> None:
         data = bytes(self.buf)
+        if refused_first_bytes(data) is not None:
+            self._hand_over(after_200=True)  # Interception refuses it (and audits why)
+            return
+        if starts_like_proxy_protocol(data) is None:
+            return  # a prefix of a PROXY protocol header so far: wait for more
         if starts_like_tls(data):
             assert self.tunnel is not None
             if too_many_tls_records(data):
@@ -583,9 +589,6 @@ class FrontDoor(asyncio.Protocol):
                     self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
                     return
             self.guard = RetryGuard(self.tunnel.host)
-        elif starts_like_other_tls_record(data):
-            self._hand_over(after_200=True)  # Interception refuses it (and audits why)
-            return
         self._commit()
         self._relay_held()
 

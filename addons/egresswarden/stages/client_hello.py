@@ -59,6 +59,34 @@ def starts_like_other_tls_record(data: bytes) -> bool:
     return bool(data) and data[0] in _OTHER_RECORD_TYPES
 
 
+_PROXY_SIGNATURES = (b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n")  # PROXY protocol v1 and v2
+
+
+def starts_like_proxy_protocol(data: bytes) -> bool | None:
+    """Do these bytes begin with a PROXY protocol header (None: a prefix of one so far)? A
+    front that accepts the header strips it and reads the ClientHello behind it, which Warden
+    took for "not TLS" and relayed raw (red team 12: nginx `listen ... ssl proxy_protocol`
+    served another host's vhost, and believed the client address the agent wrote). An agent
+    has no reason to send one; such a tunnel is refused."""
+    for signature in _PROXY_SIGNATURES:
+        if data and data[:len(signature)] == signature[:len(data)]:
+            return True if len(data) >= len(signature) else None
+    return False
+
+
+def refused_first_bytes(data: bytes) -> str | None:
+    """Why a tunnel may not begin with these bytes (None: it may, as far as they tell). Any
+    first byte 0x16 must be a ClientHello: mitmproxy's parser ignores the handshake type, and
+    no server should be trusted to refuse another message in its place (red team 12)."""
+    if starts_like_other_tls_record(data):
+        return "a TLS record other than a ClientHello before the handshake"
+    if starts_like_proxy_protocol(data):
+        return "a PROXY protocol header"
+    if data[:1] == b"\x16" and len(data) > 5 and data[5] != 0x01:
+        return "a TLS handshake that does not begin with a ClientHello"
+    return None
+
+
 def too_many_tls_records(data: bytes) -> bool:
     """More TLS records than any real ClientHello takes. Each new segment makes mitmproxy parse
     the whole buffer again, so a hello sent one byte per record would cost quadratic CPU."""
@@ -309,7 +337,7 @@ class RetryGuard:
         rest = data[pos:]
         if not rest:
             return self._hold()
-        if not starts_like_tls(rest):
+        if not starts_like_tls(rest) or (len(rest) > 5 and rest[5] != 0x01):
             raise HandshakeCut("something other than a ClientHello after a HelloRetryRequest")
         if too_many_tls_records(rest):
             raise HandshakeCut(f"a second ClientHello in more than {MAX_HELLO_RECORDS} TLS records")

@@ -57,8 +57,9 @@ from egresswarden.stages.client_hello import (
     HandshakeCut,
     RetryGuard,
     plainly_names_host,
+    refused_first_bytes,
     sni_names,
-    starts_like_other_tls_record,
+    starts_like_proxy_protocol,
     starts_like_tls,
     too_many_tls_records,
 )
@@ -286,6 +287,13 @@ class Interception:
                 else:
                     self._refuse(nextlayer, state, tunnel, "the server spoke first into an intercepted tunnel")
             return  # wait for the client
+        refused = refused_first_bytes(data)
+        if refused is not None:
+            self._refuse(nextlayer, state, tunnel, refused)
+            return
+        if starts_like_proxy_protocol(data) is None:
+            self._wait(nextlayer, state, tunnel, data)  # a prefix of a PROXY protocol header so far
+            return
         if starts_like_tls(data):
             if too_many_tls_records(data):
                 self._refuse(nextlayer, state, tunnel, f"a ClientHello in more than {MAX_HELLO_RECORDS} TLS records")
@@ -312,9 +320,6 @@ class Interception:
                 nextlayer.layer = server_tls
             else:
                 self._passthrough(nextlayer, tunnel, tls=True)
-            return
-        if starts_like_other_tls_record(data):
-            self._refuse(nextlayer, state, tunnel, "a TLS record other than a ClientHello before the handshake")
             return
         if tunnel.decision.allowed and not tunnel.intercept:
             self._passthrough(nextlayer, tunnel)  # allowed raw: the policy needs nothing per request
