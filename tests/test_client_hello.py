@@ -325,12 +325,13 @@ def test_a_server_change_cipher_spec_before_its_retry_request_is_skipped() -> No
 
 
 def test_proxy_protocol_headers_and_other_handshake_messages_are_refused_first_bytes() -> None:
-    for header in (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n\x21"):
+    for header in (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n\x21",
+                   b"PROXYX TCP4 1.2.3.4 5.6.7.8 1 2\r\n", b"PROXY\tX", b"proxy tcp4", b"PROXY"):  # red team 13
         assert starts_like_proxy_protocol(header) is True
         assert refused_first_bytes(header) == "a PROXY protocol header"
-    for prefix in (b"P", b"PROX", b"\r", b"\r\n\r\n\x00"):
+    for prefix in (b"P", b"PROX", b"prox", b"\r", b"\r\n\r\n\x00"):
         assert starts_like_proxy_protocol(prefix) is None  # ask again with more bytes
-    for other in (b"POST / HTTP/1.1", b"PROXYX", b"SSH-2.0", b"\r\n\r\nx", b""):
+    for other in (b"POST / HTTP/1.1", b"PROPFIND /", b"PRI * HTTP/2.0", b"SSH-2.0", b"\r\n\r\nx", b""):
         assert starts_like_proxy_protocol(other) is False
     assert refused_first_bytes(b"\x16\x03\x01\x00\x04\x00\x00\x00\x00") is not None  # hello_request
     assert refused_first_bytes(hello([b"allowed.test"])) is None

@@ -722,6 +722,7 @@ def test_bytes_some_server_skips_before_a_clienthello_are_refused_not_relayed(pa
                 "heartbeat": (b"\x18\x03\x03\x00\x01\x01", other_record),
                 # red team 12
                 "PROXY v1": (b"PROXY TCP4 203.0.113.7 127.0.0.1 4444 443\r\n", "PROXY protocol"),
+                "PROXYX (red team 13)": (b"PROXYX TCP4 203.0.113.7 127.0.0.1 4444 443\r\n", "PROXY protocol"),
                 "PROXY v2": (bytes.fromhex("0d0a0d0a000d0a515549540a2111000ccb0071077f000001115101bb"), "PROXY protocol"),
                 "hello_request first": (b"\x16\x03\x01\x00\x04\x00\x00\x00\x00", "does not begin with a ClientHello")}
     for name in ("fast", "slow"):

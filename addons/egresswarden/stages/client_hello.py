@@ -59,18 +59,25 @@ def starts_like_other_tls_record(data: bytes) -> bool:
     return bool(data) and data[0] in _OTHER_RECORD_TYPES
 
 
-_PROXY_SIGNATURES = (b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n")  # PROXY protocol v1 and v2
+_PROXY_V1 = b"PROXY"  # not "PROXY ": go-proxyproto before 0.15 takes any line starting "PROXY"
+_PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
 def starts_like_proxy_protocol(data: bytes) -> bool | None:
     """Do these bytes begin with a PROXY protocol header (None: a prefix of one so far)? A
     front that accepts the header strips it and reads the ClientHello behind it, which Warden
     took for "not TLS" and relayed raw (red team 12: nginx `listen ... ssl proxy_protocol`
-    served another host's vhost, and believed the client address the agent wrote). An agent
-    has no reason to send one; such a tunnel is refused."""
-    for signature in _PROXY_SIGNATURES:
-        if data and data[:len(signature)] == signature[:len(data)]:
-            return True if len(data) >= len(signature) else None
+    served another host's vhost, and believed the client address the agent wrote). The v1
+    word is matched on its five letters in any case (red team 13: `PROXYX TCP4 ...` passed
+    a check for `PROXY ` and go-proxyproto took it). An agent has no reason to send one;
+    such a tunnel is refused."""
+    if not data:
+        return False
+    head = data[:len(_PROXY_V1)].upper()
+    if head == _PROXY_V1[:len(head)]:
+        return True if len(head) == len(_PROXY_V1) else None
+    if data[:len(_PROXY_V2)] == _PROXY_V2[:len(data)]:
+        return True if len(data) >= len(_PROXY_V2) else None
     return False
 
 
