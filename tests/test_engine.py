@@ -321,3 +321,16 @@ def test_check_warns_on_rule_sets_that_relied_on_cidr_names(tmp_path: Path) -> N
     assert len(warnings) == 1, out.stdout
     assert "db.internal" in warnings[0] and "db-net" in warnings[0] and "r.yaml:" in warnings[0]
     assert "add a host rule" in warnings[0]
+
+
+def test_only_a_raw_tcp_rule_lets_a_passthrough_tunnel_carry_bytes_that_are_not_tls(tmp_path: Path) -> None:
+    from egresswarden.core.plan import plan_connect, plan_raw_tcp
+
+    (tmp_path / "r.yaml").write_text(
+        "agents:\n  - id: a\n    token_sha256: ['" + "0" * 64 + "']\n    policies: [p]\n"
+        "policies:\n  p:\n    allow:\n      - host: tls.test\n      - host: ssh.test\n        ports: [22]\n"
+        "        raw_tcp: true\n")
+    rules = load_ruleset(tmp_path)
+    assert not plan_raw_tcp(rules, plan_connect(rules, "a", "tls.test", 443))
+    assert plan_raw_tcp(rules, plan_connect(rules, "a", "ssh.test", 22))
+    assert not plan_raw_tcp(rules, plan_connect(rules, "a", "ssh.test", 443))  # denied: port_not_allowed

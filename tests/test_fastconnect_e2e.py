@@ -35,7 +35,7 @@ from .bypass_helpers import (
     run_logging_origin,
     wait_until,
 )
-from .harness import Warden, free_port, hosts_file, sha256_hex, start_warden
+from .harness import ORIGIN_NAMES, Warden, free_port, hosts_file, sha256_hex, start_warden
 
 pytestmark = pytest.mark.e2e
 TOKEN = "tok-fast-coder"
@@ -52,12 +52,14 @@ def rules(work: Path, tls_port: int, plain_port: int, closed_port: int) -> dict[
         "agents": [{"id": "coder", "token_sha256": [sha256_hex(TOKEN)], "policies": ["p"]}],
         "policies": {"p": {
             "allow": [
-                {"id": "pass", "host": "allowed.test", "ports": ports, "addresses": ["127.0.0.1/32"]},
+                # raw_tcp: several tests here carry raw bytes, not only TLS
+                {"id": "pass", "host": "allowed.test", "ports": ports, "addresses": ["127.0.0.1/32"], "raw_tcp": True},
+                {"id": "tls-only", "host": "passthrough.test", "ports": ports, "addresses": ["127.0.0.1/32"]},
                 {"id": "inspect", "host": "api.test", "ports": ports, "methods": ["GET"], "paths": ["/ok/**"],
                  "addresses": ["127.0.0.1/32"]},
             ],
         }},
-        "settings": {"hosts_file": str(hosts_file(work / "hosts"))},
+        "settings": {"hosts_file": str(hosts_file(work / "hosts", [*ORIGIN_NAMES, "passthrough.test"]))},
     }
 
 
@@ -750,3 +752,39 @@ def test_bytes_some_server_skips_before_a_clienthello_are_refused_not_relayed(pa
                 refused = [r for r in records[before:] if r.get("event") == "tunnel_refused"]
                 assert refused and why in refused[0].get("message", ""), (name, label, records[before:])
                 assert tls.total_bytes == 0, (name, label, split, fin)  # not one byte reached the origin
+
+
+def test_a_tunnel_without_raw_tcp_carries_tls_only(pair: dict[str, Any]) -> None:
+    """Red team 14: a front that strips a prefix header whose bytes its operator chose (HAProxy's
+    NetScaler CIP) reads the ClientHello behind it, which no signature list can catch. So a
+    passthrough rule carries TLS only unless it says raw_tcp: true: client-first bytes that are
+    not a ClientHello, and a server that speaks first, are refused on both paths; a ClientHello
+    naming the host passes."""
+    tls: LoggingOrigin = pair["tls"]
+    cip = bytes.fromhex("000004d200000028450000280000000040060000cb0071077f000001047f01bb00000000000000005010000000000000")
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        for label, first in (("NetScaler CIP header", cip + hello_record(["evil.test"])), ("SSH banner", b"SSH-2.0-x\r\n"),
+                             ("plain HTTP", b"GET / HTTP/1.1\r\nHost: passthrough.test\r\n\r\n")):
+            tls.reset()
+            before = len(w.audit_records())
+            sock, status, _ = connect_raw(w, "coder", f"passthrough.test:{tls.port}")
+            assert status == 200
+            with sock:
+                sock.sendall(first)
+                sock.settimeout(5)
+                with contextlib.suppress(OSError):
+                    while sock.recv(65536):
+                        pass
+            records = w.audit_records(lambda rs, n=before: any(r.get("event") == "tunnel_refused" for r in rs[n:]))
+            refused = [r for r in records[before:] if r.get("event") == "tunnel_refused"]
+            assert refused and "raw_tcp: true" in refused[0].get("message", ""), (name, label, records[before:])
+            assert tls.total_bytes == 0, (name, label)
+    plain: LoggingOrigin = pair["plain"]  # records the raw bytes it gets
+    for name in ("fast", "slow"):
+        w = pair[name]
+        plain.reset()
+        sock, status, _ = connect_raw(w, "coder", f"passthrough.test:{plain.port}")
+        with sock:
+            sock.sendall(hello_record(["passthrough.test"]))
+            assert wait_until(lambda: plain.total_bytes > 0, 5), name  # a ClientHello naming the host is relayed

@@ -32,7 +32,8 @@ def _rules(work: Path, flood_port: int) -> dict[str, Any]:
     return {
         "agents": [{"id": "coder", "token_sha256": [sha256_hex(TOKEN)], "policies": ["p"]}],
         "policies": {"p": {"allow": [
-            {"id": "pass", "host": "other.test", "ports": [flood_port], "addresses": loopback},
+            {"id": "pass", "host": "other.test", "ports": [flood_port], "addresses": loopback,
+             "raw_tcp": True},  # the flood origin speaks raw bytes
         ]}},
         "settings": {"hosts_file": str(hosts_file(work / "hosts"))},
     }

@@ -49,7 +49,9 @@ def echo_reply(req: SeenRequest) -> OriginReply:
 
 
 def rules(origin_port: int, tmp: Path, agents: tuple[str, ...] = ("coder", "gone")) -> dict[str, Any]:
-    allow = [{"host": "allowed.test", "ports": [origin_port]}, {"cidr": "127.0.0.1/32", "ports": [origin_port]}]
+    # raw_tcp: these tunnels carry raw bytes (an echo origin), not only TLS
+    allow = [{"host": "allowed.test", "ports": [origin_port], "raw_tcp": True},
+             {"cidr": "127.0.0.1/32", "ports": [origin_port], "raw_tcp": True}]
     return {"agents": [{"id": a, "token_sha256": [sha256_hex(TOKENS[a])], "policies": ["web"]} for a in agents],
             "policies": {"web": {"allow": allow}},
             "settings": {"hosts_file": str(hosts_file(tmp / "hosts"))}}

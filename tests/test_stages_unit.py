@@ -38,7 +38,7 @@ def client_hello(sni: str = "api.test", alpn: list[str] | None = None) -> bytes:
 
 
 def tunnel_context(connections: Connections, decision: Decision, *, tls: bool = False,
-                   alpn: bytes | None = None) -> tuple[context.Context, Tunnel]:
+                   alpn: bytes | None = None, raw_tcp: bool = False) -> tuple[context.Context, Tunnel]:
     client = connection.Client(peername=("127.0.0.1", 5000), sockname=("127.0.0.1", 8080), timestamp_start=0)
     ctxt = context.Context(client, options.Options())
     ctxt.server.address = ("api.test", 443)
@@ -50,7 +50,7 @@ def tunnel_context(connections: Connections, decision: Decision, *, tls: bool = 
         client.alpn = alpn
     state = connections.get(client)
     tunnel = Tunnel("coder", "api.test", 443, decision, "rid",
-                    address=ipaddress.ip_address("127.0.0.1"), intercept=decision.intercept)
+                    address=ipaddress.ip_address("127.0.0.1"), intercept=decision.intercept, raw_tcp=raw_tcp)
     if tls:
         tunnel.mode = TunnelMode.INTERCEPT if decision.allowed else TunnelMode.EXPLAIN
     state.tunnel = tunnel
@@ -85,10 +85,10 @@ CASES = [
                  id="raw bytes into an intercepted tunnel: closed"),
     pytest.param(ALLOW, False, None, b"", b"SSH-2.0-x\r\n", RefusedLayer, TunnelMode.REFUSED,
                  id="server speaks first into an intercepted tunnel: closed"),
-    pytest.param(PASS, False, None, b"", b"SSH-2.0-x\r\n", CountingTCPLayer, TunnelMode.PASSTHROUGH,
-                 id="server speaks first into an allowed passthrough: relayed"),
-    pytest.param(PASS, False, None, b"\x00\x01raw", b"", CountingTCPLayer, TunnelMode.PASSTHROUGH,
-                 id="raw bytes into an allowed passthrough: relayed"),
+    pytest.param(PASS, False, None, b"", b"SSH-2.0-x\r\n", RefusedLayer, TunnelMode.REFUSED,
+                 id="server speaks first into a passthrough without raw_tcp: closed"),
+    pytest.param(PASS, False, None, b"\x00\x01raw", b"", RefusedLayer, TunnelMode.REFUSED,
+                 id="raw bytes into a passthrough without raw_tcp: closed"),
     pytest.param(ALLOW, True, None, b"GET /x HTTP/1.1\r\n", b"", layers.HttpLayer, TunnelMode.INTERCEPT,
                  id="after TLS without ALPN: a whole request line is HTTP"),
     pytest.param(ALLOW, True, None, b"GE", b"", None, TunnelMode.INTERCEPT, id="after TLS: split request line waits"),
@@ -177,6 +177,16 @@ def test_upstream_guard_refuses_unchecked_destinations() -> None:
     assert server.error and "not checked by policy" in server.error
 
 
+@pytest.mark.parametrize("client,server", [(b"", b"SSH-2.0-x\r\n"), (b"\x00\x01raw", b"")],
+                         ids=["server speaks first", "client sends raw bytes"])
+def test_a_raw_tcp_rule_relays_bytes_that_are_not_tls(stage: Any, client: bytes, server: bytes) -> None:
+    interception, connections = stage
+    ctxt, tunnel = tunnel_context(connections, PASS, raw_tcp=True)
+    nl = decide_layer(interception, ctxt, client, server)
+    assert isinstance(nl.layer, CountingTCPLayer) and tunnel.mode is TunnelMode.PASSTHROUGH
+    assert nl.layer.guard is None  # nothing TLS to check
+
+
 def test_outcomes_audit_a_refused_connection_and_a_passthrough_once(stage: Any) -> None:
     interception, connections = stage
     outcomes = Outcomes(connections)
@@ -189,7 +199,7 @@ def test_outcomes_audit_a_refused_connection_and_a_passthrough_once(stage: Any) 
     refused = [o for o in seen if o.event == "tunnel_refused"]
     assert len(refused) == 1 and refused[0].decision is not None
     assert refused[0].decision.reason is Reason.NOT_HTTP and refused[0].host == "api.test"
-    ctxt, tunnel = tunnel_context(connections, PASS)
+    ctxt, tunnel = tunnel_context(connections, PASS, raw_tcp=True)
     decide_layer(interception, ctxt, b"\x00raw")
     interception.client_disconnected(ctxt.client)
     outcomes.client_disconnected(ctxt.client)

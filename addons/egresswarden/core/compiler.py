@@ -51,7 +51,7 @@ class _Compiler:
     def rule(self, rule: Rule | Credential) -> CompiledRule:
         if isinstance(rule, Rule):
             return CompiledRule(rule.id, rule.policy, str(rule.target), rule.ports, rule.methods, rule.paths,
-                                rule.addresses, rule.websocket)
+                                rule.addresses, rule.websocket, rule.raw_tcp)
         return CompiledRule(rule.id, rule.policy, str(rule.target), rule.ports, rule.methods, rule.paths)
 
     def credential(self, cred: Credential) -> CompiledCredential | None:

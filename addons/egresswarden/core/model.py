@@ -54,6 +54,7 @@ class Rule:
     # host/domain allow rules: private networks the name may resolve to (exempt from the SSRF guard)
     addresses: tuple[IPNetwork, ...] | None = None
     websocket: bool = False  # allow rules: WebSocket upgrades permitted on this host
+    raw_tcp: bool = False  # allow rules: a passed-through tunnel may carry bytes that are not TLS
 
     @property
     def has_l7(self) -> bool:

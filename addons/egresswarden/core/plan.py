@@ -237,6 +237,15 @@ def plan_upgrade(rules: RuleSet, agent: str, host: str | None, upgrade: str | No
     return decision
 
 
+def plan_raw_tcp(rules: RuleSet, decision: Decision) -> bool:
+    """May the passthrough tunnel `decision` allowed carry bytes that are not TLS? Only where its
+    rule says `raw_tcp: true`: otherwise the tunnel must begin with a ClientHello that names the
+    host, since bytes Warden does not read may carry one it never checked (red team 14: a
+    front that strips a prefix header, e.g. HAProxy's NetScaler CIP, then reads the SNI)."""
+    rule = rules.allow_rule(decision.rule_id) if decision.allowed and decision.rule_id else None
+    return rule is not None and rule.raw_tcp
+
+
 def known_addresses(rules: RuleSet, host: str,
                     given: Sequence[IPAddress] | None = None) -> tuple[tuple[IPAddress, ...], AddressSource]:
     """The addresses the proxy would check, as far as they are known without DNS."""

@@ -34,6 +34,7 @@ class CompiledRule:
     # host/domain allow rules: private networks the name may resolve to (`addresses:`)
     addresses: tuple[IPNetwork, ...] | None = None
     websocket: bool = False
+    raw_tcp: bool = False  # a passthrough tunnel this rule allows may carry bytes that are not TLS
     # The allow decisions this rule gives (without / with interception), built on first use by
     # `decide`: a Decision is immutable and costs ~0.9 us to build, a third of a decision. Kept
     # on the rule rather than in a dict keyed by rule id because at 100,000 rules that dict

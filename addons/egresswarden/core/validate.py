@@ -242,6 +242,9 @@ def _parse_rule(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMa
     if "websocket" in item and policy is None:
         raise lines.error((*path, "websocket"), "deny rules take no websocket key",
                           "WebSocket is refused unless an allow rule says websocket: true")
+    if "raw_tcp" in item and policy is None:
+        raise lines.error((*path, "raw_tcp"), "deny rules take no raw_tcp key",
+                          "a tunnel carries raw bytes only where an allow rule says raw_tcp: true")
     return Rule(
         id=item.get("id", default_id),
         target=target,
@@ -252,6 +255,7 @@ def _parse_rule(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMa
         origin=Origin(lines.file, lines.line_of(path)),
         addresses=_parse_addresses(item, path, lines, target, policy),
         websocket=bool(item.get("websocket", False)),
+        raw_tcp=bool(item.get("raw_tcp", False)),
     )
 
 

@@ -146,6 +146,7 @@ class Tunnel:
     closed: bool = False
     audited: bool = False  # the tunnel_close record was written
     close_error: str | None = None  # why Warden closed a passthrough tunnel (its tunnel_close `error`)
+    raw_tcp: bool = False  # the allowing rule says raw_tcp: true (bytes that are not TLS may pass)
     sandbox_id: str | None = None
 
     @property

@@ -72,7 +72,7 @@ from egresswarden.core.decision import Decision, Interception
 from egresswarden.core.facts import RequestFacts
 from egresswarden.core.hostnames import normalize_host
 from egresswarden.core.identity import AuthFailure
-from egresswarden.core.plan import plan_connect
+from egresswarden.core.plan import plan_connect, plan_raw_tcp
 from egresswarden.record.journal import utc_now
 from egresswarden.record.outcome import Outcome, tunnel_close_outcome
 from egresswarden.runtime import http1_heads, relay, splicing
@@ -411,6 +411,8 @@ class FrontDoor(asyncio.Protocol):
                 self._hand_over(after_200=True)  # Interception refuses it (and audits why)
                 return
             if data and not starts_like_tls(data) and starts_like_proxy_protocol(data) is False:
+                if not self._raw_allowed():
+                    return
                 self._commit()  # not TLS, and all the client will send: relay it, then the EOF
                 self._relay_held()
             else:
@@ -549,7 +551,8 @@ class FrontDoor(asyncio.Protocol):
         state.agent, state.identity_method = who.agent, who.method.value
         self.identity_method = who.method.value
         self.tunnel = Tunnel(agent=who.agent, host=host, port=head.port, decision=decision,
-                             request_id=self.request_id, address=address, intercept=False, sandbox_id=sandbox_id)
+                             request_id=self.request_id, address=address, intercept=False, sandbox_id=sandbox_id,
+                             raw_tcp=plan_raw_tcp(rules, decision))
         self.decision = decision
         upstream = self.upstream = UpstreamSide(self)
         loop = asyncio.get_running_loop()
@@ -589,8 +592,19 @@ class FrontDoor(asyncio.Protocol):
                     self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
                     return
             self.guard = RetryGuard(self.tunnel.host)
+        elif not self._raw_allowed():
+            return
         self._commit()
         self._relay_held()
+
+    def _raw_allowed(self) -> bool:
+        """Bytes that are not TLS pass only where the rule says raw_tcp: true; otherwise the
+        tunnel goes to mitmproxy's path, which refuses it and audits why."""
+        assert self.tunnel is not None
+        if self.tunnel.raw_tcp:
+            return True
+        self._hand_over(after_200=True)
+        return False
 
     def _commit(self) -> None:
         """The tunnel is a passthrough tunnel from here on: the connect record is written."""
@@ -643,7 +657,9 @@ class FrontDoor(asyncio.Protocol):
             self._count_chunk()
         elif self.phase is Phase.FIRST_BYTES:
             if not self.buf:
-                self._commit()  # the server speaks first (SSH, SMTP): allowed raw, as on mitmproxy's path
+                if not self._raw_allowed():  # the server speaks first (SSH, SMTP): raw_tcp rules only
+                    return  # mitmproxy's path connects again, sees the same and refuses it
+                self._commit()  # allowed raw, as on mitmproxy's path
                 self._relay_held()
                 self.from_server(data)
             else:  # half a ClientHello is pending: hold the server until the client's bytes decide

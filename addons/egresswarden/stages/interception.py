@@ -66,6 +66,8 @@ from egresswarden.stages.client_hello import (
 
 logger = logging.getLogger("warden")
 
+NOT_RAW = "bytes that are not a TLS ClientHello, in a tunnel whose rule carries TLS only (raw_tcp: true allows them)"
+
 MAX_UNDECIDED_BYTES = 64 * 1024
 # A passthrough tunnel moves to the kernel relay after this much through mitmproxy's (SplicingTCPLayer).
 SPLICE_AFTER_CHUNKS = 16
@@ -282,8 +284,10 @@ class Interception:
         data = nextlayer.data_client()
         if not data:
             if nextlayer.data_server():
-                if tunnel.decision.allowed and not tunnel.intercept:
+                if tunnel.decision.allowed and not tunnel.intercept and tunnel.raw_tcp:
                     self._passthrough(nextlayer, tunnel)  # server speaks first (SSH, SMTP...): allowed raw
+                elif tunnel.decision.allowed and not tunnel.intercept:
+                    self._refuse(nextlayer, state, tunnel, NOT_RAW)
                 else:
                     self._refuse(nextlayer, state, tunnel, "the server spoke first into an intercepted tunnel")
             return  # wait for the client
@@ -322,7 +326,10 @@ class Interception:
                 self._passthrough(nextlayer, tunnel, tls=True)
             return
         if tunnel.decision.allowed and not tunnel.intercept:
-            self._passthrough(nextlayer, tunnel)  # allowed raw: the policy needs nothing per request
+            if not tunnel.raw_tcp:
+                self._refuse(nextlayer, state, tunnel, NOT_RAW)
+                return
+            self._passthrough(nextlayer, tunnel)  # allowed raw (raw_tcp: true): nothing to decide per request
             return
         # Intercepted or explained tunnel, no TLS: only a whole HTTP/1 request line is acceptable.
         if _REQUEST_LINE.match(data):

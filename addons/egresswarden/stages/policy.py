@@ -41,6 +41,7 @@ from egresswarden.core.plan import (
     governs,
     mcp_server_for,
     plan_connect,
+    plan_raw_tcp,
     plan_request,
     plan_upgrade,
 )
@@ -157,6 +158,7 @@ class Policy:
             address=state.pinned.get((host, flow.request.port)),
             intercept=decision.intercept,
             sandbox_id=record.sandbox_id,
+            raw_tcp=plan_raw_tcp(rules, decision),
         )
         record.interception = Interception.INTERCEPT if decision.intercept else Interception.PASSTHROUGH
         record.upstream_address = str(state.tunnel.address) if state.tunnel.address else None
