@@ -239,10 +239,23 @@ def server_hello(retry: bool, record_size: int | None = None) -> bytes:
 CCS = b"\x14\x03\x03\x00\x01\x01"
 
 
+def test_a_tls_only_guard_cuts_a_server_that_does_not_answer_with_a_server_hello() -> None:
+    """Red team 15: a ClientHello naming the host, then raw bytes, to a server that is not TLS."""
+    first = hello([b"allowed.test"])
+    for answer in (b"\x15\x03\x03\x00\x02\x02\x28", b"\x17\x03\x03\x00\x01x", b"-ERR unknown command\r\n",
+                   b"220 smtp.test ESMTP\r\n", b"\x16\x03\x03\x00\x04\x0b\x00\x00\x00"):
+        guard = RetryGuard(HOST)
+        assert guard.from_client(first + b"SSH-2.0-x\r\n") == first
+        with pytest.raises(HandshakeCut, match="not a"):
+            for i in range(len(answer)):
+                guard.from_server(answer[i:i + 1])
+
+
 def test_the_retry_guard_releases_what_it_held_when_there_is_no_retry() -> None:
     first = hello([b"allowed.test"])
-    for answer in (server_hello(False), b"\x15\x03\x03\x00\x02\x02\x28", b"\x17\x03\x03\x00\x01x"):
-        guard = RetryGuard(HOST)
+    for answer, strict in ((server_hello(False), True), (b"\x15\x03\x03\x00\x02\x02\x28", False),
+                           (b"\x17\x03\x03\x00\x01x", False)):  # strict=False: a raw_tcp tunnel
+        guard = RetryGuard(HOST, strict=strict)
         assert guard.from_client(first + b"early") == first  # the checked hello goes at once
         assert guard.from_client(b"-data") == b""  # later bytes wait for the server's answer
         released = b"".join(guard.from_server(answer[i:i + 1]) for i in range(len(answer)))  # byte by byte

@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -788,3 +789,98 @@ def test_a_tunnel_without_raw_tcp_carries_tls_only(pair: dict[str, Any]) -> None
         with sock:
             sock.sendall(hello_record(["passthrough.test"]))
             assert wait_until(lambda: plain.total_bytes > 0, 5), name  # a ClientHello naming the host is relayed
+
+
+class AnswersJunk:
+    """A TCP server that is not TLS: it answers the first bytes with an error line, as SMTP,
+    Redis or FTP would, and records everything it gets."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.sock.settimeout(10)
+        self.got = b""
+        self.thread = threading.Thread(target=self._one, daemon=True)
+        self.thread.start()
+
+    def _one(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.sock.accept()
+            with conn:
+                conn.settimeout(3)
+                self.got += conn.recv(65536)
+                conn.sendall(b"-ERR unknown command\r\n")
+                while chunk := conn.recv(65536):
+                    self.got += chunk
+
+    def close(self) -> None:
+        self.thread.join(10)
+        self.sock.close()
+
+
+def test_a_clienthello_then_raw_bytes_to_a_server_that_is_not_tls_is_cut(pair: dict[str, Any]) -> None:
+    """Red team 15: a throwaway ClientHello naming the host, then any protocol, to a server that
+    is not TLS (it answers junk with an error line and keeps reading): the retry guard took the
+    server's non-TLS answer for "no retry" and released the held bytes. In a TLS-only tunnel
+    the server's first bytes must now be a ServerHello, or the tunnel is cut."""
+    closed = pair["closed"]  # nothing listens there; this test does, for a moment
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        server = AnswersJunk(closed)
+        try:
+            before = len(w.audit_records())
+            sock, status, _ = connect_raw(w, "coder", f"passthrough.test:{closed}")
+            assert status == 200
+            with sock:
+                sock.sendall(hello_record(["passthrough.test"]) + b"SSH-2.0-OpenSSH_9.6\r\n")
+                sock.settimeout(5)
+                with contextlib.suppress(OSError):
+                    while sock.recv(65536):
+                        pass
+            records = w.audit_records(lambda rs, n=before: any(r.get("event") == "tunnel_close" for r in rs[n:]))
+            closes = [r for r in records[before:] if r.get("event") == "tunnel_close"]
+            assert closes and "not a TLS ServerHello" in closes[0].get("error", ""), (name, records[before:])
+        finally:
+            server.close()
+        assert b"\x11" * 32 in server.got and b"SSH-2.0" not in server.got, (name, server.got[-60:])
+
+
+def test_a_reload_that_removes_raw_tcp_reaches_open_tunnels(tmp_path: Path, shared_confdir: Path) -> None:
+    """Red team 15: raw_tcp was read once, at CONNECT. A reload that removes it now revokes a
+    tunnel already relaying raw bytes (`raw_tcp_removed`), and a tunnel that has sent nothing
+    yet must begin with a ClientHello from then on. Both paths."""
+    with run_logging_origin() as plain:
+        def rules_with(raw: bool) -> dict[str, Any]:
+            rule: dict[str, Any] = {"id": "raw", "host": "allowed.test", "ports": [plain.port],
+                                    "addresses": ["127.0.0.1/32"]}
+            if raw:
+                rule["raw_tcp"] = True
+            return {"agents": [{"id": "coder", "token_sha256": [sha256_hex(TOKEN)], "policies": ["p"]}],
+                    "policies": {"p": {"allow": [rule]}},
+                    "settings": {"hosts_file": str(hosts_file(tmp_path / "hosts"))}}
+
+        for fast in ("true", "false"):
+            work = tmp_path / f"w-{fast}"
+            work.mkdir()
+            w = start_warden(work, rules_with(True), confdir=shared_confdir, agents=AGENTS,
+                             extra_args=["--set", f"warden_fast_connect={fast}"])
+            try:
+                plain.reset()
+                relaying, status, _ = connect_raw(w, "coder", f"allowed.test:{plain.port}")
+                assert status == 200
+                relaying.sendall(b"SSH-2.0-relaying\r\n")
+                assert wait_until(lambda: plain.saw(b"SSH-2.0-relaying"), 5)
+                waiting, status, _ = connect_raw(w, "coder", f"allowed.test:{plain.port}")
+                assert status == 200
+                time.sleep(0.3)  # both tunnels are open (the fast path answered, mitmproxy connected)
+                w.write_rules(rules_with(False))
+                records = w.audit_records(lambda rs: any(r.get("event") == "tunnel_revoked" for r in rs), timeout=10)
+                revoked = [r for r in records if r.get("event") == "tunnel_revoked"]
+                assert len(revoked) == 1 and revoked[0]["revocation"] == "raw_tcp_removed", (fast, records)
+                waiting.sendall(b"SSH-2.0-waiting\r\n")
+                records = w.audit_records(lambda rs: any(r.get("event") == "tunnel_refused" for r in rs), timeout=10)
+                assert any(r.get("event") == "tunnel_refused" and "raw_tcp" in r.get("message", "") for r in records), fast
+                assert not plain.saw(b"SSH-2.0-waiting"), fast
+                relaying.close()
+                waiting.close()
+            finally:
+                w.stop()

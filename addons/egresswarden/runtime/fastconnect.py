@@ -591,7 +591,8 @@ class FrontDoor(asyncio.Protocol):
                 if not sni_names(hello, self.tunnel.host):
                     self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
                     return
-            self.guard = RetryGuard(self.tunnel.host)
+            self.guard = RetryGuard(self.tunnel.host, strict=not self.tunnel.raw_tcp)
+            self.tunnel.tls_checked = True
         elif not self._raw_allowed():
             return
         self._commit()

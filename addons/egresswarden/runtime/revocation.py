@@ -17,7 +17,8 @@ which cancels the client's reader task; mitmproxy then tears down the server sid
 `client_disconnected`, so the usual `tunnel_close` record follows). Each cut is one
 `tunnel_revoked` Outcome (audit, metrics `warden_tunnels_revoked_total{agent,reason}`,
 alerts) with the new decision's reason code and `revocation`: `denied` or
-`needs_interception`, plus `revoke_ms`, the time from the swap of the rules to the close.
+`needs_interception` or `raw_tcp_removed` (a raw tunnel whose rule no longer says
+`raw_tcp: true`), plus `revoke_ms`, the time from the swap of the rules to the close.
 Runs on the event loop (reload listeners do), so it never races the relay.
 
 Live flows: a request inside an intercepted tunnel (or plain HTTP) is decided when its
@@ -50,7 +51,7 @@ from mitmproxy import connection, http
 from egresswarden.core.decide import decide, decide_addresses
 from egresswarden.core.decision import Decision, Interception, Reason, deny
 from egresswarden.core.facts import RequestFacts
-from egresswarden.core.plan import check_addresses, plan_request, plan_upgrade
+from egresswarden.core.plan import check_addresses, plan_raw_tcp, plan_request, plan_upgrade
 from egresswarden.record.journal import utc_now
 from egresswarden.record.outcome import Outcome, redact_query
 from egresswarden.runtime.context import Connections, ConnState, FlowRecord, Tunnel, TunnelMode, record_of
@@ -72,6 +73,11 @@ def redecide(rules: Any, tunnel: Tunnel) -> tuple[Decision, str | None]:
         return decision, "denied"
     if decision.intercept and not tunnel.intercept:
         return decision, "needs_interception"
+    if tunnel.raw_tcp and not plan_raw_tcp(rules, decision):
+        if tunnel.mode is TunnelMode.UNDECIDED:
+            tunnel.raw_tcp = False  # not relaying yet: its first bytes must now be a ClientHello
+        elif not tunnel.tls_checked:
+            return decision, "raw_tcp_removed"  # relaying bytes no TLS check ever saw (red team 15)
     return decision, None
 
 

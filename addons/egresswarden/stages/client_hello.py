@@ -257,8 +257,12 @@ class RetryGuard:
     held, closes the tunnel too: a stage that needed to see something and did not, denies.
     """
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, strict: bool = True) -> None:
         self.host = host
+        # strict (a tunnel that carries TLS only): the server's first bytes must be TLS, a
+        # ServerHello after at most two ChangeCipherSpec records; else a ClientHello naming
+        # the host, then anything, passed to a server that is not TLS at all (red team 15)
+        self.strict = strict
         self.done = False
         self._held = bytearray()  # client bytes not yet forwarded
         self._server = bytearray()  # the start of the server's stream, until decided
@@ -302,11 +306,15 @@ class RetryGuard:
         if len(server) <= at:
             return b""
         if server[at] != 0x16:
+            if self.strict:
+                raise HandshakeCut("the server's first bytes were not a TLS ServerHello")
             return self._finish()  # an alert or anything but a handshake record: no retry
         if len(server) < at + 6:
             return b""
         if server[at + 5] != 0x02:
-            return self._finish()  # not a ServerHello (TLS 1.2 and older have no retry)
+            if self.strict:
+                raise HandshakeCut("the server's first handshake message was not a ServerHello")
+            return self._finish()  # not a ServerHello
         if int.from_bytes(server[at + 3:at + 5], "big") < 38:
             raise HandshakeCut("a ServerHello split into records too small to read")
         if len(server) < at + 43:

@@ -374,7 +374,10 @@ class Interception:
         tunnel.started = time.monotonic()
         self.active_tunnels += 1
         kind = SplicingTCPLayer if self.splice else CountingTCPLayer
-        nextlayer.layer = kind(nextlayer.context, tunnel, RetryGuard(tunnel.host) if tls else None)
+        if tls:
+            tunnel.tls_checked = True
+        guard = RetryGuard(tunnel.host, strict=not tunnel.raw_tcp) if tls else None
+        nextlayer.layer = kind(nextlayer.context, tunnel, guard)
 
     def _refuse(self, nextlayer: layer.NextLayer, state: ConnState | None, tunnel: Tunnel | None, what: str) -> None:
         if tunnel is not None:
