@@ -847,10 +847,12 @@ def test_a_clienthello_then_raw_bytes_to_a_server_that_is_not_tls_is_cut(pair: d
 def test_a_reload_that_removes_raw_tcp_reaches_open_tunnels(tmp_path: Path, shared_confdir: Path) -> None:
     """Red team 15: raw_tcp was read once, at CONNECT. A reload that removes it now revokes a
     tunnel already relaying raw bytes (`raw_tcp_removed`), and a tunnel that has sent nothing
-    yet must begin with a ClientHello from then on. Both paths."""
+    yet must begin with a ClientHello from then on. Red team 16: also one that began with a
+    ClientHello but whose server answered with something other than TLS. Both paths."""
+    junk_port = free_port()
     with run_logging_origin() as plain:
         def rules_with(raw: bool) -> dict[str, Any]:
-            rule: dict[str, Any] = {"id": "raw", "host": "allowed.test", "ports": [plain.port],
+            rule: dict[str, Any] = {"id": "raw", "host": "allowed.test", "ports": [plain.port, junk_port],
                                     "addresses": ["127.0.0.1/32"]}
             if raw:
                 rule["raw_tcp"] = True
@@ -869,13 +871,21 @@ def test_a_reload_that_removes_raw_tcp_reaches_open_tunnels(tmp_path: Path, shar
                 assert status == 200
                 relaying.sendall(b"SSH-2.0-relaying\r\n")
                 assert wait_until(lambda: plain.saw(b"SSH-2.0-relaying"), 5)
+                junk = AnswersJunk(junk_port)
+                hello_first, status, _ = connect_raw(w, "coder", f"allowed.test:{junk_port}")
+                assert status == 200
+                hello_first.sendall(hello_record(["allowed.test"]) + b"SSH-2.0-after-hello\r\n")
+                assert wait_until(lambda j=junk: b"SSH-2.0-after-hello" in j.got, 5)  # raw_tcp: released
                 waiting, status, _ = connect_raw(w, "coder", f"allowed.test:{plain.port}")
                 assert status == 200
-                time.sleep(0.3)  # both tunnels are open (the fast path answered, mitmproxy connected)
+                time.sleep(0.3)  # the tunnels are open (the fast path answered, mitmproxy connected)
                 w.write_rules(rules_with(False))
-                records = w.audit_records(lambda rs: any(r.get("event") == "tunnel_revoked" for r in rs), timeout=10)
+                records = w.audit_records(
+                    lambda rs: len([r for r in rs if r.get("event") == "tunnel_revoked"]) >= 2, timeout=10)
                 revoked = [r for r in records if r.get("event") == "tunnel_revoked"]
-                assert len(revoked) == 1 and revoked[0]["revocation"] == "raw_tcp_removed", (fast, records)
+                assert len(revoked) == 2 and {r["revocation"] for r in revoked} == {"raw_tcp_removed"}, (fast, records)
+                hello_first.close()
+                junk.close()
                 waiting.sendall(b"SSH-2.0-waiting\r\n")
                 records = w.audit_records(lambda rs: any(r.get("event") == "tunnel_refused" for r in rs), timeout=10)
                 assert any(r.get("event") == "tunnel_refused" and "raw_tcp" in r.get("message", "") for r in records), fast

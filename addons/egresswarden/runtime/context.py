@@ -147,7 +147,7 @@ class Tunnel:
     audited: bool = False  # the tunnel_close record was written
     close_error: str | None = None  # why Warden closed a passthrough tunnel (its tunnel_close `error`)
     raw_tcp: bool = False  # the allowing rule says raw_tcp: true (bytes that are not TLS may pass)
-    tls_checked: bool = False  # its first bytes were a ClientHello that named the host
+    tls_checked: bool = False  # a ClientHello naming the host, answered by a ServerHello: it carries TLS
     sandbox_id: str | None = None
 
     @property

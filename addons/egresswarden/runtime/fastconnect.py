@@ -592,7 +592,6 @@ class FrontDoor(asyncio.Protocol):
                     self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
                     return
             self.guard = RetryGuard(self.tunnel.host, strict=not self.tunnel.raw_tcp)
-            self.tunnel.tls_checked = True
         elif not self._raw_allowed():
             return
         self._commit()
@@ -690,6 +689,8 @@ class FrontDoor(asyncio.Protocol):
             self.upstream.transport.write(forward)
         if guard.done:
             self.guard = None
+            assert self.tunnel is not None
+            self.tunnel.tls_checked = guard.server_hello_seen  # red team 16: not under raw_tcp junk
             if self.eof_deferred:
                 self._forward_eof_up()
 

@@ -264,6 +264,7 @@ class RetryGuard:
         # the host, then anything, passed to a server that is not TLS at all (red team 15)
         self.strict = strict
         self.done = False
+        self.server_hello_seen = False  # the server answered with TLS: the tunnel carries TLS
         self._held = bytearray()  # client bytes not yet forwarded
         self._server = bytearray()  # the start of the server's stream, until decided
         self._first_end: int | None = None  # end of the first hello's last record (None: not yet known)
@@ -311,10 +312,11 @@ class RetryGuard:
             return self._finish()  # an alert or anything but a handshake record: no retry
         if len(server) < at + 6:
             return b""
-        if server[at + 5] != 0x02:
+        if server[at + 5] != 0x02 or server[at + 1] != 0x03:
             if self.strict:
                 raise HandshakeCut("the server's first handshake message was not a ServerHello")
             return self._finish()  # not a ServerHello
+        self.server_hello_seen = True
         if int.from_bytes(server[at + 3:at + 5], "big") < 38:
             raise HandshakeCut("a ServerHello split into records too small to read")
         if len(server) < at + 43:

@@ -128,6 +128,7 @@ class CountingTCPLayer(tcp.TCPLayer):
             return
         if guard.done:
             self.guard = None
+            self.tunnel.tls_checked = guard.server_hello_seen  # red team 16: not under raw_tcp junk
             if self.deferred_close is not None:
                 yield from relay(self.deferred_close)
 
@@ -374,8 +375,6 @@ class Interception:
         tunnel.started = time.monotonic()
         self.active_tunnels += 1
         kind = SplicingTCPLayer if self.splice else CountingTCPLayer
-        if tls:
-            tunnel.tls_checked = True
         guard = RetryGuard(tunnel.host, strict=not tunnel.raw_tcp) if tls else None
         nextlayer.layer = kind(nextlayer.context, tunnel, guard)
 
