@@ -937,8 +937,12 @@ def test_refused_floods_close_promptly_and_leak_no_sockets(w: Warden, tls_origin
     for _ in range(8):
         started = time.monotonic()
         with open_tunnel(w, "coder", "api.test", tls_origin.port) as s:
-            s.sendall(b"G" * (70 * 1024))
-            assert closed_without_answer(s, timeout=5) is None
+            try:
+                s.sendall(b"G" * (70 * 1024))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed while the flood was still being written: at once, without an answer
+            else:
+                assert closed_without_answer(s, timeout=5) is None
         assert time.monotonic() - started < 5
     # the sockets are closed on Warden's side too (bounded wait: the close is asynchronous)
     assert wait_until(lambda: len(list(fds.iterdir())) <= before + 1, timeout=5), \
