@@ -829,3 +829,20 @@ def h2_get(sock: socket.socket, authority: str, path: str, timeout: float = 10) 
                 sock.sendall(conn.data_to_send())
                 return status
         sock.sendall(conn.data_to_send())
+
+
+def client_hello_record(sni_list: list[bytes] | None, extra: bytes = b"", alpn: bytes | None = None) -> bytes:
+    """A hand-built ClientHello in one TLS record: the server_name list given (None: no server_name
+    extension), an ALPN extension body if given, then `extra` extensions. Its random is 0x11 x 32."""
+    exts = b""
+    if sni_list is not None:
+        names = b"".join(b"\x00" + struct.pack("!H", len(n)) + n for n in sni_list)
+        body = struct.pack("!H", len(names)) + names
+        exts = b"\x00\x00" + struct.pack("!H", len(body)) + body
+    if alpn is not None:
+        exts += b"\x00\x10" + struct.pack("!H", len(alpn)) + alpn
+    exts += extra
+    body = b"\x03\x03" + b"\x11" * 32 + b"\x00" + struct.pack("!H", 2) + b"\x13\x01" + b"\x01\x00" \
+        + struct.pack("!H", len(exts)) + exts
+    hs = b"\x01" + struct.pack("!I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack("!H", len(hs)) + hs

@@ -34,22 +34,9 @@ from egresswarden.stages.client_hello import (
 )
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
+from .bypass_helpers import client_hello_record as hello
+
 HOST = "allowed.test"
-
-
-def hello(sni_list: list[bytes] | None, extra: bytes = b"", alpn: bytes | None = None) -> bytes:
-    exts = b""
-    if sni_list is not None:
-        names = b"".join(b"\x00" + struct.pack("!H", len(n)) + n for n in sni_list)
-        body = struct.pack("!H", len(names)) + names
-        exts = b"\x00\x00" + struct.pack("!H", len(body)) + body
-    if alpn is not None:
-        exts += b"\x00\x10" + struct.pack("!H", len(alpn)) + alpn
-    exts += extra
-    body = b"\x03\x03" + b"\x11" * 32 + b"\x00" + struct.pack("!H", 2) + b"\x13\x01" + b"\x01\x00" \
-        + struct.pack("!H", len(exts)) + exts
-    hs = b"\x01" + struct.pack("!I", len(body))[1:] + body
-    return b"\x16\x03\x01" + struct.pack("!H", len(hs)) + hs
 
 
 def full_parser_says(data: bytes, host: str = HOST) -> bool | str:

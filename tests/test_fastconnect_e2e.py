@@ -28,6 +28,7 @@ import trustme
 from .bypass_helpers import (
     LoggingOrigin,
     SplitHelloTLS,
+    client_hello_record,
     client_tls,
     connect_raw,
     proxy_auth,
@@ -359,18 +360,7 @@ def test_large_transfers_both_ways_without_splice_keep_backpressure_and_exact_co
 # -- red team 6 (fresh eyes on the fast path): each attack that worked, and now holds ------------
 def hello_record(sni_names: list[str] | None = None, extra: bytes = b"") -> bytes:
     """A hand-built ClientHello (one TLS record) with the given server_name list."""
-    import struct
-
-    exts = b""
-    if sni_names is not None:
-        names = b"".join(b"\x00" + struct.pack("!H", len(n)) + n.encode() for n in sni_names)
-        body = struct.pack("!H", len(names)) + names
-        exts += b"\x00\x00" + struct.pack("!H", len(body)) + body
-    exts += extra
-    body = b"\x03\x03" + b"\x11" * 32 + b"\x00" + struct.pack("!H", 2) + b"\x13\x01" + b"\x01\x00" \
-        + struct.pack("!H", len(exts)) + exts
-    hs = b"\x01" + struct.pack("!I", len(body))[1:] + body
-    return b"\x16\x03\x01" + struct.pack("!H", len(hs)) + hs
+    return client_hello_record([n.encode() for n in sni_names] if sni_names is not None else None, extra)
 
 
 def connect_head(port: int) -> bytes:
