@@ -22,8 +22,10 @@ from egresswarden.stages.client_hello import (
     HELLO_RETRY_RANDOM,
     MAX_HELD_BYTES,
     MAX_HELLO_RECORDS,
+    FirstBytes,
     HandshakeCut,
     RetryGuard,
+    classify_first_bytes,
     plainly_names_host,
     refused_first_bytes,
     sni_names,
@@ -336,3 +338,56 @@ def test_proxy_protocol_headers_and_other_handshake_messages_are_refused_first_b
     assert refused_first_bytes(b"\x16\x03\x01\x00\x04\x00\x00\x00\x00") is not None  # hello_request
     assert refused_first_bytes(hello([b"allowed.test"])) is None
     assert refused_first_bytes(b"\x16\x03\x01") is None  # too short to tell: the parser waits
+
+
+@pytest.mark.parametrize("data, kind, detail", [
+    (b"", FirstBytes.WAIT, ""),
+    (b"P", FirstBytes.WAIT, ""),  # a PROXY header so far
+    (b"\x16\x03\x01", FirstBytes.WAIT, ""),  # a ClientHello so far
+    (hello([b"allowed.test"])[:40], FirstBytes.WAIT, ""),
+    (hello([b"allowed.test"]), FirstBytes.NAMES_HOST, ""),
+    (hello([b"ALLOWED.test."]), FirstBytes.NAMES_HOST, ""),
+    (hello(None), FirstBytes.NAMES_HOST, ""),  # no server_name at all
+    (hello([b"allowed.test"]) + b"trailing", FirstBytes.NAMES_HOST, ""),  # the full parser's answer
+    (hello([b"evil.test"]), FirstBytes.OTHER_NAME, "evil.test"),
+    (hello([b"evil.test", b"allowed.test"]), FirstBytes.OTHER_NAME, "(unreadable)"),
+    (hello([b"allowed.test\n"]), FirstBytes.OTHER_NAME, "allowed.test\n"),  # red team 9
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", FirstBytes.REFUSE, "PROXY protocol"),
+    (b"\x15\x03\x01\x00\x02\x01\x5a", FirstBytes.REFUSE, "other than a ClientHello"),
+    (b"\x16\x03\x01\x00\x04\x02\x00\x00\x00", FirstBytes.REFUSE, "does not begin with a ClientHello"),
+    (b"\x16\x03\x01\x00\x01\x01" * (MAX_HELLO_RECORDS + 1), FirstBytes.REFUSE, "TLS records"),
+    (b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00", FirstBytes.REFUSE, "invalid"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", FirstBytes.NOT_TLS, ""),
+    (b"GET / HTTP/1.1\r\n", FirstBytes.NOT_TLS, ""),
+    (b"POST", FirstBytes.NOT_TLS, ""),
+])
+def test_one_verdict_on_a_tunnels_first_bytes(data: bytes, kind: FirstBytes, detail: str) -> None:
+    verdict = classify_first_bytes(data, HOST)
+    assert verdict.kind is kind
+    if kind is FirstBytes.REFUSE:
+        assert detail in verdict.why
+    elif kind is FirstBytes.OTHER_NAME:
+        assert verdict.sni == detail
+
+
+def test_the_verdict_on_hellos_agrees_with_the_full_parser() -> None:
+    """The one classifier every path asks, against mitmproxy's parser on the same mutations
+    the fast reader is checked on: a name verdict exactly where the parser reads a name."""
+    rng = random.Random(20261202)
+    for data in _mutations(hello([b"allowed.test"]), rng, 3000):
+        verdict = classify_first_bytes(data, HOST)
+        if refused_first_bytes(data) is not None or too_many_tls_records(data):
+            assert verdict.kind is FirstBytes.REFUSE
+            continue
+        if not starts_like_tls(data):
+            assert verdict.kind is (FirstBytes.WAIT if starts_like_proxy_protocol(data) is None else FirstBytes.NOT_TLS)
+            continue
+        full = full_parser_says(data)
+        if full is True:
+            assert verdict.kind is FirstBytes.NAMES_HOST, data.hex()
+        elif full is False:
+            assert verdict.kind is FirstBytes.OTHER_NAME, data.hex()
+        elif full == "incomplete":
+            assert verdict.kind is FirstBytes.WAIT, data.hex()
+        else:
+            assert verdict.kind is FirstBytes.REFUSE, data.hex()

@@ -80,13 +80,10 @@ from egresswarden.runtime.context import ConnState, Tunnel, TunnelMode, new_requ
 from egresswarden.runtime.patching import wrap_once
 from egresswarden.runtime.workers import reuse_port_enabled
 from egresswarden.stages.client_hello import (
+    FirstBytes,
     HandshakeCut,
     RetryGuard,
-    plainly_names_host,
-    refused_first_bytes,
-    sni_names,
-    starts_like_proxy_protocol,
-    starts_like_tls,
+    classify_first_bytes,
     too_many_tls_records,
 )
 from egresswarden.stages.identity import identify_client
@@ -406,11 +403,12 @@ class FrontDoor(asyncio.Protocol):
     def _client_finished(self) -> None:
         """The client sent its FIN (now, or before the 200 and seen after it)."""
         if self.phase is Phase.FIRST_BYTES:
-            data = bytes(self.buf)
-            if refused_first_bytes(data) is not None:
+            assert self.tunnel is not None
+            verdict = classify_first_bytes(bytes(self.buf), self.tunnel.host)
+            if verdict.kind is FirstBytes.REFUSE:
                 self._hand_over(after_200=True)  # Interception refuses it (and audits why)
                 return
-            if data and not starts_like_tls(data) and starts_like_proxy_protocol(data) is False:
+            if verdict.kind is FirstBytes.NOT_TLS:
                 if not self._raw_allowed():
                     return
                 self._commit()  # not TLS, and all the client will send: relay it, then the EOF
@@ -567,32 +565,21 @@ class FrontDoor(asyncio.Protocol):
 
     # -- after the 200: the first bytes --------------------------------------------------------
     def _first_bytes(self) -> None:
+        assert self.tunnel is not None
         data = bytes(self.buf)
-        if refused_first_bytes(data) is not None:
-            self._hand_over(after_200=True)  # Interception refuses it (and audits why)
+        verdict = classify_first_bytes(data, self.tunnel.host)
+        if verdict.kind is FirstBytes.WAIT:
+            if len(data) > MAX_HELD:
+                self._hand_over(after_200=True)
             return
-        if starts_like_proxy_protocol(data) is None:
-            return  # a prefix of a PROXY protocol header so far: wait for more
-        if starts_like_tls(data):
-            assert self.tunnel is not None
-            if too_many_tls_records(data):
-                self._hand_over(after_200=True)  # Interception refuses it (and audits why)
-                return
-            if not plainly_names_host(data, self.tunnel.host):  # the common case, without mitmproxy's parser
-                try:
-                    hello = parse_client_hello(data)
-                except ValueError:
-                    self._hand_over(after_200=True)  # Interception refuses it (and audits why)
-                    return
-                if hello is None:
-                    if len(data) > MAX_HELD:
-                        self._hand_over(after_200=True)
-                    return
-                if not sni_names(hello, self.tunnel.host):
-                    self._hand_over(after_200=True)  # fronting: intercepted, readable 403 sni_mismatch
-                    return
+        if verdict.kind in (FirstBytes.REFUSE, FirstBytes.OTHER_NAME):
+            # Interception reads the same verdict: it refuses the tunnel, or intercepts a
+            # fronting hello (a readable 403 sni_mismatch), and audits either
+            self._hand_over(after_200=True)
+            return
+        if verdict.kind is FirstBytes.NAMES_HOST:
             self.guard = RetryGuard(self.tunnel.host, strict=not self.tunnel.raw_tcp)
-        elif not self._raw_allowed():
+        elif not self._raw_allowed():  # NOT_TLS
             return
         self._commit()
         self._relay_held()

@@ -1,8 +1,13 @@
 """What a tunnel's first TLS bytes say: is this a ClientHello, and does it name the CONNECT host?
 
-Both places that let a tunnel carry TLS raw (Interception, for tunnels mitmproxy handles, and
-the fast CONNECT listener) ask the same three questions, through these functions only:
+Every place that reads a tunnel's first bytes (Interception, for tunnels mitmproxy handles;
+the fast CONNECT listener; RetryGuard, for a second ClientHello) asks `classify_first_bytes`
+and only maps its verdict to an action, so a fix to what counts as "names the host" lands on
+every path at once. It asks, in this order:
 
+* `refused_first_bytes`: bytes no tunnel may begin with (another TLS record type, a PROXY
+  protocol header, a handshake message that is not a ClientHello); a prefix of a PROXY
+  header waits for more;
 * `starts_like_tls`: must the bytes pass the SNI check at all (any first byte 0x16)?
 * `too_many_tls_records`: more records than a real ClientHello takes (refused: each segment
   would make mitmproxy's parser read the whole buffer again).
@@ -23,6 +28,8 @@ real and mutated hellos), so it can only skip work, never change a decision.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum, auto
 from typing import Any
 
 from mitmproxy.net.check import is_valid_host
@@ -224,6 +231,51 @@ def _plain_alpn(body: bytes) -> bool:
     return True
 
 
+class FirstBytes(Enum):
+    WAIT = auto()  # not decidable yet: a ClientHello or PROXY header unfinished so far
+    REFUSE = auto()  # no tunnel may carry these bytes (`why` says which rule)
+    NAMES_HOST = auto()  # a whole ClientHello naming the CONNECT host, or no host at all
+    OTHER_NAME = auto()  # a whole ClientHello naming something else (`sni`: what it names)
+    NOT_TLS = auto()  # not TLS at all (HTTP, SSH, anything): raw_tcp or interception decide
+
+
+@dataclass(frozen=True, slots=True)
+class FirstBytesVerdict:
+    kind: FirstBytes
+    why: str = ""  # REFUSE: for the tunnel_refused record and the log
+    sni: str = ""  # OTHER_NAME: the name read, "(unreadable)" when there is none to show
+
+
+_WAIT = FirstBytesVerdict(FirstBytes.WAIT)
+_NAMES_HOST = FirstBytesVerdict(FirstBytes.NAMES_HOST)
+_NOT_TLS = FirstBytesVerdict(FirstBytes.NOT_TLS)
+
+
+def classify_first_bytes(data: bytes, host: str) -> FirstBytesVerdict:
+    """What the first bytes a client sent into a tunnel to `host` are, as far as they tell.
+    `data` is everything the client sent so far (the caller bounds how much it holds)."""
+    refused = refused_first_bytes(data)
+    if refused is not None:
+        return FirstBytesVerdict(FirstBytes.REFUSE, why=refused)
+    if starts_like_proxy_protocol(data) is None:
+        return _WAIT  # a prefix of a PROXY protocol header so far
+    if not starts_like_tls(data):
+        return _NOT_TLS if data else _WAIT
+    if too_many_tls_records(data):
+        return FirstBytesVerdict(FirstBytes.REFUSE, why=f"a ClientHello in more than {MAX_HELLO_RECORDS} TLS records")
+    if plainly_names_host(data, host):  # the common case, without mitmproxy's parser
+        return _NAMES_HOST
+    try:
+        hello = parse_client_hello(data)
+    except ValueError:
+        return FirstBytesVerdict(FirstBytes.REFUSE, why="an invalid TLS ClientHello")
+    if hello is None:
+        return _WAIT
+    if sni_names(hello, host):
+        return _NAMES_HOST
+    return FirstBytesVerdict(FirstBytes.OTHER_NAME, sni=hello.sni or "(unreadable)")
+
+
 # RFC 8446 4.1.3: a ServerHello with this random is a HelloRetryRequest.
 HELLO_RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
 MAX_HELD_BYTES = 64 * 1024
@@ -354,19 +406,15 @@ class RetryGuard:
         rest = data[pos:]
         if not rest:
             return self._hold()
-        if not starts_like_tls(rest) or (len(rest) > 5 and rest[5] != 0x01):
+        if not starts_like_tls(rest):  # no PROXY header or anything else may wait here
             raise HandshakeCut("something other than a ClientHello after a HelloRetryRequest")
-        if too_many_tls_records(rest):
-            raise HandshakeCut(f"a second ClientHello in more than {MAX_HELLO_RECORDS} TLS records")
-        if not plainly_names_host(rest, self.host):
-            try:
-                hello = parse_client_hello(rest)
-            except ValueError:
-                raise HandshakeCut("an invalid second ClientHello after a HelloRetryRequest") from None
-            if hello is None:
-                return self._hold()
-            if not sni_names(hello, self.host):
-                raise HandshakeCut("a second ClientHello (after a HelloRetryRequest) that names another host")
+        verdict = classify_first_bytes(rest, self.host)
+        if verdict.kind is FirstBytes.WAIT:
+            return self._hold()
+        if verdict.kind is FirstBytes.REFUSE:
+            raise HandshakeCut(f"after a HelloRetryRequest, {verdict.why}")
+        if verdict.kind is not FirstBytes.NAMES_HOST:
+            raise HandshakeCut("a second ClientHello (after a HelloRetryRequest) that names another host")
         return self._finish()
 
 

@@ -45,7 +45,7 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, context, events, layer, layers
 from mitmproxy.proxy.layers import modes, tcp
 from mitmproxy.proxy.layers.http import HTTPMode
-from mitmproxy.proxy.layers.tls import HTTP_ALPNS, parse_client_hello
+from mitmproxy.proxy.layers.tls import HTTP_ALPNS
 
 from egresswarden.core.decision import Reason
 from egresswarden.runtime import relay, splicing
@@ -54,12 +54,10 @@ from egresswarden.runtime.context import Connections, ConnState, Tunnel, TunnelM
 from egresswarden.runtime.sockets import connection_handler
 from egresswarden.stages.client_hello import (
     MAX_HELLO_RECORDS,
+    FirstBytes,
     HandshakeCut,
     RetryGuard,
-    plainly_names_host,
-    refused_first_bytes,
-    sni_names,
-    starts_like_proxy_protocol,
+    classify_first_bytes,
     starts_like_tls,
     too_many_tls_records,
 )
@@ -292,29 +290,17 @@ class Interception:
                 else:
                     self._refuse(nextlayer, state, tunnel, "the server spoke first into an intercepted tunnel")
             return  # wait for the client
-        refused = refused_first_bytes(data)
-        if refused is not None:
-            self._refuse(nextlayer, state, tunnel, refused)
+        verdict = classify_first_bytes(data, tunnel.host)
+        if verdict.kind is FirstBytes.REFUSE:
+            self._refuse(nextlayer, state, tunnel, verdict.why)
             return
-        if starts_like_proxy_protocol(data) is None:
-            self._wait(nextlayer, state, tunnel, data)  # a prefix of a PROXY protocol header so far
+        if verdict.kind is FirstBytes.WAIT:
+            self._wait(nextlayer, state, tunnel, data)
             return
-        if starts_like_tls(data):
-            if too_many_tls_records(data):
-                self._refuse(nextlayer, state, tunnel, f"a ClientHello in more than {MAX_HELLO_RECORDS} TLS records")
-                return
-            if not plainly_names_host(data, tunnel.host):  # the common case, without mitmproxy's parser
-                try:
-                    hello = parse_client_hello(data)
-                except ValueError:
-                    self._refuse(nextlayer, state, tunnel, "an invalid TLS ClientHello")
-                    return
-                if hello is None:
-                    self._wait(nextlayer, state, tunnel, data)
-                    return
-                if tunnel.decision.allowed and not sni_names(hello, tunnel.host):
-                    tunnel.sni_mismatch = hello.sni or "(unreadable)"
-                    tunnel.intercept = True
+        if verdict.kind is not FirstBytes.NOT_TLS:  # a whole ClientHello
+            if verdict.kind is FirstBytes.OTHER_NAME and tunnel.decision.allowed:
+                tunnel.sni_mismatch = verdict.sni
+                tunnel.intercept = True
             if not tunnel.decision.allowed:
                 tunnel.mode = TunnelMode.EXPLAIN
                 nextlayer.layer = layers.ClientTLSLayer(nextlayer.context)  # no upstream: nothing to contact
