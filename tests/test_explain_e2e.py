@@ -17,7 +17,19 @@ from typing import Any
 
 import pytest
 
-from .harness import WARDEN, Origin, Warden, curl, free_port, hosts_file, run_origin, sha256_hex, start_warden
+from .bypass_helpers import closed_without_answer, open_tunnel
+from .harness import (
+    ORIGIN_NAMES,
+    WARDEN,
+    Origin,
+    Warden,
+    curl,
+    free_port,
+    hosts_file,
+    run_origin,
+    sha256_hex,
+    start_warden,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -47,6 +59,8 @@ def _rules(tls: int, plain: int, closed: int, hosts: Path) -> dict[str, Any]:
                 {"id": "mcp-host", "host": "mcp.test", "ports": [tls]},
                 {"id": "other", "host": "other.test", "ports": [tls]},
                 {"id": "far-port", "host": "leak.test", "ports": [closed]},
+                {"id": "raw-any", "host": "rawtcp.test", "ports": [plain], "raw_tcp": True},
+                {"id": "tls-only", "host": "tlsonly.test", "ports": [plain]},
                 {"id": "loopback", "cidr": "127.0.0.1/32", "ports": [tls, plain]},
             ],
             "credentials": [{"id": "gh", "host": "cred.test", "ports": [tls], "paths": ["/repos/**"],
@@ -64,7 +78,7 @@ def env(origin_ca, origin_ca_file: Path, shared_confdir: Path, tmp_path_factory:
     work = tmp_path_factory.mktemp("explain-e2e")
     with run_origin(ca=origin_ca) as tls, run_origin() as plain:
         closed = free_port()
-        rules = _rules(tls.port, plain.port, closed, hosts_file(work / "hosts"))
+        rules = _rules(tls.port, plain.port, closed, hosts_file(work / "hosts", [*ORIGIN_NAMES, "rawtcp.test", "tlsonly.test"]))
         warden = start_warden(work, rules, upstream_ca=origin_ca_file, confdir=shared_confdir,
                               env={"EXPLAIN_E2E_TOKEN": SECRET}, agents={"coder": "tok-coder", "rep": "tok-rep"})
         bundle = work / "bundle.pem"
@@ -178,3 +192,25 @@ def test_explain_text_shows_every_stage(env: Env) -> None:
                    "request:", "credentials: injected: gh [", "mcp server: none", "final: allow"):
         assert needle in out.stdout, out.stdout
     assert SECRET not in out.stdout  # offline: the secret is never even read
+
+
+@pytest.mark.parametrize(("host", "raw"), [("rawtcp.test", True), ("tlsonly.test", False)])
+def test_explain_says_whether_a_passthrough_tunnel_may_carry_raw_tcp(env: Env, host: str, raw: bool) -> None:
+    """The plan says raw_tcp, and the proxy does what it says with plain HTTP bytes in the tunnel."""
+    plan = _explain(env, "coder", "GET", f"https://{host}:{env.plain.port}/")
+    assert plan["interception"] == {"mode": "passthrough", "why": [], "raw_tcp": raw}, plan
+    text = subprocess.run([WARDEN, "explain", "--rules", str(env.warden.rules_dir), "--agent", "coder",
+                           f"https://{host}:{env.plain.port}/"], capture_output=True, text=True, timeout=60).stdout
+    assert ("carries: any TCP" if raw else "carries: TLS only") in text, text
+    start = len(env.warden.audit_records())
+    with open_tunnel(env.warden, "coder", host, env.plain.port, tls=False) as sock:
+        sock.sendall(f"GET /raw HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        answer = closed_without_answer(sock)
+    if raw:
+        assert answer is not None and answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n")[0], answer
+        return
+    assert answer is None, answer
+    records = env.warden.audit_records(
+        wait_for=lambda rs: any(r.get("event") == "tunnel_refused" for r in rs[start:]), timeout=10)
+    refused = [r for r in records[start:] if r.get("event") == "tunnel_refused"]
+    assert refused and "raw_tcp: true allows them" in refused[0]["message"], records[start:]

@@ -72,7 +72,10 @@ def _interception_line(p: Plan) -> str:
     if p.interception is not None and p.interception.value == "intercept":
         why = ", ".join(w.value for w in p.intercept_why)
         return f"{'interception':>{LABEL}}: TLS intercepted ({why}): every request in the tunnel is decided"
-    return f"{'interception':>{LABEL}}: passed through (no interception): requests inside are not seen"
+    carries = ("any TCP (the rule says raw_tcp: true)" if p.raw_tcp else
+               "TLS only: its first bytes must be a ClientHello naming the host (raw_tcp: true allows other TCP)")
+    return (f"{'interception':>{LABEL}}: passed through (no interception): requests inside are not seen\n"
+            f"{'carries':>{LABEL}}: {carries}")
 
 
 def _address(value: str) -> IPAddress:

@@ -50,7 +50,8 @@ JSON (`Plan.to_json()`, used by `warden explain --json`; keys are stable, new on
 added): agent, method, scheme, host, port, path, policy_version, complete,
 stages: [{stage, evaluated, decision, reason, rule_id, rule_origin, message, note}],
 addresses, address_source (literal | given | hosts_file | unknown),
-interception: {mode (intercept | passthrough | plain | explain | null), why: [...]},
+interception: {mode (intercept | passthrough | plain | explain | null), why: [...],
+raw_tcp (passthrough: true where the rule says raw_tcp, false when the tunnel carries TLS only; else null)},
 credentials: [id...], mcp_server, final: {decision, reason, rule_id, rule_origin, message, stage}.
 """
 
@@ -147,6 +148,7 @@ class Plan:
     credentials: tuple[str, ...] = ()
     mcp_server: str | None = None
     complete: bool = True  # False: an allow that still depends on an address check not run here
+    raw_tcp: bool | None = None  # passthrough tunnels: may it carry bytes that are not TLS (None: no such tunnel)
 
     @property
     def decision(self) -> Decision:
@@ -171,7 +173,8 @@ class Plan:
             "addresses": [str(a) for a in self.addresses],
             "address_source": self.address_source.value,
             "interception": {"mode": self.interception.value if self.interception else None,
-                             "why": [w.value for w in self.intercept_why]},
+                             "why": [w.value for w in self.intercept_why],
+                             "raw_tcp": self.raw_tcp},
             "credentials": list(self.credentials),
             "mcp_server": self.mcp_server,
             "final": {k: final[k] for k in ("decision", "reason", "rule_id", "rule_origin", "message")}
@@ -478,12 +481,13 @@ def plan(rules: RuleSet, agent: str, scheme: str, host: str, port: int, method: 
         if governed is not None:
             tunnel = replace(tunnel, intercept=True)
         mode, why = interception_for(rules, agent, canonical, port, tunnel, governed)
+        raw = plan_raw_tcp(rules, tunnel) if mode is Interception.PASSTHROUGH else None
         if method is None or path is None:
-            return done(interception=mode, intercept_why=why, complete=complete)
+            return done(interception=mode, intercept_why=why, complete=complete, raw_tcp=raw)
         if mode is Interception.PASSTHROUGH:
             stages.append(StageResult(StageName.REQUEST, None, note=(
                 "not evaluated: the tunnel is passed through, so the proxy never sees the requests inside it")))
-            return done(interception=mode, intercept_why=why, complete=complete)
+            return done(interception=mode, intercept_why=why, complete=complete, raw_tcp=raw)
         request = plan_request(rules, agent, "https", host, port, method, path)
         stages.append(_result(rules, StageName.REQUEST, request))
         if not request.allowed:
