@@ -302,14 +302,28 @@ def connect_raw(warden: Warden, agent: str, authority: str, timeout: float = 15)
     sock = socket.create_connection(("127.0.0.1", warden.port), timeout=timeout)
     sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
                  f"Proxy-Authorization: {proxy_auth(agent, warden.agents[agent])}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
+    head = read_head_only(sock)
     status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
     return sock, status, head
+
+
+def read_head_only(sock: socket.socket) -> bytes:
+    """The response head up to and including its empty line, and not a byte more: what follows
+    (a server's greeting relayed right behind the 200) stays in the socket for the caller."""
+    head = b""
+    while True:
+        peeked = sock.recv(65536, socket.MSG_PEEK)
+        if not peeked:
+            return head
+        end = (head + peeked).find(b"\r\n\r\n")
+        take = len(peeked) if end < 0 else end + 4 - len(head)
+        while take > 0:
+            chunk = sock.recv(take)
+            if not chunk:
+                return head
+            head, take = head + chunk, take - len(chunk)
+        if end >= 0:
+            return head
 
 
 def client_tls(warden: Warden, alpn: list[str] | None = None) -> ssl.SSLContext:
@@ -360,6 +374,26 @@ def closed_without_answer(sock: socket.socket, timeout: float = 10) -> bytes | N
     except (ssl.SSLError, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError):
         pass
     return got or None
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 5) -> bytes:
+    """Everything the peer sends until it closes, resets, or `timeout` passes (bounded)."""
+    sock.settimeout(timeout)
+    out = b""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(OSError):
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def events_after(warden: Warden, before: int, event: str, timeout: float = 5) -> list[dict[str, Any]]:
+    """The `event` records written after the first `before` records (waiting, bounded, for one)."""
+    records = warden.audit_records(lambda rs: any(r.get("event") == event for r in rs[before:]), timeout=timeout)
+    return [r for r in records[before:] if r.get("event") == event]
 
 
 def request_bytes(method: str, target: str, host: str, headers: dict[str, str] | None = None,

@@ -31,8 +31,10 @@ from .bypass_helpers import (
     client_hello_record,
     client_tls,
     connect_raw,
+    events_after,
     proxy_auth,
     read_response,
+    read_until_closed,
     rss_kib,
     run_logging_origin,
     wait_until,
@@ -735,13 +737,9 @@ def test_bytes_some_server_skips_before_a_clienthello_are_refused_not_relayed(pa
                         sock.sendall(prefix + evil)
                     if fin:
                         sock.shutdown(socket.SHUT_WR)
-                    sock.settimeout(5)
-                    with contextlib.suppress(OSError):
-                        while sock.recv(65536):
-                            pass
-                records = w.audit_records(lambda rs, n=before: any(r.get("event") == "tunnel_refused" for r in rs[n:]))
-                refused = [r for r in records[before:] if r.get("event") == "tunnel_refused"]
-                assert refused and why in refused[0].get("message", ""), (name, label, records[before:])
+                    read_until_closed(sock)
+                refused = events_after(w, before, "tunnel_refused")
+                assert refused and why in refused[0].get("message", ""), (name, label, w.audit_records()[before:])
                 assert tls.total_bytes == 0, (name, label, split, fin)  # not one byte reached the origin
 
 
@@ -763,13 +761,9 @@ def test_a_tunnel_without_raw_tcp_carries_tls_only(pair: dict[str, Any]) -> None
             assert status == 200
             with sock:
                 sock.sendall(first)
-                sock.settimeout(5)
-                with contextlib.suppress(OSError):
-                    while sock.recv(65536):
-                        pass
-            records = w.audit_records(lambda rs, n=before: any(r.get("event") == "tunnel_refused" for r in rs[n:]))
-            refused = [r for r in records[before:] if r.get("event") == "tunnel_refused"]
-            assert refused and "raw_tcp: true" in refused[0].get("message", ""), (name, label, records[before:])
+                read_until_closed(sock)
+            refused = events_after(w, before, "tunnel_refused")
+            assert refused and "raw_tcp: true" in refused[0].get("message", ""), (name, label, w.audit_records()[before:])
             assert tls.total_bytes == 0, (name, label)
     plain: LoggingOrigin = pair["plain"]  # records the raw bytes it gets
     for name in ("fast", "slow"):
@@ -822,13 +816,9 @@ def test_a_clienthello_then_raw_bytes_to_a_server_that_is_not_tls_is_cut(pair: d
             assert status == 200
             with sock:
                 sock.sendall(hello_record(["passthrough.test"]) + b"SSH-2.0-OpenSSH_9.6\r\n")
-                sock.settimeout(5)
-                with contextlib.suppress(OSError):
-                    while sock.recv(65536):
-                        pass
-            records = w.audit_records(lambda rs, n=before: any(r.get("event") == "tunnel_close" for r in rs[n:]))
-            closes = [r for r in records[before:] if r.get("event") == "tunnel_close"]
-            assert closes and "not a TLS ServerHello" in closes[0].get("error", ""), (name, records[before:])
+                read_until_closed(sock)
+            closes = events_after(w, before, "tunnel_close")
+            assert closes and "not a TLS ServerHello" in closes[0].get("error", ""), (name, w.audit_records()[before:])
         finally:
             server.close()
         assert b"\x11" * 32 in server.got and b"SSH-2.0" not in server.got, (name, server.got[-60:])
@@ -884,3 +874,55 @@ def test_a_reload_that_removes_raw_tcp_reaches_open_tunnels(tmp_path: Path, shar
                 waiting.close()
             finally:
                 w.stop()
+
+
+class Echo:
+    """A TCP server that echoes, after a greeting of its own when it has one (an SSH or SMTP
+    banner); serves `count` connections, each bounded in time, and stops by itself."""
+
+    def __init__(self, port: int, count: int, greeting: bytes) -> None:
+        self.greeting = greeting
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.sock.settimeout(20)
+        self.thread = threading.Thread(target=self._serve, args=(count,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, count: int) -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(count):
+                conn, _ = self.sock.accept()
+                with conn:
+                    conn.settimeout(5)
+                    conn.sendall(self.greeting)
+                    while chunk := conn.recv(65536):
+                        conn.sendall(chunk)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("greeting", [b"SSH-2.0-greeter\r\n", b""], ids=["server first", "client first"])
+def test_a_client_that_half_closes_still_gets_the_answer(pair: dict[str, Any], greeting: bytes) -> None:
+    """Under raw_tcp, the client sends and then shuts down its sending side (`nc -N`, a one-shot
+    request): the upstream gets a half-close, and its answer still reaches the client, on both
+    paths, every time. mitmproxy's HTTP layer turned that half-close into a full close, so the
+    answer was lost on its path. A server that speaks first: its greeting can leave Warden in
+    the same segment as the CONNECT 200, and the client's bytes can cross it (red team 11 saw
+    the greeting missing on mitmproxy's path; its client dropped bytes read with the 200)."""
+    closed, rounds = pair["closed"], 12
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        server = Echo(closed, rounds, greeting)
+        try:
+            for i in range(rounds):
+                sock, status, head = connect_raw(w, "coder", f"allowed.test:{closed}")
+                assert status == 200 and head.endswith(b"\r\n\r\n"), head
+                with sock:
+                    time.sleep(0.005 * (i % 3))  # before, with, or after the greeting
+                    sock.sendall(b"ping\r\n")
+                    sock.shutdown(socket.SHUT_WR)
+                    got = read_until_closed(sock)
+                assert got == greeting + b"ping\r\n", (name, i, got)
+        finally:
+            server.close()

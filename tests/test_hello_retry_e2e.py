@@ -16,7 +16,6 @@ import contextlib
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import trustme
 
-from .bypass_helpers import connect_raw
+from .bypass_helpers import connect_raw, events_after, read_until_closed
 from .harness import Warden, hosts_file, sha256_hex, start_warden
 
 pytestmark = pytest.mark.e2e
@@ -125,23 +124,9 @@ def fronting_hellos() -> tuple[bytes, bytes]:
     return first, bytes(second)
 
 
-def read_until_closed(sock: socket.socket, timeout: float = 5) -> bytes:
-    sock.settimeout(timeout)
-    out = b""
-    deadline = time.monotonic() + timeout
-    with contextlib.suppress(OSError):
-        while time.monotonic() < deadline:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            out += chunk
-    return out
-
-
 def tunnel_close(w: Warden, count: int) -> dict[str, Any]:
-    records = w.audit_records(lambda rs: any(r.get("event") == "tunnel_close" for r in rs[count:]))
-    closes = [r for r in records[count:] if r.get("event") == "tunnel_close"]
-    assert len(closes) == 1, records[count:]
+    closes = events_after(w, count, "tunnel_close")
+    assert len(closes) == 1, w.audit_records()[count:]
     return closes[0]
 
 

@@ -93,10 +93,31 @@ class CountingTCPLayer(tcp.TCPLayer):
                 self.tunnel.bytes_up += len(event.data)
             else:
                 self.tunnel.bytes_down += len(event.data)
+        elif self.guard is None and isinstance(event, events.ConnectionClosed):
+            return self._closed(event)
         if self.guard is not None:
             return self._guarded(self.guard, event)
         relayed: layer.CommandGenerator[None] = super().relay_messages(event)  # mitmproxy's @expect is untyped
         return relayed
+
+    def _closed(self, event: events.ConnectionClosed) -> layer.CommandGenerator[None]:
+        """The client's FIN half-closes the upstream, and the upstream's answer still reaches the
+        client. mitmproxy's relay asks for that half-close, but its HTTP layer, which carries
+        every CONNECT tunnel, turns it into a full close ("always full close for now", in
+        HttpStream.passthrough): a client that sends its request and then shuts down its
+        sending side (`nc -N`, a one-shot request) got nothing back. Done here as mitmproxy's
+        own ConnectionHandler.close_connection(half_close=True) does it, without that layer.
+        Only this direction: the upstream of a passed-through tunnel is plain TCP to Warden,
+        while the client may speak TLS to the proxy itself, whose close_notify mitmproxy's TLS
+        layer must write (a server's FIN still closes the whole tunnel, as in mitmproxy)."""
+        server = self.context.server
+        if event.connection is self.context.client and server.state & ConnectionState.CAN_READ and not server.tls:
+            handler = connection_handler(self.context.client)
+            if handler is not None and server in handler.transports:
+                handler.close_connection(server, half_close=True)
+                return
+        relayed: layer.CommandGenerator[None] = super().relay_messages(event)
+        yield from relayed
 
     def _guarded(self, guard: RetryGuard, event: events.Event) -> layer.CommandGenerator[None]:
         relay = super().relay_messages
@@ -128,7 +149,7 @@ class CountingTCPLayer(tcp.TCPLayer):
             self.guard = None
             self.tunnel.tls_checked = guard.server_hello_seen  # red team 16: not under raw_tcp junk
             if self.deferred_close is not None:
-                yield from relay(self.deferred_close)
+                yield from self._closed(self.deferred_close)
 
 
 class SplicingTCPLayer(CountingTCPLayer):
