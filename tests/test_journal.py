@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
 import pytest
+from egresswarden.record import fields
 from egresswarden.record.journal import (
     AuditWriter,
     generate_key_pair,
@@ -244,3 +246,12 @@ def test_a_record_submitted_as_text_is_written_byte_for_byte_as_its_dict(tmp_pat
     unlinked = [[re.sub(rb'"prev_hash":"[0-9a-f]{64}"', b"", ln) for ln in got] for got in lines]
     assert unlinked[0] == unlinked[1] and len(lines[0]) == 2
     assert b"\\u2028" in lines[0][0] and "\u2028".encode() not in lines[0][0]
+
+
+def test_every_audit_field_the_code_writes_is_in_the_readme() -> None:
+    """record/fields.py names every key an audit record can carry; each is documented."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    names = [v for k, v in vars(fields).items() if k.isupper() and isinstance(v, str)]
+    assert len(names) > 50
+    missing = [n for n in names if not re.search(rf"`[^`\n]*\b{re.escape(n)}\b[^`\n]*`", readme)]
+    assert missing == []

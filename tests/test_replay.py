@@ -75,7 +75,8 @@ def write_log(path: Path, n: int) -> None:
                         decision=_decision(Verdict.DENY, Reason.NO_MATCHING_RULE, None),
                         **{**common, "upstream_address": None})
         else:
-            o = Outcome(event="tunnel_close", method="CONNECT", host="web.test", decision=None, **common)
+            o = Outcome(event="tunnel_close", method="CONNECT", host="web.test", interception=Interception.PASSTHROUGH,
+                        decision=_decision(Verdict.ALLOW, Reason.ALLOWED, "web"), carried_tls=i % 12 == 5, **common)
         writer.submit(outcome_record(o))
     writer.close()
 
@@ -98,7 +99,9 @@ def test_fast_path_and_full_parse_give_the_same_report(tmp_path: Path, new_rules
     assert denied["records"] == 500 and denied["groups"][0]["new"]["reason"] == "method_not_allowed"
     allowed = fast["changes"]["newly_allowed"]
     assert allowed["records"] == 500 and allowed["groups"][0]["new"]["rule_id"] == "new"
-    assert fast["unchanged"] == 1500 and fast["skipped_events"]["tunnel_close"] == 500
+    assert fast["unchanged"] == 1500 and fast["skipped_events"]["tunnel_close"] == 250
+    raw = fast["changes"]["raw_tcp_removed"]  # the tunnels that carried raw bytes: web's rule has no raw_tcp
+    assert raw["records"] == fast["events"]["tunnel_close"] == 250 and raw["groups"][0]["new"]["decision"] == "tls only"
     monkeypatch.undo()
     # The fast path really is taken for the writer's records (its layout is the one fast_key knows).
     engine = replay_mod.Replay(new_rules)

@@ -20,7 +20,8 @@ import pytest
 import yaml
 from egresswarden.cli.auditread import Reader
 
-from .harness import WARDEN, Warden, curl, hosts_file, run_origin, sha256_hex, start_warden
+from .bypass_helpers import open_tunnel, read_until_closed
+from .harness import ORIGIN_NAMES, WARDEN, Warden, curl, hosts_file, run_origin, sha256_hex, start_warden
 
 pytestmark = pytest.mark.e2e
 
@@ -226,3 +227,68 @@ def test_replay_text_report_and_what_cannot_be_replayed(tmp_path: Path) -> None:
     assert "leak-guard denials" in out.stdout  # secret_leak: bodies and headers are not recorded
     assert "never checked" in out.stdout  # far.test: the new rules would need DNS
     assert "no changes" in out.stdout and "1 lines were not audit records" in out.stdout
+
+
+def test_replay_finds_the_raw_tunnels_a_rule_without_raw_tcp_would_refuse(
+        origin_ca, origin_ca_file: Path, shared_confdir: Path, tmp_path: Path) -> None:
+    """A tunnel_close record says whether its tunnel carried TLS (carried_tls). Replay under
+    rules whose allow rule lost `raw_tcp: true` lists exactly the tunnels that carried raw
+    bytes; a second Warden running those rules refuses exactly those."""
+    hosts = hosts_file(tmp_path / "hosts", [*ORIGIN_NAMES, "rawtcp.test"])
+
+    def rules(raw: bool) -> dict[str, Any]:
+        return {"agents": [{"id": "coder", "token_sha256": [sha256_hex("tok-coder")], "policies": ["p"]}],
+                "policies": {"p": {"allow": [
+                    {"id": "raw", "host": "rawtcp.test", "ports": [plain.port], **({"raw_tcp": True} if raw else {})},
+                    {"id": "tls", "host": "allowed.test", "ports": [tls.port]}]}},
+                "settings": {"hosts_file": str(hosts), "private_networks": "allow"}}
+
+    def traffic(w: Warden, bundle: Path) -> None:
+        for _ in range(2):
+            with open_tunnel(w, "coder", "rawtcp.test", plain.port, tls=False) as sock:
+                sock.sendall(b"GET /raw HTTP/1.1\r\nHost: rawtcp.test\r\nConnection: close\r\n\r\n")
+                read_until_closed(sock)
+        curl(["-o", "/dev/null", "--cacert", str(bundle), f"https://allowed.test:{tls.port}/"],
+             env={"HTTPS_PROXY": w.proxy_url("coder")}, timeout=10)
+
+    with run_origin(ca=origin_ca) as tls, run_origin() as plain:
+        a = start_warden(tmp_path / "a", rules(True), upstream_ca=origin_ca_file, confdir=shared_confdir,
+                         agents={"coder": "tok-coder"})
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_text(origin_ca_file.read_text())
+        try:
+            traffic(a, bundle)
+            a.audit_records(lambda rs: sum(r["event"] == "tunnel_close" for r in rs) >= 3)
+        finally:
+            assert a.stop() == 0, a.output()
+        closes = [r for r in all_records(a.workdir) if r["event"] == "tunnel_close"]
+        assert sorted((r["host"], r["carried_tls"]) for r in closes) == [
+            ("allowed.test", True), ("rawtcp.test", False), ("rawtcp.test", False)], closes
+
+        proposed = tmp_path / "proposed"
+        proposed.mkdir()
+        (proposed / "rules.yaml").write_text(yaml.safe_dump(rules(False), sort_keys=False))
+        files = [str(p) for p in a.workdir.iterdir() if p.name.startswith("audit.jsonl")]
+        out = subprocess.run([WARDEN, "replay", "--rules", str(proposed), "--json", *files],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        text = subprocess.run([WARDEN, "replay", "--rules", str(proposed), *files],
+                              capture_output=True, text=True, timeout=120).stdout
+
+        b = start_warden(tmp_path / "b", rules(False), upstream_ca=origin_ca_file, confdir=shared_confdir,
+                         agents={"coder": "tok-coder"})
+        try:
+            traffic(b, bundle)
+            b.audit_records(lambda rs: sum(r["event"] in ("tunnel_refused", "tunnel_close") for r in rs) >= 3)
+        finally:
+            assert b.stop() == 0, b.output()
+        refused = [r for r in all_records(b.workdir) if r["event"] == "tunnel_refused"]
+
+    groups = report["changes"]["raw_tcp_removed"]["groups"]
+    assert [(g["agent"], g["host"], g["count"], g["old"]["rule_id"], g["new"]["rule_id"]) for g in groups] == [
+        ("coder", "rawtcp.test", 2, "raw", "raw")], groups
+    assert [r["host"] for r in refused] == ["rawtcp.test"] * 2 and all(
+        "raw_tcp: true allows them" in r["message"] for r in refused), refused
+    assert all(not report["changes"][k]["groups"] for k in report["changes"] if k != "raw_tcp_removed"), report
+    assert "TUNNELS THAT CARRIED RAW TCP, NOW TLS ONLY" in text and "rawtcp.test" in text, text

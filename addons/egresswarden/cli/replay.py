@@ -12,8 +12,10 @@ is the one the record carries. Each record is then one of:
   report_changed   allow <-> report (a report-mode agent, or a rule that now reports)
   not replayed     its decision depends on something the audit log does not hold (below)
 
-and, independently, `interception_changed` (a tunnel now intercepted or passed through)
-and `credentials_changed` (other credentials would be injected). Changes are grouped by
+and, independently, `interception_changed` (a tunnel now intercepted or passed through),
+`credentials_changed` (other credentials would be injected) and `raw_tcp_removed` (a
+passed-through tunnel that carried bytes that are not TLS, `tunnel_close` with
+`carried_tls: false`, whose new rule carries TLS only: it would be refused). Changes are grouped by
 kind, agent, host, old and new rule and reason, with counts, first/last time seen and a few
 example records (file:line).
 
@@ -55,7 +57,8 @@ from egresswarden.core.plan import Plan, StageName, decide_mcp, mcp_decider_for,
 from egresswarden.core.ruleset import RuleSet
 
 REPLAYED_EVENTS = ("connect", "request", "mcp")
-KINDS = ("newly_denied", "newly_allowed", "report_changed", "interception_changed", "credentials_changed")
+KINDS = ("newly_denied", "newly_allowed", "report_changed", "interception_changed", "credentials_changed",
+         "raw_tcp_removed")
 MEMO_LIMIT = 20_000  # per memo (decisions, and decision-relevant bytes): bounds memory, not records
 
 # Old reasons whose decision does not come from the rules: assumed the same under any rules.
@@ -95,6 +98,8 @@ LIMITS = [
     "Only what was recorded is replayed: a tunnel passed through under the old rules has no request records, so "
     "requests inside it that the new rules would intercept and decide are not known (see interception_changed).",
     "upstream_ip is the first address the proxy checked; other addresses of the same name are not recorded.",
+    "Whether a passed-through tunnel carried TLS is on its tunnel_close record (carried_tls); tunnel_close records "
+    "written before that field existed, and tunnels still open, are not checked for raw_tcp_removed.",
     "The leak guard, fronting checks and identity are not simulated; they would still apply under the new rules.",
     "HTTP requests to an MCP endpoint are compared through their mcp records; a request the new rules newly "
     "route to an MCP server has no recorded JSON-RPC body, so its MCP decisions are not known.",
@@ -175,6 +180,7 @@ class Redecision:
     mcp_carrier: bool = False  # an HTTP request whose MCP messages decide it
     interception: str | None = None
     credentials: tuple[str, ...] | None = None
+    raw_tcp: bool | None = None  # a passthrough tunnel: may it carry bytes that are not TLS
 
 
 class Replay:
@@ -202,7 +208,7 @@ class Replay:
         if not p.complete:
             return Redecision(not_replayed="address_unknown")
         return Redecision(p.decision, p.final.stage.value, p.final.rule_origin,
-                          interception=p.interception.value if p.interception else None, **extra)
+                          interception=p.interception.value if p.interception else None, raw_tcp=p.raw_tcp, **extra)
 
     def _connect(self, r: dict[str, Any]) -> Redecision:
         host, port = str(r.get("host")), int(r.get("port") or 443)
@@ -308,6 +314,8 @@ class Replay:
     def classify(self, r: dict[str, Any]) -> Effect:
         """What one record does to the report; depends only on the fields `fast_key` covers."""
         event = r["event"]
+        if event == "tunnel_close":
+            return self._tunnel_close(r)
         if event not in REPLAYED_EVENTS:
             return (event, False, None, ())
         old_verdict, old_reason = r.get("decision"), r.get("reason")
@@ -355,6 +363,22 @@ class Replay:
                                                                   r.get("rule_id")),
                              (",".join(new.credentials) or "-", *new_key[1:])))
         return (event, True, counter, tuple(keys))
+
+    def _tunnel_close(self, r: dict[str, Any]) -> Effect:
+        """A tunnel that carried raw bytes, replayed for `raw_tcp`: would its new rule refuse
+        them? Its CONNECT is decided as its connect record is (same memo entry); a tunnel the
+        new rules deny or intercept counts there (newly_denied, interception_changed)."""
+        if r.get("carried_tls") is not False or not r.get("agent") or r.get("decision") not in ("allow", "report"):
+            return ("tunnel_close", False, None, ())
+        new = self.redecide("connect", r)
+        if new.not_replayed is not None:
+            return ("tunnel_close", True, None, (("not_replayed", new.not_replayed),))
+        d = new.decision
+        if d is None or d.verdict is Verdict.DENY or new.interception != "passthrough" or new.raw_tcp:
+            return ("tunnel_close", True, None, ())
+        old = (str(r.get("decision")), r.get("reason"), r.get("rule_id"))
+        new_key = ("tls only", d.reason.value, d.rule_id, new.rule_origin, new.stage)
+        return ("tunnel_close", True, None, (("raw_tcp_removed", str(r["agent"]), str(r.get("host")), old, new_key),))
 
     def apply(self, effect: Effect, file: str, number: int, when: str, record: dict[str, Any] | None,
               raw: bytes) -> None:
@@ -455,7 +479,8 @@ def _fmt_group(g: dict[str, Any]) -> list[str]:
 TITLES = {"newly_denied": "NEWLY DENIED", "newly_allowed": "NEWLY ALLOWED",
           "report_changed": "REPORT CHANGES (allow <-> report)",
           "interception_changed": "INTERCEPTION CHANGES (was -> now)",
-          "credentials_changed": "CREDENTIAL CHANGES (injected ids: was -> now)"}
+          "credentials_changed": "CREDENTIAL CHANGES (injected ids: was -> now)",
+          "raw_tcp_removed": "TUNNELS THAT CARRIED RAW TCP, NOW TLS ONLY (would be refused: the rule lost raw_tcp)"}
 
 
 def render_text(rep: dict[str, Any], max_groups: int) -> str:

@@ -83,6 +83,8 @@ def outcome_record(o: Outcome) -> dict[str, Any]:
         record[F.WEBSOCKET_MESSAGES_DOWN] = o.websocket_messages_down
     if o.mcp is not None:
         record.update(mcp_fields(o.mcp))
+    if o.carried_tls is not None:
+        record[F.CARRIED_TLS] = o.carried_tls
     if o.revocation is not None:
         record[F.REVOCATION] = o.revocation
         if o.revoke_ms is not None:

@@ -52,6 +52,7 @@ MCP_CHANGED_PARTS = "mcp_changed_parts"  # tool -> the pinned fields that change
 MCP_TOOL_COLLISIONS = "mcp_tool_collisions"
 MCP_SUBSTITUTED = "mcp_substituted"
 REVOCATION = "revocation"
+CARRIED_TLS = "carried_tls"  # tunnel_close: the tunnel carried a TLS session Warden checked
 REVOKE_MS = "revoke_ms"
 
 # `warden sandbox` lifecycle records (runtime/admin.py): sandbox_start / sandbox_refused /

@@ -99,6 +99,7 @@ class Outcome:
     mcp_audited: bool = False  # a request whose MCP messages each have their own `mcp` Outcome
     revocation: str | None = None  # tunnel_revoked: what the reload changed; on request/websocket_close: the flow was cut
     revoke_ms: float | None = None  # tunnel_revoked: time from the reload to the cut (None elsewhere)
+    carried_tls: bool | None = None  # tunnel_close: Tunnel.tls_checked (False: raw bytes, or no ServerHello seen)
 
 
 OutcomeSink = Callable[[Outcome], None]
@@ -124,6 +125,7 @@ def tunnel_close_outcome(state: ConnState, tunnel: Tunnel, error: str | None = N
         interception=Interception.PASSTHROUGH, bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
         duration_seconds=time.monotonic() - tunnel.started,
         upstream_address=str(tunnel.address) if tunnel.address else None, error=error,
+        carried_tls=tunnel.tls_checked,
     )
 
 
