@@ -217,6 +217,10 @@ def test_replay_text_report_and_what_cannot_be_replayed(tmp_path: Path) -> None:
         {**base, "event": "connect", "time": "2026-12-01T00:00:03Z", "method": "CONNECT", "host": "web.test",
          "path": None, "decision": "allow", "reason": "allowed", "rule_id": "web", "interception": "passthrough",
          "upstream_ip": "93.184.216.34"},
+        # refused for load, not by the rules: not decided again (it would read "newly allowed")
+        {**base, "event": "connect", "time": "2026-12-01T00:00:04Z", "method": "CONNECT", "host": "web.test",
+         "path": None, "decision": "deny", "reason": "connection_limit", "rule_id": None, "interception": None,
+         "upstream_ip": None},
     ]
     log = tmp_path / "captured.log"
     # A captured stdout stream: a log shipper's prefix and a line that is not a record.
@@ -226,6 +230,7 @@ def test_replay_text_report_and_what_cannot_be_replayed(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "leak-guard denials" in out.stdout  # secret_leak: bodies and headers are not recorded
     assert "never checked" in out.stdout  # far.test: the new rules would need DNS
+    assert "refusals for load" in out.stdout  # connection_limit
     assert "no changes" in out.stdout and "1 lines were not audit records" in out.stdout
 
 

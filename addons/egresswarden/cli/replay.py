@@ -77,6 +77,9 @@ NOT_REPLAYABLE = {
     Reason.AUDIT_UNAVAILABLE.value: "operational",
     Reason.INTERNAL_ERROR.value: "operational",
     Reason.MCP_TOOL_CHANGED.value: "mcp_pins",
+    Reason.BUFFER_LIMIT.value: "load",
+    Reason.SCAN_LIMIT.value: "load",
+    Reason.CONNECTION_LIMIT.value: "load",
 }
 WHY_TEXT = {
     "identity": "identity decisions (missing or wrong token, source address): tokens and sources are not recorded",
@@ -84,6 +87,8 @@ WHY_TEXT = {
     "body_check": "body checks (compressed bodies above the scan limit): bodies are not recorded",
     "dns_failure": "names that did not resolve at the time: DNS is not replayed",
     "operational": "operational refusals (rules/audit unavailable, internal error, missing secret): not policy",
+    "load": "refusals for load (an agent's body budget, decode meter or connection limit): they depend on "
+            "what else was open at the time, not on the rules' allow and deny",
     "mcp_pins": "MCP tool-definition changes: pins depend on definitions seen at run time",
     "mcp_arguments": "tool calls whose arguments the new rules constrain: argument values were not logged "
                      "(add the tool to log_argument_values to replay them)",

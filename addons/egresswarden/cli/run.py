@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from egresswarden.cli.common import format_listen, host_port, load_or_report
+from egresswarden.runtime.connlimits import raise_descriptor_limit
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
@@ -49,6 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             # Here, once, before any worker starts: mitmproxy would create an RSA-2048 CA in
             # each process; Warden's default is ECDSA P-256 (cheaper handshakes, issue 17).
             init_ca(Path(args.confdir))
+    raise_descriptor_limit()  # inherited by the workers; warden_max_connections' default reads it
     if args.workers > 1 and args.worker_index is None:
         from egresswarden.runtime.workers import run_workers
 

@@ -71,6 +71,7 @@ class Reason(StrEnum):
     INVALID_HEADER = "invalid_header"  # obs-fold, CR/LF in a value, a transfer coding other than chunked
     BUFFER_LIMIT = "buffer_limit"  # the agent's request bodies held in memory would exceed its budget
     SCAN_LIMIT = "scan_limit"  # the agent's compressed bodies cost more decoding than its share per second
+    CONNECTION_LIMIT = "connection_limit"  # the agent (or the process) holds as many connections as it may
 
     @property
     def status(self) -> int:
@@ -87,6 +88,7 @@ _STATUS: dict[Reason, int] = {
     Reason.BODY_TOO_LARGE: 413,
     Reason.BUFFER_LIMIT: 429,
     Reason.SCAN_LIMIT: 429,
+    Reason.CONNECTION_LIMIT: 429,
     Reason.RULES_UNAVAILABLE: 503,
     Reason.AUDIT_UNAVAILABLE: 503,
     Reason.INTERNAL_ERROR: 500,
@@ -126,7 +128,8 @@ def deny(reason: Reason, message: str, policy_version: str, rule_id: str | None 
 
 
 # Refusals that say nothing about the request itself: the same request can succeed later.
-TRANSIENT = frozenset({Reason.RULES_UNAVAILABLE, Reason.AUDIT_UNAVAILABLE, Reason.BUFFER_LIMIT, Reason.SCAN_LIMIT})
+TRANSIENT = frozenset({Reason.RULES_UNAVAILABLE, Reason.AUDIT_UNAVAILABLE, Reason.BUFFER_LIMIT, Reason.SCAN_LIMIT,
+                       Reason.CONNECTION_LIMIT})
 
 
 def denial_text(decision: Decision, agent: str | None) -> str:

@@ -156,6 +156,7 @@ class Settings:
     max_mcp_body_bytes: int = 8 * 1024 * 1024
     max_buffered_bytes_per_agent: int = 64 * 1024 * 1024  # request bodies held at once (runtime/budget.py)
     decoded_bytes_per_second_per_agent: int = 8 * 1024 * 1024  # decoding for the leak guard (runtime/budget.py)
+    max_connections_per_agent: int = 1024  # open client connections per agent and process (runtime/connlimits.py)
     explain_denials: str = "in_band"
     audit: AuditSettings = field(default_factory=AuditSettings)
     alerts: tuple[AlertSink, ...] = ()

@@ -521,6 +521,7 @@ def _build_settings(raw: dict[str, Any], lines_of: dict[str, LineMap], out: _Col
                                                                       64 * 1024 * 1024)),
         decoded_bytes_per_second_per_agent=int(raw.get("body_scan", {}).get("decoded_bytes_per_second_per_agent",
                                                                             8 * 1024 * 1024)),
+        max_connections_per_agent=int(raw.get("limits", {}).get("max_connections_per_agent", 1024)),
         explain_denials=raw.get("explain_denials", "in_band"),
         audit=AuditSettings(
             on_failure=audit.get("on_failure", "fail_closed"),

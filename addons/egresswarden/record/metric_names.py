@@ -27,6 +27,10 @@ TUNNELS_REVOKED = "warden_tunnels_revoked"  # counter{agent,reason}
 PROBE_REFUSED = "warden_probe_connections_refused"  # counter: metrics/health connections over the cap
 BUFFERED_REQUEST_BYTES = "warden_buffered_request_bytes"  # gauge{agent}: request bodies held in memory
 FRONT_DOOR = "warden_front_door_connections"  # counter{path}: fast, mitmproxy, head_timeout, head_too_large, no_head
+CLIENT_CONNECTIONS = "warden_client_connections"  # gauge: client connections open now (this process)
+MAX_CONNECTIONS = "warden_max_connections"  # gauge: warden_max_connections in force
+AGENT_CONNECTIONS = "warden_agent_connections"  # gauge{agent}: connections counted toward each agent's limit
+CONNECTIONS_REFUSED = "warden_connections_refused"  # counter{limit}: process, agent
 
 # Names as they appear on the /metrics page (counters gain _total).
 EXPORTED = frozenset({
@@ -36,5 +40,5 @@ EXPORTED = frozenset({
     f"{ALERTS_FAILED}_total", f"{ALERTS_SUPPRESSED}_total", f"{CREDENTIALS_INJECTED}_total",
     f"{SECRET_LEAKS}_total", f"{SSRF_REFUSALS}_total", f"{AUTH_FAILURES}_total", f"{MCP_CALLS}_total",
     f"{HOOK_ERRORS}_total", f"{TUNNELS_REVOKED}_total", f"{PROBE_REFUSED}_total", BUFFERED_REQUEST_BYTES,
-    f"{FRONT_DOOR}_total",
+    f"{FRONT_DOOR}_total", CLIENT_CONNECTIONS, MAX_CONNECTIONS, AGENT_CONNECTIONS, f"{CONNECTIONS_REFUSED}_total",
 })

@@ -32,6 +32,7 @@ from egresswarden.record import metric_names as N
 from egresswarden.record.audit import Audit
 from egresswarden.record.outcome import Outcome
 from egresswarden.runtime.budget import BufferBudget
+from egresswarden.runtime.connlimits import ConnectionCounts
 from egresswarden.runtime.probes import ProbeServer, Response, json_response
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 from egresswarden.stages.interception import Interception
@@ -77,6 +78,10 @@ class WardenMetrics:
     probe_refused: Counter
     buffered_request_bytes: Gauge
     front_door: Counter
+    client_connections: Gauge
+    max_connections: Gauge
+    agent_connections: Gauge
+    connections_refused: Counter
 
 
 @lru_cache(maxsize=1)
@@ -129,6 +134,16 @@ def registry() -> WardenMetrics:
         front_door=Counter(N.FRONT_DOOR, "Client connections on warden run's listener, by path: fast (an allowed "
                            "passthrough tunnel kept off mitmproxy), mitmproxy (handed over), head_timeout (closed: no "
                            "request head in time), head_too_large (431), no_head (closed by the client before a head)", ("path",), registry=r),
+        client_connections=Gauge(N.CLIENT_CONNECTIONS, "Client connections open now", registry=r,
+                                 multiprocess_mode="livesum"),
+        max_connections=Gauge(N.MAX_CONNECTIONS, "Client connections one process holds at most (warden_max_connections)",
+                              registry=r, multiprocess_mode="livesum"),
+        agent_connections=Gauge(N.AGENT_CONNECTIONS, "Client connections counted toward each agent's limit "
+                                "(settings.limits.max_connections_per_agent)", ("agent",), registry=r,
+                                multiprocess_mode="livesum"),
+        connections_refused=Counter(N.CONNECTIONS_REFUSED, "Client connections refused by a connection limit: "
+                                    "process (503 at accept) or agent (429 on its CONNECT or first request)",
+                                    ("limit",), registry=r),
     )
 
 
@@ -139,8 +154,11 @@ def _split_listen(value: str) -> tuple[str, int]:
 
 class Metrics:
     def __init__(self, store: RuleStore, audit: Audit, interception: Interception,
-                 budget: BufferBudget | None = None, front_door: FastConnect | None = None) -> None:
+                 budget: BufferBudget | None = None, front_door: FastConnect | None = None,
+                 counts: ConnectionCounts | None = None) -> None:
         self.store = store
+        self.counts = counts
+        self._counted_agents: set[str] = set()  # agents with an agent_connections series
         self.front_door = front_door
         self.audit = audit
         self.interception = interception
@@ -235,6 +253,19 @@ class Metrics:
                                 ("head_timeout", door.head_timeouts), ("head_too_large", door.heads_refused),
                                 ("no_head", door.no_head)):
                 self._sync_counter(m.front_door.labels(path=path), total)
+        counts = self.counts
+        if counts is not None:
+            proxyserver = ctx.master.addons.get("proxyserver")
+            doors = len(self.front_door.doors) if self.front_door is not None else 0
+            m.client_connections.set(doors + len(getattr(proxyserver, "connections", ())))
+            m.max_connections.set(counts.max_connections)
+            for agent in self._counted_agents - counts.per_agent.keys():
+                m.agent_connections.labels(agent=agent).set(0)
+            for agent, held_now in counts.per_agent.items():
+                m.agent_connections.labels(agent=agent).set(held_now)
+            self._counted_agents |= counts.per_agent.keys()
+            self._sync_counter(m.connections_refused.labels(limit="process"), counts.refused_process)
+            self._sync_counter(m.connections_refused.labels(limit="agent"), counts.refused_agent)
         if self.budget is not None:
             held = self.budget.snapshot()
             for agent in self._buffering_agents - held.keys():

@@ -64,6 +64,7 @@ from egresswarden.record.outcome import Outcomes
 from egresswarden.runtime import body_buffers, http1_heads, http1_trailers
 from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.budget import BufferBudget, DecodeMeter
+from egresswarden.runtime.connlimits import ConnectionCounts
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
 from egresswarden.runtime.fastconnect import FastConnect
@@ -71,6 +72,7 @@ from egresswarden.runtime.revocation import LiveFlows, Revocation
 from egresswarden.runtime.rulestore import RuleStore
 from egresswarden.runtime.sockets import LeftOpenSockets
 from egresswarden.stages.bodyplan import BodyPlanner
+from egresswarden.stages.connlimits import ConnectionLimits
 from egresswarden.stages.credentials import Credentials
 from egresswarden.stages.identity import Identity
 from egresswarden.stages.interception import Interception
@@ -94,8 +96,9 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
     budget = BufferBudget()
     gate = AuditGate(audit, store)
     policy = Policy(store, connections)
-    fast = FastConnect(store, gate, policy, outcomes, interception)
-    metrics = Metrics(store, audit, interception, budget, fast)
+    counts = ConnectionCounts()
+    fast = FastConnect(store, gate, policy, outcomes, interception, counts)
+    metrics = Metrics(store, audit, interception, budget, fast, counts)
     alerts = Alerts(store, audit)
     outcomes.add_sink(audit.on_outcome)
     outcomes.add_sink(metrics.on_outcome)
@@ -107,6 +110,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
         fast,  # before audit: its `done` writes the records of the tunnels it still holds
         audit,
         Identity(store, connections),
+        ConnectionLimits(store, connections, counts, fast.active),  # right after Identity: who holds how many
         gate,
         policy,
         BodyPlanner(budget),

@@ -163,6 +163,7 @@ class ConnState:
     client_port: int
     agent: str | None = None
     identity_method: str | None = None
+    counted_agent: str | None = None  # the agent whose connection limit this connection counts toward
     tunnel: Tunnel | None = None
     refusal: tuple[Reason, str] | None = None  # set when Interception closed the connection
     refusal_audited: bool = False

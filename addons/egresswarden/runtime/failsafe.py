@@ -67,6 +67,8 @@ def refusal_response(decision: Decision, agent: str | None, *, mcp: bool = False
                "Cache-Control": "no-store"}
     if decision.reason in (Reason.AUTH_REQUIRED, Reason.AUTH_FAILED):
         headers["Proxy-Authenticate"] = 'Basic realm="warden"'
+    if decision.reason.status == 429:  # a load limit (buffer_limit, scan_limit, connection_limit)
+        headers["Retry-After"] = "1"
     if decision.rule_id:
         headers["X-Warden-Rule"] = decision.rule_id
     text = denial_text(decision, agent)

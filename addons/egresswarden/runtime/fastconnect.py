@@ -76,6 +76,7 @@ from egresswarden.core.plan import plan_connect, plan_raw_tcp
 from egresswarden.record.journal import utc_now
 from egresswarden.record.outcome import Outcome, tunnel_close_outcome
 from egresswarden.runtime import http1_heads, relay, splicing
+from egresswarden.runtime.connlimits import ConnectionCounts, process_limit_answer
 from egresswarden.runtime.context import ConnState, Tunnel, TunnelMode, new_request_id
 from egresswarden.runtime.patching import wrap_once
 from egresswarden.runtime.workers import reuse_port_enabled
@@ -104,6 +105,8 @@ HANDOVER_SECONDS = 5.0  # longest wait for our write buffers to drain before spl
 HEAD_TIMEOUT = 60
 STREAM_LIMIT = 2 ** 16  # asyncio.start_server's StreamReader limit, which mitmproxy's listener uses
 SHUTDOWN_ERROR = "warden shutting down"
+LINGER_SECONDS = 1.0  # a connection refused at accept is read (and dropped) this long at most
+MAX_LINGERING = 256  # beyond this many at once, refused connections are closed at once
 
 _CONNECT = b"CONNECT "
 _REQUEST_LINE = re.compile(rb"CONNECT ([A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5}) (HTTP/1\.[01])\r\n")
@@ -164,13 +167,15 @@ class FastConnect:
     """The chain part: options, the open fast tunnels, timeouts, shutdown."""
 
     def __init__(self, store: RuleStore, gate: AuditGate, policy: Policy, outcomes: Outcomes,
-                 interception: InterceptionStage) -> None:
+                 interception: InterceptionStage, counts: ConnectionCounts) -> None:
         self.store = store
+        self.counts = counts
         self.gate = gate
         self.policy = policy
         self.outcomes = outcomes
         self.interception = interception
         self.doors: set[FrontDoor] = set()
+        self.lingering = 0  # connections refused at accept, answered, not closed yet
         self.tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps weak ones
         self.tcp_timeout = 600.0
         self.head_timeout = float(HEAD_TIMEOUT)
@@ -231,6 +236,11 @@ class FastConnect:
             door.end(SHUTDOWN_ERROR)
 
     # -- shared by the doors -----------------------------------------------------------------
+    def open_connections(self) -> int:
+        """Client connections open in this process: fast doors, and mitmproxy's (handed over)."""
+        proxyserver = ctx.master.addons.get("proxyserver")
+        return len(self.doors) + len(getattr(proxyserver, "connections", ()))
+
     def admits_client(self, ip: str) -> bool:
         """What mitmproxy's block addon would let in (block_global, block_private); remembered
         per address (cleared when the options change), since agents connect from few."""
@@ -337,6 +347,8 @@ class FrontDoor(asyncio.Protocol):
         self.chunks = 0
         self.splice_tried = False
         self.guard: RetryGuard | None = None  # a TLS tunnel's second ClientHello, if any, is checked too
+        self.counted_agent: str | None = None  # this connection counts toward the agent's connection limit
+        self.linger: asyncio.TimerHandle | None = None  # refused at accept: closed when this fires
         self.eof_deferred = False  # the client's FIN waits for bytes the guard holds
         self.kernel: relay.SpliceRelay | None = None
         # transport id -> why its reading is paused ("client"/"server" backpressure, "held", "splice")
@@ -351,9 +363,28 @@ class FrontDoor(asyncio.Protocol):
     # -- client events -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # asyncio's, or uvloop's (not a subclass)
+        if self.part.counts.over_process_limit(self.part.open_connections() + 1):
+            self._refuse_at_accept()
+            return
         peer = transport.get_extra_info("peername") or ("", 0)
         self.state = ConnState(str(peer[0]), int(peer[1]) if len(peer) > 1 else 0)
         self.part.doors.add(self)
+
+    def _refuse_at_accept(self) -> None:
+        """Past warden_max_connections (runtime/connlimits.py): the 503, then a FIN. What the
+        client already sent is read and dropped until it closes, for at most LINGER_SECONDS:
+        closing with unread bytes would reset the connection and lose the answer. Past
+        MAX_LINGERING such connections (a flood), the connection is closed at once."""
+        transport, part = self.transport, self.part
+        assert transport is not None
+        self.phase = Phase.DONE
+        transport.write(process_limit_answer(part.counts.max_connections))
+        if part.lingering >= MAX_LINGERING:
+            transport.close()
+            return
+        transport.write_eof()
+        part.lingering += 1
+        self.linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.abort)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -388,6 +419,8 @@ class FrontDoor(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof = True
+        if self.linger is not None:
+            return False  # refused at accept: the client read the answer and closed; asyncio closes too
         if self.phase is Phase.HEAD:
             if self.buf:
                 self._hand_over(after_200=False)  # mitmproxy answers a partial head as it always did
@@ -420,6 +453,11 @@ class FrontDoor(asyncio.Protocol):
             self._forward_eof_up()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
+            self.part.lingering -= 1
+            return
         if self.phase is Phase.HEAD:
             self.part.no_head += 1
         elif self.phase is Phase.DECIDING:
@@ -546,6 +584,9 @@ class FrontDoor(asyncio.Protocol):
         address = state.pinned.get((host, head.port))
         if address is None or self.phase is not Phase.DECIDING:
             return False
+        if not part.counts.admit_agent(who.agent, rules.settings.max_connections_per_agent):
+            return False  # mitmproxy's path answers 429 connection_limit, and audits it
+        self.counted_agent = who.agent
         state.agent, state.identity_method = who.agent, who.method.value
         self.identity_method = who.method.value
         self.tunnel = Tunnel(agent=who.agent, host=host, port=head.port, decision=decision,
@@ -818,6 +859,7 @@ class FrontDoor(asyncio.Protocol):
         was = self.phase
         self.phase = Phase.DONE
         self.part.doors.discard(self)
+        self._release_agent()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         self._fold_kernel()
@@ -863,6 +905,11 @@ class FrontDoor(asyncio.Protocol):
             (upstream.transport.abort if abort else upstream.transport.close)()
 
     # -- to mitmproxy ------------------------------------------------------------------------
+    def _release_agent(self) -> None:
+        if self.counted_agent is not None:
+            self.part.counts.release_agent(self.counted_agent)
+            self.counted_agent = None
+
     def _hand_over(self, after_200: bool) -> None:
         """mitmproxy takes the connection as if it had accepted it and read every byte the client
         sent so far. After our 200, it gets the CONNECT head first and everything after it (the
@@ -872,6 +919,7 @@ class FrontDoor(asyncio.Protocol):
         assert transport is not None
         self.phase = Phase.DONE
         self.part.doors.discard(self)
+        self._release_agent()  # mitmproxy's ConnectionLimits counts the connection from here on
         self.part.handed_over += 1
         self._close_upstream(abort=True)
         later, self.buf = bytes(self.buf), bytearray()

@@ -68,7 +68,6 @@ class BodyPlanner:
                 f"held by Warden (limit {limit} per agent); this body would take it past the limit. Wait for "
                 f"requests in flight to finish, or send fewer large bodies at once", rules.version)
             flow.response = refusal_response(record.decision, record.agent, mcp=record.mcp_server is not None)
-            flow.response.headers["Retry-After"] = "1"
         elif planned.plan is BodyPlan.REFUSE:
             assert planned.reason is not None
             record.decision = deny(planned.reason, planned.message, rules.version)

@@ -245,8 +245,7 @@ class Credentials:
                         f"agent '{agent}' has sent more compressed request bodies than Warden decodes for one agent "
                         f"({rate} decoded bytes per second); send them uncompressed, or fewer at once",
                         ctx.rules.version))
-                    assert flow.response is not None  # _deny answered
-                    flow.response.headers["Retry-After"] = "1"
+                    assert flow.response is not None  # _deny answered (with Retry-After: a 429)
                     return
                 try:
                     decoded = decode_for_scan(body, encoding, limit)

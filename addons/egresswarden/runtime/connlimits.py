@@ -1,0 +1,105 @@
+"""How many client connections one Warden process holds open, and for whom.
+
+Without a bound, one agent in a loop (or a flood of connections that never send a head)
+takes every descriptor of the process: accept() then fails for every agent, upstream
+connections fail, and the audit log cannot open its next file (fail_closed then refuses
+everything). Two bounds, each refused with a reason an agent can read:
+
+* per process, `warden_max_connections` (default from RLIMIT_NOFILE, `default_max_connections`):
+  a client connection past it is answered `503` (`X-Warden-Reason: connection_limit`) and
+  closed at accept, before any byte is read (metric
+  `warden_connections_refused_total{limit="process"}`);
+* per agent, `settings.limits.max_connections_per_agent` in the rules: an agent's CONNECT or
+  first plain-HTTP request on a new connection past it is denied `429 connection_limit`
+  (audited like any denial). A connection counts for the first agent identified on it, from
+  then until it closes.
+
+Both are per process, like the body budget: with `--workers N` the whole host holds N times
+as many. Everything here runs on the event loop (no locks).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+
+logger = logging.getLogger("warden")
+
+DESCRIPTOR_RESERVE = 512  # audit files, listeners, DNS, metrics, MCP pin store, child processes
+NOFILE_CAP = 1 << 20  # the soft limit is raised to the hard one, but no further than this
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to its hard limit (at most NOFILE_CAP), as Go's runtime
+    and nginx's worker_rlimit_nofile do: systemd starts services at 1024, which would cap Warden
+    near 350 connections. (before, after); unchanged when it cannot be raised."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(hard if hard != resource.RLIM_INFINITY else NOFILE_CAP, NOFILE_CAP)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return soft, soft
+    return soft, target
+
+
+def default_max_connections() -> int:
+    """Client connections the descriptor limit can carry: each holds two (client, upstream), a
+    quarter of the limit is the kernel relay's (runtime/splicing.descriptor_budget), and
+    DESCRIPTOR_RESERVE stays free for everything else."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = NOFILE_CAP
+    return max(64, (soft * 3 // 4 - DESCRIPTOR_RESERVE) // 2)
+
+
+class ConnectionCounts:
+    """Open client connections per identified agent, and the process bound (both this process)."""
+
+    def __init__(self) -> None:
+        self.max_connections = default_max_connections()
+        self.per_agent: dict[str, int] = {}
+        self.refused_process = 0  # connections closed at accept: the process bound
+        self.refused_agent = 0  # CONNECTs / requests denied: the agent's bound
+
+    def admit_agent(self, agent: str, limit: int) -> bool:
+        """Count one more connection for `agent`, unless it already holds `limit`."""
+        held = self.per_agent.get(agent, 0)
+        if held >= limit:
+            return False  # the refusing stage counts it (the fast path hands the connection to that stage)
+        self.per_agent[agent] = held + 1
+        return True
+
+    def release_agent(self, agent: str) -> None:
+        held = self.per_agent.get(agent, 0) - 1
+        if held > 0:
+            self.per_agent[agent] = held
+        else:
+            self.per_agent.pop(agent, None)
+
+    def over_process_limit(self, open_now: int) -> bool:
+        """`open_now` client connections are open, this one included: refuse it?"""
+        if open_now <= self.max_connections:
+            return False
+        self.refused_process += 1
+        return True
+
+
+def process_limit_text(limit: int) -> str:
+    return (f"Warden is holding {limit} client connections, its limit (warden_max_connections); this "
+            f"connection was closed before it was read. Retry shortly, and reuse connections (keep-alive).")
+
+
+def process_limit_answer(limit: int) -> bytes:
+    """The HTTP/1.1 503 a connection refused at accept gets (nothing of it was read)."""
+    body = process_limit_text(limit).encode()
+    return (b"HTTP/1.1 503 Refused by Warden: connection_limit\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"X-Warden-Reason: connection_limit\r\nRetry-After: 1\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def agent_limit_text(agent: str, limit: int) -> str:
+    return (f"agent '{agent}' already has {limit} connections open through Warden "
+            f"(settings.limits.max_connections_per_agent); close idle connections or reuse them "
+            f"(keep-alive), then retry")
