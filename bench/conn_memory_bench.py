@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import resource
 import selectors
 import signal
@@ -31,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchlib.procs import tree_rss_mib, wait_until
-from benchlib.proxies import PROXY_AUTH_HEADER, WARDEN, rules_yaml, start_proxy
+from benchlib.proxies import PROXY_AUTH_HEADER, WARDEN, ProxySpec, rules_yaml, start_proxy
 from benchlib.report import f, table
 from benchlib.results import write_results
 from benchlib.session import bench_session
@@ -113,6 +114,13 @@ def connect_through(proxy_port: int, host: str, port: int) -> socket.socket:
     return s
 
 
+def held_open(n: int) -> ProxySpec:
+    """Warden told to hold `n` connections (and the warm-up's): its derived warden_max_connections
+    keeps a quarter of the descriptor limit for the kernel relay, which idle tunnels never use."""
+    return dataclasses.replace(WARDEN, argv=lambda env, port, extra: [
+        *WARDEN.argv(env, port, extra), "--set", f"warden_max_connections={n + 64}"])
+
+
 def raise_fd_limit(need: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = max(need, soft)
@@ -189,7 +197,7 @@ def main() -> int:
                 if n <= 0:
                     continue
                 # A fresh Warden per kind: freed memory of one phase must not hide the next one's.
-                rp = start_proxy(sess.procs, WARDEN, env)
+                rp = start_proxy(sess.procs, held_open(n), env)
                 try:
                     for s in [intercepted(rp.port), tunnel(rp.port)]:  # warm-up: leaf cert, upstream TLS
                         s.close()

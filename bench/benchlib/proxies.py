@@ -131,6 +131,8 @@ deny:
   # the denied scenario compares like with like: bare mitmdump answers the CONNECT with 403
   # (Warden's default, in_band, accepts it and answers the first request instead)
   explain_denials: status
+  # every bench client is one agent: the memory bench holds 10,000 of its connections at once
+  limits: {{max_connections_per_agent: 100000}}
 """
 
 
