@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import resource
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -28,7 +29,7 @@ AGENTS = {"greedy": "tok-greedy", "other": "tok-other"}
 LIMIT = 3
 
 
-def rules(work: Path, tls: int, plain: int) -> dict[str, Any]:
+def rules(work: Path, tls: int, plain: int, per_agent: int = LIMIT) -> dict[str, Any]:
     return {
         "agents": [{"id": a, "token_sha256": [sha256_hex(t)], "policies": ["p"]} for a, t in AGENTS.items()],
         "policies": {"p": {"allow": [
@@ -37,7 +38,7 @@ def rules(work: Path, tls: int, plain: int) -> dict[str, Any]:
             {"id": "plain", "host": "api.test", "ports": [plain], "addresses": ["127.0.0.1/32"]},
         ]}},
         "settings": {"hosts_file": str(hosts_file(work / "hosts", ORIGIN_NAMES)),
-                     "limits": {"max_connections_per_agent": LIMIT}},
+                     "limits": {"max_connections_per_agent": per_agent}},
     }
 
 
@@ -95,36 +96,80 @@ def test_an_agent_past_its_connection_limit_is_refused_and_others_go_on(env: tup
     assert requests and requests[0]["reason"] == "connection_limit", requests
 
 
+def _limited(work: Path, tls: Origin, plain: Origin, origin_ca_file: Path, confdir: Path, path: str) -> Warden:
+    work.mkdir()
+    return start_warden(work, rules(work, tls.port, plain.port, per_agent=100), upstream_ca=origin_ca_file,
+                        confdir=confdir,
+                        agents=AGENTS, extra_args=["--set", "warden_max_connections=4", "--set",
+                                                   f"warden_fast_connect={'true' if path == 'fast' else 'false'}"])
+
+
+def _refused_at_accept(w: Warden) -> bytes:
+    extra = socket.create_connection(("127.0.0.1", w.port), timeout=5)
+    with extra:
+        extra.sendall(b"CONNECT allowed.test:443 HTTP/1.1\r\n\r\n")  # read and dropped
+        return read_until_closed(extra, timeout=5)
+
+
 def test_past_the_process_limit_a_connection_is_answered_503_before_it_is_read(
         tmp_path: Path, origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path) -> None:
+    """Four identified tunnels fill a limit of four: the fifth connection gets the 503. On
+    mitmproxy's own listener, connections that have sent nothing fill it just the same."""
     with run_origin(ca=origin_ca) as tls, run_origin() as plain:
         for path in ("fast", "slow"):
-            work = tmp_path / path
-            work.mkdir()
-            w = start_warden(work, rules(work, tls.port, plain.port), upstream_ca=origin_ca_file,
-                             confdir=shared_confdir, agents=AGENTS,
-                             extra_args=["--set", "warden_max_connections=4",
-                                         "--set", f"warden_fast_connect={'true' if path == 'fast' else 'false'}"])
+            w = _limited(tmp_path / path, tls, plain, origin_ca_file, shared_confdir, path)
             try:
                 assert metric(w, "warden_max_connections") == 4
+                assert wait_until(lambda w=w: metric(w, "warden_client_connections") == 0), path
                 with ExitStack() as held:
-                    idle = [held.enter_context(socket.create_connection(("127.0.0.1", w.port), timeout=5))
-                            for _ in range(4)]  # connections that send nothing hold their place
+                    for _ in range(4):
+                        sock, status, head = connect_raw(w, "other", f"allowed.test:{tls.port}")
+                        held.enter_context(sock)
+                        assert status == 200, (path, head)
                     assert wait_until(lambda w=w: metric(w, "warden_client_connections") == 4), path
-                    extra = socket.create_connection(("127.0.0.1", w.port), timeout=5)
-                    with extra:
-                        extra.sendall(b"CONNECT allowed.test:443 HTTP/1.1\r\n\r\n")  # read and dropped
-                        answer = read_until_closed(extra, timeout=5)
+                    answer = _refused_at_accept(w)
                     assert answer.startswith(b"HTTP/1.1 503 ") and b"connection_limit" in answer, (path, answer)
-                    assert b"warden_max_connections" in answer
-                    idle[0].close()
-                    assert wait_until(lambda w=w: metric(w, "warden_client_connections") == 3), path
-                    sock, status, head = connect_raw(w, "other", f"allowed.test:{tls.port}")
-                    sock.close()
-                    assert status == 200, (path, head)
-                assert metric(w, "warden_connections_refused_total", '{limit="process"}') == 1, path
+                    assert b"warden_max_connections" in answer and b"Retry-After: 1" in answer
+                    if path == "slow":  # mitmproxy's listener: connections that say nothing count the same
+                        held.close()
+                        assert wait_until(lambda w=w: metric(w, "warden_client_connections") == 0), path
+                        for _ in range(4):
+                            held.enter_context(socket.create_connection(("127.0.0.1", w.port), timeout=5))
+                        assert wait_until(lambda w=w: metric(w, "warden_client_connections") == 4), path
+                        assert _refused_at_accept(w).startswith(b"HTTP/1.1 503 ")
+                refused = 2 if path == "slow" else 1
+                assert metric(w, "warden_connections_refused_total", '{limit="process"}') == refused, path
+                sock, status, head = connect_raw(w, "other", f"allowed.test:{tls.port}")  # room again
+                sock.close()
+                assert status == 200, (path, head)
             finally:
                 w.stop()
+
+
+def test_at_the_process_limit_the_oldest_connection_without_a_head_makes_room(
+        tmp_path: Path, origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path) -> None:
+    """An agent could dodge its own limit by never authenticating: connections that send no
+    head fill the process limit. On the fast listener, the one that has waited longest (a
+    second at least) is closed to make room for a new connection."""
+    with run_origin(ca=origin_ca) as tls, run_origin() as plain:
+        w = _limited(tmp_path / "fast", tls, plain, origin_ca_file, shared_confdir, "fast")
+        try:
+            assert wait_until(lambda: metric(w, "warden_client_connections") == 0)  # start-up's port probe is gone
+            with ExitStack() as held:
+                idle = [held.enter_context(socket.create_connection(("127.0.0.1", w.port), timeout=5))
+                        for _ in range(4)]
+                assert wait_until(lambda: metric(w, "warden_client_connections") == 4)
+                assert metric(w, "warden_connections_refused_total", '{limit="process"}') == 0
+                time.sleep(1.2)  # past PENDING_MIN_AGE: the idle ones may now be evicted
+                sock, status, head = connect_raw(w, "other", f"allowed.test:{tls.port}")
+                held.enter_context(sock)
+                assert status == 200, head
+                idle[0].settimeout(5)
+                assert idle[0].recv(100) == b""  # the oldest was closed, unanswered (a timeout raises)
+                assert metric(w, "warden_front_door_connections_total", '{path="evicted"}') == 1
+                assert metric(w, "warden_connections_refused_total", '{limit="process"}') == 0
+        finally:
+            w.stop()
 
 
 def test_warden_raises_its_descriptor_limit_and_derives_the_process_limit(

@@ -133,7 +133,8 @@ def registry() -> WardenMetrics:
                                      ("agent",), registry=r, multiprocess_mode="livesum"),
         front_door=Counter(N.FRONT_DOOR, "Client connections on warden run's listener, by path: fast (an allowed "
                            "passthrough tunnel kept off mitmproxy), mitmproxy (handed over), head_timeout (closed: no "
-                           "request head in time), head_too_large (431), no_head (closed by the client before a head)", ("path",), registry=r),
+                           "request head in time), head_too_large (431), no_head (closed by the client before a head), evicted "
+                           "(closed without a head, to make room at warden_max_connections)", ("path",), registry=r),
         client_connections=Gauge(N.CLIENT_CONNECTIONS, "Client connections open now", registry=r,
                                  multiprocess_mode="livesum"),
         max_connections=Gauge(N.MAX_CONNECTIONS, "Client connections one process holds at most (warden_max_connections)",
@@ -251,7 +252,7 @@ class Metrics:
         if door is not None:
             for path, total in (("fast", door.fast_tunnels), ("mitmproxy", door.handed_over),
                                 ("head_timeout", door.head_timeouts), ("head_too_large", door.heads_refused),
-                                ("no_head", door.no_head)):
+                                ("no_head", door.no_head), ("evicted", door.evicted)):
                 self._sync_counter(m.front_door.labels(path=path), total)
         counts = self.counts
         if counts is not None:

@@ -105,6 +105,7 @@ HANDOVER_SECONDS = 5.0  # longest wait for our write buffers to drain before spl
 HEAD_TIMEOUT = 60
 STREAM_LIMIT = 2 ** 16  # asyncio.start_server's StreamReader limit, which mitmproxy's listener uses
 SHUTDOWN_ERROR = "warden shutting down"
+PENDING_MIN_AGE = 1.0  # a connection without a head is evicted at the process limit after this long
 LINGER_SECONDS = 1.0  # a connection refused at accept is read (and dropped) this long at most
 MAX_LINGERING = 256  # beyond this many at once, refused connections are closed at once
 
@@ -175,7 +176,9 @@ class FastConnect:
         self.outcomes = outcomes
         self.interception = interception
         self.doors: set[FrontDoor] = set()
+        self.pending: dict[FrontDoor, None] = {}  # doors still waiting for their first head, oldest first
         self.lingering = 0  # connections refused at accept, answered, not closed yet
+        self.evicted = 0  # closed without a head, to make room at the process limit
         self.tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps weak ones
         self.tcp_timeout = 600.0
         self.head_timeout = float(HEAD_TIMEOUT)
@@ -236,6 +239,19 @@ class FastConnect:
             door.end(SHUTDOWN_ERROR)
 
     # -- shared by the doors -----------------------------------------------------------------
+    def evict_pending(self) -> bool:
+        """At the process limit: close the connection that has waited longest for its first
+        head, if it has waited PENDING_MIN_AGE, to make room for a new one. Connections that
+        never identify (a flood, or an agent dodging its own limit by never authenticating)
+        then cannot keep agents that send a head out; identified connections are never evicted."""
+        for door in self.pending:  # oldest first
+            if time.monotonic() - door.opened < PENDING_MIN_AGE:
+                return False
+            self.evicted += 1
+            door.end(None, abort=True)  # leaves `pending`: the loop ends here
+            return True
+        return False
+
     def open_connections(self) -> int:
         """Client connections open in this process: fast doors, and mitmproxy's (handed over)."""
         proxyserver = ctx.master.addons.get("proxyserver")
@@ -363,12 +379,15 @@ class FrontDoor(asyncio.Protocol):
     # -- client events -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # asyncio's, or uvloop's (not a subclass)
-        if self.part.counts.over_process_limit(self.part.open_connections() + 1):
+        part = self.part
+        if part.open_connections() >= part.counts.max_connections and not part.evict_pending():
+            part.counts.refused_process += 1
             self._refuse_at_accept()
             return
         peer = transport.get_extra_info("peername") or ("", 0)
         self.state = ConnState(str(peer[0]), int(peer[1]) if len(peer) > 1 else 0)
-        self.part.doors.add(self)
+        part.doors.add(self)
+        part.pending[self] = None
 
     def _refuse_at_accept(self) -> None:
         """Past warden_max_connections (runtime/connlimits.py): the 503, then a FIN. What the
@@ -506,6 +525,7 @@ class FrontDoor(asyncio.Protocol):
         self.head, self.head_bytes = head, bytes(buf[:end + 4])
         del self.buf[:end + 4]
         self.phase = Phase.DECIDING
+        self.part.pending.pop(self, None)
         self.task = self.part.spawn(self._decide())
 
     @staticmethod
@@ -859,6 +879,7 @@ class FrontDoor(asyncio.Protocol):
         was = self.phase
         self.phase = Phase.DONE
         self.part.doors.discard(self)
+        self.part.pending.pop(self, None)
         self._release_agent()
         if self.task is not None and not self.task.done():
             self.task.cancel()
@@ -919,6 +940,7 @@ class FrontDoor(asyncio.Protocol):
         assert transport is not None
         self.phase = Phase.DONE
         self.part.doors.discard(self)
+        self.part.pending.pop(self, None)
         self._release_agent()  # mitmproxy's ConnectionLimits counts the connection from here on
         self.part.handed_over += 1
         self._close_upstream(abort=True)
