@@ -572,8 +572,11 @@ class FrontDoor(asyncio.Protocol):
         elif self.buf:
             self._first_bytes()
         elif self.held_from_server:
-            self._commit()  # the server spoke first
-            self._relay_held()
+            # The server spoke first, before the 200 (on uvloop its bytes can arrive before the
+            # task resumes from create_connection: red team 17): raw_tcp rules only, as below
+            if self._raw_allowed():
+                self._commit()
+                self._relay_held()
         elif self.server_eof_seen:
             self.end(None)
         if self.client_eof and self.phase is not Phase.DONE:
