@@ -926,3 +926,38 @@ def test_a_client_that_half_closes_still_gets_the_answer(pair: dict[str, Any], g
                 assert got == greeting + b"ping\r\n", (name, i, got)
         finally:
             server.close()
+
+
+@pytest.mark.parametrize("head_end", [b"\r\n", b"\n"], ids=["strict head", "bare LF in the head"])
+@pytest.mark.parametrize("host", ["passthrough.test", "api.test"], ids=["tls-only", "intercepted"])
+def test_a_request_pipelined_behind_a_connect_that_opened_no_tunnel_is_refused(
+        pair: dict[str, Any], host: str, head_end: bytes) -> None:
+    """Red team 17: CONNECT, a plain GET and a FIN in one write. The FIN ended mitmproxy's CONNECT
+    stream, its HTTP layer read the GET as the connection's next request, and Policy decided it
+    as a request inside the tunnel (https, allowed): it went upstream in cleartext, recorded as
+    intercepted. The same without a FIN after a CONNECT whose upstream refused. Such a request
+    is now refused (`request_outside_tunnel`), and nothing reaches the origin in either case."""
+    plain: LoggingOrigin = pair["plain"]
+    closed = pair["closed"]
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        auth = proxy_auth("coder", TOKEN)
+        for port, fin in ((plain.port, True), (closed, False)):
+            plain.reset()
+            before = len(w.audit_records())
+            head = (f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}".encode() + head_end
+                    + f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+            with socket.create_connection(("127.0.0.1", w.port), timeout=10) as sock:
+                sock.sendall(head + f"GET /cleartext HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+                if fin:
+                    sock.shutdown(socket.SHUT_WR)
+                read_until_closed(sock, timeout=3)
+            time.sleep(0.3)  # a cleartext connection to the origin would have been made by now
+            assert plain.total_bytes == 0, (name, host, head_end, plain.all_bytes[:120])
+            records = w.audit_records()[before:]
+            forwarded = [r for r in records if r.get("event") == "request" and r.get("decision") != "deny"]
+            assert forwarded == [], (name, host, head_end, fin, records)
+            outside = [r for r in records if r.get("event") == "request"]
+            # refused as what it is: outside the tunnel, or plain HTTP read inside an intercepted one
+            assert {r["reason"] for r in outside} <= {"request_outside_tunnel", "cleartext_in_tunnel"}, (
+                name, host, [(r["reason"], r["message"]) for r in outside])

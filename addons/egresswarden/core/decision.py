@@ -72,6 +72,7 @@ class Reason(StrEnum):
     BUFFER_LIMIT = "buffer_limit"  # the agent's request bodies held in memory would exceed its budget
     SCAN_LIMIT = "scan_limit"  # the agent's compressed bodies cost more decoding than its share per second
     CONNECTION_LIMIT = "connection_limit"  # the agent (or the process) holds as many connections as it may
+    REQUEST_OUTSIDE_TUNNEL = "request_outside_tunnel"  # a request behind a CONNECT that opened no tunnel
 
     @property
     def status(self) -> int:
@@ -89,6 +90,7 @@ _STATUS: dict[Reason, int] = {
     Reason.BUFFER_LIMIT: 429,
     Reason.SCAN_LIMIT: 429,
     Reason.CONNECTION_LIMIT: 429,
+    Reason.REQUEST_OUTSIDE_TUNNEL: 400,
     Reason.RULES_UNAVAILABLE: 503,
     Reason.AUDIT_UNAVAILABLE: 503,
     Reason.INTERNAL_ERROR: 500,

@@ -154,6 +154,17 @@ class Tunnel:
     def passthrough(self) -> bool:
         return self.mode is TunnelMode.PASSTHROUGH
 
+    def carries_request_of(self, client: connection.Client) -> bool:
+        """Did a request on this tunnel's client connection arrive inside the tunnel? Only once
+        Interception chose an HTTP layer for it: TLS with Warden (INTERCEPT, EXPLAIN) or plain
+        HTTP inside it (CLEARTEXT, refused). Any other request was read by mitmproxy's HTTP layer
+        on the proxy connection itself, after a CONNECT that opened no tunnel (its upstream
+        failed, or the client's FIN ended it) from what the client pipelined behind the CONNECT:
+        deciding it as a request inside the tunnel sent it upstream in cleartext (red team 17)."""
+        if self.mode in (TunnelMode.INTERCEPT, TunnelMode.EXPLAIN):
+            return client.tls_established
+        return self.mode is TunnelMode.CLEARTEXT
+
 
 @dataclass
 class ConnState:

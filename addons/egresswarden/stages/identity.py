@@ -16,7 +16,7 @@ from egresswarden.core.decision import Reason, deny
 from egresswarden.core.identity import AgentIdentity, AuthFailure, identify, parse_basic
 from egresswarden.core.ruleset import RuleSet
 from egresswarden.runtime.admin import SESSIONS
-from egresswarden.runtime.context import Connections, FlowRecord, record_of
+from egresswarden.runtime.context import Connections, ConnState, FlowRecord, record_of
 from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.rulestore import RuleStore
 
@@ -80,6 +80,24 @@ class Identity:
         record.identity_method = result.method.value
         return result
 
+    def _refuse_outside(self, flow: http.HTTPFlow, record: FlowRecord, state: ConnState) -> None:
+        """A request pipelined behind a CONNECT that opened no tunnel (Tunnel.carries_request_of):
+        neither the tunnel's request nor a proxy request of its own. Refused, and the connection
+        closed after the answer."""
+        tunnel = state.tunnel
+        assert tunnel is not None
+        for name in PROXY_HEADERS:
+            flow.request.headers.pop(name, None)
+        record.agent, record.identity_method, record.request_id = tunnel.agent, state.identity_method, tunnel.request_id
+        rules = self.store.current
+        record.decision = deny(
+            Reason.REQUEST_OUTSIDE_TUNNEL,
+            f"this request followed a CONNECT to {tunnel.host}:{tunnel.port} on the same connection, but that "
+            f"CONNECT opened no tunnel (it failed or was closed); send it on a new connection",
+            rules.version if rules is not None else "none")
+        flow.response = refusal_response(record.decision, record.agent)
+        flow.response.headers["Connection"] = "close"
+
     def http_connect(self, flow: http.HTTPFlow) -> None:
         record = record_of(flow)
         identity = self._identify(flow, record)
@@ -91,6 +109,9 @@ class Identity:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         record = record_of(flow)
         state = self.connections.get(flow.client_conn)
+        if state.tunnel is not None and not state.tunnel.carries_request_of(flow.client_conn):
+            self._refuse_outside(flow, record, state)
+            return
         if state.tunnel is not None:
             # Inside a CONNECT tunnel: the identity was established by the CONNECT.
             for name in PROXY_HEADERS:
