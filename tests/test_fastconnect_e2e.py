@@ -961,3 +961,23 @@ def test_a_request_pipelined_behind_a_connect_that_opened_no_tunnel_is_refused(
             # refused as what it is: outside the tunnel, or plain HTTP read inside an intercepted one
             assert {r["reason"] for r in outside} <= {"request_outside_tunnel", "cleartext_in_tunnel"}, (
                 name, host, [(r["reason"], r["message"]) for r in outside])
+
+
+@pytest.mark.parametrize("head_end", [b"\r\n", b"\n"], ids=["strict head", "bare LF in the head"])
+def test_a_client_gone_while_its_denied_connect_is_explained_crashes_nothing(
+        pair: dict[str, Any], head_end: bytes) -> None:
+    """Red team 17: a denied CONNECT (explained in band), a GET and a FIN in one write made
+    mitmproxy's HTTP layer hand a protocol error to the layer inside the tunnel: "mitmproxy has
+    crashed!" with a traceback in the log, once per connection (runtime/tunnel_errors.py)."""
+    auth = proxy_auth("coder", TOKEN)
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        before = len(w.audit_records())
+        with socket.create_connection(("127.0.0.1", w.port), timeout=10) as sock:
+            sock.sendall(b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443" + head_end
+                         + f"Proxy-Authorization: {auth}\r\n\r\nGET /x HTTP/1.1\r\nHost: denied.test\r\n\r\n".encode())
+            sock.shutdown(socket.SHUT_WR)
+            read_until_closed(sock, timeout=3)
+        connects = events_after(w, before, "connect")
+        assert connects and connects[0]["decision"] == "deny" and connects[0]["host"] == "denied.test", connects
+        assert "has crashed" not in w.output(), w.output()[-3000:]

@@ -61,7 +61,7 @@ from egresswarden.record.alerts import Alerts
 from egresswarden.record.audit import Audit, AuditGate
 from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
-from egresswarden.runtime import body_buffers, http1_heads, http1_trailers
+from egresswarden.runtime import body_buffers, http1_heads, http1_trailers, tunnel_errors
 from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.budget import BufferBudget, DecodeMeter
 from egresswarden.runtime.connlimits import ConnectionCounts
@@ -87,6 +87,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
     http1_trailers.install()  # a defined answer instead of a hung connection (runtime/http1_trailers.py)
     http1_heads.install()  # a bound on the bytes of one message head (runtime/http1_heads.py)
     body_buffers.install()  # bounds on the body bytes mitmproxy keeps (runtime/body_buffers.py)
+    tunnel_errors.install()  # a client gone mid-CONNECT closes its tunnel (runtime/tunnel_errors.py)
     store = RuleStore()
     connections = Connections()
     audit = Audit(store)
