@@ -166,7 +166,10 @@ def main() -> int:
         try:
             extra = (f"      - host: passthrough.test\n        ports: [{sink.port}]\n"
                      f"      - cidr: 127.0.0.1/32\n        ports: [{sink.port}]\n")
-            (env.rules_dir / "bench.yaml").write_text(rules_yaml(env.origin, env.hosts_file, extra_allow=extra))
+            (env.rules_dir / "bench.yaml").write_text(rules_yaml(
+                env.origin, env.hosts_file, extra_allow=extra,
+                # one agent holds all of them (only builds with connection limits know the key)
+                extra_settings="  limits: {max_connections_per_agent: 100000}\n"))
             hello = client_hello("passthrough.test")
             ca = Path(env.confdir) / "mitmproxy-ca-cert.pem"
             ctx = ssl.create_default_context(cafile=str(ca))

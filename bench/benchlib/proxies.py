@@ -92,7 +92,8 @@ def write_shared_files(tmp: Path, origin: Origin) -> BenchEnv:
     return BenchEnv(tmp, origin, confdir, rules, hosts)
 
 
-def rules_yaml(origin: Origin, hosts_file: Path, extra_allow: str = "", extra_deny: str = "") -> str:
+def rules_yaml(origin: Origin, hosts_file: Path, extra_allow: str = "", extra_deny: str = "",
+               extra_settings: str = "") -> str:
     """Warden rules for the scenarios (see the contract in bench/README.md)."""
     token_sha = hashlib.sha256(AGENT_TOKEN.encode()).hexdigest()
     h, s = origin.http_port, origin.https_port
@@ -131,9 +132,7 @@ deny:
   # the denied scenario compares like with like: bare mitmdump answers the CONNECT with 403
   # (Warden's default, in_band, accepts it and answers the first request instead)
   explain_denials: status
-  # every bench client is one agent: the memory bench holds 10,000 of its connections at once
-  limits: {{max_connections_per_agent: 100000}}
-"""
+{extra_settings}"""
 
 
 def _warden_argv(env: BenchEnv, port: int, extra: dict[str, object]) -> list[str]:
