@@ -981,3 +981,41 @@ def test_a_client_gone_while_its_denied_connect_is_explained_crashes_nothing(
         connects = events_after(w, before, "connect")
         assert connects and connects[0]["decision"] == "deny" and connects[0]["host"] == "denied.test", connects
         assert "has crashed" not in w.output(), w.output()[-3000:]
+
+
+def test_a_server_that_closes_before_its_server_hello_ends_the_tunnel(pair: dict[str, Any]) -> None:
+    """Red team 18: a TLS front that reads the ClientHello and closes without an answer. The
+    fast path forwarded the server's FIN, then held the client's FIN behind the retry guard,
+    which waited for a ServerHello that could no longer come: the tunnel (and its place in the
+    agent's connection limit) stayed until tcp_timeout. It ends with the server's FIN now."""
+    closed = pair["closed"]
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        server = socket.create_server(("127.0.0.1", closed))
+        server.settimeout(10)
+
+        def hang_up(server: socket.socket = server) -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                with conn:
+                    conn.settimeout(5)
+                    conn.recv(65536)  # the ClientHello; no answer
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        try:
+            before = len(w.audit_records())
+            sock, status, _ = connect_raw(w, "coder", f"passthrough.test:{closed}")
+            assert status == 200
+            with sock:
+                sock.sendall(hello_record(["passthrough.test"]))
+                sock.settimeout(5)
+                assert sock.recv(100) == b""  # the server's FIN reached the client
+                sock.shutdown(socket.SHUT_WR)
+                read_until_closed(sock, timeout=5)
+            closes = events_after(w, before, "tunnel_close")
+            assert closes and closes[0]["carried_tls"] is False, (name, w.audit_records()[before:])
+            assert wait_until(lambda w=w: float(re.search(r"^warden_active_tunnels (\S+)$", w.metrics_text(),
+                                                          re.M).group(1)) == 0, 5), name  # type: ignore[union-attr]
+        finally:
+            server.close()
+            thread.join(10)

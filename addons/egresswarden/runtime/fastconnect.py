@@ -754,7 +754,11 @@ class FrontDoor(asyncio.Protocol):
         self.server_eof_seen = True
         if self.phase is Phase.RELAY:
             assert self.transport is not None
-            if self.client_eof:
+            if self.client_eof or self.guard is not None:
+                # both sides are done; or the server closed before the answer the retry guard
+                # waits for, which can no longer come: its held bytes have nowhere to go, and a
+                # client FIN would wait for them for ever (red team 18: the tunnel, and its place
+                # in the agent's connection limit, stayed until tcp_timeout)
                 self.end(None)
                 return False
             if self.transport.can_write_eof():
