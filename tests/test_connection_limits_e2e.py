@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trustme
 
-from .bypass_helpers import connect_raw, events_after, read_until_closed, wait_until
+from .bypass_helpers import connect_raw, events_after, proxy_auth, read_until_closed, wait_until
 from .harness import ORIGIN_NAMES, Origin, Warden, curl, hosts_file, run_origin, sha256_hex, start_warden
 
 pytestmark = pytest.mark.e2e
@@ -190,3 +190,51 @@ def test_warden_raises_its_descriptor_limit_and_derives_the_process_limit(
         assert metric(w, "warden_max_connections") == (min(hard, 1 << 20) * 3 // 4 - 512) // 2
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("path", ["fast", "slow"])
+def test_connections_no_agent_was_identified_on_make_room_at_the_process_limit(
+        path: str, tmp_path: Path, origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path) -> None:
+    """Red team 18: after one complete head answered 407, a connection lived for tcp_timeout, and
+    a byte trickled now and then kept it for ever: such connections filled the process limit and
+    every agent got 503. At the limit, the oldest connection no agent was identified on (a
+    second old at least) is closed to make room, on both listeners."""
+    with run_origin(ca=origin_ca) as tls, run_origin() as plain:
+        w = _limited(tmp_path / path, tls, plain, origin_ca_file, shared_confdir, path)
+        try:
+            assert wait_until(lambda: metric(w, "warden_client_connections") == 0)
+            with ExitStack() as held:
+                anonymous = []
+                for _ in range(4):
+                    sock = held.enter_context(socket.create_connection(("127.0.0.1", w.port), timeout=5))
+                    sock.sendall(f"GET http://api.test:{plain.port}/ HTTP/1.1\r\nHost: api.test\r\n\r\n".encode())
+                    assert sock.recv(65536).startswith(b"HTTP/1.1 407"), path
+                    sock.sendall(b"G")  # the start of a next head, to be held open
+                    anonymous.append(sock)
+                assert wait_until(lambda: metric(w, "warden_client_connections") == 4), path
+                time.sleep(1.2)
+                sock, status, head = connect_raw(w, "other", f"allowed.test:{tls.port}")
+                held.enter_context(sock)
+                assert status == 200, (path, head)
+                assert metric(w, "warden_front_door_connections_total", '{path="evicted"}') == 1, path
+                started = time.monotonic()
+                read_until_closed(anonymous[0], timeout=5)  # the rest of its 407, then the close
+                assert time.monotonic() - started < 4, path  # closed, not timed out
+        finally:
+            w.stop()
+
+
+def test_a_connection_refused_for_its_agents_limit_is_closed(env: tuple[Warden, Origin, Origin]) -> None:
+    """Red team 18: a plain request refused 429 connection_limit left its keep-alive connection
+    open, counted for no agent: enough of them filled the process limit."""
+    w, tls, plain = env
+    with ExitStack() as held:
+        for _ in range(LIMIT):
+            sock, status, head = connect_raw(w, "greedy", f"allowed.test:{tls.port}")
+            held.enter_context(sock)
+            assert status == 200, head
+        with socket.create_connection(("127.0.0.1", w.port), timeout=5) as sock:
+            sock.sendall(f"GET http://api.test:{plain.port}/x HTTP/1.1\r\nHost: api.test:{plain.port}\r\n"
+                         f"Proxy-Authorization: {proxy_auth('greedy', AGENTS['greedy'])}\r\n\r\n".encode())
+            answer = read_until_closed(sock, timeout=5)  # returns at the close, not at the timeout
+        assert answer.startswith(b"HTTP/1.1 429") and b"Connection: close" in answer, answer

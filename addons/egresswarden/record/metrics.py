@@ -252,7 +252,7 @@ class Metrics:
         if door is not None:
             for path, total in (("fast", door.fast_tunnels), ("mitmproxy", door.handed_over),
                                 ("head_timeout", door.head_timeouts), ("head_too_large", door.heads_refused),
-                                ("no_head", door.no_head), ("evicted", door.evicted)):
+                                ("no_head", door.no_head)):
                 self._sync_counter(m.front_door.labels(path=path), total)
         counts = self.counts
         if counts is not None:
@@ -267,6 +267,7 @@ class Metrics:
             self._counted_agents |= counts.per_agent.keys()
             self._sync_counter(m.connections_refused.labels(limit="process"), counts.refused_process)
             self._sync_counter(m.connections_refused.labels(limit="agent"), counts.refused_agent)
+            self._sync_counter(m.front_door.labels(path="evicted"), counts.evicted)
         if self.budget is not None:
             held = self.budget.snapshot()
             for agent in self._buffering_agents - held.keys():

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import logging
 import resource
+from collections.abc import Callable
 
 logger = logging.getLogger("warden")
 
+PENDING_MIN_AGE = 1.0  # a connection no agent was identified on may be evicted at the process limit after this
 DESCRIPTOR_RESERVE = 512  # audit files, listeners, DNS, metrics, MCP pin store, child processes
 NOFILE_CAP = 1 << 20  # the soft limit is raised to the hard one, but no further than this
 
@@ -62,6 +64,9 @@ class ConnectionCounts:
         self.per_agent: dict[str, int] = {}
         self.refused_process = 0  # connections closed at accept: the process bound
         self.refused_agent = 0  # CONNECTs / requests denied: the agent's bound
+        self.evicted = 0  # connections closed without an identified agent, to make room
+        # closes the oldest mitmproxy connection no agent was identified on (stages/connlimits.py)
+        self.evict_unidentified: Callable[[], bool] = lambda: False
 
     def admit_agent(self, agent: str, limit: int) -> bool:
         """Count one more connection for `agent`, unless it already holds `limit`."""
@@ -77,13 +82,6 @@ class ConnectionCounts:
             self.per_agent[agent] = held
         else:
             self.per_agent.pop(agent, None)
-
-    def over_process_limit(self, open_now: int) -> bool:
-        """`open_now` client connections are open, this one included: refuse it?"""
-        if open_now <= self.max_connections:
-            return False
-        self.refused_process += 1
-        return True
 
 
 def process_limit_text(limit: int) -> str:

@@ -76,7 +76,7 @@ from egresswarden.core.plan import plan_connect, plan_raw_tcp
 from egresswarden.record.journal import utc_now
 from egresswarden.record.outcome import Outcome, tunnel_close_outcome
 from egresswarden.runtime import http1_heads, relay, splicing
-from egresswarden.runtime.connlimits import ConnectionCounts, process_limit_answer
+from egresswarden.runtime.connlimits import PENDING_MIN_AGE, ConnectionCounts, process_limit_answer
 from egresswarden.runtime.context import ConnState, Tunnel, TunnelMode, new_request_id
 from egresswarden.runtime.patching import wrap_once
 from egresswarden.runtime.workers import reuse_port_enabled
@@ -105,7 +105,6 @@ HANDOVER_SECONDS = 5.0  # longest wait for our write buffers to drain before spl
 HEAD_TIMEOUT = 60
 STREAM_LIMIT = 2 ** 16  # asyncio.start_server's StreamReader limit, which mitmproxy's listener uses
 SHUTDOWN_ERROR = "warden shutting down"
-PENDING_MIN_AGE = 1.0  # a connection without a head is evicted at the process limit after this long
 LINGER_SECONDS = 1.0  # a connection refused at accept is read (and dropped) this long at most
 MAX_LINGERING = 256  # beyond this many at once, refused connections are closed at once
 
@@ -178,7 +177,6 @@ class FastConnect:
         self.doors: set[FrontDoor] = set()
         self.pending: dict[FrontDoor, None] = {}  # doors still waiting for their first head, oldest first
         self.lingering = 0  # connections refused at accept, answered, not closed yet
-        self.evicted = 0  # closed without a head, to make room at the process limit
         self.tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps weak ones
         self.tcp_timeout = 600.0
         self.head_timeout = float(HEAD_TIMEOUT)
@@ -241,16 +239,17 @@ class FastConnect:
     # -- shared by the doors -----------------------------------------------------------------
     def evict_pending(self) -> bool:
         """At the process limit: close the connection that has waited longest for its first
-        head, if it has waited PENDING_MIN_AGE, to make room for a new one. Connections that
-        never identify (a flood, or an agent dodging its own limit by never authenticating)
-        then cannot keep agents that send a head out; identified connections are never evicted."""
+        head, if it has waited PENDING_MIN_AGE, else the oldest of mitmproxy's connections that
+        no agent was identified on (ConnectionCounts.evict_unidentified), to make room for a
+        new one. Connections that never identify (a flood, or an agent dodging its own limit by
+        never authenticating) then cannot keep agents out; identified ones are never evicted."""
         for door in self.pending:  # oldest first
             if time.monotonic() - door.opened < PENDING_MIN_AGE:
-                return False
-            self.evicted += 1
+                break
+            self.counts.evicted += 1
             door.end(None, abort=True)  # leaves `pending`: the loop ends here
             return True
-        return False
+        return self.counts.evict_unidentified()  # mitmproxy's, after a 407 or a refusal
 
     def open_connections(self) -> int:
         """Client connections open in this process: fast doors, and mitmproxy's (handed over)."""

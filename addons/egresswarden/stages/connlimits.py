@@ -12,6 +12,7 @@ when mitmproxy's own listener runs (`warden_fast_connect=false`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from mitmproxy import connection, ctx, exceptions, http
 
 from egresswarden.core.decision import Reason, deny
 from egresswarden.runtime.connlimits import (
+    PENDING_MIN_AGE,
     ConnectionCounts,
     agent_limit_text,
     default_max_connections,
@@ -27,7 +29,7 @@ from egresswarden.runtime.connlimits import (
 from egresswarden.runtime.context import Connections, record_of
 from egresswarden.runtime.failsafe import refusal_response
 from egresswarden.runtime.rulestore import RuleStore
-from egresswarden.runtime.sockets import connection_handler
+from egresswarden.runtime.sockets import close_client, connection_handler
 
 logger = logging.getLogger("warden")
 
@@ -39,6 +41,9 @@ class ConnectionLimits:
         self.connections = connections
         self.counts = counts
         self.fast_listener = fast_listener  # True: the fast listener admits connections itself
+        # mitmproxy's connections no agent was identified on yet, oldest first (evictable)
+        self.unidentified: dict[connection.Client, float] = {}
+        counts.evict_unidentified = self.evict_unidentified
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -55,11 +60,14 @@ class ConnectionLimits:
 
     def client_connected(self, client: connection.Client) -> None:
         if self.fast_listener():
+            self.unidentified[client] = time.monotonic()
             return  # admitted (or refused) by the fast listener, before mitmproxy saw it
         proxyserver = ctx.master.addons.get("proxyserver")
         open_now = len(getattr(proxyserver, "connections", ()))
-        if not self.counts.over_process_limit(open_now):
+        if open_now <= self.counts.max_connections or self.evict_unidentified():
+            self.unidentified[client] = time.monotonic()
             return
+        self.counts.refused_process += 1
         handler = connection_handler(client)
         transport = handler.transports.get(client) if handler is not None else None
         if transport is not None and transport.writer is not None:
@@ -87,12 +95,31 @@ class ConnectionLimits:
         limit = rules.settings.max_connections_per_agent
         if self.counts.admit_agent(record.agent, limit):
             state.counted_agent = record.agent
+            self.unidentified.pop(flow.client_conn, None)
             return
         self.counts.refused_agent += 1
         record.decision = deny(Reason.CONNECTION_LIMIT, agent_limit_text(record.agent, limit), rules.version)
         flow.response = refusal_response(record.decision, record.agent)
+        # closed after the answer: a refused connection held open counts for no agent (red team 18)
+        flow.response.headers["Connection"] = "close"
+
+    def evict_unidentified(self) -> bool:
+        """Close the oldest connection no agent was identified on (after a 407, a refusal, or
+        an unfinished next head), if it is PENDING_MIN_AGE old: the process limit is reached."""
+        now = time.monotonic()
+        while self.unidentified:
+            client, since = next(iter(self.unidentified.items()))
+            if now - since < PENDING_MIN_AGE:
+                return False
+            del self.unidentified[client]
+            if close_client(client, abort=True):
+                self.counts.evicted += 1
+                logger.info("warden: closed a connection no agent was identified on, at warden_max_connections")
+                return True
+        return False
 
     def client_disconnected(self, client: connection.Client) -> None:
+        self.unidentified.pop(client, None)
         state = self.connections.peek(client)
         if state is not None and state.counted_agent is not None:
             self.counts.release_agent(state.counted_agent)
