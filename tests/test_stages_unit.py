@@ -232,3 +232,15 @@ def test_live_flow_revocation_fails_closed_when_the_redecision_raises() -> None:
     assert flow.error is not None and not flow.live and flow.id not in live.flows
     assert [(o.event, o.revocation, o.decision.reason if o.decision else None) for o in emitted] == [
         ("tunnel_revoked", "denied", Reason.INTERNAL_ERROR)]
+
+
+def test_no_tunnel_starts_for_a_client_that_already_left(stage: Any) -> None:
+    """Red team 18: the layer decision can run after client_disconnected (a reset while the
+    next_layer hook was pending); a passthrough started then was never counted down and never
+    got its tunnel_close record."""
+    interception, connections = stage
+    ctxt, tunnel = tunnel_context(connections, PASS)
+    interception.client_disconnected(ctxt.client)
+    nl = decide_layer(interception, ctxt, client_hello("api.test"))
+    assert isinstance(nl.layer, RefusedLayer)
+    assert tunnel.mode is TunnelMode.UNDECIDED and interception.active_tunnels == 0

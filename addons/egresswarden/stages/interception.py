@@ -293,7 +293,11 @@ class Interception:
                 return  # the explicit proxy's own first layer: mitmproxy's HTTP proxy setup
             self._refuse(nextlayer, state, None, "a protocol switch outside a tunnel")
             return
-        if ctxt.client.tls_established:
+        if tunnel.closed:
+            # the client left while this decision waited (client_disconnected ran first, red team
+            # 18): a tunnel started now would never be counted down nor get its tunnel_close
+            nextlayer.layer = RefusedLayer(ctxt)
+        elif ctxt.client.tls_established:
             self._after_tls(nextlayer, state, tunnel)
         elif tunnel.mode is TunnelMode.UNDECIDED:
             self._first_bytes(nextlayer, state, tunnel)
