@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +16,7 @@ import requests
 from egresswarden.record.journal import verify_chain
 from prometheus_client.parser import text_string_to_metric_families
 
+from .bypass_helpers import wait_until
 from .harness import Origin, Warden, hosts_file, sha256_hex, start_warden
 
 pytestmark = pytest.mark.e2e
@@ -27,6 +29,10 @@ def _requests_total(text: str) -> float:
         if family.name == "warden_requests":
             total += sum(s.value for s in family.samples if s.name == "warden_requests_total")
     return total
+
+
+def _sample(text: str, name: str) -> float:
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
 
 
 def _health(port: int) -> dict:
@@ -64,6 +70,11 @@ def test_two_workers_share_a_port(tmp_path: Path, plain_origin: Origin) -> None:
                 assert r.status_code == 200
         assert _requests_total(w.metrics_text()) == n
         assert [wk["worker"] for wk in health["workers"]] == [0, 1]
+        # Gauges sampled per worker reach the merged page too (red team 18: they read 0): two
+        # connections held open, each worker's share of the limit summed.
+        with socket.create_connection(("127.0.0.1", w.port)), socket.create_connection(("127.0.0.1", w.port)):
+            assert wait_until(lambda: _sample(w.metrics_text(), "warden_client_connections") == 2, 10)
+            assert _sample(w.metrics_text(), "warden_max_connections") > 2 * 64
     finally:
         w.stop()
     files = [tmp_path / "audit.w0.jsonl", tmp_path / "audit.w1.jsonl"]

@@ -16,6 +16,7 @@ client is counted as agent "-".
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 NO_AGENT = "-"
 HEARTBEAT_SECONDS = 1.0
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set for each worker by runtime/workers.py
 LIVENESS_STALL_SECONDS = 10.0
 _LATENCY_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                     0.025, 0.05, 0.1)
@@ -202,8 +204,14 @@ class Metrics:
             self._heartbeat_task = asyncio.get_running_loop().create_task(self._beat())
 
     async def _beat(self) -> None:
+        # A worker (--workers N) is never scraped itself: the supervisor merges the workers'
+        # metric files, so the gauges sampled at scrape time are sampled here (red team 18: the
+        # merged connection and tunnel gauges read 0).
+        worker = bool(os.environ.get(MULTIPROC_ENV))
         while True:
             self.heartbeat = time.monotonic()
+            if worker:
+                self.refresh()
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     def done(self) -> None:
