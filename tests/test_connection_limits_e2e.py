@@ -238,3 +238,39 @@ def test_a_connection_refused_for_its_agents_limit_is_closed(env: tuple[Warden, 
                          f"Proxy-Authorization: {proxy_auth('greedy', AGENTS['greedy'])}\r\n\r\n".encode())
             answer = read_until_closed(sock, timeout=5)  # returns at the close, not at the timeout
         assert answer.startswith(b"HTTP/1.1 429") and b"Connection: close" in answer, answer
+
+
+def test_upstream_connections_beyond_the_first_count_toward_the_agents_limit(
+        tmp_path: Path, origin_ca_file: Path, shared_confdir: Path) -> None:
+    """Red team 18: one plain-HTTP keep-alive connection keeps an upstream connection for each
+    host:port it used, so 10 client connections held 960 descriptors. Each upstream beyond the
+    first of a client connection counts like a connection of its agent."""
+    with ExitStack() as origins:
+        ports = [origins.enter_context(run_origin()).port for _ in range(4)]
+        rules = {
+            "agents": [{"id": a, "token_sha256": [sha256_hex(t)], "policies": ["p"]} for a, t in AGENTS.items()],
+            "policies": {"p": {"allow": [{"id": "loop", "cidr": "127.0.0.1/32", "ports": ports}]}},
+            "settings": {"limits": {"max_connections_per_agent": LIMIT}},
+        }
+        w = start_warden(tmp_path, rules, upstream_ca=origin_ca_file, confdir=shared_confdir, agents=AGENTS)
+        try:
+            auth = proxy_auth("greedy", AGENTS["greedy"])
+            statuses = []
+            with socket.create_connection(("127.0.0.1", w.port), timeout=10) as sock:
+                reader = sock.makefile("rb")
+                for port in ports:
+                    sock.sendall(f"GET http://127.0.0.1:{port}/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                 f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+                    status = int(reader.readline().split()[1])  # one reader for the keep-alive connection
+                    length = 0
+                    while (line := reader.readline()) not in (b"\r\n", b""):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    statuses.append((status, reader.read(length), metric(w, "warden_agent_connections", '{agent="greedy"}')))
+                assert [s for s, *_ in statuses] == [200, 200, 200, 502], statuses
+                assert b"max_connections_per_agent" in statuses[-1][1], statuses[-1]
+                held = [count for *_, count in statuses]
+                assert held[:3] == [1, 2, 3] and max(held) == LIMIT, held  # each upstream counted, never past
+            assert wait_until(lambda: metric(w, "warden_agent_connections", '{agent="greedy"}') == 0)
+        finally:
+            w.stop()

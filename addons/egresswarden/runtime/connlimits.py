@@ -65,6 +65,9 @@ class ConnectionCounts:
         self.refused_process = 0  # connections closed at accept: the process bound
         self.refused_agent = 0  # CONNECTs / requests denied: the agent's bound
         self.evicted = 0  # connections closed without an identified agent, to make room
+        self.extra_upstreams = 0  # upstream connections beyond the first of their client connection
+        # client connections open now (fast doors and mitmproxy's), set by FastConnect
+        self.open_clients: Callable[[], int] = lambda: 0
         # closes the oldest mitmproxy connection no agent was identified on (stages/connlimits.py)
         self.evict_unidentified: Callable[[], bool] = lambda: False
 
@@ -75,6 +78,11 @@ class ConnectionCounts:
             return False  # the refusing stage counts it (the fast path hands the connection to that stage)
         self.per_agent[agent] = held + 1
         return True
+
+    def open_connections(self) -> int:
+        """What the process limit counts: client connections, and upstream connections beyond
+        the first of their client connection (each about two descriptors)."""
+        return self.open_clients() + self.extra_upstreams
 
     def release_agent(self, agent: str) -> None:
         held = self.per_agent.get(agent, 0) - 1

@@ -175,6 +175,8 @@ class ConnState:
     agent: str | None = None
     identity_method: str | None = None
     counted_agent: str | None = None  # the agent whose connection limit this connection counts toward
+    # upstream connection id -> agent, for upstreams beyond the first (each counts like a connection)
+    extra_upstreams: dict[str, str] = field(default_factory=dict)
     tunnel: Tunnel | None = None
     refusal: tuple[Reason, str] | None = None  # set when Interception closed the connection
     refusal_audited: bool = False

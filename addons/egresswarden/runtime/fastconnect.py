@@ -170,6 +170,7 @@ class FastConnect:
                  interception: InterceptionStage, counts: ConnectionCounts) -> None:
         self.store = store
         self.counts = counts
+        counts.open_clients = self.open_connections
         self.gate = gate
         self.policy = policy
         self.outcomes = outcomes
@@ -379,7 +380,7 @@ class FrontDoor(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # asyncio's, or uvloop's (not a subclass)
         part = self.part
-        if part.open_connections() >= part.counts.max_connections and not part.evict_pending():
+        if part.counts.open_connections() >= part.counts.max_connections and not part.evict_pending():
             part.counts.refused_process += 1
             self._refuse_at_accept()
             return

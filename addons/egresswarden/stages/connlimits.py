@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import server_hooks
 
 from egresswarden.core.decision import Reason, deny
 from egresswarden.runtime.connlimits import (
@@ -62,9 +63,7 @@ class ConnectionLimits:
         if self.fast_listener():
             self.unidentified[client] = time.monotonic()
             return  # admitted (or refused) by the fast listener, before mitmproxy saw it
-        proxyserver = ctx.master.addons.get("proxyserver")
-        open_now = len(getattr(proxyserver, "connections", ()))
-        if open_now <= self.counts.max_connections or self.evict_unidentified():
+        if self.counts.open_connections() <= self.counts.max_connections or self.evict_unidentified():
             self.unidentified[client] = time.monotonic()
             return
         self.counts.refused_process += 1
@@ -103,6 +102,51 @@ class ConnectionLimits:
         # closed after the answer: a refused connection held open counts for no agent (red team 18)
         flow.response.headers["Connection"] = "close"
 
+    # -- upstream connections beyond the first of a client connection ----------------------
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """A plain-HTTP keep-alive connection keeps an upstream connection per host:port it used
+        (mitmproxy's): each one beyond the first counts like a connection of its agent, and
+        toward the process limit (red team 18: 10 client connections held 960 descriptors)."""
+        server, client = data.server, data.client
+        if server.error:
+            return
+        handler = connection_handler(client)
+        if handler is None or not any(conn is not client for conn in handler.transports):
+            return  # the first upstream of this client connection: covered by its own count
+        state = self.connections.peek(client)
+        agent = state.counted_agent if state is not None else None
+        rules = self.store.current
+        if state is None or agent is None or rules is None:
+            server.error = "warden: an upstream connection for a connection no agent was identified on"
+            return
+        limit = rules.settings.max_connections_per_agent
+        if self.counts.open_connections() >= self.counts.max_connections:
+            self.counts.refused_process += 1
+            server.error = (f"Warden holds {self.counts.max_connections} connections, its limit "
+                            f"(warden_max_connections); retry shortly on a new connection")
+            return
+        if not self.counts.admit_agent(agent, limit):
+            self.counts.refused_agent += 1
+            server.error = (f"agent '{agent}' already has {limit} connections open through Warden, counting each "
+                            f"upstream host beyond the first of one connection (settings.limits."
+                            f"max_connections_per_agent); reuse fewer hosts per connection, or close some")
+            return
+        state.extra_upstreams[server.id] = agent
+        self.counts.extra_upstreams += 1
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._release_upstream(data)
+
+    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._release_upstream(data)
+
+    def _release_upstream(self, data: server_hooks.ServerConnectionHookData) -> None:
+        state = self.connections.peek(data.client)
+        agent = state.extra_upstreams.pop(data.server.id, None) if state is not None else None
+        if agent is not None:
+            self.counts.extra_upstreams -= 1
+            self.counts.release_agent(agent)
+
     def evict_unidentified(self) -> bool:
         """Close the oldest connection no agent was identified on (after a 407, a refusal, or
         an unfinished next head), if it is PENDING_MIN_AGE old: the process limit is reached."""
@@ -121,6 +165,12 @@ class ConnectionLimits:
     def client_disconnected(self, client: connection.Client) -> None:
         self.unidentified.pop(client, None)
         state = self.connections.peek(client)
-        if state is not None and state.counted_agent is not None:
+        if state is None:
+            return
+        if state.counted_agent is not None:
             self.counts.release_agent(state.counted_agent)
             state.counted_agent = None
+        for agent in state.extra_upstreams.values():  # mitmproxy closes them with the client
+            self.counts.extra_upstreams -= 1
+            self.counts.release_agent(agent)
+        state.extra_upstreams.clear()
