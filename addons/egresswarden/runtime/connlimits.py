@@ -14,8 +14,12 @@ everything). Two bounds, each refused with a reason an agent can read:
   (audited like any denial). A connection counts for the first agent identified on it, from
   then until it closes.
 
-Both are per process, like the body budget: with `--workers N` the whole host holds N times
-as many. Everything here runs on the event loop (no locks).
+An upstream connection beyond the first of a client connection (plain HTTP to several hosts
+on one keep-alive connection) counts like a connection, toward both. At the process bound the
+oldest connection no agent was identified on, a second old at least, is closed to make room,
+so that unauthenticated connections cannot keep identified agents out. Both bounds are per
+process, like the body budget: with `--workers N` the whole host holds N times as many.
+Everything here runs on the event loop (no locks).
 """
 
 from __future__ import annotations

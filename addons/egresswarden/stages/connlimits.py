@@ -4,9 +4,12 @@ Runs right after Identity. A CONNECT, or the first identified plain-HTTP request
 connection, counts that connection for its agent until the client disconnects; past the
 agent's `settings.limits.max_connections_per_agent` it is denied 429 `connection_limit`
 (later stages see the response and skip it, Outcomes audits it). Requests inside a tunnel
-ride on their CONNECT's count. The process bound is checked where connections are accepted:
-by the fast CONNECT listener (runtime/fastconnect.FrontDoor), or here in `client_connected`
-when mitmproxy's own listener runs (`warden_fast_connect=false`).
+ride on their CONNECT's count; each upstream connection beyond the first of a client
+connection counts too (`server_connect`). The process bound is checked where connections are
+accepted: by the fast CONNECT listener (runtime/fastconnect.FrontDoor), or here in
+`client_connected` when mitmproxy's own listener runs (`warden_fast_connect=false`). At the
+bound, the oldest connection no agent was identified on is closed to make room
+(`evict_unidentified`; the fast listener first evicts its own doors still without a head).
 """
 
 from __future__ import annotations
