@@ -778,7 +778,7 @@ class FrontDoor(asyncio.Protocol):
 
     def _forward_eof_up(self) -> None:
         assert self.upstream is not None and self.upstream.transport is not None
-        if self.guard is not None:
+        if self.guard is not None and self.guard.holding:
             self.eof_deferred = True  # after the bytes the guard still holds, if it lets them go
             return
         if self.server_eof_seen:

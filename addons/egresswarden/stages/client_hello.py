@@ -323,6 +323,13 @@ class RetryGuard:
         self._aligned = False  # the first hello ended exactly at that record's end
         self._retry = False  # the server sent a HelloRetryRequest
 
+    @property
+    def holding(self) -> bool:
+        """Client bytes wait for the server's answer: a client FIN must wait behind them. With
+        none held, the FIN goes on at once: the server must learn that the client is gone, or
+        a server that never answers TLS holds the tunnel until its own timeout."""
+        return bool(self._held)
+
     def from_client(self, data: bytes) -> bytes:
         """The client's bytes to forward now (maybe none). Raises HandshakeCut."""
         if self.done:

@@ -133,7 +133,10 @@ class CountingTCPLayer(tcp.TCPLayer):
                 if released:
                     yield from relay(events.DataReceived(client, released))
             elif isinstance(event, events.ConnectionClosed) and event.connection is client:
-                self.deferred_close = event  # forwarded once the guard lets the held bytes go
+                if guard.holding:
+                    self.deferred_close = event  # forwarded once the guard lets the held bytes go
+                else:
+                    yield from self._closed(event)  # nothing held back: the server learns at once
             else:
                 yield from relay(event)
         except HandshakeCut as cut:
