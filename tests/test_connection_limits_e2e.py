@@ -22,7 +22,17 @@ import pytest
 import trustme
 
 from .bypass_helpers import connect_raw, events_after, proxy_auth, read_until_closed, wait_until
-from .harness import ORIGIN_NAMES, Origin, Warden, curl, hosts_file, run_origin, sha256_hex, start_warden
+from .harness import (
+    ORIGIN_NAMES,
+    Origin,
+    Warden,
+    curl,
+    free_port,
+    hosts_file,
+    run_origin,
+    sha256_hex,
+    start_warden,
+)
 
 pytestmark = pytest.mark.e2e
 AGENTS = {"greedy": "tok-greedy", "other": "tok-other"}
@@ -272,5 +282,40 @@ def test_upstream_connections_beyond_the_first_count_toward_the_agents_limit(
                 held = [count for *_, count in statuses]
                 assert held[:3] == [1, 2, 3] and max(held) == LIMIT, held  # each upstream counted, never past
             assert wait_until(lambda: metric(w, "warden_agent_connections", '{agent="greedy"}') == 0)
+        finally:
+            w.stop()
+
+
+@pytest.mark.parametrize("path", ["fast", "slow"])
+def test_a_connect_pipelined_behind_one_that_opened_no_tunnel_is_refused_and_counts_nothing(
+        path: str, tmp_path: Path, origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path) -> None:
+    """Red team 19: two CONNECTs and a FIN in one write. The first ended 502, client_disconnected
+    ran, then the second CONNECT's hook counted the connection again (and mitmproxy's handler
+    failed an assertion on it): nothing gave the count back, and after a few such connections
+    the agent got 429 with no connection open. The second CONNECT is refused now, and a
+    connection that is gone is never counted."""
+    closed = free_port()  # nothing listens: the first CONNECT fails
+    with run_origin(ca=origin_ca) as tls, run_origin() as plain:
+        limited = rules(tmp_path, tls.port, plain.port)
+        limited["policies"]["p"]["allow"].append(
+            {"id": "closed", "host": "api.test", "ports": [closed], "addresses": ["127.0.0.1/32"]})
+        w = start_warden(tmp_path, limited, upstream_ca=origin_ca_file, confdir=shared_confdir, agents=AGENTS,
+                         extra_args=["--set", f"warden_fast_connect={'true' if path == 'fast' else 'false'}"])
+        try:
+            auth = proxy_auth("greedy", AGENTS["greedy"]).encode()
+            for end in (b"\n", b"\r\n"):  # a bare LF sends the heads to mitmproxy on the fast path too
+                for _ in range(LIMIT + 2):
+                    with socket.create_connection(("127.0.0.1", w.port), timeout=10) as sock:
+                        sock.sendall(f"CONNECT api.test:{closed} HTTP/1.1".encode() + end + b"Proxy-Authorization: "
+                                     + auth + end + end + f"CONNECT allowed.test:{tls.port} HTTP/1.1".encode()
+                                     + end + b"Proxy-Authorization: " + auth + end + end)
+                        sock.shutdown(socket.SHUT_WR)
+                        read_until_closed(sock, timeout=3)
+            assert wait_until(lambda: metric(w, "warden_agent_connections", '{agent="greedy"}') == 0), \
+                metric(w, "warden_agent_connections", '{agent="greedy"}')
+            sock, status, head = connect_raw(w, "greedy", f"allowed.test:{tls.port}")
+            sock.close()
+            assert status == 200, head
+            assert "has crashed" not in w.output(), w.output()[-2000:]
         finally:
             w.stop()

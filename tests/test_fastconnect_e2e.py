@@ -1026,3 +1026,25 @@ def test_a_server_that_closes_before_its_server_hello_ends_the_tunnel(pair: dict
         finally:
             server.close()
             thread.join(10)
+
+
+@pytest.mark.parametrize("head_end", [b"\r\n", b"\n"], ids=["strict head", "bare LF in the head"])
+def test_a_client_gone_after_its_hello_into_an_explained_tunnel_crashes_nothing(
+        pair: dict[str, Any], head_end: bytes) -> None:
+    """Red team 19: a denied CONNECT (explained in band), a ClientHello and a FIN in one write:
+    mitmproxy's TLS layer, started for a client that had already finished sending, crashed on
+    the close ('NoneType' object has no attribute 'bio_write'). Refused now, and audited."""
+    auth = proxy_auth("coder", TOKEN)
+    for name in ("fast", "slow"):
+        w: Warden = pair[name]
+        for _ in range(3):
+            before = len(w.audit_records())
+            with socket.create_connection(("127.0.0.1", w.port), timeout=10) as sock:
+                sock.sendall(b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443" + head_end
+                             + f"Proxy-Authorization: {auth}\r\n\r\n".encode() + hello_record(["denied.test"]))
+                sock.shutdown(socket.SHUT_WR)
+                read_until_closed(sock, timeout=3)
+            connects = events_after(w, before, "connect")
+            assert connects and connects[0]["decision"] == "deny", connects
+        assert "has crashed" not in w.output(), w.output()[-3000:]
+

@@ -6,7 +6,11 @@ End to end (two real `warden run`s compared answer by answer): tests/test_fastco
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
 import pytest
+from egresswarden.runtime import fastconnect
 from egresswarden.runtime.fastconnect import ConnectHead, parse_connect_head
 
 AUTH = b"Proxy-Authorization: Basic Y29kZXI6dG9r\r\n"
@@ -42,3 +46,31 @@ def test_a_strict_connect_head_is_read() -> None:
 ])
 def test_anything_else_is_left_to_mitmproxy(head: bytes) -> None:
     assert parse_connect_head(head) is None
+
+
+def test_a_closed_transport_whose_peer_stopped_reading_is_aborted_after_its_grace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Red team 19: asyncio's close() keeps a socket until its write buffer drained, for ever
+    when the peer never reads again (an upstream that sent its FIN and stopped reading kept
+    its socket in CLOSE-WAIT past tcp_timeout). Real sockets: the peer here never reads."""
+    monkeypatch.setattr(fastconnect, "CLOSE_GRACE_SECONDS", 0.2)
+
+    async def run() -> bool:
+        ours, peer = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        lost = asyncio.Event()
+
+        class Side(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.set()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(Side, ours)
+        transport.write(b"x" * (4 * 1024 * 1024))  # far more than the socket buffers hold
+        assert transport.get_write_buffer_size() > 0
+        fastconnect._close(transport, abort=False)
+        try:
+            await asyncio.wait_for(lost.wait(), 5)
+            return True
+        finally:
+            peer.close()
+    assert asyncio.run(run())

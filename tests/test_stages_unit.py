@@ -40,6 +40,7 @@ def client_hello(sni: str = "api.test", alpn: list[str] | None = None) -> bytes:
 def tunnel_context(connections: Connections, decision: Decision, *, tls: bool = False,
                    alpn: bytes | None = None, raw_tcp: bool = False) -> tuple[context.Context, Tunnel]:
     client = connection.Client(peername=("127.0.0.1", 5000), sockname=("127.0.0.1", 8080), timestamp_start=0)
+    client.state = connection.ConnectionState.OPEN  # a live client, as mitmproxy's server sets it
     ctxt = context.Context(client, options.Options())
     ctxt.server.address = ("api.test", 443)
     modes.HttpProxy(ctxt)  # each layer appends itself to ctxt.layers, as in a real stack
@@ -244,3 +245,18 @@ def test_no_tunnel_starts_for_a_client_that_already_left(stage: Any) -> None:
     nl = decide_layer(interception, ctxt, client_hello("api.test"))
     assert isinstance(nl.layer, RefusedLayer)
     assert tunnel.mode is TunnelMode.UNDECIDED and interception.active_tunnels == 0
+
+
+def test_no_tls_handshake_for_a_client_that_finished_sending(stage: Any) -> None:
+    """Red team 19: a denied CONNECT explained in band, a ClientHello and a FIN: mitmproxy's TLS
+    layer started for a client that cannot finish a handshake crashed on its close."""
+    interception, connections = stage
+    for decision in (DENIED, ALLOW):  # explained, intercepted
+        ctxt, tunnel = tunnel_context(connections, decision)
+        ctxt.client.state = connection.ConnectionState.CAN_WRITE  # its FIN was read
+        nl = decide_layer(interception, ctxt, client_hello())
+        assert isinstance(nl.layer, RefusedLayer) and tunnel.mode is TunnelMode.REFUSED
+    ctxt, tunnel = tunnel_context(connections, PASS)  # passed through: the hello and the FIN go on
+    ctxt.client.state = connection.ConnectionState.CAN_WRITE
+    nl = decide_layer(interception, ctxt, client_hello())
+    assert tunnel.mode is TunnelMode.PASSTHROUGH

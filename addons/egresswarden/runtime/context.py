@@ -175,6 +175,7 @@ class ConnState:
     agent: str | None = None
     identity_method: str | None = None
     counted_agent: str | None = None  # the agent whose connection limit this connection counts toward
+    gone: bool = False  # client_disconnected ran: nothing may be counted for this connection any more
     # upstream connection id -> agent, for upstreams beyond the first (each counts like a connection)
     extra_upstreams: dict[str, str] = field(default_factory=dict)
     tunnel: Tunnel | None = None

@@ -105,6 +105,7 @@ HANDOVER_SECONDS = 5.0  # longest wait for our write buffers to drain before spl
 HEAD_TIMEOUT = 60
 STREAM_LIMIT = 2 ** 16  # asyncio.start_server's StreamReader limit, which mitmproxy's listener uses
 SHUTDOWN_ERROR = "warden shutting down"
+CLOSE_GRACE_SECONDS = 10.0  # a closed transport's unsent bytes get this long to drain, then it is aborted
 LINGER_SECONDS = 1.0  # a connection refused at accept is read (and dropped) this long at most
 MAX_LINGERING = 256  # beyond this many at once, refused connections are closed at once
 
@@ -593,6 +594,11 @@ class FrontDoor(asyncio.Protocol):
         who, sandbox_id = identify_client(rules, head.authorization, state.client_ip, state.client_port)
         if isinstance(who, AuthFailure) or not part.gate.admits():
             return False
+        # counted before anything that may wait (DNS, the upstream connect), not after: a
+        # connection waiting for a slow name counted neither here nor as evictable (red team 19)
+        if not part.counts.admit_agent(who.agent, rules.settings.max_connections_per_agent):
+            return False  # mitmproxy's path answers 429 connection_limit, and audits it
+        self.counted_agent = who.agent
         started = time.perf_counter()
         decision = plan_connect(rules, who.agent, head.host, head.port)
         self.engine_seconds = time.perf_counter() - started
@@ -607,9 +613,6 @@ class FrontDoor(asyncio.Protocol):
         address = state.pinned.get((host, head.port))
         if address is None or self.phase is not Phase.DECIDING:
             return False
-        if not part.counts.admit_agent(who.agent, rules.settings.max_connections_per_agent):
-            return False  # mitmproxy's path answers 429 connection_limit, and audits it
-        self.counted_agent = who.agent
         state.agent, state.identity_method = who.agent, who.method.value
         self.identity_method = who.method.value
         self.tunnel = Tunnel(agent=who.agent, host=host, port=head.port, decision=decision,
@@ -892,7 +895,7 @@ class FrontDoor(asyncio.Protocol):
             self.task.cancel()
         self._fold_kernel()
         if self.transport is not None:
-            (self.transport.abort if abort else self.transport.close)()
+            _close(self.transport, abort)
         self._close_upstream(abort)
         if record_soon:
             asyncio.get_running_loop().call_soon(self._records, was, error)
@@ -930,7 +933,7 @@ class FrontDoor(asyncio.Protocol):
     def _close_upstream(self, abort: bool) -> None:
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None and not upstream.transport.is_closing():
-            (upstream.transport.abort if abort else upstream.transport.close)()
+            _close(upstream.transport, abort)
 
     # -- to mitmproxy ------------------------------------------------------------------------
     def _release_agent(self) -> None:
@@ -981,6 +984,19 @@ class FrontDoor(asyncio.Protocol):
             held.inner.data_received(self.head_bytes)
         if not transport.is_closing() and not transport.is_reading():
             transport.resume_reading()
+
+
+def _close(transport: asyncio.Transport, abort: bool) -> None:
+    """Close a transport; one whose peer stopped reading is aborted after CLOSE_GRACE_SECONDS.
+    asyncio's close() waits until the write buffer drained, for ever if the peer never reads
+    again (red team 19: an upstream that sent its FIN and stopped reading kept ten sockets in
+    CLOSE-WAIT with 4 MB queued each, counted by no limit, past tcp_timeout)."""
+    if abort:
+        transport.abort()
+        return
+    transport.close()
+    if transport.get_write_buffer_size():
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, transport.abort)
 
 
 class HeldUntilAnswered(asyncio.Protocol):

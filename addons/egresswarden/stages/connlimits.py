@@ -92,8 +92,8 @@ class ConnectionLimits:
         if record.agent is None or rules is None:
             return
         state = self.connections.get(flow.client_conn)
-        if state.counted_agent is not None:
-            return  # the connection already counts (for its first agent)
+        if state.counted_agent is not None or state.gone:
+            return  # counted already (for its first agent), or gone: nothing would give it back
         limit = rules.settings.max_connections_per_agent
         if self.counts.admit_agent(record.agent, limit):
             state.counted_agent = record.agent
@@ -119,7 +119,7 @@ class ConnectionLimits:
         state = self.connections.peek(client)
         agent = state.counted_agent if state is not None else None
         rules = self.store.current
-        if state is None or agent is None or rules is None:
+        if state is None or agent is None or rules is None or state.gone:
             server.error = "warden: an upstream connection for a connection no agent was identified on"
             return
         limit = rules.settings.max_connections_per_agent
@@ -170,6 +170,7 @@ class ConnectionLimits:
         state = self.connections.peek(client)
         if state is None:
             return
+        state.gone = True  # a hook that runs after this one (a pipelined CONNECT) counts nothing (red team 19)
         if state.counted_agent is not None:
             self.counts.release_agent(state.counted_agent)
             state.counted_agent = None

@@ -100,6 +100,13 @@ class Identity:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         record = record_of(flow)
+        state = self.connections.peek(flow.client_conn)
+        if state is not None and state.tunnel is not None:
+            # A second CONNECT can only be read once the first opened no tunnel; mitmproxy
+            # 12.3.1 reuses the failed upstream object for it and its handler fails an assertion,
+            # leaving the connection unanswered and unrecorded (red team 19)
+            self._refuse_outside(flow, record, state)
+            return
         identity = self._identify(flow, record)
         if identity is not None:
             state = self.connections.get(flow.client_conn)

@@ -329,6 +329,12 @@ class Interception:
             if verdict.kind is FirstBytes.OTHER_NAME and tunnel.decision.allowed:
                 tunnel.sni_mismatch = verdict.sni
                 tunnel.intercept = True
+            if not (nextlayer.context.client.state & ConnectionState.CAN_READ) and (
+                    tunnel.intercept or not tunnel.decision.allowed):
+                # the client sent its FIN after its hello: a handshake with Warden cannot finish,
+                # and mitmproxy's TLS layer, started now, crashed on the close (red team 19)
+                self._refuse(nextlayer, state, tunnel, "the client closed its side before its TLS handshake ended")
+                return
             if not tunnel.decision.allowed:
                 tunnel.mode = TunnelMode.EXPLAIN
                 nextlayer.layer = layers.ClientTLSLayer(nextlayer.context)  # no upstream: nothing to contact
