@@ -824,7 +824,8 @@ def test_a_clienthello_then_raw_bytes_to_a_server_that_is_not_tls_is_cut(pair: d
             assert status == 200
             with sock:
                 sock.sendall(hello_record(["passthrough.test"]) + b"SSH-2.0-OpenSSH_9.6\r\n")
-                read_until_closed(sock)
+                answer = read_until_closed(sock)
+            assert b"-ERR" not in answer, (name, answer)  # red team 20: the first read reached the client
             closes = events_after(w, before, "tunnel_close")
             assert closes and "not a TLS ServerHello" in closes[0].get("error", ""), (name, w.audit_records()[before:])
         finally:

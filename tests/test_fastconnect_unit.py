@@ -74,3 +74,35 @@ def test_a_closed_transport_whose_peer_stopped_reading_is_aborted_after_its_grac
         finally:
             peer.close()
     assert asyncio.run(run())
+
+
+def test_a_closed_transport_whose_peer_reads_slowly_gets_every_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Red team 20: an abort after a fixed grace cut the tail of a slow download behind a clean
+    FIN. While the peer reads on, however slowly, nothing is cut; it gets every byte and the
+    end of the stream."""
+    monkeypatch.setattr(fastconnect, "CLOSE_GRACE_SECONDS", 0.2)
+
+    async def run() -> int:
+        ours, peer = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        payload = b"y" * (512 * 1024)
+        transport.write(payload)
+        fastconnect._close(transport, abort=False)
+        peer.setblocking(False)
+        got = bytearray()
+        deadline = loop.time() + 30
+        while loop.time() < deadline:  # about 16 KiB per 0.1 s: each 0.2 s check sees progress
+            await asyncio.sleep(0.1)
+            try:
+                chunk = peer.recv(16384)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            got += chunk
+        peer.close()
+        return len(got)
+    assert asyncio.run(run()) == 512 * 1024

@@ -57,6 +57,8 @@ import contextlib
 import ipaddress
 import logging
 import re
+import socket
+import struct
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -105,7 +107,8 @@ HANDOVER_SECONDS = 5.0  # longest wait for our write buffers to drain before spl
 HEAD_TIMEOUT = 60
 STREAM_LIMIT = 2 ** 16  # asyncio.start_server's StreamReader limit, which mitmproxy's listener uses
 SHUTDOWN_ERROR = "warden shutting down"
-CLOSE_GRACE_SECONDS = 10.0  # a closed transport's unsent bytes get this long to drain, then it is aborted
+CLOSE_GRACE_SECONDS = 10.0  # a closed transport whose unsent bytes did not shrink for this long is reset
+CLOSE_MAX_SECONDS = 600.0  # and one still draining after this long (as tcp_timeout's default)
 LINGER_SECONDS = 1.0  # a connection refused at accept is read (and dropped) this long at most
 MAX_LINGERING = 256  # beyond this many at once, refused connections are closed at once
 
@@ -704,10 +707,14 @@ class FrontDoor(asyncio.Protocol):
         self.last_activity = time.monotonic()
         if self.phase is Phase.RELAY:
             assert self.tunnel is not None and self.transport is not None
+            if self.guard is not None:
+                # read before it goes on: a server that is not TLS is cut before its first read
+                # reaches the client (red team 20: up to 128 KB of it did)
+                self._guarded(self.guard.from_server, data)
+                if self.phase is not Phase.RELAY:
+                    return
             self.tunnel.bytes_down += len(data)
             self.transport.write(data)
-            if self.guard is not None:
-                self._guarded(self.guard.from_server, data)
             self._count_chunk()
         elif self.phase is Phase.FIRST_BYTES:
             if not self.buf:
@@ -987,16 +994,40 @@ class FrontDoor(asyncio.Protocol):
 
 
 def _close(transport: asyncio.Transport, abort: bool) -> None:
-    """Close a transport; one whose peer stopped reading is aborted after CLOSE_GRACE_SECONDS.
+    """Close a transport; one whose peer stopped reading is aborted, with a reset.
+
     asyncio's close() waits until the write buffer drained, for ever if the peer never reads
     again (red team 19: an upstream that sent its FIN and stopped reading kept ten sockets in
-    CLOSE-WAIT with 4 MB queued each, counted by no limit, past tcp_timeout)."""
+    CLOSE-WAIT with 4 MB queued each, counted by no limit, past tcp_timeout). A peer that reads
+    on, however slowly, gets every byte (red team 20: aborting after a fixed grace cut the tail
+    of a slow download behind a clean FIN): the transport is aborted only when a
+    CLOSE_GRACE_SECONDS check finds its buffer no smaller than at the last one, or after
+    CLOSE_MAX_SECONDS in all. The abort resets the connection, so that a peer that did not get
+    everything cannot take the end for a complete answer."""
     if abort:
         transport.abort()
         return
     transport.close()
-    if transport.get_write_buffer_size():
-        asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, transport.abort)
+    left = transport.get_write_buffer_size()
+    if left:
+        loop = asyncio.get_running_loop()
+        loop.call_later(CLOSE_GRACE_SECONDS, _abort_if_stalled, transport, left, loop.time() + CLOSE_MAX_SECONDS)
+
+
+def _abort_if_stalled(transport: asyncio.Transport, left: int, deadline: float) -> None:
+    now_left = transport.get_write_buffer_size()
+    if not now_left:
+        return  # drained: asyncio closed it
+    loop = asyncio.get_running_loop()
+    if now_left < left and loop.time() < deadline:
+        loop.call_later(CLOSE_GRACE_SECONDS, _abort_if_stalled, transport, now_left, deadline)
+        return
+    logger.warning("warden: a closed tunnel's peer stopped reading with %d bytes unsent; resetting it", now_left)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class HeldUntilAnswered(asyncio.Protocol):

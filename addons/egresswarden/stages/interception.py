@@ -128,8 +128,8 @@ class CountingTCPLayer(tcp.TCPLayer):
                 if forward:
                     yield from relay(events.DataReceived(client, forward))
             elif isinstance(event, events.DataReceived):
+                released = guard.from_server(event.data)  # read first: a cut relays none of it
                 yield from relay(event)
-                released = guard.from_server(event.data)
                 if released:
                     yield from relay(events.DataReceived(client, released))
             elif isinstance(event, events.ConnectionClosed) and event.connection is client:
