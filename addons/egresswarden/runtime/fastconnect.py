@@ -1025,7 +1025,7 @@ def _abort_if_stalled(transport: asyncio.Transport, left: int, deadline: float) 
     logger.warning("warden: a closed tunnel's peer stopped reading with %d bytes unsent; resetting it", now_left)
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, AttributeError):  # uvloop's socket wrapper may not allow it
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
 
