@@ -264,9 +264,7 @@ class Metrics:
                 self._sync_counter(m.front_door.labels(path=path), total)
         counts = self.counts
         if counts is not None:
-            proxyserver = ctx.master.addons.get("proxyserver")
-            doors = len(self.front_door.doors) if self.front_door is not None else 0
-            m.client_connections.set(doors + len(getattr(proxyserver, "connections", ())))
+            m.client_connections.set(counts.open_clients())
             m.max_connections.set(counts.max_connections)
             for agent in self._counted_agents - counts.per_agent.keys():
                 m.agent_connections.labels(agent=agent).set(0)

@@ -894,10 +894,7 @@ class FrontDoor(asyncio.Protocol):
         if self.phase is Phase.DONE:
             return
         was = self.phase
-        self.phase = Phase.DONE
-        self.part.doors.discard(self)
-        self.part.pending.pop(self, None)
-        self._release_agent()
+        self._leave_part()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         self._fold_kernel()
@@ -943,7 +940,11 @@ class FrontDoor(asyncio.Protocol):
             _close(upstream.transport, abort)
 
     # -- to mitmproxy ------------------------------------------------------------------------
-    def _release_agent(self) -> None:
+    def _leave_part(self) -> None:
+        """The door is done (ended, or handed to mitmproxy): out of every count it was in."""
+        self.phase = Phase.DONE
+        self.part.doors.discard(self)
+        self.part.pending.pop(self, None)
         if self.counted_agent is not None:
             self.part.counts.release_agent(self.counted_agent)
             self.counted_agent = None
@@ -955,10 +956,7 @@ class FrontDoor(asyncio.Protocol):
         not sent twice: the order of events mitmproxy sees is the one it would have seen."""
         transport = self.transport
         assert transport is not None
-        self.phase = Phase.DONE
-        self.part.doors.discard(self)
-        self.part.pending.pop(self, None)
-        self._release_agent()  # mitmproxy's ConnectionLimits counts the connection from here on
+        self._leave_part()  # mitmproxy's ConnectionLimits counts the connection from here on
         self.part.handed_over += 1
         self._close_upstream(abort=True)
         later, self.buf = bytes(self.buf), bytearray()

@@ -63,10 +63,10 @@ class ConnectionLimits:
         self.counts.max_connections = value or default_max_connections()
 
     def client_connected(self, client: connection.Client) -> None:
-        if self.fast_listener():
-            self.unidentified[client] = time.monotonic()
-            return  # admitted (or refused) by the fast listener, before mitmproxy saw it
-        if self.counts.open_connections() <= self.counts.max_connections or self.evict_unidentified():
+        # The fast listener admitted (or refused) it before mitmproxy saw it; mitmproxy's own
+        # listener admits here.
+        if self.fast_listener() or self.counts.open_connections() <= self.counts.max_connections \
+                or self.evict_unidentified():
             self.unidentified[client] = time.monotonic()
             return
         self.counts.refused_process += 1
