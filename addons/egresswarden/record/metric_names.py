@@ -31,6 +31,7 @@ CLIENT_CONNECTIONS = "warden_client_connections"  # gauge: client connections op
 MAX_CONNECTIONS = "warden_max_connections"  # gauge: warden_max_connections in force
 AGENT_CONNECTIONS = "warden_agent_connections"  # gauge{agent}: connections counted toward each agent's limit
 CONNECTIONS_REFUSED = "warden_connections_refused"  # counter{limit}: process, agent
+UPSTREAM_TLS_HANDSHAKES = "warden_upstream_tls_handshakes"  # counter{resumed}: "true", "false"
 
 # Names as they appear on the /metrics page (counters gain _total).
 EXPORTED = frozenset({
@@ -41,4 +42,5 @@ EXPORTED = frozenset({
     f"{SECRET_LEAKS}_total", f"{SSRF_REFUSALS}_total", f"{AUTH_FAILURES}_total", f"{MCP_CALLS}_total",
     f"{HOOK_ERRORS}_total", f"{TUNNELS_REVOKED}_total", f"{PROBE_REFUSED}_total", BUFFERED_REQUEST_BYTES,
     f"{FRONT_DOOR}_total", CLIENT_CONNECTIONS, MAX_CONNECTIONS, AGENT_CONNECTIONS, f"{CONNECTIONS_REFUSED}_total",
+    f"{UPSTREAM_TLS_HANDSHAKES}_total",
 })

@@ -37,6 +37,7 @@ from egresswarden.runtime.connlimits import ConnectionCounts
 from egresswarden.runtime.probes import ProbeServer, Response, json_response
 from egresswarden.runtime.rulestore import ReloadEvent, RuleStore
 from egresswarden.stages.interception import Interception
+from egresswarden.stages.upstream_tls import UpstreamSessions
 
 if TYPE_CHECKING:
     from egresswarden.runtime.fastconnect import FastConnect
@@ -84,6 +85,7 @@ class WardenMetrics:
     max_connections: Gauge
     agent_connections: Gauge
     connections_refused: Counter
+    upstream_tls_handshakes: Counter
 
 
 @lru_cache(maxsize=1)
@@ -147,6 +149,9 @@ def registry() -> WardenMetrics:
         connections_refused=Counter(N.CONNECTIONS_REFUSED, "Client connections refused by a connection limit: "
                                     "process (503 at accept) or agent (429 on its CONNECT or first request)",
                                     ("limit",), registry=r),
+        upstream_tls_handshakes=Counter(N.UPSTREAM_TLS_HANDSHAKES, "Completed TLS handshakes towards upstreams, by "
+                                        "whether a session was resumed (warden_upstream_tls_resumption)",
+                                        ("resumed",), registry=r),
     )
 
 
@@ -158,8 +163,9 @@ def _split_listen(value: str) -> tuple[str, int]:
 class Metrics:
     def __init__(self, store: RuleStore, audit: Audit, interception: Interception,
                  budget: BufferBudget | None = None, front_door: FastConnect | None = None,
-                 counts: ConnectionCounts | None = None) -> None:
+                 counts: ConnectionCounts | None = None, sessions: UpstreamSessions | None = None) -> None:
         self.store = store
+        self.sessions = sessions
         self.counts = counts
         self._counted_agents: set[str] = set()  # agents with an agent_connections series
         self.front_door = front_door
@@ -274,6 +280,9 @@ class Metrics:
             self._sync_counter(m.connections_refused.labels(limit="process"), counts.refused_process)
             self._sync_counter(m.connections_refused.labels(limit="agent"), counts.refused_agent)
             self._sync_counter(m.front_door.labels(path="evicted"), counts.evicted)
+        if self.sessions is not None:
+            self._sync_counter(m.upstream_tls_handshakes.labels(resumed="true"), self.sessions.resumed)
+            self._sync_counter(m.upstream_tls_handshakes.labels(resumed="false"), self.sessions.full)
         if self.budget is not None:
             held = self.budget.snapshot()
             for agent in self._buffering_agents - held.keys():

@@ -22,6 +22,8 @@
     LiveFlows      keeps open WebSockets and streaming requests for Revocation
     Interception   every protocol layer of every tunnel           writes tunnel mode, SNI mismatch
     UpstreamGuard  pins each upstream connection to the checked address
+    UpstreamSessions  the upstream TLS sessions runtime/master's ResumingTlsConfig resumes
+                   (stages/upstream_tls.py)
     Outcomes       turns finished flows, tunnels and refused connections into Outcomes
     Metrics        Prometheus + /healthz (an Outcome sink)
     Alerts         webhook alerts, off the traffic path (an Outcome sink)
@@ -79,6 +81,7 @@ from egresswarden.stages.interception import Interception
 from egresswarden.stages.mcp import Mcp
 from egresswarden.stages.policy import Policy
 from egresswarden.stages.upstream import UpstreamGuard
+from egresswarden.stages.upstream_tls import UpstreamSessions
 from egresswarden.stages.websockets import WebSockets
 
 
@@ -99,7 +102,8 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
     policy = Policy(store, connections)
     counts = ConnectionCounts()
     fast = FastConnect(store, gate, policy, outcomes, interception, counts)
-    metrics = Metrics(store, audit, interception, budget, fast, counts)
+    sessions = UpstreamSessions(connections)
+    metrics = Metrics(store, audit, interception, budget, fast, counts, sessions)
     alerts = Alerts(store, audit)
     outcomes.add_sink(audit.on_outcome)
     outcomes.add_sink(metrics.on_outcome)
@@ -121,6 +125,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
         live,  # after every stage that installs a request stream: wraps it
         interception,
         UpstreamGuard(connections),
+        sessions,  # read by runtime/master's ResumingTlsConfig
         outcomes,
         metrics,
         alerts,

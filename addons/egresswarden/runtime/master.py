@@ -44,6 +44,7 @@ from egresswarden.runtime.chain import build_addon
 from egresswarden.runtime.debug_checks import skip_message_typechecks
 from egresswarden.runtime.options import use_scalar_reads
 from egresswarden.stages.interception import is_first_layer
+from egresswarden.stages.upstream_tls import ResumingTlsConfig, UpstreamSessions
 
 NEEDED: tuple[type, ...] = (
     core.Core,
@@ -157,6 +158,15 @@ class FirstLayerOnly(next_layer.NextLayer):
             super().next_layer(nextlayer)
 
 
+def _replacement(addon: Any, sessions: UpstreamSessions) -> Any:
+    """Warden's version of a mitmproxy default addon, where it has one."""
+    if isinstance(addon, next_layer.NextLayer):
+        return FirstLayerOnly()
+    if isinstance(addon, tlsconfig.TlsConfig):
+        return ResumingTlsConfig(sessions)
+    return addon
+
+
 class WardenMaster(master.Master):
     def __init__(self, opts: options.Options, loop: asyncio.AbstractEventLoop | None = None) -> None:
         use_scalar_reads(opts)
@@ -168,11 +178,11 @@ class WardenMaster(master.Master):
         self._termlog_addon = termlog.TermLog(out=sys.stderr)  # stdout may be the audit stream
         self.addons.add(self._termlog_addon)
         defaults = addons.default_addons()
-        kept = [FirstLayerOnly() if isinstance(a, next_layer.NextLayer) else a
-                for a in defaults if isinstance(a, NEEDED)]
+        chain = build_addon()
+        sessions = next(p for p in chain.parts if isinstance(p, UpstreamSessions))
+        kept = [_replacement(a, sessions) for a in defaults if isinstance(a, NEEDED)]
         refused = RefusedOptions([a for a in defaults if not isinstance(a, NEEDED)])
         at = next(i for i, a in enumerate(kept) if isinstance(a, script.ScriptLoader)) + 1
-        chain = build_addon()
         fastconnect.install(next(p for p in chain.parts if isinstance(p, fastconnect.FastConnect)))
         self.addons.add(LogLevel(self._termlog_addon), *kept[:at], chain, *kept[at:],
                         refused)
