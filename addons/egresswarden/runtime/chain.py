@@ -63,7 +63,7 @@ from egresswarden.record.alerts import Alerts
 from egresswarden.record.audit import Audit, AuditGate
 from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
-from egresswarden.runtime import body_buffers, http1_heads, http1_trailers, tunnel_errors
+from egresswarden.runtime import body_buffers, http1_heads, http1_informational, http1_trailers, tunnel_errors
 from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.budget import BufferBudget, DecodeMeter
 from egresswarden.runtime.connlimits import ConnectionCounts
@@ -89,6 +89,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
     """The chain's parts in order, and the callback told about every swallowed hook error."""
     http1_trailers.install()  # a defined answer instead of a hung connection (runtime/http1_trailers.py)
     http1_heads.install()  # a bound on the bytes of one message head (runtime/http1_heads.py)
+    http1_informational.install()  # an upstream's 1xx is not its final answer (runtime/http1_informational.py)
     body_buffers.install()  # bounds on the body bytes mitmproxy keeps (runtime/body_buffers.py)
     tunnel_errors.install()  # a client gone mid-CONNECT closes its tunnel (runtime/tunnel_errors.py)
     store = RuleStore()
