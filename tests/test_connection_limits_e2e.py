@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import resource
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -24,6 +25,7 @@ import trustme
 from .bypass_helpers import connect_raw, events_after, proxy_auth, read_until_closed, wait_until
 from .harness import (
     ORIGIN_NAMES,
+    WARDEN,
     Origin,
     Warden,
     curl,
@@ -114,6 +116,20 @@ def _limited(work: Path, tls: Origin, plain: Origin, origin_ca_file: Path, confd
                                                    f"warden_fast_connect={'true' if path == 'fast' else 'false'}"])
 
 
+def _audited_closures(w: Warden) -> tuple[int, int]:
+    """(refused, evicted) over the connections_refused records so far, checking each record."""
+    refused = evicted = 0
+    for r in w.audit_records():
+        if r.get("event") != "connections_refused":
+            continue
+        assert r["limit"] == "process" and r["max_connections"] == 4 and r["window_ms"] >= 0, r
+        assert r["refused"] == sum(c["refused"] for c in r["clients"]), r
+        assert r["evicted"] == sum(c["evicted"] for c in r["clients"]), r
+        assert {c["client_ip"] for c in r["clients"]} == {"127.0.0.1"}, r
+        refused, evicted = refused + r["refused"], evicted + r["evicted"]
+    return refused, evicted
+
+
 def _refused_at_accept(w: Warden) -> bytes:
     extra = socket.create_connection(("127.0.0.1", w.port), timeout=5)
     with extra:
@@ -149,11 +165,38 @@ def test_past_the_process_limit_a_connection_is_answered_503_before_it_is_read(
                         assert _refused_at_accept(w).startswith(b"HTTP/1.1 503 ")
                 refused = 2 if path == "slow" else 1
                 assert metric(w, "warden_connections_refused_total", '{limit="process"}') == refused, path
+                # audited, one record per second at most, with the count per client address
+                assert wait_until(lambda w=w, n=refused: _audited_closures(w) == (n, 0)), (path, _audited_closures(w))
                 sock, status, head = connect_raw(w, "other", f"allowed.test:{tls.port}")  # room again
                 sock.close()
                 assert status == 200, (path, head)
             finally:
                 w.stop()
+
+
+def test_a_burst_of_refusals_is_audited_in_one_record_and_none_is_lost_at_shutdown(
+        tmp_path: Path, origin_ca: trustme.CA, origin_ca_file: Path, shared_confdir: Path) -> None:
+    with run_origin(ca=origin_ca) as tls, run_origin() as plain:
+        w = _limited(tmp_path / "fast", tls, plain, origin_ca_file, shared_confdir, "fast")
+        try:
+            assert wait_until(lambda: metric(w, "warden_client_connections") == 0)
+            with ExitStack() as held:
+                for _ in range(4):
+                    sock, status, head = connect_raw(w, "other", f"allowed.test:{tls.port}")
+                    held.enter_context(sock)
+                    assert status == 200, head
+                assert wait_until(lambda: metric(w, "warden_client_connections") == 4)
+                for _ in range(5):
+                    assert _refused_at_accept(w).startswith(b"HTTP/1.1 503 ")
+                assert w.stop() == 0  # inside the record's window: written at shutdown
+        finally:
+            w.stop()
+        records = [r for r in w.audit_records() if r.get("event") == "connections_refused"]
+        # one window (two if the burst straddled a second), and nothing lost at shutdown
+        assert sum(r["refused"] for r in records) == 5 and len(records) <= 2, records
+        assert w.audit_records()[-1]["event"] == "shutdown"
+        shown = subprocess.run([WARDEN, "log", str(w.audit_path)], capture_output=True, text=True, timeout=30)
+        assert "at accept, evicted 0 (warden_max_connections 4) from 127.0.0.1" in shown.stdout, shown
 
 
 def test_at_the_process_limit_the_oldest_connection_without_a_head_makes_room(
@@ -178,6 +221,7 @@ def test_at_the_process_limit_the_oldest_connection_without_a_head_makes_room(
                 assert idle[0].recv(100) == b""  # the oldest was closed, unanswered (a timeout raises)
                 assert metric(w, "warden_front_door_connections_total", '{path="evicted"}') == 1
                 assert metric(w, "warden_connections_refused_total", '{limit="process"}') == 0
+                assert wait_until(lambda: _audited_closures(w) == (0, 1)), _audited_closures(w)
         finally:
             w.stop()
 
@@ -227,6 +271,7 @@ def test_connections_no_agent_was_identified_on_make_room_at_the_process_limit(
                 held.enter_context(sock)
                 assert status == 200, (path, head)
                 assert metric(w, "warden_front_door_connections_total", '{path="evicted"}') == 1, path
+                assert wait_until(lambda: _audited_closures(w) == (0, 1)), (path, _audited_closures(w))
                 started = time.monotonic()
                 read_until_closed(anonymous[0], timeout=5)  # the rest of its 407, then the close
                 assert time.monotonic() - started < 4, path  # closed, not timed out

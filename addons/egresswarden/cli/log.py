@@ -133,6 +133,10 @@ def format_record(r: dict[str, Any], color: bool) -> str:
         what = f"{event} pid {r.get('pid')}" + (f" version {r['policy_version']}" if r.get("policy_version") else "")
     elif event == "alert":
         what = f"alert {r.get('kind')}: {r.get('summary')}"
+    elif event == "connections_refused":
+        clients = ",".join(str(c.get("client_ip")) for c in r.get("clients") or [])
+        what = (f"refused {r.get('refused')} at accept, evicted {r.get('evicted')} "
+                f"(warden_max_connections {r.get('max_connections')}) from {clients or '-'}")
     else:
         what = event
     reason = r.get("reason")

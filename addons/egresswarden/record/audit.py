@@ -129,6 +129,7 @@ class Audit:
         self.store = store
         self.writer: AuditWriter | None = None
         self.failure_listeners: list[FailureListener] = []
+        self.closing_listeners: list[Callable[[], None]] = []  # write their last records at shutdown
         self._loop: asyncio.AbstractEventLoop | None = None
         store.add_listener(self.on_reload)
         # Log lines too: every `warden` log record is scrubbed before any handler formats it.
@@ -185,6 +186,11 @@ class Audit:
                    "rules_loaded": rules.rule_count if rules else 0})
 
     def done(self) -> None:
+        for listener in self.closing_listeners:
+            try:
+                listener()
+            except Exception as e:  # one listener's bug must not lose the shutdown record
+                logger.error("warden: audit closing listener failed: %s", e.__class__.__name__)
         if self.writer is not None:
             self.emit({F.EVENT: "shutdown", "pid": os.getpid()})
             self.writer.close()

@@ -55,6 +55,15 @@ REVOCATION = "revocation"
 CARRIED_TLS = "carried_tls"  # tunnel_close: the tunnel carried a TLS session Warden checked
 REVOKE_MS = "revoke_ms"
 
+# `connections_refused` (stages/connlimits.py): closures by the process connection bound,
+# counted per window instead of one record per connection.
+LIMIT = "limit"  # process
+MAX_CONNECTIONS = "max_connections"
+REFUSED = "refused"  # answered 503 at accept
+EVICTED = "evicted"  # closed, no agent identified on them, to make room
+CLIENTS = "clients"  # [{client_ip, refused, evicted}], at most 64 addresses, the rest as client_ip "other"
+WINDOW_MS = "window_ms"
+
 # `warden sandbox` lifecycle records (runtime/admin.py): sandbox_start / sandbox_refused /
 # sandbox_exit. SANDBOX_ID above is on these and on the traffic records of sandboxed agents.
 PROFILE = "profile"

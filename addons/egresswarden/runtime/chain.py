@@ -116,7 +116,7 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
         fast,  # before audit: its `done` writes the records of the tunnels it still holds
         audit,
         Identity(store, connections),
-        ConnectionLimits(store, connections, counts, fast.active),  # right after Identity: who holds how many
+        ConnectionLimits(store, connections, counts, fast.active, audit),  # right after Identity: who holds how many
         gate,
         policy,
         BodyPlanner(budget),

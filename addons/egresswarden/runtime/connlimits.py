@@ -8,7 +8,9 @@ everything). Two bounds, each refused with a reason an agent can read:
 * per process, `warden_max_connections` (default from RLIMIT_NOFILE, `default_max_connections`):
   a client connection past it is answered `503` (`X-Warden-Reason: connection_limit`) and
   closed at accept, before any byte is read (metric
-  `warden_connections_refused_total{limit="process"}`);
+  `warden_connections_refused_total{limit="process"}`; audited in one `connections_refused`
+  record per second at most, with counts per client address, not one record per connection:
+  a flood must not become a flood of audit lines);
 * per agent, `settings.limits.max_connections_per_agent` in the rules: an agent's CONNECT or
   first plain-HTTP request on a new connection past it is denied `429 connection_limit`
   (audited like any denial). A connection counts for the first agent identified on it, from
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import time
 from collections.abc import Callable
 
 logger = logging.getLogger("warden")
@@ -33,6 +36,9 @@ logger = logging.getLogger("warden")
 PENDING_MIN_AGE = 1.0  # a connection no agent was identified on may be evicted at the process limit after this
 DESCRIPTOR_RESERVE = 512  # audit files, listeners, DNS, metrics, MCP pin store, child processes
 NOFILE_CAP = 1 << 20  # the soft limit is raised to the hard one, but no further than this
+AUDIT_WINDOW = 1.0  # seconds: refusals at accept and evictions are audited in one record per window
+MAX_AUDITED_IPS = 64  # client addresses named in one connections_refused record; the rest are "other"
+OTHER_IPS = "other"
 
 
 def raise_descriptor_limit() -> tuple[int, int]:
@@ -74,6 +80,31 @@ class ConnectionCounts:
         self.open_clients: Callable[[], int] = lambda: 0
         # closes the oldest mitmproxy connection no agent was identified on (stages/connlimits.py)
         self.evict_unidentified: Callable[[], bool] = lambda: False
+        # client address -> [refused at accept, evicted] since the last connections_refused record
+        self.unaudited: dict[str, list[int]] = {}
+        self.unaudited_since = 0.0
+        # told of the first unaudited closure of a window (stages/connlimits.py schedules the record)
+        self.on_unaudited: Callable[[], None] = lambda: None
+
+    def note_closed(self, client_ip: str, evicted: bool) -> None:
+        """A connection closed by the process bound (refused at accept, or evicted): counted for
+        the next connections_refused record."""
+        first = not self.unaudited
+        key = client_ip if client_ip in self.unaudited or len(self.unaudited) < MAX_AUDITED_IPS else OTHER_IPS
+        self.unaudited.setdefault(key, [0, 0])[1 if evicted else 0] += 1
+        if evicted:
+            self.evicted += 1
+        else:
+            self.refused_process += 1
+        if first:
+            self.unaudited_since = time.monotonic()
+            self.on_unaudited()
+
+    def take_unaudited(self) -> tuple[dict[str, list[int]], float]:
+        """The closures counted since the last record, and since when; the count starts over."""
+        taken, since = self.unaudited, self.unaudited_since
+        self.unaudited = {}
+        return taken, since
 
     def admit_agent(self, agent: str, limit: int) -> bool:
         """Count one more connection for `agent`, unless it already holds `limit`."""

@@ -251,7 +251,7 @@ class FastConnect:
         for door in self.pending:  # oldest first
             if time.monotonic() - door.opened < PENDING_MIN_AGE:
                 break
-            self.counts.evicted += 1
+            self.counts.note_closed(door.state.client_ip if door.state is not None else "", evicted=True)
             door.end(None, abort=True)  # leaves `pending`: the loop ends here
             return True
         return self.counts.evict_unidentified()  # mitmproxy's, after a 407 or a refusal
@@ -384,11 +384,11 @@ class FrontDoor(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # asyncio's, or uvloop's (not a subclass)
         part = self.part
+        peer = transport.get_extra_info("peername") or ("", 0)
         if part.counts.open_connections() >= part.counts.max_connections and not part.evict_pending():
-            part.counts.refused_process += 1
+            part.counts.note_closed(str(peer[0]), evicted=False)
             self._refuse_at_accept()
             return
-        peer = transport.get_extra_info("peername") or ("", 0)
         self.state = ConnState(str(peer[0]), int(peer[1]) if len(peer) > 1 else 0)
         part.doors.add(self)
         part.pending[self] = None

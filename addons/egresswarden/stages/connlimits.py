@@ -14,6 +14,7 @@ bound, the oldest connection no agent was identified on is closed to make room
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +24,10 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
 from egresswarden.core.decision import Reason, deny
+from egresswarden.record import fields as F
+from egresswarden.record.audit import Audit
 from egresswarden.runtime.connlimits import (
+    AUDIT_WINDOW,
     PENDING_MIN_AGE,
     ConnectionCounts,
     agent_limit_text,
@@ -40,14 +44,18 @@ logger = logging.getLogger("warden")
 
 class ConnectionLimits:
     def __init__(self, store: RuleStore, connections: Connections, counts: ConnectionCounts,
-                 fast_listener: Callable[[], bool]) -> None:
+                 fast_listener: Callable[[], bool], audit: Audit) -> None:
         self.store = store
+        self.audit = audit
         self.connections = connections
         self.counts = counts
         self.fast_listener = fast_listener  # True: the fast listener admits connections itself
         # mitmproxy's connections no agent was identified on yet, oldest first (evictable)
         self.unidentified: dict[connection.Client, float] = {}
         counts.evict_unidentified = self.evict_unidentified
+        counts.on_unaudited = self._audit_soon
+        audit.closing_listeners.append(self.audit_closures)
+        self._audit_timer: asyncio.TimerHandle | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -69,7 +77,7 @@ class ConnectionLimits:
                 or self.evict_unidentified():
             self.unidentified[client] = time.monotonic()
             return
-        self.counts.refused_process += 1
+        self.counts.note_closed(str(client.peername[0]), evicted=False)
         handler = connection_handler(client)
         transport = handler.transports.get(client) if handler is not None else None
         if transport is not None and transport.writer is not None:
@@ -78,6 +86,33 @@ class ConnectionLimits:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self._admit(flow)
+
+    # -- the audit record of closures by the process bound ---------------------------------
+    def _audit_soon(self) -> None:
+        if self._audit_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on the loop (cannot happen in warden run): write at once
+                self.audit_closures()
+                return
+            self._audit_timer = loop.call_later(AUDIT_WINDOW, self.audit_closures)
+
+    def audit_closures(self) -> None:
+        """One `connections_refused` record for the closures of the window (and at shutdown)."""
+        if self._audit_timer is not None:
+            self._audit_timer.cancel()
+            self._audit_timer = None
+        closed, since = self.counts.take_unaudited()
+        if not closed:
+            return
+        self.audit.emit({
+            F.EVENT: "connections_refused", F.LIMIT: "process", F.MAX_CONNECTIONS: self.counts.max_connections,
+            F.REFUSED: sum(r for r, _ in closed.values()), F.EVICTED: sum(e for _, e in closed.values()),
+            F.CLIENTS: [{F.CLIENT_IP: ip, F.REFUSED: r, F.EVICTED: e} for ip, (r, e) in closed.items()],
+            F.WINDOW_MS: round((time.monotonic() - since) * 1000, 3),
+            F.MESSAGE: "connections closed by warden_max_connections: answered 503 at accept, or evicted "
+                       "(no agent identified on them) to make room",
+        })
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         state = self.connections.peek(flow.client_conn)
@@ -160,7 +195,7 @@ class ConnectionLimits:
                 return False
             del self.unidentified[client]
             if close_client(client, abort=True):
-                self.counts.evicted += 1
+                self.counts.note_closed(str(client.peername[0]), evicted=True)
                 logger.info("warden: closed a connection no agent was identified on, at warden_max_connections")
                 return True
         return False
