@@ -9,6 +9,7 @@ a resumed connection.
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import threading
@@ -103,6 +104,26 @@ def _get(w: Warden, agent: str, name: str, port: int) -> str:
     return r.stdout
 
 
+def _leaf_names(w: Warden, agent: str, name: str, port: int) -> list[str]:
+    """The names in the certificate Warden mints for the agent (mitmproxy copies them from the
+    upstream's certificate, which a resumed session must still carry)."""
+    auth = base64.b64encode(f"{agent}:{w.agents[agent]}".encode()).decode()
+    with socket.create_connection(("127.0.0.1", w.port), timeout=10) as raw:
+        raw.sendall(f"CONNECT {name}:{port} HTTP/1.1\r\nHost: {name}:{port}\r\n"
+                    f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += raw.recv(1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        ctx = ssl.create_default_context(cafile=str(w.ca_cert))
+        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+            names = sorted(value for _, value in tls.getpeercert()["subjectAltName"])
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+            while tls.recv(4096):
+                pass
+            return names
+
+
 def _handshakes(w: Warden, resumed: str) -> float:
     for line in w.metrics_text().splitlines():
         if line.startswith(f'warden_upstream_tls_handshakes_total{{resumed="{resumed}"}}'):
@@ -129,6 +150,9 @@ def test_a_new_connection_resumes_the_session_of_the_last_one(tmp_path, ca):
             assert [_get(w, "a1", "allowed.test", origin.port) for _ in range(4)] == ["200"] * 4
             assert origin.seen == [("allowed.test", False)] + [("allowed.test", True)] * 3
             assert (_handshakes(w, "false"), _handshakes(w, "true")) == (1, 3)
+            # mitmproxy reads the upstream's chain for the certificate it mints: still there
+            assert set(NAMES) <= set(_leaf_names(w, "a1", "allowed.test", origin.port))  # api.test: from the chain
+            assert origin.seen[-1] == ("allowed.test", True)
         finally:
             w.stop()
 
