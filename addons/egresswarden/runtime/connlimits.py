@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 logger = logging.getLogger("warden")
 
+HANDED_OVER_MAX_AGE = 10.0  # seconds a slot handed to mitmproxy's side may wait to be claimed (then released)
 PENDING_MIN_AGE = 1.0  # a connection no agent was identified on may be evicted at the process limit after this
 DESCRIPTOR_RESERVE = 512  # audit files, listeners, DNS, metrics, MCP pin store, child processes
 NOFILE_CAP = 1 << 20  # the soft limit is raised to the hard one, but no further than this
@@ -80,6 +81,9 @@ class ConnectionCounts:
         self.open_clients: Callable[[], int] = lambda: 0
         # closes the oldest mitmproxy connection no agent was identified on (stages/connlimits.py)
         self.evict_unidentified: Callable[[], bool] = lambda: False
+        # client (ip, port) -> (agent, when): the agent's slot of a connection the fast listener
+        # handed to mitmproxy, until mitmproxy's side claims it (stages/connlimits.py)
+        self.handed_over: dict[tuple[str, int], tuple[str, float]] = {}
         # client address -> [refused at accept, evicted] since the last connections_refused record
         self.unaudited: dict[str, list[int]] = {}
         self.unaudited_since = 0.0
@@ -113,6 +117,23 @@ class ConnectionCounts:
             return False  # the refusing stage counts it (the fast path hands the connection to that stage)
         self.per_agent[agent] = held + 1
         return True
+
+    def hand_over(self, peer: tuple[str, int], agent: str) -> None:
+        """The connection keeps its agent's slot while it moves to mitmproxy's side: releasing
+        and taking it again let another connection of the agent take it in between, and the
+        handed-over tunnel, already answered 200, was then refused (and closed) at its limit."""
+        self.handed_over[peer] = (agent, time.monotonic())
+
+    def claim_handed_over(self, peer: tuple[str, int]) -> str | None:
+        held = self.handed_over.pop(peer, None)
+        return held[0] if held is not None else None
+
+    def expire_handed_over(self, now: float) -> None:
+        """Slots nobody claimed (the connection died before mitmproxy saw it) go back."""
+        for peer, (agent, since) in list(self.handed_over.items()):
+            if now - since > HANDED_OVER_MAX_AGE:
+                del self.handed_over[peer]
+                self.release_agent(agent)
 
     def open_connections(self) -> int:
         """What the process limit counts: client connections, and upstream connections beyond

@@ -302,6 +302,7 @@ class FastConnect:
 
     def _sweep(self) -> None:
         now = time.monotonic()
+        self.counts.expire_handed_over(now)
         for door in list(self.doors):
             if door.phase is Phase.HEAD:
                 if now - door.opened > self.head_timeout:
@@ -940,13 +941,17 @@ class FrontDoor(asyncio.Protocol):
             _close(upstream.transport, abort)
 
     # -- to mitmproxy ------------------------------------------------------------------------
-    def _leave_part(self) -> None:
-        """The door is done (ended, or handed to mitmproxy): out of every count it was in."""
+    def _leave_part(self, handing_over: bool = False) -> None:
+        """The door is done (ended, or handed to mitmproxy): out of every count it was in. A
+        handed-over connection keeps its agent's slot for mitmproxy's side to claim."""
         self.phase = Phase.DONE
         self.part.doors.discard(self)
         self.part.pending.pop(self, None)
         if self.counted_agent is not None:
-            self.part.counts.release_agent(self.counted_agent)
+            if handing_over and self.state is not None:
+                self.part.counts.hand_over((self.state.client_ip, self.state.client_port), self.counted_agent)
+            else:
+                self.part.counts.release_agent(self.counted_agent)
             self.counted_agent = None
 
     def _hand_over(self, after_200: bool) -> None:
@@ -956,7 +961,7 @@ class FrontDoor(asyncio.Protocol):
         not sent twice: the order of events mitmproxy sees is the one it would have seen."""
         transport = self.transport
         assert transport is not None
-        self._leave_part()  # mitmproxy's ConnectionLimits counts the connection from here on
+        self._leave_part(handing_over=True)  # mitmproxy's ConnectionLimits claims its slot
         self.part.handed_over += 1
         self._close_upstream(abort=True)
         later, self.buf = bytes(self.buf), bytearray()

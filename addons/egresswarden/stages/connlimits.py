@@ -71,8 +71,13 @@ class ConnectionLimits:
         self.counts.max_connections = value or default_max_connections()
 
     def client_connected(self, client: connection.Client) -> None:
-        # The fast listener admitted (or refused) it before mitmproxy saw it; mitmproxy's own
-        # listener admits here.
+        # The fast listener admitted (or refused) it before mitmproxy saw it, and may have
+        # counted it for its agent already; mitmproxy's own listener admits here.
+        if self.fast_listener():
+            agent = self.counts.claim_handed_over((str(client.peername[0]), int(client.peername[1])))
+            if agent is not None:
+                self.connections.get(client).counted_agent = agent  # released at client_disconnected
+                return
         if self.fast_listener() or self.counts.open_connections() <= self.counts.max_connections \
                 or self.evict_unidentified():
             self.unidentified[client] = time.monotonic()
