@@ -70,10 +70,20 @@ class TicketOrigin:
 
 
 @contextmanager
-def ticket_origin(ca: trustme.CA, port: int = 0) -> Iterator[TicketOrigin]:
+def ticket_origin(ca: trustme.CA, port: int = 0, padding: int = 0, tmp: Path | None = None) -> Iterator[TicketOrigin]:
+    """padding: that many unrelated self-signed certificates sent after the real chain (chain
+    building ignores them; OpenSSL keeps them all in the client's session)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ca.issue_cert(*NAMES).configure_cert(ctx)
+    leaf = ca.issue_cert(*NAMES)
+    if padding:
+        assert tmp is not None
+        pem = tmp / "padded-chain.pem"
+        pem.write_bytes(leaf.private_key_and_cert_chain_pem.bytes()
+                        + b"".join(trustme.CA().cert_pem.bytes() for _ in range(padding)))
+        ctx.load_cert_chain(str(pem))
+    else:
+        leaf.configure_cert(ctx)
     origin = TicketOrigin(ctx)
     origin.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     origin.sock.bind(("127.0.0.1", port))
@@ -206,3 +216,16 @@ def test_a_server_that_cannot_resume_gets_a_full_verified_handshake(tmp_path, ca
             assert again.seen == [("allowed.test", False)]
     finally:
         w.stop()
+
+
+def test_a_session_with_a_padded_chain_is_not_kept(tmp_path, ca):
+    """Red team 22: a server can pad a valid chain with certificates chain building ignores, and
+    OpenSSL keeps them all in the session (208 KiB each); such sessions are not kept."""
+    with ticket_origin(ca, padding=8, tmp=tmp_path) as origin:
+        w = _start(tmp_path, ca, origin.port)
+        try:
+            assert [_get(w, "a1", "allowed.test", origin.port) for _ in range(3)] == ["200"] * 3
+            assert origin.seen == [("allowed.test", False)] * 3
+            assert (_handshakes(w, "false"), _handshakes(w, "true")) == (3, 0)
+        finally:
+            w.stop()

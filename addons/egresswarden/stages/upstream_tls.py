@@ -27,8 +27,14 @@ How a session may be reused, and why:
 * **Fresh verification.** A session descends from the full handshake that verified it; one
   whose full handshake is older than MAX_VERIFIED_AGE is not offered, so each key's chain and
   hostname are verified in full at least that often.
-* **Bounds.** At most SESSIONS_PER_KEY sessions per key and MAX_SESSIONS in all (the key
-  stored into least recently goes first); the cache is emptied when an upstream TLS option changes.
+* **Only intercepted tunnels.** The agent is the one of the tunnel's CONNECT; a plain proxy
+  request for an `https://` URL is identified per request, so its upstream TLS is neither
+  resumed nor kept.
+* **Bounds.** At most SESSIONS_PER_KEY sessions per key, MAX_SESSIONS and MAX_SESSION_BYTES
+  in all (the key stored into least recently goes first; a session's size is counted with
+  its peer chain, and a chain longer than MAX_CHAIN_CERTS or MAX_CHAIN_BYTES is not kept);
+  keys that can no longer be offered are dropped as the store is used; the store is emptied
+  when an upstream TLS option changes.
 
 mitmproxy's TlsConfig builds the upstream SSL.Connection in `tls_start_server`; Warden's
 chain runs before it, so the session is set by a subclass of TlsConfig that takes its place
@@ -43,15 +49,24 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from mitmproxy import connection, ctx, http, tls
 from mitmproxy.addons import tlsconfig
 from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
-from egresswarden.runtime.context import Connections
+from egresswarden.runtime.context import Connections, TunnelMode
 
-MAX_SESSIONS = 8192  # all keys together (a session with its peer chain is a few KiB)
+MAX_SESSIONS = 8192  # all keys together
 SESSIONS_PER_KEY = 16  # a burst of new connections to one upstream each needs its own session
+# A session holds the peer's whole certificate chain (OpenSSL keeps it for resumption). A
+# hostile server can pad a valid chain with certificates chain building ignores, up to the
+# ~100 KB a client accepts (red team 22: 208 KiB per session, 1.7 GB at MAX_SESSIONS), so a
+# session is kept only when its chain is small, and all sessions together within a budget.
+MAX_CHAIN_CERTS = 6
+MAX_CHAIN_BYTES = 24 * 1024  # DER; public web chains are 2-8 KB
+SESSION_OVERHEAD_BYTES = 2048  # the session itself, tickets, the Python objects
+MAX_SESSION_BYTES = 32 * 1024 * 1024  # all held sessions together
 MAX_VERIFIED_AGE = 600.0  # seconds: a chain and hostname are verified in full at least this often
 MAX_PENDING = 65536  # upstream connections between their TLS start and their close
 
@@ -71,6 +86,7 @@ SessionKey = tuple[object, str, str, int, str]  # (SSL context, SNI, address hos
 class HeldSession:
     session: SSL.Session
     verified_at: float  # monotonic time of the full handshake this session descends from
+    size: int = SESSION_OVERHEAD_BYTES  # what it holds in memory, its chain included (estimate)
 
 
 class UpstreamSessions:
@@ -80,48 +96,78 @@ class UpstreamSessions:
         self.connections = connections
         self._sessions: OrderedDict[SessionKey, deque[HeldSession]] = OrderedDict()
         self._held = 0
+        self.held_bytes = 0
         self.enabled = True
         self.resumed = 0
         self.full = 0
 
     def take(self, key: SessionKey, now: float) -> HeldSession | None:
         """The newest session for key that was verified in full recently enough, taken out."""
+        self._purge(now)
         held = self._sessions.get(key)
         found = None
         while held and found is None:
             candidate = held.pop()  # the newest
-            self._held -= 1
+            self._forget(candidate)
             if now - candidate.verified_at < MAX_VERIFIED_AGE:
                 found = candidate
             else:
-                self._held -= len(held)  # the rest are older still
+                for older in held:  # older still
+                    self._forget(older)
                 held.clear()
         if held is not None and not held:
             del self._sessions[key]
         return found
 
-    def put(self, key: SessionKey, session: HeldSession) -> None:
+    def put(self, key: SessionKey, session: HeldSession, now: float) -> None:
+        self._purge(now)
         held = self._sessions.get(key)
         if held is None:
             held = self._sessions[key] = deque()
         else:
             self._sessions.move_to_end(key)
         if len(held) >= SESSIONS_PER_KEY:
-            held.popleft()  # the oldest
-            self._held -= 1
+            self._forget(held.popleft())  # the oldest
         held.append(session)
         self._held += 1
-        while self._held > MAX_SESSIONS:  # least recently stored key first
-            _, dropped = self._sessions.popitem(last=False)
-            self._held -= len(dropped)
+        self.held_bytes += session.size
+        while self._held > MAX_SESSIONS or self.held_bytes > MAX_SESSION_BYTES:  # least recently stored key first
+            self._drop_oldest_key()
+
+    def _forget(self, session: HeldSession) -> None:
+        self._held -= 1
+        self.held_bytes -= session.size
+
+    def _drop_oldest_key(self) -> None:
+        _, dropped = self._sessions.popitem(last=False)
+        for session in dropped:
+            self._forget(session)
+
+    def _purge(self, now: float) -> None:
+        """Keys whose newest session can no longer be offered go, oldest stored first (a key
+        stored into long ago is at the front): memory is not held for sessions nobody may use."""
+        while self._sessions:
+            newest = next(iter(self._sessions.values()))[-1]
+            if now - newest.verified_at < MAX_VERIFIED_AGE:
+                return
+            self._drop_oldest_key()
 
     def clear(self) -> None:
         self._sessions.clear()
         self._held = 0
+        self.held_bytes = 0
 
     def agent_of(self, client: connection.Client) -> str | None:
+        """The agent of an intercepted tunnel's connection; None for anything else. A plain
+        proxy request (`GET https://...` without CONNECT) is identified per request, so the
+        connection names no agent its upstream TLS could be kept for (red team 22: such a
+        request behind another agent's refused CONNECT resumed, and refilled, that agent's
+        session); those connections resume nothing."""
         state = self.connections.peek(client)
-        return state.agent if state is not None else None
+        tunnel = state.tunnel if state is not None else None
+        if tunnel is None or tunnel.mode is not TunnelMode.INTERCEPT:
+            return None
+        return tunnel.agent
 
     def __len__(self) -> int:
         return self._held
@@ -205,7 +251,7 @@ class ResumingTlsConfig(tlsconfig.TlsConfig):
         if flow.server_conn.tls_established:
             pending = self._pending.get(flow.server_conn.id)
             if pending is not None:
-                self._keep(pending)
+                self._keep(pending, flow.server_conn)
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
         pending = self._pending.pop(data.server.id, None)
@@ -216,16 +262,24 @@ class ResumingTlsConfig(tlsconfig.TlsConfig):
         # dropped it: RFC 4346 7.2.1). A fatal alert still marks it, when it is sent or received.
         ssl_conn = pending.ssl_conn
         ssl_conn.set_shutdown(ssl_conn.get_shutdown() | SSL.SENT_SHUTDOWN)
-        self._keep(pending)
+        self._keep(pending, data.server)
 
-    def _keep(self, pending: _Pending) -> None:
-        """Store the connection's session, once, if its handshake completed and verified."""
+    def _keep(self, pending: _Pending, server: connection.Server) -> None:
+        """Store the connection's session, once, if its handshake completed and verified and
+        its chain is small enough to hold."""
         if pending.kept or pending.verified_at is None or not self.sessions.enabled:
             return
+        pending.kept = True  # decided once, either way
         ssl_conn = pending.ssl_conn
         if SSL._lib.SSL_get_verify_result(ssl_conn._ssl) != X509_V_OK:  # type: ignore[attr-defined]  # noqa: SLF001
             return
+        chain = server.certificate_list
+        if not chain or len(chain) > MAX_CHAIN_CERTS:
+            return
+        chain_bytes = sum(len(c.to_cryptography().public_bytes(serialization.Encoding.DER)) for c in chain)
+        if chain_bytes > MAX_CHAIN_BYTES:
+            return
         session = ssl_conn.get_session()
         if session is not None:
-            pending.kept = True
-            self.sessions.put(pending.key, HeldSession(session, pending.verified_at))
+            held = HeldSession(session, pending.verified_at, SESSION_OVERHEAD_BYTES + chain_bytes)
+            self.sessions.put(pending.key, held, time.monotonic())
