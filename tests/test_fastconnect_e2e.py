@@ -282,12 +282,13 @@ def test_an_idle_fast_tunnel_meets_tcp_timeout_and_shutdown_writes_open_tunnels(
             assert b"origin got GET /a" in sock.recv(65536)
             started = time.monotonic()
             sock.settimeout(15)
-            with sock:
-                assert sock.recv(1) == b""  # idle both ways for tcp_timeout: closed
+            with sock, pytest.raises(ConnectionResetError):
+                sock.recv(1)  # idle both ways for tcp_timeout: cut, with a reset (not an end: red team 21)
             assert 1.5 < time.monotonic() - started < 10
             closes = [r for r in w.audit_records(lambda rs: any(r.get("event") == "tunnel_close" for r in rs))
                       if r.get("event") == "tunnel_close"]
             assert len(closes) == 1 and closes[0]["bytes_up"] > 0 and closes[0]["bytes_down"] > 0
+            assert closes[0]["error"] == "no bytes for 2 s (tcp_timeout)"
             assert front_door(w, "fast") == 1
             # a tunnel still open at shutdown gets its record before the audit log closes
             open_sock, status, _ = connect_raw(w, "coder", f"allowed.test:{plain.port}")

@@ -158,3 +158,86 @@ def test_revoked_passthrough_tunnel_releases_both_connections(env: dict[str, Any
     # The upstream's own send timeout is 60 s: only Warden closing its side ends these early.
     assert wait_until(lambda: flood.open == 0, timeout=10), (
         f"{flood.open} of 8 upstream connections of revoked tunnels still open 10 s after the revocation")
+
+
+class _SlowReader:
+    """Reads nothing until told to, then everything: counts what arrives and how it ends."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # inherited by accepted sockets
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port: int = self.sock.getsockname()[1]
+        self.read_now = threading.Event()
+        self.after = 0  # bytes read after read_now
+        self.ended: str | None = None  # "eof" or "reset"
+        self.accepted = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(20)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        self.accepted.set()
+        with conn:
+            self.read_now.wait(30)
+            conn.settimeout(20)
+            try:
+                while data := conn.recv(1 << 20):
+                    self.after += len(data)
+                self.ended = "eof"
+            except ConnectionResetError:
+                self.ended = "reset"
+            except OSError as e:
+                self.ended = type(e).__name__
+
+    def close(self) -> None:
+        self.read_now.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("path", ["fast", "fast-nosplice", "mitmproxy", "mitmproxy-nosplice"])
+def test_a_revoked_upload_is_reset_not_delivered(tmp_path: Path, path: str) -> None:
+    """Red team 21: a revocation closed Warden's socket to the revoked destination without a
+    reset, so the kernel went on delivering the agent's queued upload (4 MB on loopback), then
+    a clean FIN. Now the destination gets a reset, and at most what its own small receive
+    buffer held before the revocation."""
+    origin = _SlowReader()
+    try:
+        rules = _rules(tmp_path, origin.port)
+        extra = ["--set", f"warden_fast_connect={'false' if path.startswith('mitmproxy') else 'true'}"]
+        if path.endswith("nosplice"):
+            extra += ["--set", "warden_splice=false"]
+        warden = start_warden(tmp_path, rules, agents={"coder": TOKEN}, extra_args=extra)
+        sock, status, head = connect_raw(warden, "coder", f"other.test:{origin.port}")
+        try:
+            assert status == 200, head
+            assert origin.accepted.wait(10)
+            sock.settimeout(0.5)
+            sent, deadline = 0, time.monotonic() + 10
+            with contextlib.suppress(TimeoutError, BlockingIOError):  # every buffer on the way is full
+                while time.monotonic() < deadline:
+                    sent += sock.send(b"U" * 65536)
+            assert sent > 1 << 20, sent  # megabytes queued between the agent and the origin
+            revoked = copy.deepcopy(rules)
+            revoked["policies"]["p"]["allow"] = []
+            reload_rules(warden, revoked)
+            assert wait_until(lambda: any(r.get("event") == "tunnel_revoked" for r in warden.audit_records()))
+            time.sleep(0.5)  # the cut has happened; now the origin reads what reached it
+            origin.read_now.set()
+            assert wait_until(lambda: origin.ended is not None, timeout=25)
+            assert origin.ended == "reset", (origin.ended, origin.after)
+            assert origin.after < 1 << 20, origin.after  # not the megabytes Warden had queued
+            # the agent's side is reset too: a cut tunnel never ends in a clean EOF
+            sock.settimeout(10)
+            with pytest.raises(ConnectionResetError):
+                while sock.recv(65536):
+                    pass
+        finally:
+            sock.close()
+            warden.stop()
+    finally:
+        origin.close()

@@ -57,8 +57,6 @@ import contextlib
 import ipaddress
 import logging
 import re
-import socket
-import struct
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -252,7 +250,7 @@ class FastConnect:
             if time.monotonic() - door.opened < PENDING_MIN_AGE:
                 break
             self.counts.note_closed(door.state.client_ip if door.state is not None else "", evicted=True)
-            door.end(None, abort=True)  # leaves `pending`: the loop ends here
+            door.end(None, abort=True, reset=False)  # nothing was written to it; leaves `pending`
             return True
         return self.counts.evict_unidentified()  # mitmproxy's, after a 407 or a refusal
 
@@ -308,7 +306,7 @@ class FastConnect:
                 if now - door.opened > self.head_timeout:
                     door.abort_silently()
             elif door.phase is not Phase.DECIDING and now - door.last_activity > self.tcp_timeout:
-                door.end(None, abort=True)
+                door.end(f"no bytes for {self.tcp_timeout:g} s (tcp_timeout)", abort=True)
         self._schedule_sweep()
 
 
@@ -869,10 +867,10 @@ class FrontDoor(asyncio.Protocol):
     def _touch(self) -> None:
         self.last_activity = time.monotonic()
 
-    def _fold_kernel(self) -> None:
+    def _fold_kernel(self, abort: bool = False) -> None:
         kernel, self.kernel = self.kernel, None
         if kernel is not None and self.tunnel is not None:
-            kernel.close()  # idempotent; the counts are final once it returns
+            kernel.close(abort)  # idempotent; the counts are final once it returns
             self.tunnel.bytes_up += kernel.bytes_up
             self.tunnel.bytes_down += kernel.bytes_down
 
@@ -885,23 +883,28 @@ class FrontDoor(asyncio.Protocol):
         return True
 
     def abort_silently(self) -> None:
-        """No request head in time: nothing was decided, nothing to record."""
+        """No request head in time: nothing was decided, nothing to record; nothing was sent
+        either, so a plain close (FIN) is the clearest end for the client."""
         self.part.head_timeouts += 1
-        self.end(None, abort=True)
+        self.end(None, abort=True, reset=False)
 
-    def end(self, error: str | None, abort: bool = False, record_soon: bool = False) -> None:
+    def end(self, error: str | None, abort: bool = False, record_soon: bool = False,
+            reset: bool | None = None) -> None:
         """Close both legs (once) and write what is owed: `tunnel_close` for a committed tunnel,
-        the `connect` record for one accepted but never used (now, or right after the caller's)."""
+        the `connect` record for one accepted but never used (now, or right after the caller's).
+        `abort`: without waiting for anything to drain; then, unless `reset` is False, with a
+        reset, so that what is queued is dropped and no peer takes the cut for an end."""
         if self.phase is Phase.DONE:
             return
         was = self.phase
         self._leave_part()
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        self._fold_kernel()
+        reset = abort if reset is None else reset
+        self._fold_kernel(reset)
         if self.transport is not None:
-            _close(self.transport, abort)
-        self._close_upstream(abort)
+            _close(self.transport, abort, reset)
+        self._close_upstream(abort, reset)
         if record_soon:
             asyncio.get_running_loop().call_soon(self._records, was, error)
         else:
@@ -935,10 +938,10 @@ class FrontDoor(asyncio.Protocol):
             duration_seconds=time.monotonic() - self.opened, engine_seconds=self.engine_seconds, error=error,
         ))
 
-    def _close_upstream(self, abort: bool) -> None:
+    def _close_upstream(self, abort: bool, reset: bool | None = None) -> None:
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None and not upstream.transport.is_closing():
-            _close(upstream.transport, abort)
+            _close(upstream.transport, abort, abort if reset is None else reset)
 
     # -- to mitmproxy ------------------------------------------------------------------------
     def _leave_part(self, handing_over: bool = False) -> None:
@@ -996,7 +999,7 @@ class FrontDoor(asyncio.Protocol):
             transport.resume_reading()
 
 
-def _close(transport: asyncio.Transport, abort: bool) -> None:
+def _close(transport: asyncio.Transport, abort: bool, reset: bool = True) -> None:
     """Close a transport; one whose peer stopped reading is aborted, with a reset.
 
     asyncio's close() waits until the write buffer drained, for ever if the peer never reads
@@ -1006,8 +1009,14 @@ def _close(transport: asyncio.Transport, abort: bool) -> None:
     of a slow download behind a clean FIN): the transport is aborted only when a
     CLOSE_GRACE_SECONDS check finds its buffer no smaller than at the last one, or after
     CLOSE_MAX_SECONDS in all. The abort resets the connection, so that a peer that did not get
-    everything cannot take the end for a complete answer."""
+    everything cannot take the end for a complete answer.
+
+    `abort` (a revocation, a timeout, an error): at once, and with `reset` the kernel's queue
+    is dropped too (relay.reset_on_close); `reset=False` only for a connection nothing was
+    written to (a head timeout)."""
     if abort:
+        if reset:  # abort() alone still sends the kernel's queue, then a FIN
+            relay.reset_on_close(transport.get_extra_info("socket"))
         transport.abort()
         return
     transport.close()
@@ -1026,10 +1035,7 @@ def _abort_if_stalled(transport: asyncio.Transport, left: int, deadline: float) 
         loop.call_later(CLOSE_GRACE_SECONDS, _abort_if_stalled, transport, now_left, deadline)
         return
     logger.warning("warden: a closed tunnel's peer stopped reading with %d bytes unsent; resetting it", now_left)
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError, AttributeError):  # uvloop's socket wrapper may not allow it
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    relay.reset_on_close(transport.get_extra_info("socket"))
     transport.abort()
 
 

@@ -15,8 +15,9 @@ How it works, per direction (src -> dst):
 
 Byte counts are exact: `bytes_up` / `bytes_down` count bytes delivered to the other side
 (what a tunnel_close audit record reports). `close()` stops the relay at once (no callback
-runs after it returns, so the counts are final) and shuts both sockets down: this is how a
-tunnel is revoked (rule reload, `control`). The sockets stay owned by the caller, which
+runs after it returns, so the counts are final) and shuts both sockets down;
+`close(abort=True)` makes their last close a reset instead (`reset_on_close`): this is how a
+tunnel is revoked (rule reload, `control`), so that what is still queued is dropped. The sockets stay owned by the caller, which
 closes them. `on_activity`, if given, is called after every splice that delivered bytes
 (Warden feeds mitmproxy's inactivity watchdog with it: runtime/splicing.py).
 
@@ -30,11 +31,27 @@ import asyncio
 import contextlib
 import os
 import socket
+import struct
 import sys
 from collections.abc import Callable
 
 CHUNK = 1 << 16  # a default pipe holds 64 KiB
+_LINGER_RESET = struct.pack("ii", 1, 0)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+def reset_on_close(sock: object) -> None:
+    """Make the last close of `sock`'s socket a reset (SO_LINGER on, 0 s) that drops what the
+    kernel still queues for the peer. Without it a close, however "aborted", sends every queued
+    byte (megabytes on loopback) and then a clean FIN (red team 21: a revoked tunnel went on
+    delivering the agent's 4 MB upload to the revoked destination, and a cut download ended in a
+    clean EOF). Works on a duplicate descriptor too: the option is the socket's. Quietly does
+    nothing for a socket wrapper without setsockopt (uvloop's) or a socket already gone."""
+    setsockopt = getattr(sock, "setsockopt", None)
+    if setsockopt is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 def available() -> bool:
@@ -144,6 +161,7 @@ class SpliceRelay:
             self._up.stop()
             raise
         self._sockets = (client, server)
+        self._aborted = False
 
     @property
     def bytes_up(self) -> int:
@@ -172,12 +190,19 @@ class SpliceRelay:
         if not self._done.done():
             self._done.set_result(None)
 
-    def close(self) -> None:
-        """Revoke the tunnel: stop relaying now (counts final on return) and shut both sockets down."""
+    def close(self, abort: bool = False) -> None:
+        """Stop relaying now (counts final on return). Then shut both sockets down (a relay that
+        ended), or, `abort` (a revocation, a timeout), make their last close a reset so nothing
+        queued reaches either peer. Once aborted, a later close changes nothing."""
         self._stop()
-        for s in self._sockets:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+        if abort:
+            self._aborted = True
+            for s in self._sockets:
+                reset_on_close(s)
+        elif not self._aborted:
+            for s in self._sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
         if not self._done.done():
             self._done.set_result(None)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from mitmproxy import connection, ctx
 
-from egresswarden.runtime import splicing
+from egresswarden.runtime import relay, splicing
 
 logger = logging.getLogger("warden")
 
@@ -58,6 +58,7 @@ def close_client(client: connection.Client, abort: bool = False) -> bool:
         for io in list(handler.transports.values()):
             transport = getattr(getattr(io, "writer", None), "transport", None)
             if transport is not None and hasattr(transport, "abort"):
+                relay.reset_on_close(transport.get_extra_info("socket"))  # drop the kernel's queue too
                 transport.abort()  # RST, no drain: the revocation is immediate
     return True
 

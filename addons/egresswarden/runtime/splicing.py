@@ -280,7 +280,7 @@ class KernelTunnel:
         if self.stopped is None:
             self.stopped = why
         if self.relay is not None:
-            self.relay.close()
+            self.relay.close(abort=True)  # what is queued for either peer is dropped, not delivered
         self._fold()
 
     def _fold(self) -> None:
