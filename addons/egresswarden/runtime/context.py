@@ -185,6 +185,9 @@ class ConnState:
     governed: dict[tuple[str, int], Governed] = field(default_factory=dict)
     # upstream (host, port) -> the checked address the connection must use
     pinned: dict[tuple[str, int], IPAddress] = field(default_factory=dict)
+    # checked (address, port) -> the one name plain-proxy `https://` requests on this connection
+    # reach it under: their upstream TLS is verified for that name (stages/upstream.py)
+    tls_names: dict[tuple[IPAddress, int], str] = field(default_factory=dict)
 
 
 class Connections:

@@ -308,6 +308,17 @@ class Policy:
                     # Pin: connect to the checked address, keep the name in the Host header. Setting
                     # request.host (not only the server address) lets mitmproxy reuse the upstream
                     # connection for the next request to the same host.
+                    if request.scheme == "https":
+                        # mitmproxy reuses an upstream connection by address alone: its TLS,
+                        # verified for the first name, must not carry another name's requests
+                        named = state.tls_names.setdefault((pinned, request.port), record.host)
+                        if named != record.host:
+                            self._refuse(flow, record, deny(
+                                Reason.HOST_MISMATCH, f"this connection already sends https:// requests for "
+                                f"{named} to {pinned}:{request.port}, over TLS verified for {named}; send "
+                                f"requests for {record.host[:80]} on another connection, or through CONNECT",
+                                rules.version))
+                            return
                     host_header = request.host_header
                     request.host = str(pinned)
                     request.host_header = host_header

@@ -34,6 +34,15 @@ class UpstreamGuard:
             # Plain HTTP pins request.host to the checked address already; tunnels to IP literals
             # were checked as such.
             if ip in state.pinned.values():
+                if server.tls and (server.sni is None or server.sni == host):
+                    # A plain-proxy https:// request: Policy pinned request.host to the address,
+                    # from which mitmproxy took the SNI (and so the name it verifies). Verify the
+                    # name that was checked (red team 22: a certificate with an IP SAN passed
+                    # without its name, and every other certificate failed).
+                    name = state.tls_names.get((ip, port))
+                    if name is not None:
+                        server.sni = name
+                        return
                 names = [name for (name, p), addr in state.pinned.items() if addr == ip and p == port]
                 if names and server.sni is None and parse_ip(names[0]) is None:
                     server.sni = names[0]
