@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.bypass_helpers import connect_raw, wait_until
+from tests.bypass_helpers import connect_raw, proxy_auth, read_head_only, wait_until
 from tests.control_helpers import reload_rules
 from tests.harness import hosts_file, sha256_hex, start_warden
 
@@ -241,3 +241,67 @@ def test_a_revoked_upload_is_reset_not_delivered(tmp_path: Path, path: str) -> N
             warden.stop()
     finally:
         origin.close()
+
+
+class _AnswerThenReset:
+    """Sends its whole answer without reading the request, then closes: the unread request
+    makes its kernel end the connection with a reset (as servers that answer early do)."""
+
+    SIZE = 4 << 20
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(20)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        conn.settimeout(20)
+        with contextlib.suppress(OSError):
+            conn.recv(10)  # the agent's request has begun: now answer without reading the rest
+            conn.sendall(b"D" * self.SIZE)
+            time.sleep(0.5)
+        conn.close()
+
+
+SPLICE_RESET_GAP = pytest.mark.xfail(strict=False, reason=(
+    "known gap (README, Enforcement details): in some runs the kernel relay loses up to ~180 KB "
+    "of an answer the upstream completed before its reset, as it did before the resets of this round"))
+
+
+@pytest.mark.parametrize("path", [pytest.param("fast", marks=SPLICE_RESET_GAP), "fast-nosplice"])
+def test_a_complete_answer_reaches_the_agent_when_the_upstream_then_resets(tmp_path: Path, path: str) -> None:
+    """Red team 23: with every abort a reset, an upstream's own reset after a complete answer
+    made Warden drop what it still held for a slow agent (31% arrived). A peer's reset is passed
+    on as before: everything the upstream sent arrives."""
+    origin = _AnswerThenReset()
+    extra = ["--set", "warden_splice=false"] if path == "fast-nosplice" else []
+    warden = start_warden(tmp_path, _rules(tmp_path, origin.port), agents={"coder": TOKEN}, extra_args=extra)
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # a slow agent: Warden holds the answer
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", warden.port))
+        with sock:
+            sock.sendall(f"CONNECT other.test:{origin.port} HTTP/1.1\r\nHost: other.test:{origin.port}\r\n"
+                         f"Proxy-Authorization: {proxy_auth('coder', TOKEN)}\r\n\r\n".encode())
+            head = read_head_only(sock)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            # more than the origin reads (so it resets), little enough to fit in its receive buffer
+            # (an agent upload still in Warden when the reset comes is another case: see README)
+            sock.sendall(b"R" * 16384)
+            time.sleep(1.5)  # the answer is sent and the origin's reset is out
+            got, deadline = 0, time.monotonic() + 30
+            sock.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                while time.monotonic() < deadline and (data := sock.recv(16384)):
+                    got += len(data)
+                    time.sleep(0.001)  # a slow reader: Warden holds the rest meanwhile
+            assert got == _AnswerThenReset.SIZE, got
+    finally:
+        warden.stop()
+        origin.sock.close()

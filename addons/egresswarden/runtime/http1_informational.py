@@ -21,10 +21,10 @@ installed when the chain is built (`warden run` and `mitmdump -s`).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
+from mitmproxy.net.http.http1 import read
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
@@ -34,8 +34,6 @@ from egresswarden.runtime.patching import wrap_once
 logger = logging.getLogger("warden")
 
 MAX_INFORMATIONAL = 16
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] (1\d\d)[ \r\n]")
-_STATUS_LINE_BYTES = 13  # "HTTP/1.1 100 ": enough to tell
 _SKIPPED = "_warden_informational"
 
 
@@ -43,13 +41,25 @@ def install() -> None:
     wrap_once(_http1.Http1Client, "read_headers", _skipping_informational)
 
 
+def _informational_at_start(buf: Any) -> bool | None:
+    """Does the buffer start with a 1xx status line (101 aside)? None: no whole line yet. The
+    line is read by mitmproxy's own parser, so every spelling it would take for a 1xx (two
+    spaces, a tab, `+100`, `HTTP/1.2`: red team 23) is taken for one here too."""
+    data = bytes(buf)
+    end = data.find(b"\n")
+    if end < 0:
+        return None
+    try:
+        _, status, _ = read._read_response_line(data[:end].rstrip(b"\r"))  # noqa: SLF001
+    except ValueError:
+        return False  # mitmproxy's own parse reports it
+    return 100 <= status < 200 and status != 101
+
+
 def _skipping_informational(original: Callable[..., Any]) -> Callable[..., Any]:
     def read_headers(self: Any, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived) and self.request is not None:
-            while len(self.buf) >= _STATUS_LINE_BYTES:
-                found = _STATUS_LINE.match(bytes(self.buf)[:_STATUS_LINE_BYTES])
-                if found is None or found.group(1) == b"101":
-                    break
+            while self.buf and _informational_at_start(self.buf):
                 if self.buf.maybe_extract_lines() is None:
                     return  # the 1xx head is not complete yet: wait for the rest
                 stream, before = getattr(self, _SKIPPED, (None, 0))

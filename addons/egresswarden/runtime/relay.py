@@ -65,6 +65,7 @@ class _Direction:
         self.in_pipe = 0
         self.moved = 0
         self.eof = False
+        self.read_error: OSError | None = None  # src failed (a reset) while the pipe still held bytes
         self.finished = False
         self.reading = False
         self.writing = False
@@ -88,8 +89,13 @@ class _Direction:
         except BlockingIOError:
             return
         except OSError as e:
-            self.relay.fail(e)
-            return
+            if not self.in_pipe:
+                self.relay.fail(e)
+                return
+            # what src sent before it failed (a reset after a complete answer) still goes to dst
+            # first: the pipe is flushed, then the relay fails (red team 23)
+            self.read_error, self.eof, n = e, True, 0
+            self._read_off()
         if n == 0:
             self.eof = True
             self._read_off()
@@ -120,6 +126,9 @@ class _Direction:
             self.relay.loop.remove_writer(self.dst.fileno())
             self.writing = False
         if self.eof:
+            if self.read_error is not None:
+                self.relay.fail(self.read_error)
+                return
             with contextlib.suppress(OSError):
                 self.dst.shutdown(socket.SHUT_WR)
             self.finished = True

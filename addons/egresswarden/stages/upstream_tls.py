@@ -32,7 +32,8 @@ How a session may be reused, and why:
   resumed nor kept.
 * **Bounds.** At most SESSIONS_PER_KEY sessions per key, MAX_SESSIONS and MAX_SESSION_BYTES
   in all (the key stored into least recently goes first; a session's size is counted with
-  its peer chain, and a chain longer than MAX_CHAIN_CERTS or MAX_CHAIN_BYTES is not kept);
+  its ticket and peer chain; a chain longer than MAX_CHAIN_CERTS or MAX_CHAIN_BYTES, or a
+  session larger than MAX_SERIALIZED_SESSION_BYTES, is not kept);
   keys that can no longer be offered are dropped as the store is used; the store is emptied
   when an upstream TLS option changes.
 
@@ -65,7 +66,10 @@ SESSIONS_PER_KEY = 16  # a burst of new connections to one upstream each needs i
 # session is kept only when its chain is small, and all sessions together within a budget.
 MAX_CHAIN_CERTS = 6
 MAX_CHAIN_BYTES = 24 * 1024  # DER; public web chains are 2-8 KB
-SESSION_OVERHEAD_BYTES = 2048  # the session itself, tickets, the Python objects
+# The session itself, its ticket included: a hostile TLS 1.3 server can pad its ticket to
+# ~128 KB, which OpenSSL's client keeps (red team 23: 66 KB sessions counted as 3 KB).
+MAX_SERIALIZED_SESSION_BYTES = 8 * 1024  # real tickets are 100-1,500 bytes
+SESSION_OVERHEAD_BYTES = 2048  # the Python objects, OpenSSL's own structures
 MAX_SESSION_BYTES = 32 * 1024 * 1024  # all held sessions together
 MAX_VERIFIED_AGE = 600.0  # seconds: a chain and hostname are verified in full at least this often
 MAX_PENDING = 65536  # upstream connections between their TLS start and their close
@@ -280,6 +284,11 @@ class ResumingTlsConfig(tlsconfig.TlsConfig):
         if chain_bytes > MAX_CHAIN_BYTES:
             return
         session = ssl_conn.get_session()
-        if session is not None:
-            held = HeldSession(session, pending.verified_at, SESSION_OVERHEAD_BYTES + chain_bytes)
-            self.sessions.put(pending.key, held, time.monotonic())
+        native = getattr(session, "_session", None)  # pyOpenSSL's SSL_SESSION pointer
+        if session is None or native is None:
+            return
+        session_bytes = int(SSL._lib.i2d_SSL_SESSION(native, SSL._ffi.NULL))  # type: ignore[attr-defined]  # noqa: SLF001
+        if not 0 < session_bytes <= MAX_SERIALIZED_SESSION_BYTES:
+            return
+        held = HeldSession(session, pending.verified_at, SESSION_OVERHEAD_BYTES + session_bytes + chain_bytes)
+        self.sessions.put(pending.key, held, time.monotonic())
