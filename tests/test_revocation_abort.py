@@ -305,3 +305,42 @@ def test_a_complete_answer_reaches_the_agent_when_the_upstream_then_resets(tmp_p
     finally:
         warden.stop()
         origin.sock.close()
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "mitmproxy-relay"])
+def test_a_tunnel_open_at_shutdown_gets_its_record_on_mitmproxys_path(tmp_path: Path, splice: bool) -> None:
+    """Red team 23: on mitmproxy's path (`warden_fast_connect=false`) a passthrough tunnel
+    still open at SIGTERM got no `tunnel_close`; the fast path always wrote one."""
+    echo = socket.create_server(("127.0.0.1", 0))
+    echo.settimeout(20)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = echo.accept()
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+    threading.Thread(target=serve, daemon=True).start()
+    extra = ["--set", "warden_fast_connect=false"] + ([] if splice else ["--set", "warden_splice=false"])
+    warden = start_warden(tmp_path, _rules(tmp_path, echo.getsockname()[1]), agents={"coder": TOKEN},
+                          extra_args=extra)
+    try:
+        sock, status, head = connect_raw(warden, "coder", f"other.test:{echo.getsockname()[1]}")
+        with sock:
+            assert status == 200, head
+            sent = 0
+            for _ in range(40):  # enough round trips for the kernel relay to take over
+                sock.sendall(b"e" * 4096)
+                sent += 4096
+                got = 0
+                while got < 4096:
+                    got += len(sock.recv(4096 - got))
+            assert warden.stop() == 0
+        closes = [r for r in warden.audit_records() if r.get("event") == "tunnel_close"]
+        assert len(closes) == 1, closes
+        assert closes[0]["error"] == "warden shutting down"
+        assert (closes[0]["bytes_up"], closes[0]["bytes_down"]) == (sent, sent)
+        assert warden.audit_records()[-1]["event"] == "shutdown"
+    finally:
+        warden.stop()
+        echo.close()

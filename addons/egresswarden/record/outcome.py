@@ -209,6 +209,15 @@ class Outcomes:
         else:
             self._finish(flow, "request")
 
+    def audit_open_tunnels(self, error: str) -> None:
+        """At shutdown, before the audit log closes: a `tunnel_close` for every passthrough
+        tunnel still open on mitmproxy's path (red team 23: they had none; the fast path writes
+        its own). The caller has folded kernel relays' counts into their tunnels."""
+        for _, state, tunnel in self.connections.open_tunnels():
+            if tunnel.passthrough and not tunnel.audited:
+                tunnel.audited = True
+                self.emit(tunnel_close_outcome(state, tunnel, error))
+
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.connections.peek(client)
         tunnel = state.tunnel if state is not None else None

@@ -63,13 +63,20 @@ from egresswarden.record.alerts import Alerts
 from egresswarden.record.audit import Audit, AuditGate
 from egresswarden.record.metrics import Metrics
 from egresswarden.record.outcome import Outcomes
-from egresswarden.runtime import body_buffers, http1_heads, http1_informational, http1_trailers, tunnel_errors
+from egresswarden.runtime import (
+    body_buffers,
+    http1_heads,
+    http1_informational,
+    http1_trailers,
+    splicing,
+    tunnel_errors,
+)
 from egresswarden.runtime.admin import Admin
 from egresswarden.runtime.budget import BufferBudget, DecodeMeter
 from egresswarden.runtime.connlimits import ConnectionCounts
 from egresswarden.runtime.context import Connections
 from egresswarden.runtime.failsafe import LIFECYCLE_HOOKS, HookErrorCallback, fail_closed
-from egresswarden.runtime.fastconnect import FastConnect
+from egresswarden.runtime.fastconnect import SHUTDOWN_ERROR, FastConnect
 from egresswarden.runtime.revocation import LiveFlows, Revocation
 from egresswarden.runtime.rulestore import RuleStore
 from egresswarden.runtime.sockets import LeftOpenSockets
@@ -111,6 +118,13 @@ def build_chain() -> tuple[list[Any], HookErrorCallback]:
     outcomes.add_sink(alerts.on_outcome)
     revocation = Revocation(store, connections, outcomes.emit, live)  # no hooks: a reload listener (after audit's)
     revocation.add_tunnel_source(fast.open_tunnels)
+
+    def audit_open_tunnels() -> None:  # at shutdown, before the audit log closes
+        for client, _, tunnel in connections.open_tunnels():
+            if tunnel.passthrough:
+                splicing.revoke(client)  # a kernel relay's counts, folded into its tunnel now
+        outcomes.audit_open_tunnels(SHUTDOWN_ERROR)
+    audit.closing_listeners.append(audit_open_tunnels)
     parts = [
         store,
         fast,  # before audit: its `done` writes the records of the tunnels it still holds
