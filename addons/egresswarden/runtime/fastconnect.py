@@ -894,19 +894,19 @@ class FrontDoor(asyncio.Protocol):
         self.end(None, abort=True, reset=False)
 
     def end(self, error: str | None, abort: bool = False, record_soon: bool = False,
-            reset: bool | None = None) -> None:
+            reset: bool = True) -> None:
         """Close both legs (once) and write what is owed: `tunnel_close` for a committed tunnel,
         the `connect` record for one accepted but never used (now, or right after the caller's).
-        `abort`: without waiting for anything to drain; then, unless `reset` is False, with a
-        reset, so that what is queued is dropped and no peer takes the cut for an end."""
+        `abort`: without waiting for anything to drain, and, unless `reset` is False, with a
+        reset, so that what is queued is dropped and no peer takes the cut for an end (`reset`
+        means nothing without `abort`)."""
         if self.phase is Phase.DONE:
             return
         was = self.phase
         self._leave_part()
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        reset = abort if reset is None else reset
-        self._fold_kernel(reset)
+        self._fold_kernel(abort and reset)
         if self.transport is not None:
             _close(self.transport, abort, reset)
         self._close_upstream(abort, reset)
@@ -943,10 +943,10 @@ class FrontDoor(asyncio.Protocol):
             duration_seconds=time.monotonic() - self.opened, engine_seconds=self.engine_seconds, error=error,
         ))
 
-    def _close_upstream(self, abort: bool, reset: bool | None = None) -> None:
+    def _close_upstream(self, abort: bool, reset: bool = True) -> None:
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None and not upstream.transport.is_closing():
-            _close(upstream.transport, abort, abort if reset is None else reset)
+            _close(upstream.transport, abort, reset)
 
     # -- to mitmproxy ------------------------------------------------------------------------
     def _leave_part(self, handing_over: bool = False) -> None:
@@ -1017,8 +1017,8 @@ def _close(transport: asyncio.Transport, abort: bool, reset: bool = True) -> Non
     everything cannot take the end for a complete answer.
 
     `abort` (a revocation, a timeout, an error): at once, and with `reset` the kernel's queue
-    is dropped too (relay.reset_on_close); `reset=False` only for a connection nothing was
-    written to (a head timeout)."""
+    is dropped too (relay.reset_on_close); `reset=False` where nothing was written (a head
+    timeout, an eviction) or nothing should be dropped (our own relay failed)."""
     if abort:
         if reset:  # abort() alone still sends the kernel's queue, then a FIN
             relay.reset_on_close(transport.get_extra_info("socket"))
