@@ -13,7 +13,7 @@ import copy
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,21 @@ def test_revoked_passthrough_tunnel_releases_both_connections(env: dict[str, Any
         f"{flood.open} of 8 upstream connections of revoked tunnels still open 10 s after the revocation")
 
 
+def _serve_one_connection(sock: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    """In a thread: accept one connection on the listening `sock` (20 s at most), give it to
+    `handle` with a 20 s timeout, and close it after."""
+    def run() -> None:
+        sock.settimeout(20)
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        conn.settimeout(20)
+        with conn:
+            handle(conn)
+    threading.Thread(target=run, daemon=True).start()
+
+
 class _SlowReader:
     """Reads nothing until told to, then everything: counts what arrives and how it ends."""
 
@@ -173,26 +188,19 @@ class _SlowReader:
         self.after = 0  # bytes read after read_now
         self.ended: str | None = None  # "eof" or "reset"
         self.accepted = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        _serve_one_connection(self.sock, self._read)
 
-    def _serve(self) -> None:
-        self.sock.settimeout(20)
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return
+    def _read(self, conn: socket.socket) -> None:
         self.accepted.set()
-        with conn:
-            self.read_now.wait(30)
-            conn.settimeout(20)
-            try:
-                while data := conn.recv(1 << 20):
-                    self.after += len(data)
-                self.ended = "eof"
-            except ConnectionResetError:
-                self.ended = "reset"
-            except OSError as e:
-                self.ended = type(e).__name__
+        self.read_now.wait(30)
+        try:
+            while data := conn.recv(1 << 20):
+                self.after += len(data)
+            self.ended = "eof"
+        except ConnectionResetError:
+            self.ended = "reset"
+        except OSError as e:
+            self.ended = type(e).__name__
 
     def close(self) -> None:
         self.read_now.set()
@@ -252,20 +260,13 @@ class _AnswerThenReset:
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        _serve_one_connection(self.sock, self._answer)
 
-    def _serve(self) -> None:
-        self.sock.settimeout(20)
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return
-        conn.settimeout(20)
+    def _answer(self, conn: socket.socket) -> None:
         with contextlib.suppress(OSError):
             conn.recv(10)  # the agent's request has begun: now answer without reading the rest
             conn.sendall(b"D" * self.SIZE)
             time.sleep(0.5)
-        conn.close()
 
 
 SPLICE_RESET_GAP = pytest.mark.xfail(strict=False, reason=(
@@ -312,15 +313,12 @@ def test_a_tunnel_open_at_shutdown_gets_its_record_on_mitmproxys_path(tmp_path: 
     """Red team 23: on mitmproxy's path (`warden_fast_connect=false`) a passthrough tunnel
     still open at SIGTERM got no `tunnel_close`; the fast path always wrote one."""
     echo = socket.create_server(("127.0.0.1", 0))
-    echo.settimeout(20)
 
-    def serve() -> None:
+    def echo_back(conn: socket.socket) -> None:
         with contextlib.suppress(OSError):
-            conn, _ = echo.accept()
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-    threading.Thread(target=serve, daemon=True).start()
+            while data := conn.recv(65536):
+                conn.sendall(data)
+    _serve_one_connection(echo, echo_back)
     extra = ["--set", "warden_fast_connect=false"] + ([] if splice else ["--set", "warden_splice=false"])
     warden = start_warden(tmp_path, _rules(tmp_path, echo.getsockname()[1]), agents={"coder": TOKEN},
                           extra_args=extra)

@@ -141,6 +141,13 @@ def _handshakes(w: Warden, resumed: str) -> float:
     return 0.0
 
 
+def _assert_three_full_handshakes(w: Warden, origin: TicketOrigin) -> None:
+    """Three requests, each on a new connection: all answered, none resumed upstream."""
+    assert [_get(w, "a1", "allowed.test", origin.port) for _ in range(3)] == ["200"] * 3
+    assert origin.seen == [("allowed.test", False)] * 3
+    assert (_handshakes(w, "false"), _handshakes(w, "true")) == (3, 0)
+
+
 @pytest.fixture
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -186,9 +193,7 @@ def test_resumption_can_be_turned_off(tmp_path, ca):
     with ticket_origin(ca) as origin:
         w = _start(tmp_path, ca, origin.port, "--set", "warden_upstream_tls_resumption=false")
         try:
-            assert [_get(w, "a1", "allowed.test", origin.port) for _ in range(3)] == ["200"] * 3
-            assert origin.seen == [("allowed.test", False)] * 3
-            assert (_handshakes(w, "false"), _handshakes(w, "true")) == (3, 0)
+            _assert_three_full_handshakes(w, origin)
         finally:
             w.stop()
 
@@ -224,8 +229,6 @@ def test_a_session_with_a_padded_chain_is_not_kept(tmp_path, ca):
     with ticket_origin(ca, padding=8, tmp=tmp_path) as origin:
         w = _start(tmp_path, ca, origin.port)
         try:
-            assert [_get(w, "a1", "allowed.test", origin.port) for _ in range(3)] == ["200"] * 3
-            assert origin.seen == [("allowed.test", False)] * 3
-            assert (_handshakes(w, "false"), _handshakes(w, "true")) == (3, 0)
+            _assert_three_full_handshakes(w, origin)
         finally:
             w.stop()
