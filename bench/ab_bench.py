@@ -8,6 +8,9 @@ each to the first build.
 
     .venv/bin/python bench/ab_bench.py --other /path/to/other/checkout/.venv/bin/warden \\
         --scenarios http-ka-c64-128B,intercept-ka-c16-1MiB --rounds 5 --duration 5
+
+`--startup N` measures only start-up instead (spawn -> first proxied request answered 200, as
+`make bench` does), N alternating starts per build.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from benchlib.procs import tree_cpu_seconds  # noqa: E402
 from benchlib.proxies import BARE, WARDEN, BenchEnv, ProxySpec, start_proxy, warden_binary  # noqa: E402
 from benchlib.scenarios import FULL_MATRIX  # noqa: E402
 from benchlib.session import bench_session  # noqa: E402
+from benchlib.setup import byte_compile_warden  # noqa: E402
 
 
 def build_spec(name: str, exe: str) -> ProxySpec:
@@ -43,12 +47,17 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--no-bare", action="store_true")
+    p.add_argument("--startup", type=int, default=0, metavar="N",
+                   help="measure start-up only: N alternating starts per build")
     args = p.parse_args()
     names = [n.strip() for n in args.scenarios.split(",")]
     scenarios = [s for s in FULL_MATRIX if s.name in names]
     specs = [build_spec("this", warden_binary()), build_spec("other", args.other)]
+    byte_compile_warden(args.other)  # bench_session does this build's
     if not args.no_bare:
         specs.append(BARE)
+    if args.startup:
+        return startup_only(specs, args.startup)
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with bench_session(False) as sess:
         for rnd in range(args.rounds):
@@ -80,6 +89,23 @@ def main() -> int:
             rps = statistics.median(r for r, _ in runs)
             ms = statistics.median(m for _, m in runs)
             print(f"| {sc.name} | {spec.name} | {rps:,.1f} | {rps / ref_rps:.2f} | {ms:.3f} | {ms / ref_ms:.2f} |")
+    return 0
+
+
+def startup_only(specs: list[ProxySpec], n: int) -> int:
+    times: dict[str, list[float]] = {spec.name: [] for spec in specs}
+    with bench_session(False) as sess:
+        for i in range(n):
+            for spec in specs if i % 2 == 0 else specs[::-1]:
+                rp = start_proxy(sess.procs, spec, sess.env)
+                sess.procs.stop(rp.proc)
+                times[spec.name].append(rp.startup_s * 1000)
+    ref = statistics.median(times["this"])
+    print(f"\n| build | start-up ms (median of {n}) | min | max | x this |")
+    print("|---|---|---|---|---|")
+    for name, ms in times.items():
+        med = statistics.median(ms)
+        print(f"| {name} | {med:,.0f} | {min(ms):,.0f} | {max(ms):,.0f} | {med / ref:.2f} |")
     return 0
 
 

@@ -302,6 +302,54 @@ def test_public_suffix_list_is_the_bundled_snapshot_only() -> None:
     assert extractor.include_psl_private_domains is False
 
 
+def _tldextract_lists() -> tuple[set[str], set[str]]:
+    import tldextract
+
+    lists = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None,
+                                  include_psl_private_domains=True)._get_tld_extractor()
+    return set(lists.tlds_excl_private), set(lists.tlds_incl_private) - set(lists.tlds_excl_private)
+
+
+def test_snapshot_read_directly_matches_tldextracts_parse() -> None:
+    """Warden reads tldextract's bundled list itself (start-up cost); the entries must be
+    exactly the ones tldextract's own parser yields, section by section."""
+    from egresswarden.core.hostnames import _snapshot_text, _suffix_lists
+
+    assert _snapshot_text() is not None  # the direct read is the path in use, not the fallback
+    icann, private = _suffix_lists()
+    want_icann, want_private = _tldextract_lists()
+    assert set(icann) == want_icann and len(want_icann) > 5000
+    assert set(private) == want_private and "github.io" in want_private
+
+
+def test_suffix_lists_fall_back_to_tldextract_when_the_file_is_not_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    from egresswarden.core import hostnames
+
+    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: None)
+    hostnames._suffix_lists.cache_clear()
+    try:
+        icann, private = hostnames._suffix_lists()
+        assert (set(icann), set(private)) == _tldextract_lists()
+    finally:
+        hostnames._suffix_lists.cache_clear()
+
+
+def test_loading_rules_imports_neither_tldextract_nor_requests() -> None:
+    """The download stack tldextract carries (requests, urllib3, filelock) is ~0.15 s of every
+    start; the offline snapshot needs none of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from egresswarden.core.loader import load_ruleset; "
+            f"rs = load_ruleset(Path({str(Path(__file__).resolve().parents[1] / 'rules')!r})); "
+            "from egresswarden.core.hostnames import is_public_suffix, is_private_suffix; "
+            "assert is_public_suffix('co.uk') and is_private_suffix('github.io'); "
+            "print(sorted(m for m in ('tldextract', 'requests', 'urllib3', 'filelock') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_check_warns_on_rule_sets_that_relied_on_cidr_names(tmp_path: Path) -> None:
     """`warden check` names the rule sets the 0.2 cidr change breaks (a hosts-file name reached
     only through a cidr rule), with the rule's file:line and what to write instead."""

@@ -47,10 +47,13 @@ def bench_session(keep_tmp: bool = False) -> Iterator[Session]:
         with Procs(tmp) as procs:
             origin = start_origin(procs, tmp)
             env = write_shared_files(tmp, origin)
+            warden_usable = warden_status() is None
+            if warden_usable:
+                setup.byte_compile_warden(warden_binary())  # start-up compares bytecode with bytecode
             # One CA for both mitmproxies, made the way operators make it (`warden ca init`, ECDSA
             # P-256 by default; BENCH_CA_KEY=rsa for the old RSA-2048 one), so intercepted
             # handshakes compare equal keys. Without a usable warden, mitmdump makes its own (RSA).
-            if warden_status() is None:
+            if warden_usable:
                 subprocess.run([warden_binary(), "ca", "init", "--confdir", str(env.confdir),
                                 "--key-type", os.environ.get("BENCH_CA_KEY", "ecdsa")],
                                check=True, capture_output=True, timeout=60)

@@ -1,10 +1,12 @@
 """The `warden` command. Each subcommand lives in a module of its own with an `add_cli(sub)`
 that registers its parser; this module only puts them together, in the order `--help` shows.
 
-`warden sandbox` takes a fast path: it wraps every sandboxed command (and every sandboxed
-MCP server), so it must not pay for importing the other subcommands (the rule engine,
-cryptography, ...: ~0.5-0.8 s). Its module and the launcher import only the standard
-library and the rule model.
+`warden sandbox` and `warden run` take a fast path: only their own parser is built, so they
+do not pay for importing the other subcommands. The sandbox wraps every sandboxed command
+(and every sandboxed MCP server): its module and the launcher import only the standard
+library and the rule model, not the rule engine or cryptography (~0.5-0.8 s). `warden run`
+imports the proxy anyway, but not the MCP, replay, log and CA tooling (~50 ms of every
+start, restart and worker spawn).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import sys
 from types import ModuleType
 
 from egresswarden import __version__
-from egresswarden.cli import sandbox
+from egresswarden.cli import run, sandbox
 
-FAST_COMMANDS: dict[str, ModuleType] = {"sandbox": sandbox}
+FAST_COMMANDS: dict[str, ModuleType] = {"sandbox": sandbox, "run": run}
 
 
 def commands() -> tuple[ModuleType, ...]:
