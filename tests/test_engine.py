@@ -322,10 +322,14 @@ def test_snapshot_read_directly_matches_tldextracts_parse() -> None:
     assert set(private) == want_private and "github.io" in want_private
 
 
-def test_suffix_lists_fall_back_to_tldextract_when_the_file_is_not_found(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("found", [None, "// ===BEGIN PRIVATE DOMAINS===\ngithub.io\n",
+                                   "com\nnet\n// ===BEGIN PRIVATE DOMAINS===\ngithub.io\n"])
+def test_suffix_lists_fall_back_to_tldextract_when_the_file_is_missing_or_short(
+        monkeypatch: pytest.MonkeyPatch, found: str | None) -> None:
+    """No file, or one that would shrink the list (truncated, a stand-in): tldextract's API decides."""
     from egresswarden.core import hostnames
 
-    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: None)
+    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: found)
     hostnames._suffix_lists.cache_clear()
     try:
         icann, private = hostnames._suffix_lists()

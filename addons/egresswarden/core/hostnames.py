@@ -125,6 +125,11 @@ def _snapshot_text() -> str | None:
     return None
 
 
+def _looks_complete(icann: list[str]) -> bool:
+    # The ICANN section has ~6,900 entries; these are among its oldest.
+    return len(icann) >= 5000 and {"com", "net", "org", "uk", "co.uk", "jp"} <= set(icann)
+
+
 @lru_cache(maxsize=1)
 def _suffix_lists() -> tuple[list[str], list[str]]:
     """(ICANN entries, private entries) of the bundled list; through tldextract's own API when
@@ -132,8 +137,9 @@ def _suffix_lists() -> tuple[list[str], list[str]]:
     text = _snapshot_text()
     if text is not None:
         public, _, private = text.partition(_PRIVATE_SEPARATOR)
-        return ([m.group("suffix") for m in _PSL_ENTRY.finditer(public)],
-                [m.group("suffix") for m in _PSL_ENTRY.finditer(private)])
+        icann = [m.group("suffix") for m in _PSL_ENTRY.finditer(public)]
+        if _looks_complete(icann):  # a truncated or foreign file must not shrink the list
+            return icann, [m.group("suffix") for m in _PSL_ENTRY.finditer(private)]
     lists = _extractor()._get_tld_extractor()
     icann = list(lists.tlds_excl_private)
     return icann, [t for t in lists.tlds_incl_private if t not in set(icann)]

@@ -5,9 +5,12 @@
     WARDEN_EVENT_LOOP=uvloop    uvloop, or refuse to start without it
 
 uvloop is an optional dependency (`pip install egresswarden[fast]`). It is not the default
-because on this project's shared 2-core machine it showed no measurable gain (README,
-"Performance"): side by side, per-round ratios straddled 1.0 and proxy CPU per request was
-the same; the asyncio loop is also the one every test runs on.
+because it is a trade-off (README, "Performance", 2026-12-02 evening, quiet machine): new
+passthrough tunnels 1.18x the rate at 0.74 vs 0.94 ms CPU, passthrough keep-alive 1.06x, but
+intercepted new connections 0.91x (6.25 vs 5.61 ms CPU). An intercepted connection costs six
+times a passed-through one, so in a mixed fleet asyncio spends less CPU overall; uvloop pays
+for a deployment that is mostly passthrough. The asyncio loop is also the one every test but
+tests/test_eventloop.py runs on.
 
 The one incompatibility (issue 17): mitmproxy's `Master.run` installs
 `asyncio.eager_task_factory`, and uvloop 0.23 calls a task factory with an `eager_start`
