@@ -279,7 +279,7 @@ def test_an_idle_fast_tunnel_meets_tcp_timeout_and_shutdown_writes_open_tunnels(
             sock, status, _ = connect_raw(w, "coder", f"allowed.test:{plain.port}")
             assert status == 200
             sock.sendall(b"GET /a HTTP/1.1\r\nHost: allowed.test\r\n\r\n")  # not TLS: relayed raw
-            assert b"origin got GET /a" in sock.recv(65536)
+            assert b"origin got GET /a" in read_response(sock).body  # the whole answer, however it is segmented
             started = time.monotonic()
             sock.settimeout(15)
             with sock, pytest.raises(ConnectionResetError):
@@ -292,16 +292,16 @@ def test_an_idle_fast_tunnel_meets_tcp_timeout_and_shutdown_writes_open_tunnels(
             assert front_door(w, "fast") == 1
             # a tunnel still open at shutdown gets its record before the audit log closes
             open_sock, status, _ = connect_raw(w, "coder", f"allowed.test:{plain.port}")
-            assert status == 200
-            open_sock.sendall(b"GET /b HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
-            assert b"origin got GET /b" in open_sock.recv(65536)
-            w.proc.send_signal(signal.SIGTERM)
-            w.proc.wait(15)
+            with open_sock:
+                assert status == 200
+                open_sock.sendall(b"GET /b HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+                assert b"origin got GET /b" in read_response(open_sock).body
+                w.proc.send_signal(signal.SIGTERM)
+                w.proc.wait(15)
             records = w.audit_records()
             last = [r for r in records if r.get("event") == "tunnel_close"]
             assert len(last) == 2 and last[1].get("error") == "warden shutting down", last
             assert records[-1]["event"] == "shutdown" or any(r.get("event") == "shutdown" for r in records)
-            open_sock.close()
         finally:
             w.stop()
 
@@ -316,22 +316,32 @@ def test_large_transfers_both_ways_without_splice_keep_backpressure_and_exact_co
     import threading
 
     got: dict[str, bytes] = {}
+    failures: list[BaseException] = []
 
     def echo_once() -> None:
-        server.settimeout(20)
-        conn, _ = server.accept()
-        conn.settimeout(20)
-        data = b""
-        while len(data) < size:
-            chunk = conn.recv(1 << 20)
-            if not chunk:
-                break
-            data += chunk
-        got["up"] = data
-        conn.sendall(data)
-        conn.shutdown(socket.SHUT_WR)
-        conn.recv(1)
-        conn.close()
+        try:
+            server.settimeout(60)
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(60)
+                data = b""
+                while len(data) < size:
+                    chunk = conn.recv(1 << 20)
+                    if not chunk:
+                        break
+                    data += chunk
+                got["up"] = data
+                conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+                conn.recv(1)
+        except OSError as e:  # reported by the assertion below, not as a stray thread exception
+            failures.append(e)
+
+    def send_all(sock: socket.socket) -> None:
+        try:
+            sock.sendall(payload)
+        except OSError as e:
+            failures.append(e)
 
     thread = threading.Thread(target=echo_once, daemon=True)
     thread.start()
@@ -339,22 +349,26 @@ def test_large_transfers_both_ways_without_splice_keep_backpressure_and_exact_co
                      extra_args=["--set", "warden_splice=false"])
     try:
         sock, status, _ = connect_raw(w, "coder", f"allowed.test:{port}")
-        assert status == 200
-        sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
-        sender.start()
-        time.sleep(1.0)  # the client reads nothing for a second: Warden must not buffer without bound
-        back = b""
-        sock.settimeout(20)
-        while len(back) < size:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            back += chunk
-        sender.join(20)
-        sock.shutdown(socket.SHUT_WR)
-        assert sock.recv(1) == b""
-        sock.close()
-        assert got["up"] == payload and back == payload
+        with sock:
+            assert status == 200
+            # set before the sender starts, not under a sendall already running blocking
+            sock.settimeout(60)
+            sender = threading.Thread(target=send_all, args=(sock,), daemon=True)
+            sender.start()
+            time.sleep(1.0)  # the client reads nothing for a second: Warden must not buffer without bound
+            back = bytearray()
+            while len(back) < size:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                back += chunk
+            sender.join(60)
+            assert not failures, failures
+            assert len(back) == size and got["up"] == payload and back == payload
+            sock.shutdown(socket.SHUT_WR)  # the echo server waits for this FIN, then closes
+            assert sock.recv(1) == b""
+            thread.join(60)
+            assert not failures, failures
         closes = [r for r in w.audit_records(lambda rs: any(r.get("event") == "tunnel_close" for r in rs))
                   if r.get("event") == "tunnel_close"]
         assert (closes[0]["bytes_up"], closes[0]["bytes_down"]) == (size, size)
