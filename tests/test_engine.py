@@ -330,12 +330,42 @@ def test_suffix_lists_fall_back_to_tldextract_when_the_file_is_missing_or_short(
     from egresswarden.core import hostnames
 
     monkeypatch.setattr(hostnames, "_snapshot_text", lambda: found)
-    hostnames._suffix_lists.cache_clear()
+    hostnames._read_suffix_lists.cache_clear()
     try:
         icann, private = hostnames._suffix_lists()
         assert (set(icann), set(private)) == _tldextract_lists()
     finally:
-        hostnames._suffix_lists.cache_clear()
+        hostnames._read_suffix_lists.cache_clear()
+
+
+def test_a_short_list_from_the_fallback_too_loads_no_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tldextract's API reads the same file and checks nothing: a list still short after the
+    fallback is an error (red team 30: `*.co.uk` loaded from a snapshot cut before `uk`),
+    computed once and raised for every caller."""
+    from egresswarden.core import hostnames
+    from egresswarden.core.errors import SuffixListError
+
+    class Short:
+        tlds_excl_private = ("com", "net")
+        tlds_incl_private = ("com", "net", "github.io")
+
+    class Extractor:
+        calls = 0
+
+        def _get_tld_extractor(self) -> Short:
+            Extractor.calls += 1
+            return Short()
+
+    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: None)
+    monkeypatch.setattr(hostnames, "_extractor", lambda: Extractor())
+    hostnames._read_suffix_lists.cache_clear()
+    try:
+        for _ in range(3):
+            with pytest.raises(SuffixListError, match="2 ICANN entries .* looks truncated; reinstall tldextract"):
+                hostnames._suffix_lists()
+        assert Extractor.calls == 1
+    finally:
+        hostnames._read_suffix_lists.cache_clear()
 
 
 def test_loading_rules_imports_neither_tldextract_nor_requests() -> None:

@@ -182,8 +182,58 @@ def test_warnings_exit_zero_unless_strict(tmp_path: Path) -> None:
     assert strict.returncode == 1 and "4 warning(s) and --strict" in strict.stderr
 
 
+def test_a_wildcard_over_a_private_wildcard_suffix_warns(tmp_path: Path) -> None:
+    """The private section lists `*.compute.amazonaws.com`: every name below it is someone's."""
+    rules = write(tmp_path, f"agents:\n  - id: a\n    token_sha256: [\"{HASH}\"]\n    policies: [p]\n"
+                            "policies:\n  p:\n    allow:\n      - id: ec2\n        host: '*.compute.amazonaws.com'\n")
+    r = check(rules, "--offline", "--strict")
+    assert r.returncode == 1
+    assert ("rules.yaml:8: warning: allow rule 'ec2' (host: '*.compute.amazonaws.com') covers every site under "
+            "compute.amazonaws.com, whose every subdomain is a public suffix") in r.stdout, r.stdout + r.stderr
+
+
 def test_clean_rules_pass_strict(tmp_path: Path) -> None:
     rules = write(tmp_path, f"agents:\n  - id: a\n    token_sha256: [\"{HASH}\"]\n    policies: [p]\n"
                             "policies:\n  p:\n    allow: [{host: acme.github.io}]\n")
     r = check(rules, "--strict")
     assert r.returncode == 0 and "warning" not in r.stdout, r.stdout + r.stderr
+
+
+def _tldextract_with_snapshot(tmp_path: Path, keep: int) -> Path:
+    """A copy of the installed tldextract whose bundled list keeps only its first `keep` lines
+    (cut inside the ICANN section, before `uk`), importable first through PYTHONPATH."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("tldextract")
+    assert spec is not None and spec.submodule_search_locations
+    site = tmp_path / "site"
+    package = site / "tldextract"
+    shutil.copytree(next(iter(spec.submodule_search_locations)), package)
+    snapshot = package / ".tld_set_snapshot"
+    snapshot.write_text("\n".join(snapshot.read_text(encoding="utf-8").splitlines()[:keep]) + "\n", encoding="utf-8")
+    return site
+
+
+def test_a_truncated_public_suffix_list_loads_no_rules(tmp_path: Path) -> None:
+    """Red team 30: with the bundled list cut short, `*.co.uk` loaded (the fallback read the same
+    file). Now `warden check` fails and `warden run` refuses to start, saying why, and neither
+    lets the over-broad rule through."""
+    from .harness import start_warden
+
+    site = _tldextract_with_snapshot(tmp_path, 2000)
+    rules = (f"agents:\n  - id: a\n    token_sha256: [\"{HASH}\"]\n    policies: [p]\n"
+             "policies:\n  p:\n    allow:\n      - host: '*.co.uk'\n")
+    (tmp_path / "rules").mkdir()
+    rules_dir = write(tmp_path / "rules", rules)
+    intact = check(rules_dir)
+    assert intact.returncode == 1 and "over-broad" in intact.stderr  # the intact list rejects the rule
+    r = check(rules_dir, env={"PYTHONPATH": str(site)})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "looks truncated; reinstall tldextract" in r.stderr and "Traceback" not in r.stderr
+    w = start_warden(tmp_path / "w", [("r.yaml", rules)], expect_start=False, env={"PYTHONPATH": str(site)})
+    try:
+        code = w.proc.wait(30)
+    finally:
+        w.stop()
+    assert code != 0 and "refusing to start" in w.output() and "looks truncated" in w.output(), w.output()

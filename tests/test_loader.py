@@ -29,6 +29,13 @@ BAD = [
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.com'\n", 8, "public suffix", id="wildcard public suffix"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.co.uk'\n", 8, "public suffix", id="wildcard multi-label public suffix"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - domain: co.uk\n", 8, "public suffix", id="domain public suffix"),
+    # the list has `*.bd`, `*.sch.uk`, `*.kawasaki.jp` (every child a suffix), not the names themselves
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.bd'\n", 8, "every name directly under 'bd' is a public suffix",
+                 id="wildcard over a wildcard-suffix TLD"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.sch.uk'\n", 8, "every name directly under 'sch.uk'",
+                 id="wildcard over a wildcard-suffix second level"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - domain: kawasaki.jp\n", 8, "every name directly under 'kawasaki.jp'",
+                 id="domain over a wildcard suffix with an exception"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: 'a.*.com'\n", 8, "leftmost", id="wildcard in the middle"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*'\n", 8, "leftmost", id="bare star"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - cidr: 0.0.0.0/0\n", 8, "every address", id="cidr everything"),
@@ -59,6 +66,14 @@ def test_bad_rule_files(tmp_path: Path, text: str, line: int, fragment: str) -> 
     assert problem.file.endswith("r.yaml")
     assert problem.line == line, str(err)
     assert fragment and fragment in f"{problem.message} {problem.hint}", str(err)
+
+
+@pytest.mark.parametrize("target", ["host: '*.city.kawasaki.jp'", "domain: www.ck", "host: sch.uk",
+                                    "host: '*.myschool.area.sch.uk'", "domain: example.com.bd"])
+def test_names_below_wildcard_suffixes_still_load(tmp_path: Path, target: str) -> None:
+    """A registrable domain under a `*.` entry (or its exception), or the one bare name: not over-broad."""
+    (tmp_path / "r.yaml").write_text(AGENT + f"policies:\n  p:\n    allow:\n      - {target}\n")
+    assert load_ruleset(tmp_path).model.policies["p"].allow
 
 
 def test_duplicate_policy_across_files(tmp_path: Path) -> None:

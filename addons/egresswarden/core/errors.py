@@ -4,6 +4,7 @@
      +-- RuleError            one problem in a rule file, with file, line and a hint
      +-- RuleSetError         a rule set that failed to load: carries every RuleError found
      +-- SecretError          a `${secret:NAME}` that cannot be resolved (never carries the value)
+     +-- SuffixListError      the Public Suffix List Warden checks rule hosts against looks incomplete
 
 Messages never contain secret values or tokens: they are printed on stderr, written to
 the audit log (reload failures) and sent to alert sinks.
@@ -54,3 +55,8 @@ class RuleSetError(WardenError):
 
 class SecretError(WardenError):
     """A secret reference could not be resolved. Names the secret, never holds its value."""
+
+
+class SuffixListError(WardenError):
+    """The bundled Public Suffix List is missing entries it must have (a truncated or foreign
+    file): no rule set loads, since `*.co.uk` could pass as a registrable domain."""

@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import SuffixListError
+
 if TYPE_CHECKING:
     import tldextract
 
@@ -131,18 +133,35 @@ def _looks_complete(icann: list[str]) -> bool:
 
 
 @lru_cache(maxsize=1)
-def _suffix_lists() -> tuple[list[str], list[str]]:
-    """(ICANN entries, private entries) of the bundled list; through tldextract's own API when
-    a future tldextract stops shipping the file where we look."""
+def _read_suffix_lists() -> tuple[list[str], list[str]] | str:
+    """(ICANN entries, private entries) of the bundled list, or why it cannot be used; through
+    tldextract's own API when a future tldextract stops shipping the file where we look.
+    Computed once, failure included: a broken list costs one read, not one per rule."""
     text = _snapshot_text()
     if text is not None:
         public, _, private = text.partition(_PRIVATE_SEPARATOR)
         icann = [m.group("suffix") for m in _PSL_ENTRY.finditer(public)]
-        if _looks_complete(icann):  # a truncated or foreign file must not shrink the list
+        if _looks_complete(icann):
             return icann, [m.group("suffix") for m in _PSL_ENTRY.finditer(private)]
-    lists = _extractor()._get_tld_extractor()
+    try:
+        lists = _extractor()._get_tld_extractor()
+    except Exception as e:  # tldextract absent or its snapshot unreadable: no list at all
+        return f"tldextract could not read its bundled Public Suffix List ({e.__class__.__name__})"
     icann = list(lists.tlds_excl_private)
-    return icann, [t for t in lists.tlds_incl_private if t not in set(icann)]
+    # tldextract's API reads the same file and checks nothing: a list that still looks short
+    # must not load rules, or `*.co.uk` would pass for a registrable domain (red team 30)
+    if not _looks_complete(icann):
+        return (f"tldextract's bundled Public Suffix List has {len(icann)} ICANN entries and lacks "
+                "some of com, net, org, uk, co.uk, jp: it looks truncated")
+    known = set(icann)
+    return icann, [t for t in lists.tlds_incl_private if t not in known]
+
+
+def _suffix_lists() -> tuple[list[str], list[str]]:
+    lists = _read_suffix_lists()
+    if isinstance(lists, str):
+        raise SuffixListError(f"{lists}; reinstall tldextract (pip install --force-reinstall tldextract)")
+    return lists
 
 
 def _suffix_rules(tlds: Iterable[str]) -> SuffixRules:
@@ -181,9 +200,21 @@ def is_public_suffix(name: str) -> bool:
     return _in_suffix_rules(_icann_rules(), name)
 
 
+def is_public_suffix_parent(name: str) -> bool:
+    """True for a name whose every child is an ICANN public suffix (a `*.name` entry) though
+    the name itself is not listed: "ck", "sch.uk", "kawasaki.jp". `*.name` covers every
+    registrant below it, as `*.co.uk` does."""
+    return name in _icann_rules()[1]
+
+
 def is_private_suffix(name: str) -> bool:
     """True for a name listed in the private section of the Public Suffix List."""
     return _in_suffix_rules(_private_suffix_rules(), name)
+
+
+def is_private_suffix_parent(name: str) -> bool:
+    """As is_public_suffix_parent, for the private section: "compute.amazonaws.com"."""
+    return name in _private_suffix_rules()[1]
 
 
 def split_authority(value: str, default_port: int) -> tuple[str, int]:

@@ -20,7 +20,7 @@ rule sets written for the 0.1 meaning of cidr rules.
 from __future__ import annotations
 
 from .errors import RuleProblem
-from .hostnames import is_private_suffix
+from .hostnames import is_private_suffix, is_private_suffix_parent
 from .model import AgentMode, Origin, Target, TargetKind
 from .ruleset import CompiledAgent, RuleSet
 
@@ -45,12 +45,18 @@ def _target_hosts(target: Target) -> str:
 
 
 def _suffix_warning(kind: str, ident: str, target: Target, origin: Origin) -> RuleProblem | None:
-    if target.kind not in (TargetKind.WILDCARD, TargetKind.DOMAIN) or not is_private_suffix(target.value):
+    if target.kind not in (TargetKind.WILDCARD, TargetKind.DOMAIN):
+        return None
+    if is_private_suffix(target.value):
+        what = "a public suffix"
+    elif is_private_suffix_parent(target.value):
+        what = "whose every subdomain is a public suffix"  # `*.compute.amazonaws.com` in the list
+    else:
         return None
     shown = f"host: '*.{target.value}'" if target.kind is TargetKind.WILDCARD else f"domain: {target.value}"
     return RuleProblem(
         origin.file, origin.line,
-        f"warning: {kind} {ident!r} ({shown}) covers every site under {target.value}, a public suffix "
+        f"warning: {kind} {ident!r} ({shown}) covers every site under {target.value}, {what} "
         "(private section of the Public Suffix List): its names belong to many unrelated owners",
         f"name the hosts you mean, e.g. host: <name>.{target.value}")
 

@@ -22,7 +22,7 @@ import jsonschema
 
 from .errors import RuleError, RuleProblem, RuleSetError
 from .fastschema import compile_schema
-from .hostnames import HostError, is_public_suffix, normalize_host, parse_ip
+from .hostnames import HostError, is_public_suffix, is_public_suffix_parent, normalize_host, parse_ip
 from .model import (
     ANONYMOUS_AGENT,
     DEFAULT_SANDBOX_DENY,
@@ -192,10 +192,15 @@ def parse_target(item: dict[str, Any], path: tuple[str | int, ...], lines: LineM
         raise lines.error(kpath, f"{key} {raw!r} is not a valid host name: {e}") from None
     if parse_ip(norm) is not None:
         raise lines.error(kpath, f"{key} {raw!r} is an IP address", f"use cidr: {norm}/{32 if ':' not in norm else 128}")
+    shown = f"*.{norm}" if wildcard else norm
     if is_public_suffix(norm):
-        shown = f"*.{norm}" if wildcard else norm
         raise lines.error(kpath, f"{key} {shown!r} is over-broad: {norm!r} is a public suffix",
                           f"name a registrable domain, e.g. {'*.' if wildcard else ''}example.{norm}")
+    if (wildcard or key == "domain") and is_public_suffix_parent(norm):
+        # the list has `*.sch.uk`, not `sch.uk`: every name below it is a suffix of its own, so
+        # this covers every registrant under it, as `*.co.uk` would (red team 30)
+        raise lines.error(kpath, f"{key} {shown!r} is over-broad: every name directly under {norm!r} is a public suffix",
+                          f"name a registrable domain, e.g. {'*.' if wildcard else ''}example.<name>.{norm}")
     if wildcard:
         return Target(TargetKind.WILDCARD, norm)
     return Target(TargetKind.DOMAIN if key == "domain" else TargetKind.HOST, norm)
