@@ -322,18 +322,34 @@ def test_snapshot_read_directly_matches_tldextracts_parse() -> None:
     assert set(private) == want_private and "github.io" in want_private
 
 
-@pytest.mark.parametrize("found", [None, "// ===BEGIN PRIVATE DOMAINS===\ngithub.io\n",
-                                   "com\nnet\n// ===BEGIN PRIVATE DOMAINS===\ngithub.io\n"])
-def test_suffix_lists_fall_back_to_tldextract_when_the_file_is_missing_or_short(
-        monkeypatch: pytest.MonkeyPatch, found: str | None) -> None:
-    """No file, or one that would shrink the list (truncated, a stand-in): tldextract's API decides."""
+def test_suffix_lists_fall_back_to_tldextract_when_the_file_is_not_where_we_look(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A future tldextract that keeps its list elsewhere: its API decides, with the same lists."""
     from egresswarden.core import hostnames
 
-    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: found)
+    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: None)
     hostnames._read_suffix_lists.cache_clear()
     try:
         icann, private = hostnames._suffix_lists()
         assert (set(icann), set(private)) == _tldextract_lists()
+    finally:
+        hostnames._read_suffix_lists.cache_clear()
+
+
+@pytest.mark.parametrize("found,why", [
+    ("com\nnet\n// ===BEGIN PRIVATE DOMAINS===\ngithub.io\n", "2 ICANN and 1 private entries"),
+    ("com\nnet\n", "no private section"),
+])
+def test_a_short_snapshot_loads_no_rules(monkeypatch: pytest.MonkeyPatch, found: str, why: str) -> None:
+    """tldextract's API would read the same file: a short one is an error, not a fallback."""
+    from egresswarden.core import hostnames
+    from egresswarden.core.errors import SuffixListError
+
+    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: found)
+    hostnames._read_suffix_lists.cache_clear()
+    try:
+        with pytest.raises(SuffixListError, match=why):
+            hostnames._suffix_lists()
     finally:
         hostnames._read_suffix_lists.cache_clear()
 
@@ -361,7 +377,7 @@ def test_a_short_list_from_the_fallback_too_loads_no_rules(monkeypatch: pytest.M
     hostnames._read_suffix_lists.cache_clear()
     try:
         for _ in range(3):
-            with pytest.raises(SuffixListError, match="2 ICANN entries .* looks truncated; reinstall tldextract"):
+            with pytest.raises(SuffixListError, match=r"looks truncated \(2 ICANN and 1 private entries; missing "):
                 hostnames._suffix_lists()
         assert Extractor.calls == 1
     finally:

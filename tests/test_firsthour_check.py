@@ -182,14 +182,16 @@ def test_warnings_exit_zero_unless_strict(tmp_path: Path) -> None:
     assert strict.returncode == 1 and "4 warning(s) and --strict" in strict.stderr
 
 
-def test_a_wildcard_over_a_private_wildcard_suffix_warns(tmp_path: Path) -> None:
-    """The private section lists `*.compute.amazonaws.com`: every name below it is someone's."""
+@pytest.mark.parametrize("host", ["compute.amazonaws.com", "amazonaws.com"])
+def test_a_wildcard_above_private_suffixes_warns(tmp_path: Path, host: str) -> None:
+    """The private section lists `*.compute.amazonaws.com` and s3.amazonaws.com: a wildcard
+    above them admits every stranger's instance and bucket."""
     rules = write(tmp_path, f"agents:\n  - id: a\n    token_sha256: [\"{HASH}\"]\n    policies: [p]\n"
-                            "policies:\n  p:\n    allow:\n      - id: ec2\n        host: '*.compute.amazonaws.com'\n")
+                            f"policies:\n  p:\n    allow:\n      - id: aws\n        host: '*.{host}'\n")
     r = check(rules, "--offline", "--strict")
     assert r.returncode == 1
-    assert ("rules.yaml:8: warning: allow rule 'ec2' (host: '*.compute.amazonaws.com') covers every site under "
-            "compute.amazonaws.com, whose every subdomain is a public suffix") in r.stdout, r.stdout + r.stderr
+    assert (f"rules.yaml:8: warning: allow rule 'aws' (host: '*.{host}') covers every site under {host}, above "
+            ) in r.stdout and " public suffix" in r.stdout, r.stdout + r.stderr
 
 
 def test_clean_rules_pass_strict(tmp_path: Path) -> None:
@@ -199,9 +201,9 @@ def test_clean_rules_pass_strict(tmp_path: Path) -> None:
     assert r.returncode == 0 and "warning" not in r.stdout, r.stdout + r.stderr
 
 
-def _tldextract_with_snapshot(tmp_path: Path, keep: int) -> Path:
-    """A copy of the installed tldextract whose bundled list keeps only its first `keep` lines
-    (cut inside the ICANN section, before `uk`), importable first through PYTHONPATH."""
+def _tldextract_with_snapshot(tmp_path: Path, cut_after: str) -> Path:
+    """A copy of the installed tldextract whose bundled list ends after the first line equal to
+    `cut_after` (or its first N lines, for a number), importable first through PYTHONPATH."""
     import importlib.util
     import shutil
 
@@ -211,26 +213,32 @@ def _tldextract_with_snapshot(tmp_path: Path, keep: int) -> Path:
     package = site / "tldextract"
     shutil.copytree(next(iter(spec.submodule_search_locations)), package)
     snapshot = package / ".tld_set_snapshot"
-    snapshot.write_text("\n".join(snapshot.read_text(encoding="utf-8").splitlines()[:keep]) + "\n", encoding="utf-8")
+    lines = snapshot.read_text(encoding="utf-8").splitlines()
+    keep = int(cut_after) if cut_after.isdigit() else lines.index(cut_after) + 1
+    snapshot.write_text("\n".join(lines[:keep]) + "\n", encoding="utf-8")
     return site
 
 
-def test_a_truncated_public_suffix_list_loads_no_rules(tmp_path: Path) -> None:
-    """Red team 30: with the bundled list cut short, `*.co.uk` loaded (the fallback read the same
-    file). Now `warden check` fails and `warden run` refuses to start, saying why, and neither
-    lets the over-broad rule through."""
+# Red team 30 cut the list before `uk` (2,000 lines); red team 31 just after the uk block, where
+# tldextract's API still returned 5,258 entries with com/uk/co.uk/jp and lost `app`, `dev`, `za`
+# and every newer gTLD; and inside the private section, which silenced the lint warnings.
+@pytest.mark.parametrize("cut_after,rule", [("2000", "host: '*.co.uk'"), ("*.sch.uk", "host: '*.app'"),
+                                            ("github.io", "host: '*.vercel.app'")])
+def test_a_truncated_public_suffix_list_loads_no_rules(tmp_path: Path, cut_after: str, rule: str) -> None:
+    """`warden check` fails and `warden run` refuses to start, saying why; neither lets the
+    rule through (an error, or for a private suffix a warning, with the intact list)."""
     from .harness import start_warden
 
-    site = _tldextract_with_snapshot(tmp_path, 2000)
+    site = _tldextract_with_snapshot(tmp_path, cut_after)
     rules = (f"agents:\n  - id: a\n    token_sha256: [\"{HASH}\"]\n    policies: [p]\n"
-             "policies:\n  p:\n    allow:\n      - host: '*.co.uk'\n")
+             f"policies:\n  p:\n    allow:\n      - {rule}\n")
     (tmp_path / "rules").mkdir()
     rules_dir = write(tmp_path / "rules", rules)
-    intact = check(rules_dir)
-    assert intact.returncode == 1 and "over-broad" in intact.stderr  # the intact list rejects the rule
+    intact = check(rules_dir, "--strict")
+    assert intact.returncode == 1 and ("over-broad" in intact.stderr or "warning:" in intact.stdout)
     r = check(rules_dir, env={"PYTHONPATH": str(site)})
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "looks truncated; reinstall tldextract" in r.stderr and "Traceback" not in r.stderr
+    assert "looks truncated" in r.stderr and "reinstall tldextract" in r.stderr and "Traceback" not in r.stderr
     w = start_warden(tmp_path / "w", [("r.yaml", rules)], expect_start=False, env={"PYTHONPATH": str(site)})
     try:
         code = w.proc.wait(30)

@@ -29,13 +29,18 @@ BAD = [
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.com'\n", 8, "public suffix", id="wildcard public suffix"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.co.uk'\n", 8, "public suffix", id="wildcard multi-label public suffix"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - domain: co.uk\n", 8, "public suffix", id="domain public suffix"),
-    # the list has `*.bd`, `*.sch.uk`, `*.kawasaki.jp` (every child a suffix), not the names themselves
-    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.bd'\n", 8, "every name directly under 'bd' is a public suffix",
+    # names below which the list has suffixes, though they are none: `*.bd`, `*.sch.uk` (wildcard
+    # entries), `co.za` (no `za` entry), `bo.nordland.no`, `*.kawasaki.jp` with `!city.kawasaki.jp`
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.bd'\n", 8, "public suffixes lie below 'bd' (*.bd)",
                  id="wildcard over a wildcard-suffix TLD"),
-    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.sch.uk'\n", 8, "every name directly under 'sch.uk'",
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.sch.uk'\n", 8, "example.<name>.sch.uk",
                  id="wildcard over a wildcard-suffix second level"),
-    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - domain: kawasaki.jp\n", 8, "every name directly under 'kawasaki.jp'",
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - domain: kawasaki.jp\n", 8, "public suffixes lie below 'kawasaki.jp'",
                  id="domain over a wildcard suffix with an exception"),
+    pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.za'\n", 8, "public suffixes lie below 'za' (ac.za and",
+                 id="wildcard over a TLD the list has only second levels of"),
+    pytest.param(AGENT + "policies:\n  p: {}\ndeny:\n  - domain: nordland.no\n", 8, "public suffixes lie below 'nordland.no'",
+                 id="domain over a county with municipal suffixes"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: 'a.*.com'\n", 8, "leftmost", id="wildcard in the middle"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*'\n", 8, "leftmost", id="bare star"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - cidr: 0.0.0.0/0\n", 8, "every address", id="cidr everything"),

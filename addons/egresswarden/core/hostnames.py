@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import SuffixListError
 
@@ -104,7 +105,26 @@ def _ascii(name: str) -> str:
         return name
 
 
-SuffixRules = tuple[frozenset[str], frozenset[str], frozenset[str]]  # (exact, wildcard parents, exceptions)
+@dataclass(frozen=True, slots=True)
+class SuffixRules:
+    """One section of the Public Suffix List, as sets: `exact` entries, `wild` parents (the
+    `*.ck` entries, without `*.`), `exceptions` (`!www.ck`, without `!`), and `below`: every
+    name that is not a suffix itself but has entries below it (`za` for `co.za`, `sch.uk` for
+    `*.sch.uk`), with how many and the first of them."""
+
+    exact: frozenset[str]
+    wild: frozenset[str]
+    exceptions: frozenset[str]
+    below: Mapping[str, tuple[int, str]]
+
+    def contains(self, name: str) -> bool:
+        if name in self.exceptions:
+            return False
+        if name in self.exact:
+            return True
+        parent = name.partition(".")[2]
+        return bool(parent) and parent in self.wild
+
 
 # tldextract's bundled Public Suffix List, in the PSL's own text format, parsed the way
 # tldextract.suffix_list parses it. Reading the file directly keeps `import tldextract` (and
@@ -113,23 +133,33 @@ SuffixRules = tuple[frozenset[str], frozenset[str], frozenset[str]]  # (exact, w
 _SNAPSHOT_FILE = ".tld_set_snapshot"
 _PRIVATE_SEPARATOR = "// ===BEGIN PRIVATE DOMAINS==="
 _PSL_ENTRY = re.compile(r"^(?P<suffix>[.*!]*\w[\S]*)", re.UNICODE | re.MULTILINE)
+# A list cut short must not load rules: every name it lost would pass for a registrable
+# domain (`*.app` once the gTLD block is gone). Sizes with ~15% margin below the 2025 list's
+# 6,871 / 2,882 entries, and names from the start, middle and end of each block (ccTLDs, then
+# gTLDs alphabetically; private entries by company): a cut loses at most the last few gTLDs
+# after `zone`, or the private entries after `vercel.app` (warnings only).
+_ICANN_MIN, _PRIVATE_MIN = 6000, 2000
+_ICANN_SENTINELS = frozenset({"com", "net", "org", "uk", "co.uk", "jp", "co.za", "zw", "aaa", "app", "dev", "xyz", "zone"})
+_PRIVATE_SENTINELS = frozenset({"cloudfront.net", "github.io", "herokuapp.com", "vercel.app"})
 
 
 def _snapshot_text() -> str | None:
     spec = importlib.util.find_spec("tldextract")  # locates the package without running it
     for folder in (spec.submodule_search_locations or []) if spec else []:
         try:
-            text = (Path(folder) / _SNAPSHOT_FILE).read_text(encoding="utf-8")
-        except OSError:
+            return (Path(folder) / _SNAPSHOT_FILE).read_text(encoding="utf-8")
+        except (OSError, UnicodeError):
             continue
-        if _PRIVATE_SEPARATOR in text:
-            return text
     return None
 
 
-def _looks_complete(icann: list[str]) -> bool:
-    # The ICANN section has ~6,900 entries; these are among its oldest.
-    return len(icann) >= 5000 and {"com", "net", "org", "uk", "co.uk", "jp"} <= set(icann)
+def _incomplete(icann: list[str], private: list[str]) -> str | None:
+    """Why these lists look truncated or foreign, or None."""
+    missing = sorted((_ICANN_SENTINELS - set(icann)) | (_PRIVATE_SENTINELS - set(private)))
+    if len(icann) < _ICANN_MIN or len(private) < _PRIVATE_MIN or missing:
+        return (f"the bundled Public Suffix List looks truncated ({len(icann)} ICANN and {len(private)} private "
+                f"entries{'; missing ' + ', '.join(missing[:5]) if missing else ''})")
+    return None
 
 
 @lru_cache(maxsize=1)
@@ -139,28 +169,28 @@ def _read_suffix_lists() -> tuple[list[str], list[str]] | str:
     Computed once, failure included: a broken list costs one read, not one per rule."""
     text = _snapshot_text()
     if text is not None:
-        public, _, private = text.partition(_PRIVATE_SEPARATOR)
+        if _PRIVATE_SEPARATOR not in text:
+            return "the bundled Public Suffix List has no private section: it looks truncated"
+        public, _, private_text = text.partition(_PRIVATE_SEPARATOR)
         icann = [m.group("suffix") for m in _PSL_ENTRY.finditer(public)]
-        if _looks_complete(icann):
-            return icann, [m.group("suffix") for m in _PSL_ENTRY.finditer(private)]
-    try:
-        lists = _extractor()._get_tld_extractor()
-    except Exception as e:  # tldextract absent or its snapshot unreadable: no list at all
-        return f"tldextract could not read its bundled Public Suffix List ({e.__class__.__name__})"
-    icann = list(lists.tlds_excl_private)
-    # tldextract's API reads the same file and checks nothing: a list that still looks short
-    # must not load rules, or `*.co.uk` would pass for a registrable domain (red team 30)
-    if not _looks_complete(icann):
-        return (f"tldextract's bundled Public Suffix List has {len(icann)} ICANN entries and lacks "
-                "some of com, net, org, uk, co.uk, jp: it looks truncated")
-    known = set(icann)
-    return icann, [t for t in lists.tlds_incl_private if t not in known]
+        private = [m.group("suffix") for m in _PSL_ENTRY.finditer(private_text)]
+    else:
+        try:
+            lists = _extractor()._get_tld_extractor()
+        except Exception as e:  # tldextract absent or its snapshot unreadable: no list at all
+            return f"tldextract could not read its bundled Public Suffix List ({e.__class__.__name__})"
+        icann = list(lists.tlds_excl_private)
+        known = set(icann)
+        private = [t for t in lists.tlds_incl_private if t not in known]
+    # tldextract checks nothing either: a short list must not load rules (red teams 30, 31)
+    return _incomplete(icann, private) or (icann, private)
 
 
 def _suffix_lists() -> tuple[list[str], list[str]]:
     lists = _read_suffix_lists()
     if isinstance(lists, str):
-        raise SuffixListError(f"{lists}; reinstall tldextract (pip install --force-reinstall tldextract)")
+        raise SuffixListError(f"{lists}; reinstall tldextract (pip install --force-reinstall tldextract) "
+                              "and restart Warden")
     return lists
 
 
@@ -169,23 +199,24 @@ def _suffix_rules(tlds: Iterable[str]) -> SuffixRules:
     exact = frozenset(t for t in entries if not t.startswith(("*.", "!")))
     wild = frozenset(t[2:] for t in entries if t.startswith("*."))
     exceptions = frozenset(t[1:] for t in entries if t.startswith("!"))
-    return exact, wild, exceptions
-
-
-def _in_suffix_rules(rules: SuffixRules, name: str) -> bool:
-    exact, wild, exceptions = rules
-    if name in exceptions:
-        return False
-    if name in exact:
-        return True
-    parent = name.partition(".")[2]
-    return bool(parent) and parent in wild
+    counts: dict[str, list[Any]] = {}
+    for entry in entries:
+        name = entry.lstrip("!")
+        if entry.startswith("*."):
+            name = "x." + entry[2:]  # `*.sch.uk` puts suffixes below sch.uk itself
+        labels = name.split(".")
+        for i in range(1, len(labels)):
+            seen = counts.setdefault(".".join(labels[i:]), [0, entry])
+            seen[0] += 1
+    rules = SuffixRules(exact, wild, exceptions, {})
+    below = {name: (n, first) for name, (n, first) in counts.items() if not rules.contains(name)}
+    return SuffixRules(exact, wild, exceptions, below)
 
 
 @lru_cache(maxsize=1)
 def _icann_rules() -> SuffixRules:
-    """(exact suffixes, wildcard parents, exceptions) of the ICANN section, so that checking
-    100,000 rule hosts is three set lookups each instead of an extract() call."""
+    """The ICANN section as sets, so that checking 100,000 rule hosts is a few set lookups
+    each instead of an extract() call."""
     return _suffix_rules(_suffix_lists()[0])
 
 
@@ -197,24 +228,24 @@ def _private_suffix_rules() -> SuffixRules:
 
 def is_public_suffix(name: str) -> bool:
     """True for a name that is itself an ICANN public suffix: "com", "co.uk", "x.ck"."""
-    return _in_suffix_rules(_icann_rules(), name)
+    return _icann_rules().contains(name)
 
 
-def is_public_suffix_parent(name: str) -> bool:
-    """True for a name whose every child is an ICANN public suffix (a `*.name` entry) though
-    the name itself is not listed: "ck", "sch.uk", "kawasaki.jp". `*.name` covers every
-    registrant below it, as `*.co.uk` does."""
-    return name in _icann_rules()[1]
+def public_suffixes_below(name: str) -> tuple[int, str] | None:
+    """For a name that is no ICANN suffix itself but has some below it, (how many list entries,
+    the first): "za" (co.za, ...), "sch.uk" (`*.sch.uk`), "nordland.no". `*.name` or
+    `domain: name` covers registrants of those suffixes, as `*.co.uk` does. Else None."""
+    return _icann_rules().below.get(name)
 
 
 def is_private_suffix(name: str) -> bool:
     """True for a name listed in the private section of the Public Suffix List."""
-    return _in_suffix_rules(_private_suffix_rules(), name)
+    return _private_suffix_rules().contains(name)
 
 
-def is_private_suffix_parent(name: str) -> bool:
-    """As is_public_suffix_parent, for the private section: "compute.amazonaws.com"."""
-    return name in _private_suffix_rules()[1]
+def private_suffixes_below(name: str) -> tuple[int, str] | None:
+    """As public_suffixes_below, for the private section: "amazonaws.com" (s3.amazonaws.com, ...)."""
+    return _private_suffix_rules().below.get(name)
 
 
 def split_authority(value: str, default_port: int) -> tuple[str, int]:

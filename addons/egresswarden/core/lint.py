@@ -8,9 +8,10 @@
 * An MCP server whose host no allow rule lets its agents reach: every call is refused at
   CONNECT before MCP governance ever sees it.
 * A wildcard or `domain:` allow rule (or credential) on a *private* public-suffix entry
-  (`*.github.io`, `domain: s3.amazonaws.com`, `*.herokuapp.com`): ICANN suffixes are
-  errors already; the PSL's private section lists names under which anyone can register a
-  site, so such a rule allows (or sends the secret to) every stranger's site there.
+  (`*.github.io`, `domain: s3.amazonaws.com`, `*.herokuapp.com`) or above one
+  (`*.amazonaws.com`): ICANN suffixes are errors already; the PSL's private section lists
+  names under which anyone can register a site, so such a rule allows (or sends the secret
+  to) every stranger's site there.
 
 Since 0.2 a cidr rule matches IP literals only, so reachability of a host name is decided
 by host/domain rules alone and can be checked here. `cidr_name_warnings`/`cidr_notes` flag
@@ -20,7 +21,7 @@ rule sets written for the 0.1 meaning of cidr rules.
 from __future__ import annotations
 
 from .errors import RuleProblem
-from .hostnames import is_private_suffix, is_private_suffix_parent
+from .hostnames import is_private_suffix, private_suffixes_below
 from .model import AgentMode, Origin, Target, TargetKind
 from .ruleset import CompiledAgent, RuleSet
 
@@ -47,10 +48,11 @@ def _target_hosts(target: Target) -> str:
 def _suffix_warning(kind: str, ident: str, target: Target, origin: Origin) -> RuleProblem | None:
     if target.kind not in (TargetKind.WILDCARD, TargetKind.DOMAIN):
         return None
+    below = private_suffixes_below(target.value)
     if is_private_suffix(target.value):
         what = "a public suffix"
-    elif is_private_suffix_parent(target.value):
-        what = "whose every subdomain is a public suffix"  # `*.compute.amazonaws.com` in the list
+    elif below is not None:  # `*.amazonaws.com`: s3.amazonaws.com and 522 more are suffixes below it
+        what = f"above {below[0]} public suffix{'es' if below[0] > 1 else ''} (e.g. {below[1]})"
     else:
         return None
     shown = f"host: '*.{target.value}'" if target.kind is TargetKind.WILDCARD else f"domain: {target.value}"

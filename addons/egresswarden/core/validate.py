@@ -22,7 +22,7 @@ import jsonschema
 
 from .errors import RuleError, RuleProblem, RuleSetError
 from .fastschema import compile_schema
-from .hostnames import HostError, is_public_suffix, is_public_suffix_parent, normalize_host, parse_ip
+from .hostnames import HostError, is_public_suffix, normalize_host, parse_ip, public_suffixes_below
 from .model import (
     ANONYMOUS_AGENT,
     DEFAULT_SANDBOX_DENY,
@@ -196,11 +196,18 @@ def parse_target(item: dict[str, Any], path: tuple[str | int, ...], lines: LineM
     if is_public_suffix(norm):
         raise lines.error(kpath, f"{key} {shown!r} is over-broad: {norm!r} is a public suffix",
                           f"name a registrable domain, e.g. {'*.' if wildcard else ''}example.{norm}")
-    if (wildcard or key == "domain") and is_public_suffix_parent(norm):
-        # the list has `*.sch.uk`, not `sch.uk`: every name below it is a suffix of its own, so
-        # this covers every registrant under it, as `*.co.uk` would (red team 30)
-        raise lines.error(kpath, f"{key} {shown!r} is over-broad: every name directly under {norm!r} is a public suffix",
-                          f"name a registrable domain, e.g. {'*.' if wildcard else ''}example.<name>.{norm}")
+    below = public_suffixes_below(norm) if wildcard or key == "domain" else None
+    if below is not None:
+        # `*.za` (the list has co.za, not za), `*.sch.uk` (it has `*.sch.uk`), `domain: nordland.no`:
+        # this covers every registrant under those suffixes, as `*.co.uk` would (red teams 30, 31)
+        count, first = below
+        more = f" and {count - 1} more" if count > 1 else ""
+        if first.startswith("!"):
+            example = first[1:]  # an exception entry is itself registrable: city.kawasaki.jp
+        else:
+            example = f"example.<name>.{first[2:]}" if first.startswith("*.") else f"example.{first}"
+        raise lines.error(kpath, f"{key} {shown!r} is over-broad: public suffixes lie below {norm!r} ({first}{more})",
+                          f"name a registrable domain under one of them, e.g. {'*.' if wildcard else ''}{example}")
     if wildcard:
         return Target(TargetKind.WILDCARD, norm)
     return Target(TargetKind.DOMAIN if key == "domain" else TargetKind.HOST, norm)
