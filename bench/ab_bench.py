@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,11 +32,14 @@ from benchlib.session import bench_session  # noqa: E402
 from benchlib.setup import byte_compile_warden  # noqa: E402
 
 
-def build_spec(name: str, exe: str) -> ProxySpec:
+def build_spec(name: str, exe: str, confdir: Path | None = None) -> ProxySpec:
     base_argv = WARDEN.argv
 
     def argv(env: BenchEnv, port: int, extra: dict[str, object]) -> list[str]:
-        return [exe, *base_argv(env, port, extra)[1:]]
+        args = [exe, *base_argv(env, port, extra)[1:]]
+        if confdir is not None:  # its own CA (--other-ca-key)
+            args[args.index("--confdir") + 1] = str(confdir)
+        return args
     return replace(WARDEN, name=name, argv=argv)
 
 
@@ -49,6 +53,9 @@ def main() -> int:
     p.add_argument("--no-bare", action="store_true")
     p.add_argument("--startup", type=int, default=0, metavar="N",
                    help="measure start-up only: N alternating starts per build")
+    p.add_argument("--other-ca-key", choices=("ecdsa", "rsa"),
+                   help="give the other build its own CA of this key type (a build from before "
+                        "2026-12-01 ran on mitmproxy's RSA-2048 CA); default: the shared one")
     args = p.parse_args()
     names = [n.strip() for n in args.scenarios.split(",")]
     scenarios = [s for s in FULL_MATRIX if s.name in names]
@@ -60,6 +67,11 @@ def main() -> int:
         return startup_only(specs, args.startup)
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with bench_session(False) as sess:
+        if args.other_ca_key:
+            confdir = sess.tmp / "other-ca"
+            subprocess.run([warden_binary(), "ca", "init", "--confdir", str(confdir), "--key-type", args.other_ca_key],
+                           check=True, capture_output=True, timeout=60)
+            specs[1] = build_spec("other", args.other, confdir)
         for rnd in range(args.rounds):
             for sc in scenarios:
                 order = specs if rnd % 2 == 0 else specs[::-1]  # no build always goes first
