@@ -194,6 +194,18 @@ def test_a_wildcard_above_private_suffixes_warns(tmp_path: Path, host: str) -> N
             ) in r.stdout and " public suffix" in r.stdout, r.stdout + r.stderr
 
 
+def test_a_deny_rule_over_a_whole_tld_loads_and_denies(tmp_path: Path) -> None:
+    """Red team 32: `deny: *.zip` was refused as over-broad; it is stricter, so it loads and wins."""
+    rules = write(tmp_path, f"agents:\n  - id: a\n    token_sha256: [\"{HASH}\"]\n    policies: [p]\n"
+                            "policies:\n  p:\n    allow:\n      - id: files\n        domain: example.zip\n"
+                            "deny:\n  - id: no-zip\n    host: '*.zip'\n")
+    assert check(rules, "--strict").returncode == 0
+    r = subprocess.run([WARDEN, "explain", "--agent", "a", "--rules", str(rules), "--address", "93.184.216.34",
+                        "https://files.example.zip/"], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin"})
+    assert "connect: deny (deny_listed) rule=no-zip" in r.stdout and "final: deny" in r.stdout, r.stdout + r.stderr
+
+
 def test_clean_rules_pass_strict(tmp_path: Path) -> None:
     rules = write(tmp_path, f"agents:\n  - id: a\n    token_sha256: [\"{HASH}\"]\n    policies: [p]\n"
                             "policies:\n  p:\n    allow: [{host: acme.github.io}]\n")

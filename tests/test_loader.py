@@ -39,8 +39,9 @@ BAD = [
                  id="domain over a wildcard suffix with an exception"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*.za'\n", 8, "public suffixes lie below 'za' (ac.za and",
                  id="wildcard over a TLD the list has only second levels of"),
-    pytest.param(AGENT + "policies:\n  p: {}\ndeny:\n  - domain: nordland.no\n", 8, "public suffixes lie below 'nordland.no'",
-                 id="domain over a county with municipal suffixes"),
+    pytest.param(AGENT + "policies:\n  p:\n    credentials:\n      - id: c\n        domain: nordland.no\n        inject: {X-A: b}\n", 9,
+                 "public suffixes lie below 'nordland.no'",
+                 id="credential over a county with municipal suffixes"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: 'a.*.com'\n", 8, "leftmost", id="wildcard in the middle"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - host: '*'\n", 8, "leftmost", id="bare star"),
     pytest.param(AGENT + "policies:\n  p:\n    allow:\n      - cidr: 0.0.0.0/0\n", 8, "every address", id="cidr everything"),
@@ -74,11 +75,21 @@ def test_bad_rule_files(tmp_path: Path, text: str, line: int, fragment: str) -> 
 
 
 @pytest.mark.parametrize("target", ["host: '*.city.kawasaki.jp'", "domain: www.ck", "host: sch.uk",
-                                    "host: '*.myschool.area.sch.uk'", "domain: example.com.bd"])
-def test_names_below_wildcard_suffixes_still_load(tmp_path: Path, target: str) -> None:
-    """A registrable domain under a `*.` entry (or its exception), or the one bare name: not over-broad."""
+                                    "host: '*.myschool.area.sch.uk'", "domain: example.com.bd",
+                                    "host: gov.uk", "host: co.uk", "host: github.io"])
+def test_names_below_wildcard_suffixes_and_exact_hosts_still_load(tmp_path: Path, target: str) -> None:
+    """A registrable domain under a `*.` entry (or its exception), or one exact name (even a
+    suffix's own: `host: gov.uk` admits gov.uk and nothing under it): not over-broad."""
     (tmp_path / "r.yaml").write_text(AGENT + f"policies:\n  p:\n    allow:\n      - {target}\n")
     assert load_ruleset(tmp_path).model.policies["p"].allow
+
+
+@pytest.mark.parametrize("target", ["host: '*.zip'", "domain: mov", "host: '*.za'", "domain: bd", "host: '*.co.uk'"])
+def test_deny_rules_may_cover_whole_suffixes(tmp_path: Path, target: str) -> None:
+    """Denying all of .zip is stricter, not broader (red team 32: blocking abused TLDs, the only
+    tool against report-mode agents, was refused as over-broad)."""
+    (tmp_path / "r.yaml").write_text(AGENT + f"policies:\n  p: {{}}\ndeny:\n  - {target}\n")
+    assert load_ruleset(tmp_path).model.deny
 
 
 def test_duplicate_policy_across_files(tmp_path: Path) -> None:

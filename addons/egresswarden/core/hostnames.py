@@ -109,8 +109,8 @@ def _ascii(name: str) -> str:
 class SuffixRules:
     """One section of the Public Suffix List, as sets: `exact` entries, `wild` parents (the
     `*.ck` entries, without `*.`), `exceptions` (`!www.ck`, without `!`), and `below`: every
-    name that is not a suffix itself but has entries below it (`za` for `co.za`, `sch.uk` for
-    `*.sch.uk`), with how many and the first of them."""
+    name that is not a suffix itself but has suffix entries below it (`za` for `co.za`, `sch.uk`
+    for `*.sch.uk`), with how many and the first of them in sorted order."""
 
     exact: frozenset[str]
     wild: frozenset[str]
@@ -200,10 +200,10 @@ def _suffix_rules(tlds: Iterable[str]) -> SuffixRules:
     wild = frozenset(t[2:] for t in entries if t.startswith("*."))
     exceptions = frozenset(t[1:] for t in entries if t.startswith("!"))
     counts: dict[str, list[Any]] = {}
-    for entry in entries:
-        name = entry.lstrip("!")
-        if entry.startswith("*."):
-            name = "x." + entry[2:]  # `*.sch.uk` puts suffixes below sch.uk itself
+    for entry in sorted(entries):  # sorted: the entry an error names is the same on every run
+        if entry.startswith("!"):
+            continue  # an exception is a registrable name, no suffix
+        name = "x." + entry[2:] if entry.startswith("*.") else entry  # `*.sch.uk`: suffixes below sch.uk itself
         labels = name.split(".")
         for i in range(1, len(labels)):
             seen = counts.setdefault(".".join(labels[i:]), [0, entry])

@@ -155,8 +155,10 @@ def _normalize_methods(values: list[str] | None) -> frozenset[str] | None:
 
 
 def parse_target(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMap, *, allow_cidr: bool = True,
-                 what: str = "rule") -> Target:
-    """The host/domain/cidr of a rule, normalised, or a RuleError saying what to write instead."""
+                 what: str = "rule", broad_ok: bool = False) -> Target:
+    """The host/domain/cidr of a rule, normalised, or a RuleError saying what to write instead.
+    `broad_ok` (deny rules): a wildcard or domain over a public suffix is allowed, since
+    denying all of `.zip` is stricter, not broader."""
     keys = [k for k in ("host", "domain", "cidr") if k in item]
     if len(keys) != 1:
         wanted = "host, domain or cidr" if allow_cidr else "host or domain"
@@ -192,25 +194,30 @@ def parse_target(item: dict[str, Any], path: tuple[str | int, ...], lines: LineM
         raise lines.error(kpath, f"{key} {raw!r} is not a valid host name: {e}") from None
     if parse_ip(norm) is not None:
         raise lines.error(kpath, f"{key} {raw!r} is an IP address", f"use cidr: {norm}/{32 if ':' not in norm else 128}")
-    shown = f"*.{norm}" if wildcard else norm
+    if (wildcard or key == "domain") and not broad_ok:
+        _check_not_over_broad(key, raw, norm, wildcard, kpath, lines)
+    if wildcard:
+        return Target(TargetKind.WILDCARD, norm)
+    return Target(TargetKind.DOMAIN if key == "domain" else TargetKind.HOST, norm)
+
+
+def _check_not_over_broad(key: str, raw: str, norm: str, wildcard: bool, kpath: tuple[str | int, ...],
+                          lines: LineMap) -> None:
+    """A wildcard or domain: target must stay inside one registrant's names. (An exact host
+    is one name, whatever the list says of it: `host: gov.uk` is fine.)"""
+    shown = f"{raw!r}" if raw in (norm, f"*.{norm}") else f"{raw!r} ({'*.' if wildcard else ''}{norm})"
     if is_public_suffix(norm):
-        raise lines.error(kpath, f"{key} {shown!r} is over-broad: {norm!r} is a public suffix",
+        raise lines.error(kpath, f"{key} {shown} is over-broad: {norm!r} is a public suffix",
                           f"name a registrable domain, e.g. {'*.' if wildcard else ''}example.{norm}")
-    below = public_suffixes_below(norm) if wildcard or key == "domain" else None
+    below = public_suffixes_below(norm)
     if below is not None:
         # `*.za` (the list has co.za, not za), `*.sch.uk` (it has `*.sch.uk`), `domain: nordland.no`:
         # this covers every registrant under those suffixes, as `*.co.uk` would (red teams 30, 31)
         count, first = below
         more = f" and {count - 1} more" if count > 1 else ""
-        if first.startswith("!"):
-            example = first[1:]  # an exception entry is itself registrable: city.kawasaki.jp
-        else:
-            example = f"example.<name>.{first[2:]}" if first.startswith("*.") else f"example.{first}"
-        raise lines.error(kpath, f"{key} {shown!r} is over-broad: public suffixes lie below {norm!r} ({first}{more})",
+        example = f"example.<name>.{first[2:]}" if first.startswith("*.") else f"example.{first}"
+        raise lines.error(kpath, f"{key} {shown} is over-broad: public suffixes lie below {norm!r} ({first}{more})",
                           f"name a registrable domain under one of them, e.g. {'*.' if wildcard else ''}{example}")
-    if wildcard:
-        return Target(TargetKind.WILDCARD, norm)
-    return Target(TargetKind.DOMAIN if key == "domain" else TargetKind.HOST, norm)
 
 
 def _check_paths(paths: list[str] | None, path: tuple[str | int, ...], lines: LineMap) -> tuple[str, ...] | None:
@@ -250,7 +257,7 @@ def _parse_addresses(item: dict[str, Any], path: tuple[str | int, ...], lines: L
 
 def _parse_rule(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMap, default_id: str,
                 policy: str | None) -> Rule:
-    target = parse_target(item, path, lines)
+    target = parse_target(item, path, lines, broad_ok=policy is None)
     if "websocket" in item and policy is None:
         raise lines.error((*path, "websocket"), "deny rules take no websocket key",
                           "WebSocket is refused unless an allow rule says websocket: true")
