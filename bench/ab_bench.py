@@ -17,30 +17,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: benchlib beside it
 
 from benchlib.loadgen import run_lg  # noqa: E402
 from benchlib.procs import tree_cpu_seconds  # noqa: E402
-from benchlib.proxies import BARE, WARDEN, BenchEnv, ProxySpec, start_proxy, warden_binary  # noqa: E402
+from benchlib.proxies import BARE, ProxySpec, other_build, own_ca, start_proxy, warden_binary  # noqa: E402
 from benchlib.scenarios import FULL_MATRIX  # noqa: E402
 from benchlib.session import bench_session  # noqa: E402
 from benchlib.setup import byte_compile_warden  # noqa: E402
-
-
-def build_spec(name: str, exe: str, confdir: Path | None = None) -> ProxySpec:
-    base_argv = WARDEN.argv
-
-    def argv(env: BenchEnv, port: int, extra: dict[str, object]) -> list[str]:
-        args = [exe, *base_argv(env, port, extra)[1:]]
-        if confdir is not None:  # its own CA (--other-ca-key)
-            args[args.index("--confdir") + 1] = str(confdir)
-        return args
-    return replace(WARDEN, name=name, argv=argv)
 
 
 def main() -> int:
@@ -59,7 +46,7 @@ def main() -> int:
     args = p.parse_args()
     names = [n.strip() for n in args.scenarios.split(",")]
     scenarios = [s for s in FULL_MATRIX if s.name in names]
-    specs = [build_spec("this", warden_binary()), build_spec("other", args.other)]
+    specs = [other_build("this", warden_binary()), other_build("other", args.other)]
     byte_compile_warden(args.other)  # bench_session does this build's
     if not args.no_bare:
         specs.append(BARE)
@@ -68,10 +55,7 @@ def main() -> int:
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with bench_session(False) as sess:
         if args.other_ca_key:
-            confdir = sess.tmp / "other-ca"
-            subprocess.run([warden_binary(), "ca", "init", "--confdir", str(confdir), "--key-type", args.other_ca_key],
-                           check=True, capture_output=True, timeout=60)
-            specs[1] = build_spec("other", args.other, confdir)
+            specs[1] = other_build("other", args.other, own_ca(warden_binary(), sess.tmp / "other-ca", args.other_ca_key))
         for rnd in range(args.rounds):
             for sc in scenarios:
                 order = specs if rnd % 2 == 0 else specs[::-1]  # no build always goes first

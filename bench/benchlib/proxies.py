@@ -190,6 +190,25 @@ SQUID = ProxySpec("squid", _squid_argv, supports_intercept=False)
 BARE_AS_A = ProxySpec("bare(A)", _bare_argv)
 
 
+def other_build(name: str, exe: str, confdir: Path | None = None) -> ProxySpec:
+    """Another Warden build (another checkout's `warden`) in Warden's place; with `confdir`, on
+    its own CA instead of the session's (a build from before 2026-12-01 shipped on RSA-2048)."""
+    def argv(env: BenchEnv, port: int, extra: dict[str, object]) -> list[str]:
+        args = [exe, *_warden_argv(env, port, extra)[1:]]
+        if confdir is not None:
+            args[args.index("--confdir") + 1] = str(confdir)
+        return args
+    return ProxySpec(name, argv, env=WARDEN.env)
+
+
+def own_ca(exe: str, confdir: Path, key_type: str) -> Path:
+    """A CA of `key_type` in `confdir`, made by `warden ca init` (this build's: older ones lack
+    --key-type; the files are mitmproxy's either way)."""
+    subprocess.run([exe, "ca", "init", "--confdir", str(confdir), "--key-type", key_type],
+                   check=True, capture_output=True, timeout=60)
+    return confdir
+
+
 def probe_once(port: int, origin: Origin, timeout: float = 2.0) -> bool:
     """One plain-HTTP GET through the proxy; True when it answers 200."""
     req = (f"GET http://plain.test:{origin.http_port}/128B HTTP/1.1\r\n"
