@@ -354,6 +354,26 @@ def test_a_short_snapshot_loads_no_rules(monkeypatch: pytest.MonkeyPatch, found:
         hostnames._read_suffix_lists.cache_clear()
 
 
+def test_no_list_at_all_loads_no_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No file where we look and tldextract's API failing too (not installed, unreadable): an
+    error naming the cause, never an empty list that would let every suffix pass."""
+    from egresswarden.core import hostnames
+    from egresswarden.core.errors import SuffixListError
+
+    def broken() -> None:
+        raise ModuleNotFoundError("No module named 'tldextract'")
+
+    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: None)
+    monkeypatch.setattr(hostnames, "_extractor", broken)
+    hostnames._read_suffix_lists.cache_clear()
+    try:
+        with pytest.raises(SuffixListError, match=r"could not read its bundled Public Suffix List "
+                                                  r"\(ModuleNotFoundError\); reinstall tldextract"):
+            hostnames._suffix_lists()
+    finally:
+        hostnames._read_suffix_lists.cache_clear()
+
+
 def test_a_short_list_from_the_fallback_too_loads_no_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     """tldextract's API reads the same file and checks nothing: a list still short after the
     fallback is an error (red team 30: `*.co.uk` loaded from a snapshot cut before `uk`),
