@@ -386,7 +386,8 @@ def main() -> int:
         checks = {spec.name: behaviour_checks(sess.procs, sess.env, spec) for spec in (spec_a, spec_b)}
         specs = [spec_a, spec_b] + ([SQUID] if with_squid else [])
         records, startups = run_matrix(sess, specs, scenarios, rounds, duration, warmup)
-        side_by_side = baseline_runs(sess, spec_a, scenarios, rounds, duration, warmup) if why_not is None else []
+        side_by_side, baseline_note = (baseline_runs(sess, spec_a, scenarios, rounds, duration, warmup)
+                                       if why_not is None else ([], ""))
         elapsed = time.monotonic() - t_start
         report.notes += [
             a_note, "B = bare mitmdump 12 (`-q`, bench/bare_addon.py for *.test resolution and the "
@@ -398,27 +399,28 @@ def main() -> int:
             f"total wall time {elapsed:.0f} s",
             "CA (both mitmproxies, one confdir): " + ca_key_type(sess.env.confdir),
         ]
-        if side_by_side:
-            report.notes.append(f"baseline = the build issue 17 started from ({os.environ['BENCH_BASELINE']}), "
-                                f"on its own {os.environ.get('BENCH_BASELINE_CA_KEY', 'rsa').upper()} CA, "
-                                f"side by side with A in {INTERCEPT_NEW} only")
+        if baseline_note:
+            report.notes.append(baseline_note)
         render(report, records, ceilings, scenarios, spec_a.name, spec_b.name, checks, startups, side_by_side)
     write_results(report.render())
     return 0
 
 
 def baseline_runs(sess: Session, spec_a: ProxySpec, scenarios: list[Scenario], rounds: int,
-                  duration: float, warmup: float) -> list[RunRecord]:
-    """A and the issue's build (BENCH_BASELINE) alternating on intercepted new connections."""
+                  duration: float, warmup: float) -> tuple[list[RunRecord], str]:
+    """A and the issue's build (BENCH_BASELINE) alternating on intercepted new connections,
+    and the report's note saying so; ([], "") without BENCH_BASELINE."""
     exe = os.environ.get("BENCH_BASELINE")
     sc = next((s for s in scenarios if s.name == INTERCEPT_NEW), None)
     if not exe or sc is None:
-        return []
+        return [], ""
     byte_compile_warden(exe)
-    confdir = own_ca(warden_binary(), sess.tmp / "baseline-ca", os.environ.get("BENCH_BASELINE_CA_KEY", "rsa"))
+    key = os.environ.get("BENCH_BASELINE_CA_KEY", "rsa")
+    confdir = own_ca(warden_binary(), sess.tmp / "baseline-ca", key)
     print(f"bench: {INTERCEPT_NEW} side by side with the baseline build {exe}", flush=True)
     records, _ = run_matrix(sess, [spec_a, other_build("baseline", exe, confdir)], [sc], rounds, duration, warmup)
-    return records
+    return records, (f"baseline = the build issue 17 started from ({exe}), on its own {key.upper()} CA, "
+                     f"side by side with A in {INTERCEPT_NEW} only")
 
 
 def ca_key_type(confdir: Path) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -322,63 +324,60 @@ def test_snapshot_read_directly_matches_tldextracts_parse() -> None:
     assert set(private) == want_private and "github.io" in want_private
 
 
-def test_suffix_lists_fall_back_to_tldextract_when_the_file_is_not_where_we_look(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A future tldextract that keeps its list elsewhere: its API decides, with the same lists."""
+@pytest.fixture
+def suffix_lists(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """hostnames with its cached list read afresh in the test (and again after it): a test
+    patches `_snapshot_text` / `_extractor` on the module it gets."""
     from egresswarden.core import hostnames
 
-    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: None)
     hostnames._read_suffix_lists.cache_clear()
-    try:
-        icann, private = hostnames._suffix_lists()
-        assert (set(icann), set(private)) == _tldextract_lists()
-    finally:
-        hostnames._read_suffix_lists.cache_clear()
+    yield hostnames
+    monkeypatch.undo()
+    hostnames._read_suffix_lists.cache_clear()
+
+
+def test_suffix_lists_fall_back_to_tldextract_when_the_file_is_not_where_we_look(
+        monkeypatch: pytest.MonkeyPatch, suffix_lists: Any) -> None:
+    """A future tldextract that keeps its list elsewhere: its API decides, with the same lists."""
+    monkeypatch.setattr(suffix_lists, "_snapshot_text", lambda: None)
+    icann, private = suffix_lists._suffix_lists()
+    assert (set(icann), set(private)) == _tldextract_lists()
 
 
 @pytest.mark.parametrize("found,why", [
     ("com\nnet\n// ===BEGIN PRIVATE DOMAINS===\ngithub.io\n", "2 ICANN and 1 private entries"),
     ("com\nnet\n", "no private section"),
 ])
-def test_a_short_snapshot_loads_no_rules(monkeypatch: pytest.MonkeyPatch, found: str, why: str) -> None:
+def test_a_short_snapshot_loads_no_rules(monkeypatch: pytest.MonkeyPatch, suffix_lists: Any, found: str,
+                                         why: str) -> None:
     """tldextract's API would read the same file: a short one is an error, not a fallback."""
-    from egresswarden.core import hostnames
     from egresswarden.core.errors import SuffixListError
 
-    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: found)
-    hostnames._read_suffix_lists.cache_clear()
-    try:
-        with pytest.raises(SuffixListError, match=why):
-            hostnames._suffix_lists()
-    finally:
-        hostnames._read_suffix_lists.cache_clear()
+    monkeypatch.setattr(suffix_lists, "_snapshot_text", lambda: found)
+    with pytest.raises(SuffixListError, match=why):
+        suffix_lists._suffix_lists()
 
 
-def test_no_list_at_all_loads_no_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_list_at_all_loads_no_rules(monkeypatch: pytest.MonkeyPatch, suffix_lists: Any) -> None:
     """No file where we look and tldextract's API failing too (not installed, unreadable): an
     error naming the cause, never an empty list that would let every suffix pass."""
-    from egresswarden.core import hostnames
     from egresswarden.core.errors import SuffixListError
 
     def broken() -> None:
         raise ModuleNotFoundError("No module named 'tldextract'")
 
-    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: None)
-    monkeypatch.setattr(hostnames, "_extractor", broken)
-    hostnames._read_suffix_lists.cache_clear()
-    try:
-        with pytest.raises(SuffixListError, match=r"could not read its bundled Public Suffix List "
-                                                  r"\(ModuleNotFoundError\); reinstall tldextract"):
-            hostnames._suffix_lists()
-    finally:
-        hostnames._read_suffix_lists.cache_clear()
+    monkeypatch.setattr(suffix_lists, "_snapshot_text", lambda: None)
+    monkeypatch.setattr(suffix_lists, "_extractor", broken)
+    with pytest.raises(SuffixListError, match=r"could not read its bundled Public Suffix List "
+                                              r"\(ModuleNotFoundError\); reinstall tldextract"):
+        suffix_lists._suffix_lists()
 
 
-def test_a_short_list_from_the_fallback_too_loads_no_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_short_list_from_the_fallback_too_loads_no_rules(monkeypatch: pytest.MonkeyPatch,
+                                                           suffix_lists: Any) -> None:
     """tldextract's API reads the same file and checks nothing: a list still short after the
     fallback is an error (red team 30: `*.co.uk` loaded from a snapshot cut before `uk`),
     computed once and raised for every caller."""
-    from egresswarden.core import hostnames
     from egresswarden.core.errors import SuffixListError
 
     class Short:
@@ -392,16 +391,12 @@ def test_a_short_list_from_the_fallback_too_loads_no_rules(monkeypatch: pytest.M
             Extractor.calls += 1
             return Short()
 
-    monkeypatch.setattr(hostnames, "_snapshot_text", lambda: None)
-    monkeypatch.setattr(hostnames, "_extractor", lambda: Extractor())
-    hostnames._read_suffix_lists.cache_clear()
-    try:
-        for _ in range(3):
-            with pytest.raises(SuffixListError, match=r"looks truncated \(2 ICANN and 1 private entries; missing "):
-                hostnames._suffix_lists()
-        assert Extractor.calls == 1
-    finally:
-        hostnames._read_suffix_lists.cache_clear()
+    monkeypatch.setattr(suffix_lists, "_snapshot_text", lambda: None)
+    monkeypatch.setattr(suffix_lists, "_extractor", lambda: Extractor())
+    for _ in range(3):
+        with pytest.raises(SuffixListError, match=r"looks truncated \(2 ICANN and 1 private entries; missing "):
+            suffix_lists._suffix_lists()
+    assert Extractor.calls == 1
 
 
 def test_loading_rules_imports_neither_tldextract_nor_requests() -> None:

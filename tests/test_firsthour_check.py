@@ -10,7 +10,7 @@ import yaml
 from egresswarden.core.errors import RuleSetError
 from egresswarden.core.loader import load_ruleset
 
-from .harness import REPO, WARDEN
+from .harness import REPO, WARDEN, start_warden
 
 HASH = "ead5244fbd09472e48ee57c4a66cceb184d5b22becbbd4cf40604bfa5c9b11d0"
 
@@ -239,8 +239,6 @@ def _tldextract_with_snapshot(tmp_path: Path, cut_after: str) -> Path:
 def test_a_truncated_public_suffix_list_loads_no_rules(tmp_path: Path, cut_after: str, rule: str) -> None:
     """`warden check` fails and `warden run` refuses to start, saying why; neither lets the
     rule through (an error, or for a private suffix a warning, with the intact list)."""
-    from .harness import start_warden
-
     site = _tldextract_with_snapshot(tmp_path, cut_after)
     rules = (f"agents:\n  - id: a\n    token_sha256: [\"{HASH}\"]\n    policies: [p]\n"
              f"policies:\n  p:\n    allow:\n      - {rule}\n")

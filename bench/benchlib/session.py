@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from pathlib import Path
 from . import setup
 from .origin import start_origin
 from .procs import Procs
-from .proxies import BARE, BenchEnv, start_proxy, warden_binary, warden_status, write_shared_files
+from .proxies import BARE, BenchEnv, own_ca, start_proxy, warden_binary, warden_status, write_shared_files
 
 
 @dataclass
@@ -54,9 +53,7 @@ def bench_session(keep_tmp: bool = False) -> Iterator[Session]:
             # P-256 by default; BENCH_CA_KEY=rsa for the old RSA-2048 one), so intercepted
             # handshakes compare equal keys. Without a usable warden, mitmdump makes its own (RSA).
             if warden_usable:
-                subprocess.run([warden_binary(), "ca", "init", "--confdir", str(env.confdir),
-                                "--key-type", os.environ.get("BENCH_CA_KEY", "ecdsa")],
-                               check=True, capture_output=True, timeout=60)
+                own_ca(warden_binary(), env.confdir, os.environ.get("BENCH_CA_KEY", "ecdsa"))
             # The first mitmdump start otherwise creates the CA; keep that out of every measurement.
             procs.stop(start_proxy(procs, BARE, env).proc)
             yield Session(procs, env, lg, tmp)
