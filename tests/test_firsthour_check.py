@@ -182,6 +182,67 @@ def test_warnings_exit_zero_unless_strict(tmp_path: Path) -> None:
     assert strict.returncode == 1 and "4 warning(s) and --strict" in strict.stderr
 
 
+def _accepting(*pairs: tuple[str, str]) -> str:
+    """LINT_RULES with `accept_warnings: [code]` added right after the line `after` (indented alike)."""
+    text = LINT_RULES
+    for after, code in pairs:
+        line = next(x for x in text.splitlines() if x.strip() == after)
+        indent = " " * (len(line) - len(line.lstrip()) + (2 if line.lstrip().startswith("- ") else 0))
+        text = text.replace(line + "\n", f"{line}\n{indent}accept_warnings: [{code}]\n", 1)
+    return text
+
+
+def test_accepted_warnings_are_listed_and_do_not_fail_strict(tmp_path: Path) -> None:
+    """A team that gates CI on --strict and has looked at a warning says so on the rule; the
+    rest still fail the gate."""
+    rules = write(tmp_path, _accepting(('host: "*.github.io"', "private_suffix"),
+                                       ("host: api.other.example", "never_injected"),
+                                       ("- server: crm", "unreachable")))
+    r = check(rules, "--offline", "--strict")
+    assert r.returncode == 1 and "1 warning(s) and --strict (3 more accepted by accept_warnings)" in r.stderr, r.stderr
+    out = r.stdout
+    assert "warning: allow rule 'buckets' (domain: s3.amazonaws.com)" in out
+    assert "accepted (private_suffix, accept_warnings): allow rule 'pages' (host: '*.github.io')" in out
+    assert "accepted (never_injected, accept_warnings): credential 'stranded'" in out
+    assert "accepted (unreachable, accept_warnings): MCP server 'crm'" in out
+    assert out.count("warning:") == 1
+    rules = write(tmp_path, _accepting(('host: "*.github.io"', "private_suffix"), ("domain: s3.amazonaws.com", "private_suffix"),
+                                       ("host: api.other.example", "never_injected"), ("- server: crm", "unreachable")))
+    r = check(rules, "--offline", "--strict")
+    assert r.returncode == 0 and "warning:" not in r.stdout and r.stdout.count("accepted (") == 4, r.stdout + r.stderr
+
+
+def test_an_acceptance_that_no_longer_applies_is_a_warning(tmp_path: Path) -> None:
+    rules = write(tmp_path, _accepting(("host: acme.github.io", "private_suffix"), ("- id: bound", "never_injected")))
+    r = check(rules, "--offline")
+    assert r.returncode == 0
+    assert ("rules.yaml:18: warning: allow rule 'ok-site' accepts the warning private_suffix (accept_warnings), "
+            "which it no longer raises (hint: remove private_suffix from its accept_warnings)") in r.stdout, r.stdout
+    assert "warning: credential 'bound' accepts the warning never_injected" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("where,item,code", [
+    ("allow", "{id: x, host: '*.github.io', accept_warnings: [never_injected]}", "never_injected"),
+    ("allow", "{id: x, host: '*.github.io', accept_warnings: [over_broad]}", "over_broad"),
+    ("deny", "{id: x, host: '*.github.io', accept_warnings: [private_suffix]}", "accept_warnings"),
+])
+def test_accept_warnings_takes_only_the_codes_of_its_kind(tmp_path: Path, where: str, item: str, code: str) -> None:
+    body = (f"    allow: [{item}]\n" if where == "allow" else "    allow: [{host: a.example.com}]\n"
+            f"deny: [{item}]\n")
+    rules = write(tmp_path, f"agents:\n  - id: a\n    token_sha256: [\"{HASH}\"]\n    policies: [p]\n"
+                            f"policies:\n  p:\n{body}")
+    r = check(rules, "--offline")
+    assert r.returncode == 1 and "rules.yaml:" in r.stderr and code in r.stderr, r.stdout + r.stderr
+
+
+def test_accept_warnings_cannot_accept_an_error(tmp_path: Path) -> None:
+    """Over-broad rules (ICANN suffixes) are errors, not warnings: no key lets them load."""
+    rules = write(tmp_path, f"agents:\n  - id: a\n    token_sha256: [\"{HASH}\"]\n    policies: [p]\n"
+                            "policies:\n  p:\n    allow:\n      - host: '*.co.uk'\n        accept_warnings: [private_suffix]\n")
+    r = check(rules, "--offline")
+    assert r.returncode == 1 and "rules.yaml:8:" in r.stderr and "over-broad" in r.stderr, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("host", ["compute.amazonaws.com", "amazonaws.com"])
 def test_a_wildcard_above_private_suffixes_warns(tmp_path: Path, host: str) -> None:
     """The private section lists `*.compute.amazonaws.com` and s3.amazonaws.com: a wildcard

@@ -177,10 +177,12 @@ def test_fast_schema_check_agrees_with_jsonschema() -> None:
     docs = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "rules").glob("*.yaml"))]
     docs.append({"agents": [{"id": "a", "token_sha256": ["0" * 64], "policies": ["p"], "sources": ["10.0.0.0/8"]}],
                  "policies": {"p": {"allow": [{"id": "r", "host": "a.com", "ports": [443], "methods": ["GET"],
-                                               "paths": ["/x/**"]}],
+                                               "paths": ["/x/**"], "accept_warnings": ["private_suffix"]}],
                                     "credentials": [{"id": "c", "host": "a.com", "inject": {"A": "${secret:X}"},
-                                                     "strip": ["Cookie"], "placeholder": "placeholder-1"}],
-                                    "mcp": [{"server": "s", "tools": ["t"], "arguments": {"t": {"type": "object"}}}]}},
+                                                     "strip": ["Cookie"], "placeholder": "placeholder-1",
+                                                     "accept_warnings": ["private_suffix", "never_injected"]}],
+                                    "mcp": [{"server": "s", "tools": ["t"], "arguments": {"t": {"type": "object"}},
+                                             "accept_warnings": ["unreachable"]}]}},
                  "mcp_servers": [{"id": "s", "url": "https://m.example/mcp"}],
                  "settings": {"private_networks": "deny", "audit": {"on_failure": "continue", "max_file_bytes": 5000},
                               "alerts": [{"url": "https://h.example/x", "events": ["deny"], "max_per_minute": 5}]}})

@@ -1,7 +1,8 @@
 """`warden check RULES_DIR`: validate and lint a rules directory.
 
 Exit status: 0 valid (warnings are printed but do not fail), 1 invalid, or valid with
-warnings under `--strict`. `--offline` checks everything except secret values, which
+warnings under `--strict`; warnings a rule accepts (`accept_warnings:`) are printed as
+accepted and never fail. `--offline` checks everything except secret values, which
 are not read, so CI can lint production rules without production secrets.
 """
 
@@ -31,9 +32,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     warnings = [RuleProblem(a.origin.file, a.origin.line,
                             f"warning: agent {a.id!r} has no policies: everything it sends is denied")
                 for a in m.agents if not a.policies]
-    warnings += lint(rules)
-    for warning in sorted(warnings, key=lambda p: (p.file, p.line)):
-        print(warning)
+    linted = lint(rules)
+    warnings += linted.warnings
+    for problem in sorted(warnings + linted.accepted, key=lambda p: (p.file, p.line)):
+        print(problem)
     cidr_warnings = cidr_name_warnings(rules)  # (0.2 cidr semantics; text already holds file:line)
     for text in cidr_warnings:
         print(f"warning: {text}")
@@ -41,7 +43,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     count = len(warnings) + len(cidr_warnings)
     if count and args.strict:
-        print(f"warden: {count} warning(s) and --strict", file=sys.stderr)
+        accepted = f" ({len(linted.accepted)} more accepted by accept_warnings)" if linted.accepted else ""
+        print(f"warden: {count} warning(s) and --strict{accepted}", file=sys.stderr)
         return 1
     return 0
 

@@ -13,12 +13,21 @@
   names under which anyone can register a site, so such a rule allows (or sends the secret
   to) every stranger's site there.
 
+A rule, credential or MCP entry may list the codes of warnings the team has looked at and
+accepts (`accept_warnings: [private_suffix]`, say for `*.salesforce.com`): those are reported
+as accepted and not counted by `--strict`. An acceptance whose warning no longer fires is a
+warning itself, so acceptances do not outlive their reason. Codes: `private_suffix` (allow
+rules, credentials), `never_injected` (credentials), `unreachable` (MCP entries).
+
 Since 0.2 a cidr rule matches IP literals only, so reachability of a host name is decided
 by host/domain rules alone and can be checked here. `cidr_name_warnings`/`cidr_notes` flag
 rule sets written for the 0.1 meaning of cidr rules.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 from .errors import RuleProblem
 from .hostnames import is_private_suffix, private_suffixes_below
@@ -28,6 +37,34 @@ from .ruleset import CompiledAgent, RuleSet
 HTTPS_PORT = 443
 
 
+class LintCode(StrEnum):
+    """The warnings a rule may accept (`accept_warnings:`; rules.schema.json lists which kind takes which)."""
+
+    PRIVATE_SUFFIX = "private_suffix"
+    NEVER_INJECTED = "never_injected"
+    UNREACHABLE = "unreachable"
+
+
+@dataclass
+class LintReport:
+    warnings: list[RuleProblem] = field(default_factory=list)
+    accepted: list[RuleProblem] = field(default_factory=list)  # warnings the rule's accept_warnings names
+
+    def add(self, code: LintCode, accepts: frozenset[str], problem: RuleProblem | None) -> None:
+        if problem is None:
+            return
+        if code in accepts:
+            self.accepted.append(RuleProblem(problem.file, problem.line,
+                                             f"accepted ({code}, accept_warnings): {problem.message}"))
+        else:
+            self.warnings.append(RuleProblem(problem.file, problem.line, f"warning: {problem.message}", problem.hint))
+
+    def stale(self, kind: str, ident: str, origin: Origin, accepts: frozenset[str], fired: set[LintCode]) -> None:
+        for code in sorted(accepts - fired):
+            self.warnings.append(RuleProblem(
+                origin.file, origin.line,
+                f"warning: {kind} {ident!r} accepts the warning {code} (accept_warnings), which it no longer raises",
+                f"remove {code} from its accept_warnings"))
 
 
 def _reachable(agent: CompiledAgent, host: str, ports: frozenset[int] | None, default_port: int = HTTPS_PORT) -> bool:
@@ -58,34 +95,39 @@ def _suffix_warning(kind: str, ident: str, target: Target, origin: Origin) -> Ru
     shown = f"host: '*.{target.value}'" if target.kind is TargetKind.WILDCARD else f"domain: {target.value}"
     return RuleProblem(
         origin.file, origin.line,
-        f"warning: {kind} {ident!r} ({shown}) covers every site under {target.value}, {what} "
+        f"{kind} {ident!r} ({shown}) covers every site under {target.value}, {what} "
         "(private section of the Public Suffix List): its names belong to many unrelated owners",
         f"name the hosts you mean, e.g. host: <name>.{target.value}")
 
 
-def lint(rules: RuleSet) -> list[RuleProblem]:
-    """Every warning for a loaded rule set, in file:line order."""
+def lint(rules: RuleSet) -> LintReport:
+    """Every warning for a loaded rule set (and every accepted one), in file:line order."""
     model = rules.model
-    warnings: list[RuleProblem] = []
+    report = LintReport()
     enforced = [(a, rules.agents[a.id]) for a in model.agents if a.mode is AgentMode.ENFORCE and a.id in rules.agents]
     for name, policy in model.policies.items():
         users = [(a, c) for a, c in enforced if name in a.policies]
         for rule in policy.allow:
             found = _suffix_warning("allow rule", rule.id, rule.target, rule.origin)
-            if found:
-                warnings.append(found)
+            report.add(LintCode.PRIVATE_SUFFIX, rule.accept_warnings, found)
+            report.stale("allow rule", rule.id, rule.origin, rule.accept_warnings,
+                         {LintCode.PRIVATE_SUFFIX} if found else set())
         for cred in policy.credentials:
+            fired: set[LintCode] = set()
             found = _suffix_warning("credential", cred.id, cred.target, cred.origin)
             if found:
-                warnings.append(found)
+                fired.add(LintCode.PRIVATE_SUFFIX)
+                report.add(LintCode.PRIVATE_SUFFIX, cred.accept_warnings, found)
             stranded = [a.id for a, c in users if not _reachable(c, cred.target.value, cred.ports)]
             if stranded:
+                fired.add(LintCode.NEVER_INJECTED)
                 where = _target_hosts(cred.target)
-                warnings.append(RuleProblem(
+                report.add(LintCode.NEVER_INJECTED, cred.accept_warnings, RuleProblem(
                     cred.origin.file, cred.origin.line,
-                    f"warning: credential {cred.id!r} on {where} is never injected for agent(s) "
+                    f"credential {cred.id!r} on {where} is never injected for agent(s) "
                     f"{', '.join(stranded)}: no allow rule of their policies admits {cred.target.value}",
                     f"add an allow rule, e.g. - host: {cred.target.value}"))
+            report.stale("credential", cred.id, cred.origin, cred.accept_warnings, fired)
         servers = {s.id: s for s in model.mcp_servers}
         for mcp in policy.mcp:
             server = servers.get(mcp.server)
@@ -95,14 +137,18 @@ def lint(rules: RuleSet) -> list[RuleProblem]:
             stranded = [a.id for a, c in users
                         if not _reachable(c, server.host, frozenset({server.port}), default)]
             if stranded:
-                warnings.append(RuleProblem(
+                report.add(LintCode.UNREACHABLE, mcp.accept_warnings, RuleProblem(
                     mcp.origin.file, mcp.origin.line,
-                    f"warning: MCP server {server.id!r} ({server.host}:{server.port}) is unreachable for agent(s) "
+                    f"MCP server {server.id!r} ({server.host}:{server.port}) is unreachable for agent(s) "
                     f"{', '.join(stranded)}: no allow rule of their policies admits it, so every call is refused "
                     "at CONNECT",
                     f"add an allow rule, e.g. - host: {server.host}" + (f" with ports: [{server.port}]"
                                                                         if server.port != default else "")))
-    return sorted(warnings, key=lambda p: (p.file, p.line))
+            report.stale("MCP entry for", mcp.server, mcp.origin, mcp.accept_warnings,
+                         {LintCode.UNREACHABLE} if stranded else set())
+    report.warnings.sort(key=lambda p: (p.file, p.line))
+    report.accepted.sort(key=lambda p: (p.file, p.line))
+    return report
 
 
 def cidr_name_warnings(rules: RuleSet) -> list[str]:

@@ -55,6 +55,7 @@ class Rule:
     addresses: tuple[IPNetwork, ...] | None = None
     websocket: bool = False  # allow rules: WebSocket upgrades permitted on this host
     raw_tcp: bool = False  # allow rules: a passed-through tunnel may carry bytes that are not TLS
+    accept_warnings: frozenset[str] = frozenset()  # lint codes the team accepts for this rule (core/lint.py)
 
     @property
     def has_l7(self) -> bool:
@@ -76,6 +77,7 @@ class Credential:
     redact_response: bool
     policy: str
     origin: Origin
+    accept_warnings: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class McpRule:
     log_argument_values: frozenset[str]
     policy: str
     origin: Origin
+    accept_warnings: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -275,6 +275,7 @@ def _parse_rule(item: dict[str, Any], path: tuple[str | int, ...], lines: LineMa
         addresses=_parse_addresses(item, path, lines, target, policy),
         websocket=bool(item.get("websocket", False)),
         raw_tcp=bool(item.get("raw_tcp", False)),
+        accept_warnings=frozenset(item.get("accept_warnings", ())),
     )
 
 
@@ -314,6 +315,7 @@ def _parse_credential(item: dict[str, Any], path: tuple[str | int, ...], lines: 
         redact_response=bool(item.get("redact_response", True)),
         policy=policy,
         origin=Origin(lines.file, lines.line_of(path)),
+        accept_warnings=frozenset(item.get("accept_warnings", ())),
     )
 
 
@@ -334,6 +336,7 @@ def _parse_mcp_rule(item: dict[str, Any], path: tuple[str | int, ...], lines: Li
         log_argument_values=frozenset(item.get("log_argument_values", ())),
         policy=policy,
         origin=Origin(lines.file, lines.line_of(path)),
+        accept_warnings=frozenset(item.get("accept_warnings", ())),
     )
 
 
