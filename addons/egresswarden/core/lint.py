@@ -50,21 +50,25 @@ class LintReport:
     warnings: list[RuleProblem] = field(default_factory=list)
     accepted: list[RuleProblem] = field(default_factory=list)  # warnings the rule's accept_warnings names
 
-    def add(self, code: LintCode, accepts: frozenset[str], problem: RuleProblem | None) -> None:
-        if problem is None:
-            return
-        if code in accepts:
-            self.accepted.append(RuleProblem(problem.file, problem.line,
-                                             f"accepted ({code}, accept_warnings): {problem.message}"))
-        else:
-            self.warnings.append(RuleProblem(problem.file, problem.line, f"warning: {problem.message}", problem.hint))
-
-    def stale(self, kind: str, ident: str, origin: Origin, accepts: frozenset[str], fired: set[LintCode]) -> None:
-        for code in sorted(accepts - fired):
+    def settle(self, kind: str, ident: str, origin: Origin, accepts: frozenset[str],
+               found: dict[LintCode, RuleProblem | None]) -> None:
+        """One rule's warnings (`found`: code -> the warning, None where it did not fire):
+        accepted or not, and a warning for each accepted code that did not fire."""
+        for code, problem in found.items():
+            if problem is None:
+                continue
+            if code in accepts:
+                self.accepted.append(RuleProblem(problem.file, problem.line,
+                                                 f"accepted ({code}, accept_warnings): {problem.message}"))
+            else:
+                self.warnings.append(RuleProblem(problem.file, problem.line, f"warning: {problem.message}",
+                                                 problem.hint))
+        fired = {code for code, problem in found.items() if problem is not None}
+        for stale in sorted(accepts - fired):
             self.warnings.append(RuleProblem(
                 origin.file, origin.line,
-                f"warning: {kind} {ident!r} accepts the warning {code} (accept_warnings), which it no longer raises",
-                f"remove {code} from its accept_warnings"))
+                f"warning: {kind} {ident!r} accepts the warning {stale} (accept_warnings), which it no longer raises",
+                f"remove {stale} from its accept_warnings"))
 
 
 def _reachable(agent: CompiledAgent, host: str, ports: frozenset[int] | None, default_port: int = HTTPS_PORT) -> bool:
@@ -108,26 +112,18 @@ def lint(rules: RuleSet) -> LintReport:
     for name, policy in model.policies.items():
         users = [(a, c) for a, c in enforced if name in a.policies]
         for rule in policy.allow:
-            found = _suffix_warning("allow rule", rule.id, rule.target, rule.origin)
-            report.add(LintCode.PRIVATE_SUFFIX, rule.accept_warnings, found)
-            report.stale("allow rule", rule.id, rule.origin, rule.accept_warnings,
-                         {LintCode.PRIVATE_SUFFIX} if found else set())
+            report.settle("allow rule", rule.id, rule.origin, rule.accept_warnings, {
+                LintCode.PRIVATE_SUFFIX: _suffix_warning("allow rule", rule.id, rule.target, rule.origin)})
         for cred in policy.credentials:
-            fired: set[LintCode] = set()
-            found = _suffix_warning("credential", cred.id, cred.target, cred.origin)
-            if found:
-                fired.add(LintCode.PRIVATE_SUFFIX)
-                report.add(LintCode.PRIVATE_SUFFIX, cred.accept_warnings, found)
             stranded = [a.id for a, c in users if not _reachable(c, cred.target.value, cred.ports)]
-            if stranded:
-                fired.add(LintCode.NEVER_INJECTED)
-                where = _target_hosts(cred.target)
-                report.add(LintCode.NEVER_INJECTED, cred.accept_warnings, RuleProblem(
-                    cred.origin.file, cred.origin.line,
-                    f"credential {cred.id!r} on {where} is never injected for agent(s) "
-                    f"{', '.join(stranded)}: no allow rule of their policies admits {cred.target.value}",
-                    f"add an allow rule, e.g. - host: {cred.target.value}"))
-            report.stale("credential", cred.id, cred.origin, cred.accept_warnings, fired)
+            never_injected = RuleProblem(
+                cred.origin.file, cred.origin.line,
+                f"credential {cred.id!r} on {_target_hosts(cred.target)} is never injected for agent(s) "
+                f"{', '.join(stranded)}: no allow rule of their policies admits {cred.target.value}",
+                f"add an allow rule, e.g. - host: {cred.target.value}") if stranded else None
+            report.settle("credential", cred.id, cred.origin, cred.accept_warnings, {
+                LintCode.PRIVATE_SUFFIX: _suffix_warning("credential", cred.id, cred.target, cred.origin),
+                LintCode.NEVER_INJECTED: never_injected})
         servers = {s.id: s for s in model.mcp_servers}
         for mcp in policy.mcp:
             server = servers.get(mcp.server)
@@ -136,16 +132,16 @@ def lint(rules: RuleSet) -> LintReport:
             default = 80 if server.scheme == "http" else HTTPS_PORT
             stranded = [a.id for a, c in users
                         if not _reachable(c, server.host, frozenset({server.port}), default)]
-            if stranded:
-                report.add(LintCode.UNREACHABLE, mcp.accept_warnings, RuleProblem(
-                    mcp.origin.file, mcp.origin.line,
-                    f"MCP server {server.id!r} ({server.host}:{server.port}) is unreachable for agent(s) "
-                    f"{', '.join(stranded)}: no allow rule of their policies admits it, so every call is refused "
-                    "at CONNECT",
-                    f"add an allow rule, e.g. - host: {server.host}" + (f" with ports: [{server.port}]"
-                                                                        if server.port != default else "")))
-            report.stale("MCP entry for", mcp.server, mcp.origin, mcp.accept_warnings,
-                         {LintCode.UNREACHABLE} if stranded else set())
+            unreachable = RuleProblem(
+                mcp.origin.file, mcp.origin.line,
+                f"MCP server {server.id!r} ({server.host}:{server.port}) is unreachable for agent(s) "
+                f"{', '.join(stranded)}: no allow rule of their policies admits it, so every call is refused "
+                "at CONNECT",
+                f"add an allow rule, e.g. - host: {server.host}" + (f" with ports: [{server.port}]"
+                                                                    if server.port != default else "")
+            ) if stranded else None
+            report.settle("MCP entry for", mcp.server, mcp.origin, mcp.accept_warnings,
+                          {LintCode.UNREACHABLE: unreachable})
     report.warnings.sort(key=lambda p: (p.file, p.line))
     report.accepted.sort(key=lambda p: (p.file, p.line))
     return report
